@@ -2,6 +2,7 @@
 
     python bench/bench_step.py --tiny --batch 8                         # CPU, tiny SD
     python bench/bench_step.py --sd15-config --device cuda --dtype bf16 --batch 8
+    python bench/bench_step.py --computed-gpu-table --md gpu_cost.md    # no weights, no GPU
 
 A micro-step is what gradient accumulation repeats: encoding the step's unique prompts
 once, noising, ONE reference forward (no grad) on every row the method needs, ONE policy
@@ -18,7 +19,17 @@ hits all of them alike; the median over ``--reps`` is reported.
 Memory: on CUDA the peak allocated during the step; on the CPU, where torch keeps no
 allocator statistics, the bytes autograd saves for the backward (the policy's activations).
 
-The last line is ``ratio ddspo/dpo: X``.
+With ``--tiny`` it first times ``make_pairs``' sampling (:func:`bench.make_pairs.build_pairs`,
+one sampler call of ``--batch`` pairs = ``2 x batch`` images) with classifier-free guidance
+batched as the repository runs it (:func:`bench.sampling.guided`: unconditional and
+conditional rows in ONE forward) against the same build with the two branches as two
+forwards, alternating, and prints images per second of both and their ratio
+(``--sampling-reps 0`` skips it).
+
+``--computed-gpu-table`` prints instead the GPU cost of every method on the real SD-1.5,
+SDXL, SD3-medium and SANA-1.6B configs, computed (not measured) by :mod:`bench.gpu_cost`.
+
+The last line of a step benchmark is ``ratio ddspo/dpo: X``.
 """
 
 from __future__ import annotations
@@ -26,57 +37,42 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 if __name__ == "__main__":  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench import adapters, gpu_cost  # noqa: E402
 from bench.adapters import tiny_backbone  # noqa: E402
 from bench.train_t2i import compute_loss, encode_step  # noqa: E402
 from bench.trainlib.config import TrainConfig, resolve  # noqa: E402
 from bench.trainlib.reference import Reference  # noqa: E402
+from minddspo.schedules import cfg_combine  # noqa: E402
 
 METHODS = ("sft", "dpo", "dspo", "dspo_cpp", "ddspo")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sd15_unet():
-    """A UNet with Stable Diffusion 1.5's published config values, random weights (860M)."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    """A UNet with Stable Diffusion 1.5's published config (``bench/configs/sd15/unet.json``),
+    random weights (860M)."""
+    return gpu_cost.build_module(gpu_cost.CONFIG_DIR / "sd15" / "unet.json", device="cpu")
 
 
 def sd15_text_encoder():
-    """CLIP ViT-L/14's text tower shape (SD-1.5's encoder), random weights, tiny vocab."""
+    """CLIP ViT-L/14's text tower (SD-1.5's encoder, ``bench/configs/sd15/text_encoder.json``),
+    random weights, with the tiny byte-level tokenizer's vocabulary."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = CLIPTextConfig(
-        vocab_size=514,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
-    )
-    return CLIPTextModel(cfg).eval().requires_grad_(False)
+    _, kw = gpu_cost.read_config(gpu_cost.CONFIG_DIR / "sd15" / "text_encoder.json")
+    kw.update(vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+    return CLIPTextModel(CLIPTextConfig(**kw)).eval().requires_grad_(False)
 
 
 def build_backbone(args):
@@ -112,6 +108,79 @@ class SavedBytes:
         self._ctx.__exit__(*exc)
 
 
+def guided_unbatched(forward, cond, uncond, guidance_scale: float, concat):
+    """:func:`bench.sampling.guided` with the unconditional and conditional branches as two
+    forwards: the unbatched side of the comparison (``concat`` unused)."""
+    if guidance_scale == 1.0:
+        return lambda x, t: forward(x, t, cond)
+    return lambda x, t: cfg_combine(forward(x, t, uncond), forward(x, t, cond), guidance_scale)
+
+
+def make_pairs_run(backbone, prompts: list[str], steps: int, batched: bool):
+    """Seconds of one ``build_pairs`` on ``prompts`` (one sampler call, a fresh directory)
+    and the winner latents it wrote. Unbatched: ``Backbone.generate`` gets
+    :func:`guided_unbatched` in place of :func:`bench.sampling.guided`."""
+    from safetensors.torch import load_file
+
+    from bench.make_pairs import build_pairs
+    from bench.pairdata import shard_path
+
+    patch = nullcontext() if batched else mock.patch.object(adapters, "guided", guided_unbatched)
+    with tempfile.TemporaryDirectory() as out, patch:
+        t0 = time.perf_counter()
+        build_pairs(
+            backbone, prompts, out, steps=steps, shard_size=len(prompts),
+            batch_size=len(prompts), progress=False, latent_dtype="float32",
+        )  # fmt: skip
+        dt = time.perf_counter() - t0
+        return dt, load_file(shard_path(out, 0))["x0_w"]
+
+
+def sampling_benchmark(args, device: torch.device, dtype: torch.dtype) -> None:
+    """make_pairs' images per second, CFG batched vs unbatched, alternating (median)."""
+    from bench.prompts import DEMO_PROMPTS
+
+    bb = tiny_backbone(args.backbone).for_inference(device, dtype)
+    prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] + f" #{i}" for i in range(args.batch)]
+    steps = args.sampling_steps or bb.default_steps
+    times: dict[str, list[float]] = {"batched": [], "unbatched": []}
+    latents = {}
+    warmup = min(args.warmup, 1)  # one build warms both paths up; each costs seconds
+    for rep in range(warmup + args.sampling_reps):
+        for mode in times:  # alternating: drift hits both alike
+            dt, latents[mode] = make_pairs_run(bb, prompts, steps, mode == "batched")
+            if rep >= warmup:
+                times[mode].append(dt)
+    images = 2 * len(prompts)  # paired variant: winner from c and loser from c- per pair
+    rate = {m: images / statistics.median(ts) for m, ts in times.items()}
+    diff = (latents["batched"] - latents["unbatched"]).abs().max().item()
+    print(
+        f"# make_pairs (build_pairs, paired) on tiny {args.backbone}: {len(prompts)} pairs = "
+        f"{images} images per sampler call, {steps} steps, CFG {bb.default_guidance}, "
+        f"{args.device} {args.dtype}, median of {args.sampling_reps}, threads "
+        f"{torch.get_num_threads()}"
+    )
+    print(f"{'cfg':10s} {'images/s':>10s} {'forwards x rows per step':>26s}")
+    print(f"{'batched':10s} {rate['batched']:10.2f} {f'1 x {2 * images}':>26s}")
+    print(f"{'unbatched':10s} {rate['unbatched']:10.2f} {f'2 x {images}':>26s}")
+    print(
+        f"ratio batched/unbatched: {rate['batched'] / rate['unbatched']:.3f} "
+        f"(max |x0_w batched - unbatched| = {diff:.1e})"
+    )
+
+
+def gpu_table(args) -> int:
+    """The computed (not measured) GPU cost table of :mod:`bench.gpu_cost`."""
+    keys = [k.strip() for k in args.gpu_models.split(",") if k.strip()]
+    t0 = time.perf_counter()
+    text = gpu_cost.markdown(gpu_cost.compute_rows(keys))
+    print(text, end="")
+    print(f"# computed in {time.perf_counter() - t0:.0f} s on the meta device (no weights, no GPU)")
+    if args.md:
+        Path(args.md).write_text(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny random backbone (default)")
@@ -126,7 +195,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     p.add_argument("--with-optimizer", action="store_true", help="include an AdamW step")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument(
+        "--sampling-reps",
+        type=int,
+        default=3,
+        help="--tiny: make_pairs CFG batched vs unbatched repetitions (0: skip)",
+    )
+    p.add_argument(
+        "--sampling-steps",
+        type=int,
+        default=0,
+        help="sampler steps of that comparison (0: the backbone's paper setting)",
+    )
+    p.add_argument(
+        "--computed-gpu-table",
+        action="store_true",
+        help="print the computed GPU cost of every method on the real configs",
+    )
+    p.add_argument(
+        "--gpu-models", default=",".join(gpu_cost.ARCHS), help="backbones of --computed-gpu-table"
+    )
+    p.add_argument("--md", default="", help="--computed-gpu-table: also write it to this file")
     args = p.parse_args(argv)
+    if args.computed_gpu_table:
+        for k in args.gpu_models.split(","):
+            if k.strip() and k.strip() not in gpu_cost.ARCHS:
+                p.error(f"unknown model {k!r}; choose from {', '.join(gpu_cost.ARCHS)}")
+        return gpu_table(args)
     if args.sd15_config and args.backbone != "sd":
         p.error("--sd15-config builds an SD-1.5 UNet: use --backbone sd")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -137,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if not args.sd15_config and args.sampling_reps > 0:
+        sampling_benchmark(args, device, dtype)
     bb = build_backbone(args).to(device, None if dtype == torch.float32 else dtype)
     policy = bb.denoiser.train()
     reference = Reference(bb, policy, lora=False, periodic=False, dtype=dtype)
