@@ -14,7 +14,11 @@ model other than ``--base`` also its win rate over the base: the share of prompt
 its image scores higher than the base's image of the same prompt, ties counting half (the
 layout of the DDSPO paper's Table 4). Results go to ``--out``/results.json, with per-prompt
 scores, and results.md. Bad input exits with status 2 and a one-line message naming the
-file.
+file; ``--out`` is checked (a folder, writable) before any scorer is loaded, and the two
+files are written atomically.
+
+``--tiny`` scores with random tiny CLIPs instead (bench/scorers.py ``TINY_SCORERS``): a
+smoke test of the pipeline on CPU with no weights, e.g. on ``sample.py --tiny`` output.
 """
 
 from __future__ import annotations
@@ -39,12 +43,20 @@ from tqdm.auto import tqdm  # noqa: E402
 from bench.prompts import read_prompts as _read_prompts  # noqa: E402
 from bench.scorers import (  # noqa: E402
     SCORERS,
+    TINY_SCORERS,
     ClipScorer,
     EvalError,
     check_clip_dir,
     check_processor_dir,
     mean_sem,
+    tiny_scorer,
     win_rate,
+)
+from bench.trainlib.outdir import (  # noqa: E402
+    OutputError,
+    check_out_dir,
+    write_text_atomic,
+    writing,
 )
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -63,6 +75,7 @@ class EvalConfig:
     clip_processor: str | None = None  # tokenizer/image-processor dir if not in --clip's
     pickscore_processor: str | None = None  # e.g. laion/CLIP-ViT-H-14's files for PickScore_v1
     hps_processor: str | None = None  # same for --hps
+    tiny: bool = False  # random tiny CLIP + PickScore scorers (smoke runs; no weights)
     out: str | None = None  # write results.json and results.md here
     batch_size: int = 32  # images per scorer forward
     device: str = "auto"  # "auto" = cuda if available, else cpu
@@ -261,8 +274,14 @@ def render_markdown(summary: dict[str, dict], base: str) -> str:
 def evaluate(cfg: EvalConfig) -> dict:
     """Validate every input, score, and return the results dict written to results.json."""
     chosen = {k: getattr(cfg, k) for k in SCORERS if getattr(cfg, k) is not None}
+    if cfg.tiny and chosen:
+        raise EvalError("--tiny replaces --clip/--pickscore/--hps: give one or the other")
+    if cfg.tiny:
+        chosen = {k: f"tiny (random, seed {seed})" for k, (seed, _) in TINY_SCORERS.items()}
     if not chosen:
-        raise EvalError("no scorer given: pass at least one of --clip, --pickscore, --hps DIR")
+        raise EvalError(
+            "no scorer given: pass at least one of --clip, --pickscore, --hps DIR (or --tiny)"
+        )
     if cfg.batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.dtype not in DTYPES:
@@ -273,11 +292,18 @@ def evaluate(cfg: EvalConfig) -> dict:
     model_images = {m: image_paths(m, d, len(prompts)) for m, d in folders.items()}
     processors = {k: getattr(cfg, f"{k}_processor") for k in chosen}
     for k, d in chosen.items():
+        if cfg.tiny:
+            continue
         check_clip_dir(d, f"--{k}")
         if processors[k] is None:
             check_processor_dir(d, f"--{k}")
         else:
             check_processor_dir(processors[k], f"--{k}-processor")
+    if cfg.out is not None:  # a file or a read-only disk fails now, not after the scoring
+        try:
+            check_out_dir(cfg.out)
+        except OutputError as e:
+            raise EvalError(str(e)) from None
     all_paths = [p for paths in model_images.values() for p in paths]
     for p in tqdm(all_paths, unit="img", desc="checking", disable=not cfg.progress):
         verify_image(p)
@@ -286,7 +312,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     scorers = {
-        k: ClipScorer.from_dir(k, d, device, DTYPES[cfg.dtype], processors[k])
+        k: tiny_scorer(k, device)
+        if cfg.tiny
+        else ClipScorer.from_dir(k, d, device, DTYPES[cfg.dtype], processors[k])
         for k, d in chosen.items()
     }
     print(
@@ -325,10 +353,12 @@ def _nan_to_none(obj):
 
 
 def write_results(results: dict, table: str, out_dir: str | Path) -> None:
+    """results.json and results.md, each complete or not there (OutputError on a full disk)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(_nan_to_none(results), indent=2) + "\n")
-    (out / "results.md").write_text(table)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "results.json", json.dumps(_nan_to_none(results), indent=2) + "\n")
+        write_text_atomic(out / "results.md", table)
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
@@ -345,6 +375,12 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
         ap.add_argument(
             f"--{k}-processor", metavar="DIR", help=f"tokenizer/image processor for --{k}"
         )
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="score with random tiny CLIP and PickScore models instead of --clip/--pickscore/"
+        "--hps (a smoke test: no weights needed, the numbers mean nothing)",
+    )
     ap.add_argument("--out", metavar="DIR", help="write results.json and results.md here")
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--device", default=d.device)
@@ -357,13 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         results = evaluate(cfg)
-    except EvalError as e:
+        table = render_markdown(results["models"], cfg.base)
+        if cfg.out is not None:
+            write_results(results, table, cfg.out)
+    except (EvalError, OutputError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
-    table = render_markdown(results["models"], cfg.base)
     print(table, end="")
     if cfg.out is not None:
-        write_results(results, table, cfg.out)
         print(f"wrote {Path(cfg.out) / 'results.json'} and results.md", file=sys.stderr)
     return 0
 

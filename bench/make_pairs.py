@@ -47,12 +47,15 @@ from bench.pairdata import (  # noqa: E402
     finalize,
     read_shard_header,
     shard_path,
+    shard_skipped,
     write_shard,
 )
 from bench.prompts import cli_prompts  # noqa: E402
 from minddspo.perturb import TASKS, random_removal  # noqa: E402
 
 PERTURBS = ("random_removal", "llm")
+# variants whose loser target uses the degraded prompt c-: a c- equal to c makes a void pair
+DEGRADED_VARIANTS = ("paired", "not_paired")
 
 
 def _stream(seed: int, index: int, stream: int) -> random.Random:
@@ -159,21 +162,30 @@ def build_pairs(
     fallbacks = 0
     for k in todo:
         idx = list(range(k * shard_size, min((k + 1) * shard_size, n)))
-        recs, xw, xl, fb = _make_shard(
+        recs, xw, xl, fb, skipped = _make_shard(
             backbone, prompts, idx, variant, perturb, seed, steps, guidance, batch_size,
             resolution, task, llm, bar,
         )  # fmt: skip
         for r, rec in enumerate(recs):
             rec.update(shard=k, row=r)
         fallbacks += fb
-        write_shard(out, k, xw, xl, recs, params, latent_dtype)
+        write_shard(out, k, xw, xl, recs, params, latent_dtype, skipped)
     if bar is not None:
         bar.close()
     _barrier()
     if rank == 0:
         info = dict(params, prompts_file=prompts_file)
         info["llm_fallbacks"] = _count_fallbacks(out, num_shards) if perturb == "llm" else 0
+        skipped = sorted(i for k in range(num_shards) for i in shard_skipped(shard_path(out, k)))
+        info["skipped_identical_neg"] = {"count": len(skipped), "indices": skipped}
         finalize(out, info, num_shards)
+        if skipped:
+            head = ", ".join(str(i) for i in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+            print(
+                f"skipped {len(skipped)} of {n} prompts whose degraded prompt equals the prompt "
+                f"(one word or emoji only; index {head}); recorded in info.json",
+                file=sys.stderr,
+            )
         if perturb == "llm":
             print(
                 f"llm perturbation: {info['llm_fallbacks']} of {n} prompts fell back to random_removal"
@@ -214,8 +226,11 @@ def _make_shard(
     else:
         negs = [random_removal(prompts[i], rng) for i, rng in zip(idx, rngs, strict=True)]
         fell = [False] * len(idx)
-    records = []
+    records, skipped = [], []
     for i, neg, fb in zip(idx, negs, fell, strict=True):
+        if variant in DEGRADED_VARIANTS and neg.strip() == prompts[i].strip():
+            skipped.append(i)  # c- == c (one word, emoji only): winner and loser would agree
+            continue
         rec = dict(index=i, prompt=prompts[i], neg_prompt=neg, variant=variant, seed=seed)
         if variant != "paired":
             rec["partner"] = partner_index(seed, i, n)
@@ -224,8 +239,9 @@ def _make_shard(
         if perturb == "llm":
             rec["llm_fallback"] = bool(fb)
         records.append(rec)
-    xw, xl = [], []
-    for s in range(0, len(idx), batch_size):
+    empty = torch.empty(0, *backbone.latent_shape(resolution))
+    xw, xl = [empty], [empty]
+    for s in range(0, len(records), batch_size):
         chunk = records[s : s + batch_size]
         if variant == "paired":
             # loser from c- with the winner's own initial noise
@@ -244,8 +260,8 @@ def _make_shard(
         xl.append(l_)
         if bar is not None:
             bar.update(len(chunk))
-    fallbacks = sum(fell)
-    return records, torch.cat(xw), torch.cat(xl), fallbacks
+    fallbacks = sum(f for i, f in zip(idx, fell, strict=True) if i not in skipped)
+    return records, torch.cat(xw), torch.cat(xl), fallbacks, skipped
 
 
 # ------------------------------------------------------------------------------- CLI

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -72,8 +72,13 @@ def write_shard(
     records: list[dict],
     params: dict | None = None,
     dtype: str = "float16",
+    skipped: list[int] | None = None,
 ) -> Path:
-    """Write shard ``k`` atomically (temporary file, then ``os.replace``)."""
+    """Write shard ``k`` atomically (temporary file, then ``os.replace``), byte-reproducibly.
+
+    ``skipped``: prompt indices of this shard left out (their degraded prompt equals the
+    prompt, so winner and loser would be the same pair); kept in the header for info.json.
+    """
     if dtype not in LATENT_DTYPES:
         raise ValueError(f"latent dtype must be one of {tuple(LATENT_DTYPES)}, got {dtype!r}")
     if x0_w.shape != x0_l.shape or x0_w.shape[0] != len(records):
@@ -88,9 +93,33 @@ def write_shard(
         "x0_l": x0_l.detach().to("cpu", LATENT_DTYPES[dtype]).contiguous(),
     }
     meta = {"records": json.dumps(records), "params": json.dumps(params or {}, sort_keys=True)}
-    save_file(tensors, str(tmp), metadata=meta)
+    if skipped:
+        meta["skipped"] = json.dumps(sorted(skipped))
+    tmp.write_bytes(canonical_safetensors(save(tensors, metadata=meta)))
     os.replace(tmp, path)
     return path
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header keys sorted.
+
+    safetensors writes the header from a hash map, so two saves of identical tensors and
+    metadata can differ in key order (and so in bytes); sorting makes a shard a pure
+    function of its content. Same keys and values, so the same length: the padding and
+    the data offsets are unchanged.
+    """
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if len(text) > n:  # cannot happen for a header safetensors wrote compactly; be safe
+        return blob
+    return blob[:8] + text + b" " * (n - len(text)) + blob[8 + n :]
+
+
+def shard_skipped(path: str | Path) -> list[int]:
+    """Prompt indices a shard left out (see :func:`write_shard`)."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("skipped", "[]"))
 
 
 def read_shard_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], list[dict], dict]:

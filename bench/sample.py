@@ -14,6 +14,11 @@ A checkpoint ``NAME=PATH`` is either full denoiser weights (a folder saved with
 e.g. a trainer checkpoint or a full pipeline) or LoRA weights in diffusers' format
 (``pytorch_lora_weights.safetensors``, directly or under ``lora/``).
 
+Nothing is half-written: ``--out`` and every checkpoint (that it is the base model's
+architecture: same denoiser config, LoRA layers that exist with the right shapes) are checked
+before sampling, the images go to a hidden staging folder next to OUT, and that is moved into
+place only when every image and the grid are done. Bad input is one ``error:`` line, exit 2.
+
     python bench/sample.py --tiny sd --checkpoint ft=runs/x/final --out runs/samples
     python bench/sample.py --pretrained /models/sd15 --prompts eval.txt \\
         --checkpoint ddspo=runs/sd15/final --checkpoint dpo=runs/sd15-dpo/final --out samples
@@ -23,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +41,13 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 
 from bench.adapters import BACKBONES, Backbone, move_module, prompt_generator  # noqa: E402
+from bench.trainlib.outdir import (  # noqa: E402
+    OutputError,
+    check_out_dir,
+    publish_dir,
+    stage_dir,
+    writing,
+)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -63,6 +77,64 @@ def resolve_checkpoint(backbone: Backbone, path: str | Path) -> tuple[str, Path]
     raise ValueError(
         f"{path}: neither {backbone.denoiser_subfolder} weights (config.json) nor {LORA_FILE}"
     )
+
+
+_LORA_KEY = re.compile(r"^(.+)\.(lora\.down|lora\.up|lora_A|lora_B)(?:\.[\w-]+)?\.weight$")
+
+
+def check_fits(backbone: Backbone, path: str | Path) -> None:
+    """ValueError (one line) unless the checkpoint at ``path`` is for ``backbone``'s
+    denoiser: full weights of the same class and config, or LoRA weights on layers it has,
+    with matching shapes. Reads only config.json / the safetensors header."""
+    kind, d = resolve_checkpoint(backbone, path)
+    if kind == "full":
+        cfg = json.loads((d / "config.json").read_text())
+        base = json.loads(json.dumps(dict(backbone.denoiser.config), default=str))
+        cls, want = cfg.get("_class_name"), type(backbone.denoiser).__name__
+        diffs = [] if cls in (None, want) else [f"class {cls} (not {want})"]
+        diffs += [
+            f"{k} {cfg[k]!r} (not {base[k]!r})"
+            for k in sorted(cfg.keys() & base.keys())
+            if not k.startswith("_") and cfg[k] != base[k]
+        ]
+    else:
+        diffs = _lora_mismatches(backbone, d / LORA_FILE)
+    if diffs:
+        raise ValueError(
+            f"{path}: not a checkpoint of this {backbone.name} model "
+            f"({', '.join(diffs[:3])}{', ...' if len(diffs) > 3 else ''})"
+        )
+
+
+def _lora_mismatches(backbone: Backbone, file: Path) -> list[str]:
+    from safetensors import safe_open
+
+    prefix = backbone.denoiser_subfolder + "."
+    try:
+        with safe_open(file, "pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as e:
+        return [f"unreadable {file.name}: {str(e).splitlines()[0] if str(e) else e!r}"]
+    ours = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
+    if not ours:
+        first = next(iter(shapes), "")
+        return [f"no {prefix[:-1]} LoRA layers (keys start with {first.split('.')[0]!r})"]
+    out = []
+    for key, shape in ours.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            continue  # alpha and other scalars
+        try:
+            weight = backbone.denoiser.get_submodule(m[1]).weight
+        except AttributeError:
+            out.append(f"no layer {m[1]}")
+            continue
+        down = m[2] in ("lora.down", "lora_A")
+        got, want = (shape[1], weight.shape[1]) if down else (shape[0], weight.shape[0])
+        if got != want:
+            side = "in" if down else "out"
+            out.append(f"{m[1]} has {side} size {want}, the LoRA {got}")
+    return out
 
 
 def load_checkpoint(backbone: Backbone, path: str | Path) -> torch.nn.Module:
@@ -130,45 +202,67 @@ def sample_models(
     negative_prompt: str = "",
     progress: bool = True,
 ) -> Path:
-    """Sample ``prompts`` with the base denoiser and each checkpoint; write PNGs and a grid."""
-    from PIL import Image
+    """Sample ``prompts`` with the base denoiser and each checkpoint; write PNGs and a grid
+    into a staging folder that becomes ``out_dir`` when complete (see the module doc)."""
     from tqdm import tqdm
 
-    for _, path in checkpoints:  # a bad path fails before anything is written
-        resolve_checkpoint(backbone, path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prompts.txt").write_text("".join(p.replace("\n", " ") + "\n" for p in prompts))
+    for _, path in checkpoints:  # a bad or foreign checkpoint fails before anything is written
+        check_fits(backbone, path)
+    out = check_out_dir(out_dir)
     models: list[tuple[str, Path | None]] = [("base", None), *checkpoints]
-    cells: list[list[Path]] = []
-    bar = tqdm(total=len(models) * len(prompts), unit="img", disable=not progress)
-    for name, path in models:
-        net = backbone.denoiser if path is None else load_checkpoint(backbone, path)
-        net.eval()
-        (out / name).mkdir(exist_ok=True)
-        files = []
-        for s in range(0, len(prompts), batch_size):
-            idx = list(range(s, min(s + batch_size, len(prompts))))
-            lat = backbone.generate(
-                [prompts[i] for i in idx],
-                [prompt_generator(seed, i) for i in idx],
-                steps=steps,
-                guidance=guidance,
-                negative_prompt=negative_prompt,
-                net=net,
-                resolution=resolution,
-                sampler=sampler,
-            )
-            for i, img in zip(idx, to_uint8(backbone.decode_latents(lat)), strict=True):
-                f = out / name / f"{i:05d}.png"
+    with writing(out):
+        stage = stage_dir(out)
+    try:
+        with writing(out):
+            text = "".join(p.replace("\n", " ") + "\n" for p in prompts)
+            (stage / "prompts.txt").write_text(text)
+        bar = tqdm(total=len(models) * len(prompts), unit="img", disable=not progress)
+        cells = []
+        for name, path in models:
+            try:
+                cells.append(
+                    _sample_one(backbone, path, prompts, stage / name, bar, seed=seed, steps=steps,
+                                guidance=guidance, batch_size=batch_size, resolution=resolution,
+                                sampler=sampler, negative_prompt=negative_prompt)
+                )  # fmt: skip
+            except (RuntimeError, ValueError, KeyError) as e:
+                if path is None or isinstance(e, OutputError):
+                    raise
+                line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"checkpoint {name}={path} failed to sample: {line}") from e
+        bar.close()
+        with writing(out):
+            save_grid(cells, [m for m, _ in models], prompts, stage / "grid.png")
+            publish_dir(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out / "grid.png"
+
+
+def _sample_one(
+    backbone: Backbone, path: Path | None, prompts: list[str], folder: Path, bar, **kw
+) -> list[Path]:
+    """One model's images: ``folder/<index:05d>.png``."""
+    from PIL import Image
+
+    net = backbone.denoiser if path is None else load_checkpoint(backbone, path)
+    net.eval()
+    folder.mkdir()
+    files, batch_size = [], kw.pop("batch_size")
+    seed = kw.pop("seed")
+    for s in range(0, len(prompts), batch_size):
+        idx = list(range(s, min(s + batch_size, len(prompts))))
+        lat = backbone.generate(
+            [prompts[i] for i in idx], [prompt_generator(seed, i) for i in idx], net=net, **kw
+        )
+        for i, img in zip(idx, to_uint8(backbone.decode_latents(lat)), strict=True):
+            f = folder / f"{i:05d}.png"
+            with writing(f):
                 Image.fromarray(img.numpy()).save(f)
-                files.append(f)
-            bar.update(len(idx))
-        cells.append(files)
-        if path is not None:
-            del net
-    bar.close()
-    return save_grid(cells, [m for m, _ in models], prompts, out / "grid.png")
+            files.append(f)
+        bar.update(len(idx))
+    return files
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -226,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             v = getattr(args, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        check_out_dir(args.out)  # before any model is loaded
         checkpoints = [parse_checkpoint(s) for s in args.checkpoint]
         names = [n for n, _ in checkpoints]
         if len(set(names)) != len(names):
@@ -256,6 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; nothing written to {args.out}", file=sys.stderr)
+        return 130
     print(f"wrote {len(prompts)} x {1 + len(checkpoints)} images and {grid}")
     return 0
 

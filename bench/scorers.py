@@ -183,6 +183,59 @@ class ClipScorer:
         return (scale * cos).float().cpu()
 
 
+# ----------------------------------------------------------------------- tiny scorers
+
+#: ``evaluate.py --tiny``: random tiny CLIPs standing in for the real scorers (seed, learned
+#: logit scale or None) -- for smoke runs on CPU, never for numbers anyone should read
+TINY_SCORERS = {"clip": (0, None), "pickscore": (1, 50.0)}
+
+
+def tiny_clip(seed: int = 0, logit_scale: float | None = None):
+    """A random tiny ``CLIPModel`` (hidden 32, 32x32 images) with an offline byte-level
+    ``CLIPTokenizer`` and a ``CLIPImageProcessor``: ``(model, tokenizer, image_processor)``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from bench.tiny import clip_tokenizer
+
+    tok = clip_tokenizer(max_length=32)
+    ids = {"bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513}
+    layers = {"intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    cfg = CLIPConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 32,
+            "max_position_embeddings": 32,
+            **ids,
+            **layers,
+        },
+        vision_config={"hidden_size": 32, "image_size": 32, "patch_size": 8, **layers},
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(cfg).eval()
+    if logit_scale is not None:
+        model.logit_scale.data.fill_(math.log(logit_scale))
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, tok, proc
+
+
+def save_tiny_clip(path: str | Path, seed: int = 0, logit_scale: float | None = None) -> Path:
+    """:func:`tiny_clip` saved as a local transformers directory (what ``--clip`` reads)."""
+    from transformers import CLIPProcessor
+
+    model, tok, proc = tiny_clip(seed, logit_scale)
+    model.save_pretrained(path)
+    CLIPProcessor(image_processor=proc, tokenizer=tok).save_pretrained(path)
+    return Path(path)
+
+
+def tiny_scorer(kind: str, device="cpu") -> ClipScorer:
+    """A :data:`TINY_SCORERS` scorer, built in memory (nothing downloaded or written)."""
+    seed, scale = TINY_SCORERS[kind]
+    model, tok, proc = tiny_clip(seed, scale)
+    return ClipScorer(kind, model.to(device), tok, proc, device)
+
+
 def mean_sem(scores: Sequence[float] | np.ndarray) -> tuple[float, float]:
     """Mean and standard error of the mean, ``std(ddof=1) / sqrt(n)`` (NaN when n < 2)."""
     x = np.asarray(scores, dtype=np.float64)

@@ -10,10 +10,17 @@ one step's math (:func:`compute_loss`), then :func:`train` — config -> distrib
 backbone -> data -> reference -> optimizer -> resume -> loop -> checkpoint. All loss,
 schedule, timestep and reference-update math comes from ``minddspo``; backbone glue from
 ``bench.adapters``; config, checkpoint and reference helpers from ``bench.trainlib``.
+
+Nothing is lost and nothing fails silently: OUT is checked before any work (a file, an
+unwritable disk, or another run without --resume is refused), --resume must match the
+checkpoint's config and skips a damaged newest checkpoint, the weights are checked finite
+after every step (nothing non-finite is saved), and a full disk or Ctrl-C / SIGTERM stops
+with one line, earlier checkpoints intact. Exit codes: see ``--help``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -35,8 +42,9 @@ from bench.adapters import Backbone, Cond, load_backbone, tiny_backbone  # noqa:
 from bench.pairdata import PairDataset, collate_pairs  # noqa: E402
 from bench.trainlib.checkpoint import (  # noqa: E402
     atomic_write_dir,
-    load_state,
-    resolve_resume,
+    checkpoint_name,
+    find_resume,
+    latest_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -46,34 +54,38 @@ from bench.trainlib.config import (  # noqa: E402
     UsageError,
     parse_args,
     resolve_for_backbone,
+    resume_mismatches,
     write_config,
 )
-from bench.trainlib.data import batch_indices  # noqa: E402
+from bench.trainlib.data import batch_indices, dataset_fingerprint  # noqa: E402
 from bench.trainlib.dist import (  # noqa: E402
     DistEnv,
     all_reduce_mean,
-    barrier,
     broadcast_float,
     cleanup,
     gather_objects,
     init_distributed,
     no_sync,
 )
+from bench.trainlib.interrupt import exit_code, handle_signals  # noqa: E402
+from bench.trainlib.outdir import (  # noqa: E402
+    OutputError,
+    check_out_dir,
+    no_space,
+    remove_stale_tmp,
+    truncate_jsonl,
+    writing,
+)
 from bench.trainlib.reference import DivergenceProbe, Reference  # noqa: E402
 from bench.trainlib.weights import (  # noqa: E402
     add_lora,
+    all_finite,
     load_policy,
     param_digest,
     save_lora,
     write_checkpoint,
 )
-from minddspo.losses import (  # noqa: E402
-    ddspo_loss,
-    dpo_loss,
-    dspo_cpp_loss,
-    dspo_loss,
-    sft_loss,
-)
+from minddspo.methods import dspo_beta_warning, method_loss, method_spec  # noqa: E402
 from minddspo.refupdate import ReferenceUpdateRule  # noqa: E402
 from minddspo.schedules import cfg_combine  # noqa: E402
 
@@ -81,8 +93,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DIAG_KEYS = ("implicit_acc", "gap_w", "gap_l", "err_w", "err_l")
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "final")  # OUT holds a run
+TRAINER_STATE_KEYS = ("optimizer", "scheduler", "scaler", "counters", "rng")
+
+
 class NonFiniteError(RuntimeError):
-    """Too many non-finite steps in a row."""
+    """Too many non-finite steps in a row, or parameters made non-finite by a step."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM; the message says the step reached and how to resume."""
+
+
+class PeerFailed(RuntimeError):
+    """Rank 0 failed a write (and reports it); the other ranks stop with it."""
 
 
 # ------------------------------------------------------------------------ one step's math
@@ -124,75 +148,63 @@ def compute_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample loss ``(B,)`` of ``cfg.method`` and detached diagnostics.
 
-    One policy forward on ``[x_t^w; x_t^l]`` and one reference forward on every row the
-    method needs: ``[x_t^w|c, x_t^l|c]``, ``+ [x_t^l|c-]`` (ddspo, dspo_cpp), ``+ [x_t^w|∅,
-    x_t^l|∅]`` (target guidance W != 1, SPEC §2). The reference runs first (no grad).
+    One policy forward on ``[x_t^w; x_t^l]`` and one reference forward on the rows the
+    method table asks for (:meth:`minddspo.methods.MethodSpec.ref_rows`): ``[x_t^w|c,
+    x_t^l|c]``, ``+ [x_t^l|c-]`` (ddspo, dspo_cpp), ``+ [x_t^w|∅, x_t^l|∅]`` (target
+    guidance W != 1, SPEC §2). The reference runs first (no grad). Which tensors the loss
+    compares and where the timestep weight goes is :func:`minddspo.methods.method_loss`'s.
     """
     c, c_neg, c_uncond = conds
+    spec = method_spec(cfg.method)
     x_w, x_l = backbone.noise(x0_w, noise_w, t), backbone.noise(x0_l, noise_l, t)
+    y_w, y_l = backbone.target(x0_w, noise_w, t), backbone.target(x0_l, noise_l, t)
     w = backbone.t_weight(cfg.timestep_weight, t)
-    if cfg.method == "sft":  # winners only, forward-process targets
+    beta, beta_logit = (cfg.beta, cfg.beta_logit) if spec.score_matching else (cfg.beta, None)
+    if not spec.preference:  # sft: winners only, forward-process targets
         pred = backbone.forward(policy, x_w, t, c)
-        return sft_loss(pred, backbone.target(x0_w, noise_w, t), loss_weight=w), {}
+        out = method_loss(
+            cfg.method, pred_w=pred, target_w=y_w, weight=w, weight_kind=cfg.timestep_weight
+        )
+        return out.loss, {}
 
-    xs, cs = [x_w, x_l], [c, c]
-    if c_neg is not None:
-        xs, cs = xs + [x_l], cs + [c_neg]
-    if c_uncond is not None:
-        xs, cs = xs + [x_w, x_l], cs + [c_uncond, c_uncond]
-    k = len(xs)
-    ref = reference(torch.cat(xs), t.repeat(k), cs[0].cat(*cs[1:])).chunk(k)  # k x (B, C, h, w)
+    rows = {"w": (x_w, c), "l": (x_l, c), "l_neg": (x_l, c_neg)}
+    names = list(spec.ref_rows(policy_pair=pair is not None))
+    if c_uncond is not None:  # guided targets also need f_ref(., ∅)
+        rows |= {"w_uncond": (x_w, c_uncond), "l_uncond": (x_l, c_uncond)}
+        names += ["w_uncond", "l_uncond"]
+    xs, cs = [rows[n][0] for n in names], [rows[n][1] for n in names]
+    k = len(names)
+    ref = dict(
+        zip(names, reference(torch.cat(xs), t.repeat(k), cs[0].cat(*cs[1:])).chunk(k), strict=True)
+    )
     pred_w, pred_l = backbone.forward(policy, torch.cat([x_w, x_l]), t.repeat(2), c.cat(c)).chunk(2)
-    r_w, r_l = ref[0], ref[1]
 
-    # lambda(t) is a logit weight where the loss has a logit (dpo, ddspo); DSPO's loss has
-    # none, so there (and for "linear" everywhere) the weight multiplies the loss.
-    score_matching = cfg.method in ("dspo", "dspo_cpp")
-    logit_w = w if cfg.timestep_weight == "lambda" and not score_matching else None
-    loss_w = None if logit_w is not None else w
-    beta = cfg.beta
-    if cfg.method in ("dpo", "dspo"):  # forward-process targets (SPEC §2, Diffusion-DPO)
-        y_w, y_l = backbone.target(x0_w, noise_w, t), backbone.target(x0_l, noise_l, t)
-    elif pair is not None:  # any contrastive policy pair (paper Sec. 3.2)
+    pair_w = pair_l = None
+    if pair is not None:  # any contrastive policy pair (paper Sec. 3.2)
         with torch.no_grad():
-            y_w, y_l = backbone.forward(pair[0], x_w, t, c), backbone.forward(pair[1], x_l, t, c)
-    elif c_uncond is not None:  # guided reference targets (SPEC §2)
-        r_l_neg, u_w, u_l = ref[2], ref[3], ref[4]
-        y_w = cfg_combine(u_w, r_w, cfg.target_guidance)
-        y_l = cfg_combine(u_l, r_l_neg, cfg.target_guidance)
-    elif cfg.method == "ddspo":  # paper Eq. 5
-        out = ddspo_loss(
-            pred_w, pred_l, r_w, r_l, ref[2], beta=beta, logit_weight=logit_w, loss_weight=loss_w
-        )
-        return out.loss, _diag(out)
-    else:  # dspo_cpp
-        out = dspo_cpp_loss(
-            pred_w,
-            pred_l,
-            r_w,
-            r_l,
-            ref[2],
-            beta=beta,
-            beta_logit=cfg.beta_logit or None,
-            loss_weight=loss_w,
-        )
-        return out.loss, _diag(out)
-    if score_matching:
-        out = dspo_loss(
-            pred_w,
-            pred_l,
-            r_w,
-            r_l,
-            y_w,
-            y_l,
-            beta=beta,
-            beta_logit=cfg.beta_logit or None,
-            loss_weight=loss_w,
-        )
-    else:
-        out = dpo_loss(
-            pred_w, pred_l, r_w, r_l, y_w, y_l, beta=beta, logit_weight=logit_w, loss_weight=loss_w
-        )
+            pair_w, pair_l = (
+                backbone.forward(pair[0], x_w, t, c),
+                backbone.forward(pair[1], x_l, t, c),
+            )
+    elif c_uncond is not None:  # guided reference targets (SPEC §2), a variant, not DDSPO
+        pair_w = cfg_combine(ref["w_uncond"], ref["w"], cfg.target_guidance)
+        pair_l = cfg_combine(ref["l_uncond"], ref["l_neg"], cfg.target_guidance)
+    out = method_loss(
+        cfg.method,
+        pred_w=pred_w,
+        pred_l=pred_l,
+        ref_w=ref["w"],
+        ref_l=ref["l"],
+        ref_l_neg=ref.get("l_neg"),
+        target_w=y_w,
+        target_l=y_l,
+        pair_w=pair_w,
+        pair_l=pair_l,
+        beta=beta,
+        beta_logit=beta_logit,
+        weight=w,
+        weight_kind=cfg.timestep_weight,
+    )
     return out.loss, _diag(out)
 
 
@@ -210,6 +222,21 @@ def _diag(out) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------- setup
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    """OUT must be a writable folder, and hold no run unless --resume continues it."""
+    out = Path(cfg.out)
+    try:
+        check_out_dir(out)
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not cfg.resume:
+        raise UsageError(
+            f"{out} holds a run; pass --resume to continue it or choose another --out "
+            f"(found {', '.join(held)})"
+        )
 
 
 def load_model(cfg: TrainConfig) -> Backbone:
@@ -239,16 +266,17 @@ def open_data(cfg: TrainConfig, env: DistEnv, backbone: Backbone | None = None) 
             from bench.prompts import DEMO_PROMPTS
 
             prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(cfg.tiny_pairs)]
-            build_pairs(
-                backbone,
-                prompts,
-                path,
-                seed=cfg.seed,
-                steps=4,
-                rank=env.rank,
-                world=env.world,
-                progress=False,
-            )
+            with writing(path):
+                build_pairs(
+                    backbone,
+                    prompts,
+                    path,
+                    seed=cfg.seed,
+                    steps=4,
+                    rank=env.rank,
+                    world=env.world,
+                    progress=False,
+                )
     try:
         return PairDataset(path)
     except (ValueError, OSError) as e:
@@ -256,6 +284,12 @@ def open_data(cfg: TrainConfig, env: DistEnv, backbone: Backbone | None = None) 
 
 
 def check_data(dataset: PairDataset, backbone: Backbone) -> None:
+    built_for = dataset.info.get("backbone")
+    if built_for and built_for != backbone.name:  # same shapes, another VAE's latent space
+        raise UsageError(
+            f"{dataset.root} was built for the {built_for} backbone, not {backbone.name}; "
+            "build the pairs with this model (bench/make_pairs.py)"
+        )
     c, _, w = dataset.latent_shape
     if c != backbone.latent_channels:
         raise UsageError(
@@ -264,6 +298,42 @@ def check_data(dataset: PairDataset, backbone: Backbone) -> None:
         )
     if hasattr(backbone, "resolution"):  # SDXL micro-conditioning: the training image size
         backbone.resolution = w * backbone.vae_scale_factor
+
+
+def find_checkpoint(
+    cfg: TrainConfig, env: DistEnv, ckpt_root: Path, fingerprint: str
+) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from (the newest intact one for ``latest``) and its state,
+    refused unless its config matches ``cfg`` in everything that changes what is trained."""
+    try:
+        ckpt, state, damaged = find_resume(cfg.resume, ckpt_root)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    if ckpt is None:
+        return None, None
+    if damaged and env.is_main:
+        print(f"warning: {'; '.join(damaged)}; resuming from {ckpt}", file=sys.stderr)
+    missing = [k for k in TRAINER_STATE_KEYS if k not in state]
+    if missing:
+        raise UsageError(f"--resume {ckpt}: not a trainer checkpoint (no {', '.join(missing)})")
+    saved_fp = state.get("data_fingerprint")
+    diffs = resume_mismatches(
+        cfg,
+        state.get("config") or {},
+        world=env.world,
+        saved_world=saved_world(state),
+        same_data=None if saved_fp is None else saved_fp == fingerprint,
+    )
+    if diffs:
+        raise UsageError(
+            f"--resume {ckpt}: the config differs from the checkpoint's in {'; '.join(diffs)} "
+            "(see --help for what may change on resume)"
+        )
+    return ckpt, state
+
+
+def saved_world(state: dict) -> int:
+    return int(state.get("world") or len(state["rng"]))
 
 
 def load_policy_pair(cfg: TrainConfig, backbone: Backbone, device, dtype):
@@ -304,15 +374,48 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
     return opt, sched
 
 
+def agree(check) -> None:
+    """Run ``check()`` on every rank; if it fails on any, all raise its UsageError (no rank
+    goes on to a collective the others never reach). Also a barrier."""
+    try:
+        check()
+        msg = None
+    except UsageError as e:
+        msg = str(e)
+    failed = [m for m in gather_objects(msg) if m]
+    if failed:
+        raise UsageError(failed[0])
+
+
+def on_rank0(env: DistEnv, write) -> None:
+    """``write()`` on rank 0; if it fails every rank raises, so none waits at a barrier that
+    rank 0 never reaches. Also a barrier."""
+    err = None
+    if env.is_main:
+        try:
+            write()
+        except Exception as e:
+            err = e
+    if any(gather_objects(err is not None)):
+        if err is not None:
+            raise err
+        raise PeerFailed("rank 0 failed to write; stopping too")
+
+
 # -------------------------------------------------------------------------------- train
 
 
 def train(cfg: TrainConfig) -> Path:
     """Run the training described by ``cfg`` (validated); returns the run directory."""
     env = init_distributed(cfg.device)
+    st = {"step": 0, "opt_step": 0, "frozen": False, "nonfinite_total": 0, "nonfinite_run": 0}
     ok = False
     try:
-        out = _run(cfg, env)
+        with handle_signals():  # SIGTERM unwinds like Ctrl-C: temporary folders are removed
+            try:
+                out = _run(cfg, env, st)
+            except KeyboardInterrupt:
+                raise Interrupted(interrupt_message(cfg, st["step"])) from None
         ok = True
         return out
     except BaseException as e:
@@ -322,13 +425,26 @@ def train(cfg: TrainConfig) -> Path:
         cleanup(graceful=ok)  # gc before destroy_process_group (PITFALLS.md)
 
 
-def _run(cfg: TrainConfig, env: DistEnv) -> Path:
+def interrupt_message(cfg: TrainConfig, step: int) -> str:
+    last = latest_checkpoint(Path(cfg.out) / "checkpoints")
+    if last is None and cfg.resume not in ("", "latest"):
+        return f"interrupted at step {step}; resume with --resume {cfg.resume} (nothing saved yet)"
+    where = f"newest checkpoint: {last.name}" if last else "no checkpoint yet: it starts over"
+    return f"interrupted at step {step}; resume with --resume latest ({where})"
+
+
+def _run(cfg: TrainConfig, env: DistEnv, st: dict) -> Path:
     print0 = print if env.is_main else (lambda *a, **k: None)
     out, device, dtype = Path(cfg.out), env.device, DTYPES[cfg.dtype]
     ckpt_root = out / "checkpoints"
 
     def autocast():  # bf16/fp16 compute; losses are float32 inside minddspo
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    # ---- run directory: refused before any work (and before any rank writes into it)
+    agree(lambda: check_run_dir(cfg))
+    if env.is_main:
+        remove_stale_tmp(out, ckpt_root)  # left by a kill -9 mid-write
 
     # ---- data and backbone, validated before anything is written into OUT/checkpoints
     dataset = open_data(cfg, env)  # a cheap header check first: fail fast on bad --data
@@ -339,6 +455,8 @@ def _run(cfg: TrainConfig, env: DistEnv) -> Path:
     policy = backbone.denoiser  # fp32 master weights; autocast does the rest
     dataset = dataset or open_data(cfg, env, backbone)
     check_data(dataset, backbone)
+    fingerprint = dataset_fingerprint(dataset.root)
+    ckpt, state = find_checkpoint(cfg, env, ckpt_root, fingerprint)
 
     # ---- reference, probe, policy pair
     if cfg.lora:
@@ -368,15 +486,9 @@ def _run(cfg: TrainConfig, env: DistEnv) -> Path:
     optimizer, scheduler = build_optimizer(cfg, params)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
     gen = torch.Generator().manual_seed(cfg.seed * env.world + env.rank)  # t and noise, per rank
-    st = {"step": 0, "opt_step": 0, "frozen": False, "nonfinite_total": 0, "nonfinite_run": 0}
 
-    # ---- resume
-    try:
-        ckpt = resolve_resume(cfg.resume, ckpt_root)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
+    # ---- resume (checkpoint found and checked above)
     if ckpt is not None:
-        state = load_state(ckpt)
         load_policy(backbone, policy, ckpt, cfg.lora > 0)
         if periodic and needs_ref:
             reference.load(ckpt / "reference")
@@ -384,11 +496,16 @@ def _run(cfg: TrainConfig, env: DistEnv) -> Path:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         st.update(state["counters"])
-        if len(state["rng"]) == env.world:
+        if saved_world(state) == env.world:
             set_rng_state(state["rng"][env.rank], gen)
-        else:
-            print0(f"warning: checkpoint from world size {len(state['rng'])}; RNG streams restart")
+        elif env.is_main:
+            print(
+                f"warning: checkpoint from world size {saved_world(state)}, this run has "
+                f"{env.world}: the noise streams restart (every step reads the same pairs)",
+                file=sys.stderr,
+            )
         print0(f"resumed from {ckpt} at step {st['step']}")
+        del state
 
     ddp = (
         DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
@@ -396,23 +513,27 @@ def _run(cfg: TrainConfig, env: DistEnv) -> Path:
         else policy
     )
 
-    # ---- run directory
-    if env.is_main:
+    # ---- run directory: config, and the log cut back to the checkpoint's step
+    log = out / "metrics.jsonl"
+
+    def start_run_dir():
         out.mkdir(parents=True, exist_ok=True)
-        write_config(cfg, out / "config.json")
-    barrier()
+        with writing(out / "config.json"):
+            write_config(cfg, out / "config.json")
+        with writing(log):
+            truncate_jsonl(log, st["step"])  # steps after the checkpoint are logged again
+
+    on_rank0(env, start_run_dir)
     n_trainable = sum(p.numel() for p in params)
     print0(
         f"{cfg.method} on {backbone.name} ({n_trainable / 1e6:.2f}M trainable), world {env.world}, "
-        f"{len(dataset)} pairs from {dataset.root}, beta {cfg.beta:g}, lr {cfg.lr:.3g}"
+        f"{len(dataset)} pairs from {dataset.root}, beta {cfg.beta:g}"
+        + (f" (beta_logit {cfg.beta_logit:g})" if cfg.beta_logit else "")
+        + f", lr {cfg.lr:.3g}"
     )
-    if cfg.method == "dspo_cpp" and cfg.target_guidance == 1.0 and not cfg.winner_policy:
-        # (1 - beta (1 - sigma(s)))^2 e(p_w, r_w): loss and gradient are exactly 0 at p == r.
-        print0(
-            "warning: dspo_cpp with unguided targets (y_w = f_ref(x_t^w, c)) has zero gradient "
-            "while the policy equals the reference; use --target-guidance W (e.g. 5) or a "
-            "--winner-policy/--loser-policy pair"
-        )
+    warning = dspo_beta_warning(cfg.method, cfg.beta)
+    if warning and env.is_main:
+        print(warning, file=sys.stderr)
 
     # ---- loop
     from diffusers.utils import logging as diffusers_logging
@@ -423,110 +544,142 @@ def _run(cfg: TrainConfig, env: DistEnv) -> Path:
     transformers_logging.disable_progress_bar()
 
     nan_steps = cfg.nan_steps()
-    metrics = open(out / "metrics.jsonl", "a") if env.is_main else None  # noqa: SIM115
-    bar = tqdm(total=cfg.max_steps, initial=st["step"], disable=not (env.is_main and cfg.progress))
-    while st["step"] < cfg.max_steps:
-        t0 = time.perf_counter()
-        sums = torch.zeros(1 + len(DIAG_KEYS), dtype=torch.float64)  # loss, diagnostics
-        for micro in range(cfg.grad_accum):
-            idx = batch_indices(
-                len(dataset),
-                seed=cfg.seed,
-                step=st["step"],
-                micro=micro,
-                accum=cfg.grad_accum,
-                rank=env.rank,
-                world=env.world,
-                batch=cfg.batch_size,
-            )
-            batch = collate_pairs([dataset[i] for i in idx])
-            x0_w, x0_l = batch["x0_w"].to(device), batch["x0_l"].to(device)  # (B, C, h, w)
-            t, noise_w, noise_l = draw_noise(cfg, backbone, gen, x0_w)
-            conds = encode_step(
-                backbone,
-                batch["prompt"],
-                batch["neg_prompt"],
-                need_neg=cfg.uses_neg,
-                need_uncond=cfg.target_guidance != 1.0,
-            )
-            with no_sync(ddp, sync=micro == cfg.grad_accum - 1):  # all-reduce on the last only
-                with autocast():
-                    loss_vec, diag = compute_loss(
-                        cfg, backbone, ddp, reference, x0_w, x0_l, conds, t, noise_w, noise_l, pair
+    stack = contextlib.ExitStack()  # closes the log and the bar however the loop ends
+    metrics = stack.enter_context(open(log, "a")) if env.is_main else None  # noqa: SIM115
+    bar = stack.enter_context(
+        tqdm(total=cfg.max_steps, initial=st["step"], disable=not (env.is_main and cfg.progress))
+    )
+
+    def log_line(rec: dict) -> None:
+        if metrics is not None:
+            with writing(log):
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+
+    with stack:
+        while st["step"] < cfg.max_steps:
+            t0 = time.perf_counter()
+            sums = torch.zeros(1 + len(DIAG_KEYS), dtype=torch.float64)  # loss, diagnostics
+            for micro in range(cfg.grad_accum):
+                idx = batch_indices(
+                    len(dataset),
+                    seed=cfg.seed,
+                    step=st["step"],
+                    micro=micro,
+                    accum=cfg.grad_accum,
+                    rank=env.rank,
+                    world=env.world,
+                    batch=cfg.batch_size,
+                )
+                batch = collate_pairs([dataset[i] for i in idx])
+                x0_w, x0_l = batch["x0_w"].to(device), batch["x0_l"].to(device)  # (B, C, h, w)
+                t, noise_w, noise_l = draw_noise(cfg, backbone, gen, x0_w)
+                conds = encode_step(
+                    backbone,
+                    batch["prompt"],
+                    batch["neg_prompt"],
+                    need_neg=cfg.uses_neg,
+                    need_uncond=cfg.target_guidance != 1.0,
+                )
+                with no_sync(ddp, sync=micro == cfg.grad_accum - 1):  # all-reduce on the last
+                    with autocast():
+                        loss_vec, diag = compute_loss(
+                            cfg,
+                            backbone,
+                            ddp,
+                            reference,
+                            x0_w,
+                            x0_l,
+                            conds,
+                            t,
+                            noise_w,
+                            noise_l,
+                            pair,
+                        )
+                    loss = loss_vec.mean()
+                    if env.is_main and st["step"] + 1 in nan_steps:  # test hook
+                        loss = loss * float("nan")
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                sums[0] += loss.item()
+                for j, key in enumerate(DIAG_KEYS):
+                    if key in diag:
+                        sums[1 + j] += diag[key].double().mean().item()
+            stats = all_reduce_mean((sums / cfg.grad_accum).to(device)).cpu().tolist()
+
+            # ---- optimizer step, or a counted skip when the loss or gradient is not finite
+            scaler.unscale_(optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+            lr = scheduler.get_last_lr()[0]
+            # fp16: an overflowing gradient is the GradScaler's business (it skips and
+            # rescales). Loss and grad norm are the same on every rank: all decide alike.
+            finite = math.isfinite(stats[0]) and (cfg.dtype == "fp16" or math.isfinite(grad_norm))
+            if finite:
+                scaler.step(optimizer)
+                scheduler.step()
+                st["opt_step"] += 1
+                st["nonfinite_run"] = 0
+                # A finite loss and gradient can still overflow the weights (a huge --lr):
+                # stop before such weights reach a checkpoint or final/.
+                if not all_finite(params):
+                    raise NonFiniteError(
+                        f"step {st['step'] + 1}: the optimizer step (lr {lr:.3g}) made the "
+                        "parameters non-finite; stopped without saving them. Lower --lr"
                     )
-                loss = loss_vec.mean()
-                if env.is_main and st["step"] + 1 in nan_steps:  # test hook
-                    loss = loss * float("nan")
-                scaler.scale(loss / cfg.grad_accum).backward()
-            sums[0] += loss.item()
-            for j, key in enumerate(DIAG_KEYS):
-                if key in diag:
-                    sums[1 + j] += diag[key].double().mean().item()
-        stats = all_reduce_mean((sums / cfg.grad_accum).to(device)).cpu().tolist()
+            else:
+                st["nonfinite_total"] += 1
+                st["nonfinite_run"] += 1
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            st["step"] += 1
+            bar.update(1)
 
-        # ---- optimizer step, or a counted skip when the loss or gradient is not finite
-        scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
-        lr = scheduler.get_last_lr()[0]
-        # fp16: an overflowing gradient is the GradScaler's business (it skips and rescales).
-        # Loss and grad norm are the same on every rank, so every rank decides alike.
-        finite = math.isfinite(stats[0]) and (cfg.dtype == "fp16" or math.isfinite(grad_norm))
-        if finite:
-            scaler.step(optimizer)
-            scheduler.step()
-            st["opt_step"] += 1
-            st["nonfinite_run"] = 0
-        else:
-            st["nonfinite_total"] += 1
-            st["nonfinite_run"] += 1
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        st["step"] += 1
-        bar.update(1)
+            rec = {"step": st["step"], "loss": stats[0], "grad_norm": grad_norm, "lr": lr}
+            if cfg.method != "sft":
+                rec.update({key: stats[1 + j] for j, key in enumerate(DIAG_KEYS)})
+            pairs = cfg.batch_size * cfg.grad_accum * env.world
+            rec["samples_per_s"] = pairs / (time.perf_counter() - t0)
+            rec["nonfinite_total"] = st["nonfinite_total"]
+            event = not finite
+            if not finite:
+                rec["skipped"] = True
+                print0(
+                    f"step {st['step']}: non-finite loss or gradient, step skipped "
+                    f"({st['nonfinite_run']} in a row, {st['nonfinite_total']} in total)"
+                )
 
-        rec = {"step": st["step"], "loss": stats[0], "grad_norm": grad_norm, "lr": lr}
-        if cfg.method != "sft":
-            rec.update({key: stats[1 + j] for j, key in enumerate(DIAG_KEYS)})
-        pairs = cfg.batch_size * cfg.grad_accum * env.world
-        rec["samples_per_s"] = pairs / (time.perf_counter() - t0)
-        rec["nonfinite_total"] = st["nonfinite_total"]
-        event = not finite
-        if not finite:
-            rec["skipped"] = True
-            print0(
-                f"step {st['step']}: non-finite loss or gradient, step skipped "
-                f"({st['nonfinite_run']} in a row, {st['nonfinite_total']} in total)"
-            )
+            # ---- stable reference update (Kang et al.): copy every tau steps until D > delta
+            if finite and probe is not None and rule.copy_due(st["opt_step"], st["frozen"]):
+                reference.copy_from_policy()
+                div = broadcast_float(probe(reference), device)
+                rec["ref_updated"], rec["ref_divergence"], event = True, div, True
+                if rule.freezes(div):
+                    st["frozen"] = rec["ref_frozen"] = True
+                    print0(
+                        f"step {st['step']}: reference frozen (D = {div:.4g} > {cfg.ref_delta:g})"
+                    )
+            if event or st["step"] % cfg.log_every == 0:
+                log_line(rec)
+            bar.set_postfix(loss=f"{stats[0]:.4g}", acc=f"{rec.get('implicit_acc', 0):.2f}")
+            if st["nonfinite_run"] >= cfg.max_nonfinite:
+                raise NonFiniteError(
+                    f"loss or gradient non-finite for {st['nonfinite_run']} steps in a row (up to "
+                    f"step {st['step']}); aborting. Lower --lr or --beta, use --dtype fp32, or "
+                    "check the data"
+                )
 
-        # ---- stable reference update (Kang et al.): copy every tau steps until D > delta
-        if finite and probe is not None and rule.copy_due(st["opt_step"], st["frozen"]):
-            reference.copy_from_policy()
-            div = broadcast_float(probe(reference), device)
-            rec["ref_updated"], rec["ref_divergence"], event = True, div, True
-            if rule.freezes(div):
-                st["frozen"] = rec["ref_frozen"] = True
-                print0(f"step {st['step']}: reference frozen (D = {div:.4g} > {cfg.ref_delta:g})")
-        if metrics is not None and (event or st["step"] % cfg.log_every == 0):
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
-        bar.set_postfix(loss=f"{stats[0]:.4g}", acc=f"{rec.get('implicit_acc', 0):.2f}")
-        if st["nonfinite_run"] >= cfg.max_nonfinite:
-            raise NonFiniteError(
-                f"loss or gradient non-finite for {st['nonfinite_run']} steps in a row (up to step "
-                f"{st['step']}); aborting. Lower --lr or --beta, use --dtype fp32, or check the data"
-            )
-
-        # ---- checkpoint: rank 0 writes everything, including every rank's RNG streams
-        if (cfg.ckpt_every and st["step"] % cfg.ckpt_every == 0) or st["step"] == cfg.max_steps:
-            trainer_state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "counters": dict(st),  # step, opt_step, frozen flag, non-finite counts
-                "rng": gather_objects(rng_state(gen)),  # per rank; the data order needs none
-                "config": dataclasses.asdict(cfg),
-            }
-            if env.is_main:
+            # ---- checkpoint: rank 0 writes everything, including every rank's RNG streams
+            due = cfg.ckpt_every and st["step"] % cfg.ckpt_every == 0
+            if due or st["step"] == cfg.max_steps:
+                trainer_state = {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "counters": dict(st),  # step, opt_step, frozen flag, non-finite counts
+                    "rng": gather_objects(rng_state(gen)),  # per rank; the data order needs none
+                    "world": env.world,
+                    "data_fingerprint": fingerprint,
+                    "config": dataclasses.asdict(cfg),
+                }
                 write = functools.partial(
                     write_checkpoint,
                     backbone=backbone,
@@ -535,43 +688,76 @@ def _run(cfg: TrainConfig, env: DistEnv) -> Path:
                     reference=reference if periodic else None,
                     trainer_state=trainer_state,
                 )
-                save_checkpoint(ckpt_root, st["step"], write, cfg.keep_last)
-            barrier()
-    bar.close()
-    digests = gather_objects(param_digest(policy))
-    if metrics is not None:
-        metrics.write(json.dumps({"step": st["step"], "end": True, "param_sha256": digests}) + "\n")
+                path = ckpt_root / checkpoint_name(st["step"])
+                on_rank0(
+                    env,
+                    functools.partial(save_finite, params, st["step"], path, write, cfg.keep_last),
+                )
+        bar.close()
+        digests = gather_objects(param_digest(policy))
+        log_line({"step": st["step"], "end": True, "param_sha256": digests})
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks ended with different parameters: {digests}")
 
     # ---- final weights: a full pipeline in diffusers layout, or the LoRA weights
-    if env.is_main:
-        if metrics is not None:
-            metrics.close()
-        if cfg.lora:
-            atomic_write_dir(out / "final", lambda d: save_lora(backbone, policy, d))
-        else:
-            atomic_write_dir(out / "final", backbone.save_pretrained)
-        print0(
-            f"done: {st['step']} steps ({st['nonfinite_total']} skipped); final weights in {out / 'final'}"
-        )
-    barrier()
+    def write_final():
+        if not all_finite(params):  # never reached (checked after every step): belt and braces
+            raise NonFiniteError(f"step {st['step']}: non-finite parameters; final/ not written")
+        with writing(out / "final"):
+            if cfg.lora:
+                atomic_write_dir(out / "final", lambda d: save_lora(backbone, policy, d))
+            else:
+                atomic_write_dir(out / "final", backbone.save_pretrained)
+
+    on_rank0(env, write_final)
+    print0(
+        f"done: {st['step']} steps ({st['nonfinite_total']} skipped); final weights in {out / 'final'}"
+    )
     return out
 
 
+def save_finite(params, step: int, path: Path, write, keep_last: int) -> None:
+    """An atomic checkpoint, written only if every parameter is finite."""
+    if not all_finite(params):  # never reached (checked after every step): belt and braces
+        raise NonFiniteError(f"step {step}: non-finite parameters; checkpoint not written")
+    with writing(path):
+        save_checkpoint(path.parent, step, write, keep_last)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: 0 on success, 2 on bad input (one ``error:`` line), 1 on a training abort."""
+    """CLI entry. Exit codes (also in ``--help``): 0 done; 1 training aborted (non-finite
+    loss, gradient or parameters); 2 bad input, refused, or a failed write (one ``error:``
+    line); 130 / 143 interrupted by Ctrl-C / SIGTERM."""
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    try:
-        train(parse_args(argv))
-    except UsageError as e:
+    out = "--out"
+
+    def report(msg) -> None:
         if rank0:
-            print(f"error: {e}", file=sys.stderr)
+            print(msg, file=sys.stderr)
+
+    try:
+        cfg = parse_args(argv)
+        out = cfg.out
+        train(cfg)
+    except (UsageError, OutputError) as e:
+        report(f"error: {e}")
         return 2
     except NonFiniteError as e:
-        if rank0:
-            print(f"error: {e}", file=sys.stderr)
+        report(f"error: {e}")
         return 1
+    except Interrupted as e:
+        report(e)
+        return exit_code()
+    except KeyboardInterrupt:  # before training started
+        report("interrupted before training started; nothing written")
+        return exit_code()
+    except PeerFailed:  # rank 0 reports its own error
+        return 1
+    except Exception as e:
+        if not no_space(e):  # a full disk met outside the guarded writes (e.g. tiny data)
+            raise
+        report(f"error: no space left on device while writing into {out}")
+        return 2
     return 0
 
 

@@ -216,20 +216,38 @@ def ddspo_loss(
 
 
 def _score_matching_loss(
-    pred_w, pred_l, ref_w, ref_l, target_w, target_l, beta, beta_logit, loss_weight, names
+    pred_w, pred_l, ref_w, ref_l, reward_w, reward_l, target_w, beta, beta_logit, loss_weight, names
 ) -> PreferenceLoss:
+    """DSPO's regression (SPEC §3): reward targets in the logit, ``target_w`` in the residual."""
     beta = _check_beta("beta", beta)
     beta_logit = beta if beta_logit is None else _check_beta("beta_logit", beta_logit)
     batch, (s, gap_w, gap_l, err_w, err_l) = _validated_core(
-        pred_w, pred_l, ref_w, ref_l, target_w, target_l, beta_logit, None, names
+        pred_w, pred_l, ref_w, ref_l, reward_w, reward_l, beta_logit, None, names[:6]
     )
+    _check_tensors({names[0]: pred_w, names[6]: target_w})
     loss_weight = _check_weight("loss_weight", loss_weight, batch)
     p_w = pred_w.float()
     # (1 - sigma(s)) is not detached, as in the official DSPO code (SPEC §3).
-    coef = (beta * torch.sigmoid(-s)).reshape(batch, *([1] * (p_w.ndim - 1)))
-    resid = (p_w - target_w.float()) - coef * (p_w - ref_w.float())
+    k = (beta * torch.sigmoid(-s)).reshape(batch, *([1] * (p_w.ndim - 1)))
+    resid = (p_w - target_w.float()) - k * (p_w - ref_w.float())
     loss = resid.pow(2).flatten(1).mean(1)
     return _package(loss, s, gap_w, gap_l, err_w, err_l, loss_weight)
+
+
+_DSPO_DOC_REGIMES = """
+    **Two scales.** ``beta`` multiplies the preference term outside (the official SD-1.5
+    runs use 0.001, searched over {0.001, 0.01, 0.05}); ``beta_logit`` scales the reward
+    inside the sigmoid on the Diffusion-DPO scale (``None``: the same value as ``beta``,
+    as the official code does). With ``k = beta (1 - sigma(s))`` the loss is minimised at
+    ``p_w = r_w + (y_w - r_w) / (1 - k)``, so three regimes follow:
+
+    * ``k < 1``: just beyond the winner target (small ``k``: close to SFT on the winners,
+      pushed a little further where the preference is not yet met) -- the useful regime;
+    * ``k = 1``: the residual no longer depends on ``p_w`` along ``p_w - y_w``: no gradient;
+    * ``k > 1``: the policy is held ~``1/k`` of the way from the reference and pushed
+      *away* from the winner -- degenerate. Any ``beta >= 2`` reaches it near the start
+      (``sigma(s) = 1/2`` at the reference), so it is never meaningful.
+"""
 
 
 def dspo_loss(
@@ -244,17 +262,27 @@ def dspo_loss(
     beta_logit: float | None = None,
     loss_weight: Tensor | None = None,
 ) -> PreferenceLoss:
-    """DSPO (Zhu et al., ICLR 2025), in the form of the official SD-1.5 code (SPEC §3)::
+    """DSPO (Zhu et al., ICLR 2025; DDSPO paper Eq. 6 / Eq. 33), official SD-1.5 form::
 
         loss = mean_dims || (p_w - y_w) - beta (1 - sigma(s)) (p_w - r_w) ||^2
 
-    with ``s`` the logit of SPEC §2 computed with ``beta_logit`` (``None``: same as
-    ``beta``, as in the official code, where ``sigma(s)`` is not detached either). Only the
-    winner is regressed; the loser enters only through ``s``. The DDSPO paper's Eq. 6
-    prints a different sign/scale; we follow the code.
+    ``s`` is the logit of SPEC §2 with ``beta_logit`` and the forward-process targets
+    ``(y_w, y_l)``, as in Diffusion-DPO; ``sigma(s)`` is not detached (official code). Only
+    the winner is regressed; the loser enters only through ``s``. ``A(t)`` is dropped, as
+    in DSPO and the DDSPO appendix.
     """
     return _score_matching_loss(
-        pred_w, pred_l, ref_w, ref_l, target_w, target_l, beta, beta_logit, loss_weight, _DPO_NAMES
+        pred_w,
+        pred_l,
+        ref_w,
+        ref_l,
+        target_w,
+        target_l,
+        target_w,
+        beta,
+        beta_logit,
+        loss_weight,
+        _DPO_NAMES + ("target_w",),
     )
 
 
@@ -264,32 +292,94 @@ def dspo_cpp_loss(
     ref_w: Tensor,
     ref_l: Tensor,
     ref_l_neg: Tensor,
+    target_w: Tensor,
     *,
     beta: float,
     beta_logit: float | None = None,
     loss_weight: Tensor | None = None,
 ) -> PreferenceLoss:
-    """DSPO+CPP (DDSPO paper Sec. 3.4): :func:`dspo_loss` with DDSPO's targets ``(ref_w, ref_l_neg)``.
+    """DSPO+CPP (DDSPO paper Sec. 3.4, Eq. 33 with the redefined reward ``r_theta``)::
 
-    The winner residual ``p_w - y_w`` is then ``p_w - r_w``, so the loss reduces to
-    ``(1 - beta (1 - sigma(s)))^2 e(p_w, r_w)``. Its value *and gradient* are exactly 0
-    while the policy equals the reference, so a fine-tune that starts at the reference
-    never moves with these targets; it trains with guided targets (``y_w`` from
-    classifier-free guidance with ``w != 1``, pass them to :func:`dspo_loss`) or any other
-    contrastive policy pair, as the trainer's ``--target-guidance`` does.
+        s    = logit of SPEC §2 with reward targets (q_w, q_l) = (r_w, f_ref(x_t^l, c-))
+        loss = mean_dims || (p_w - y_w) - beta (1 - sigma(s)) (p_w - r_w) ||^2
+
+    The paper only redefines the reward with the contrastive policy pair; the regression
+    term keeps ``target_w`` = ``y_w``, the winner's *forward-process* target (eps^w / v^w /
+    flow target). At the reference ``s = 0``, the loss is ``e(r_w, y_w)`` and its gradient
+    is SFT's times ``(1 - beta/2)``: not 0, so a fine-tune leaves the reference.
+    With ``(q_w, q_l) = (y_w, y_l)`` it is :func:`dspo_loss`.
     """
     return _score_matching_loss(
-        pred_w, pred_l, ref_w, ref_l, ref_w, ref_l_neg, beta, beta_logit, loss_weight, _CPP_NAMES
+        pred_w,
+        pred_l,
+        ref_w,
+        ref_l,
+        ref_w,
+        ref_l_neg,
+        target_w,
+        beta,
+        beta_logit,
+        loss_weight,
+        _CPP_NAMES + ("target_w",),
     )
 
 
-def sft_loss(pred: Tensor, target: Tensor, *, loss_weight: Tensor | None = None) -> Tensor:
-    """Supervised fine-tuning on winners only: ``e(pred, target)`` per sample, ``(B,)``."""
+dspo_loss.__doc__ += _DSPO_DOC_REGIMES
+dspo_cpp_loss.__doc__ += _DSPO_DOC_REGIMES
+
+
+def dspo_pair_loss(
+    pred_w: Tensor,
+    pred_l: Tensor,
+    ref_w: Tensor,
+    ref_l: Tensor,
+    reward_target_w: Tensor,
+    reward_target_l: Tensor,
+    target_w: Tensor,
+    *,
+    beta: float,
+    beta_logit: float | None = None,
+    loss_weight: Tensor | None = None,
+) -> PreferenceLoss:
+    """DSPO with any contrastive policy pair ``(q_w, q_l)`` as reward targets (paper Sec. 3.2).
+
+    :func:`dspo_loss` is ``(q_w, q_l) = (y_w, y_l)``; :func:`dspo_cpp_loss` is
+    ``(r_w, f_ref(x_t^l, c-))``; guided targets or a winner/loser fine-tune pair go here.
+    The regression term always uses the forward-process ``target_w``.
+    """
+    names = ("pred_w", "pred_l", "ref_w", "ref_l", "reward_target_w", "reward_target_l")
+    return _score_matching_loss(
+        pred_w,
+        pred_l,
+        ref_w,
+        ref_l,
+        reward_target_w,
+        reward_target_l,
+        target_w,
+        beta,
+        beta_logit,
+        loss_weight,
+        names + ("target_w",),
+    )
+
+
+def sft_loss(pred: Tensor, target: Tensor, *, loss_weight: Tensor | None = None) -> PreferenceLoss:
+    """Supervised fine-tuning on winners only: ``loss = e(pred, target)`` per sample.
+
+    Returned as a :class:`PreferenceLoss` so callers need no branch; there is no logit, so
+    ``logits``, ``implicit_acc``, ``gap_w``, ``gap_l`` and ``err_l`` are NaN (undefined),
+    and ``err_w`` is the error itself.
+    """
     batch = _check_tensors({"pred": pred, "target": target})
     loss = per_sample_error(pred, target)
     w = _check_weight("loss_weight", loss_weight, batch)
-    return loss if w is None else loss * w
-
-
-METHODS = ("sft", "dpo", "dspo", "dspo_cpp", "ddspo")
-CPP_METHODS = ("dspo_cpp", "ddspo")  # methods whose loser target is f_ref(x_t^l, c-)
+    nan = torch.full_like(loss, float("nan")).detach()
+    return PreferenceLoss(
+        loss=loss if w is None else loss * w,
+        logits=nan,
+        implicit_acc=nan,
+        gap_w=nan,
+        gap_l=nan,
+        err_w=loss.detach(),
+        err_l=nan,
+    )

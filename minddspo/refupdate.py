@@ -50,17 +50,20 @@ class ReferenceUpdateRule:
 
 
 def divergence_estimate(
-    ref_pred: Tensor, init_pred: Tensor, target: Tensor, weight: Tensor | None = None
+    ref_pred: Tensor, init_pred: Tensor, weight: Tensor | None = None
 ) -> Tensor:
-    """``D ≈ E[c_t (e(f_ref, y) - e(f_init, y))]`` (Kang et al. Eq. 8, Gaussian form), scalar float32.
+    """``D = E[c_t e(f_ref, f_init)]`` >= 0: divergence of the reference from the initial model.
 
+    For Gaussian reverse kernels with a shared variance, ``KL(p_ref || p_init)`` at step
+    ``t`` is ``c_t ||mu_ref - mu_init||^2`` and the means differ only through the
+    predictions, so the KL is proportional to the squared distance of the two models'
+    predictions on the same noised sample (Kang et al. Eq. 8, Gaussian form; SPEC §4).
     ``ref_pred`` and ``init_pred`` are the current reference's and the initial model's
-    predictions on the same noised winner samples with the same target ``y`` (the forward
-    noise for epsilon models); ``weight`` ``(B,)`` is ``c_t`` (None: 1). It is 0 when the
-    reference equals the initial model and grows as the reference fits ``y`` worse.
-    A reference that fits *better* gives a negative value, which never freezes.
+    predictions on the same noised winner samples, ``(B, ...)``; ``weight`` ``(B,)`` is
+    ``c_t`` (None: 1, i.e. the per-dim mean squared distance). Scalar float32, 0 exactly
+    when the two agree, growing with their distance whichever way the reference moved.
     """
-    gap = per_sample_error(ref_pred, target) - per_sample_error(init_pred, target)
+    d = per_sample_error(ref_pred, init_pred)
     if weight is not None:
-        gap = gap * weight.float()
-    return gap.mean()
+        d = d * weight.float()
+    return d.mean()

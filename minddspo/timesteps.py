@@ -27,20 +27,30 @@ def sample_uniform(batch: int, T: int, generator: torch.Generator | None = None)
     return torch.randint(0, T, (batch,), generator=generator)
 
 
+#: the geometric sampler's unit of time: gamma is the decay per 1/GEOMETRIC_UNITS of the schedule
+GEOMETRIC_UNITS = 100
+
+
 def geometric_probs(T: int, gamma: float = 0.9) -> Tensor:
-    """``P(t) ∝ gamma^k`` with ``k = T - 1 - t``, float64 ``(T,)``.
+    """``P(t) ∝ gamma^(100 k / T)`` with ``k = T - 1 - t``, float64 ``(T,)``.
 
     ``k`` counts steps down from the noisiest index, so for ``gamma < 1`` the mass sits at
     the high-noise end. That is the end where Kang et al. find the reward scale smallest
     (the preference signal is weakest when ``x_t`` says little about ``x0``), so sampling
     it more often counters the imbalance. ``gamma = 1`` is uniform; ``gamma > 1`` skews
     toward the clean end.
+
+    The exponent is in *normalised* time (our choice, SPEC §4): ``gamma`` is the decay per
+    1 % of the schedule, so one ``gamma`` gives the same distribution of ``t / T`` for
+    ``T = 100`` (the toy, where this is exactly ``gamma^k``) and ``T = 1000`` (SD). With
+    ``gamma = 0.9`` about 41 % of the draws fall in the noisiest 5 % of the steps for any
+    ``T``; a per-index ``gamma^k`` would put 99.5 % there at ``T = 1000``.
     """
     _check(1, T)
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     k = torch.arange(T - 1, -1, -1, dtype=torch.float64)  # k[t] = T - 1 - t
-    logp = k * torch.log(torch.tensor(float(gamma), dtype=torch.float64))
+    logp = k * (GEOMETRIC_UNITS / T) * torch.log(torch.tensor(float(gamma), dtype=torch.float64))
     return torch.softmax(logp, dim=0)
 
 

@@ -1,15 +1,21 @@
 """Atomic checkpoints, keep-last-k and RNG capture (bench/trainlib/checkpoint.py)."""
 
+import json
+import os
 import random
+import signal
 
 import numpy as np
 import pytest
 import torch
 
 from bench.trainlib.checkpoint import (
+    FILES_KEY,
     STATE_FILE,
     atomic_write_dir,
     checkpoint_name,
+    file_sizes,
+    find_resume,
     latest_checkpoint,
     list_checkpoints,
     load_state,
@@ -18,6 +24,8 @@ from bench.trainlib.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from bench.trainlib.interrupt import critical, handle_signals
+from bench.trainlib.outdir import truncate_jsonl
 
 
 def writer(step: int, fail_after_weights: bool = False):
@@ -86,3 +94,48 @@ def test_rng_state_roundtrip(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False), gen)
     b = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=gen))
     assert a[:2] == b[:2] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+
+
+def manifest_writer(step: int):
+    def write(d):
+        (d / "unet").mkdir()
+        (d / "unet" / "w.bin").write_bytes(bytes([step]) * 16)
+        torch.save({"step": step, FILES_KEY: file_sizes(d)}, d / STATE_FILE)
+
+    return write
+
+
+def test_find_resume_skips_damaged_checkpoints(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, manifest_writer(step), keep_last=3)
+    (tmp_path / "step-000003" / "unet" / "w.bin").write_bytes(b"cut")  # truncated weights
+    (tmp_path / "step-000002" / STATE_FILE).write_bytes(b"PK torn")  # truncated state
+    path, state, notes = find_resume("latest", tmp_path)
+    assert path.name == "step-000001" and state["step"] == 1
+    assert len(notes) == 2 and "w.bin has 3 bytes, 16 were written" in notes[0]
+    assert "trainer_state.pt unreadable" in notes[1]
+    with pytest.raises(ValueError, match="damaged checkpoint"):
+        find_resume(str(tmp_path / "step-000003"), tmp_path)
+    (tmp_path / "step-000001" / "unet" / "w.bin").unlink()
+    with pytest.raises(ValueError, match="every checkpoint"):
+        find_resume("latest", tmp_path)
+    assert find_resume("latest", tmp_path / "none") == (None, None, [])
+
+
+def test_truncate_jsonl(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    assert truncate_jsonl(log, 3) == 0  # no log yet
+    lines = [json.dumps({"step": s}) for s in (1, 2, 3, 4)]
+    log.write_text("\n".join(lines) + '\n{"step": 5, "lo')  # torn by a kill
+    assert truncate_jsonl(log, 2) == 3
+    assert log.read_text().splitlines() == lines[:2]
+    assert truncate_jsonl(log, 2) == 0
+
+
+def test_signal_waits_for_the_critical_section():
+    with handle_signals():
+        with pytest.raises(KeyboardInterrupt):
+            with critical():
+                os.kill(os.getpid(), signal.SIGTERM)
+                done = True  # reached: the signal is held back until the block ends
+        assert done

@@ -80,7 +80,7 @@ SIGNATURES = {  # SPEC §7: positional tensors, then keyword-only scalars/weight
     "dpo_loss": (DPO_ARGS, ["beta", "logit_weight", "loss_weight"]),
     "ddspo_loss": (CPP_ARGS, ["beta", "logit_weight", "loss_weight"]),
     "dspo_loss": (DPO_ARGS, ["beta", "beta_logit", "loss_weight"]),
-    "dspo_cpp_loss": (CPP_ARGS, ["beta", "beta_logit", "loss_weight"]),
+    "dspo_cpp_loss": (CPP_ARGS + ["target_w"], ["beta", "beta_logit", "loss_weight"]),
 }
 
 

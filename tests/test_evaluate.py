@@ -19,59 +19,17 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.evaluate import load_image, main, read_prompts, render_markdown  # noqa: E402
-from bench.scorers import EvalError, mean_sem, win_rate  # noqa: E402
+from bench.scorers import EvalError, mean_sem, save_tiny_clip, win_rate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LONG = "a lighthouse at dusk, oil painting, dramatic clouds, highly detailed"  # > 32 tokens
 PROMPTS = ["a red cube", "two cats on a sofa", LONG, "an owl", "blue sky"]
 
 
-def _byte_vocab() -> dict[str, int]:
-    # GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest to 256+.
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = [chr(b) if b in keep else None for b in range(256)]
-    extra = 256
-    for b in range(256):
-        if chars[b] is None:
-            chars[b], extra = chr(extra), extra + 1
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
-    return vocab
-
-
 def build_tiny_clip(path: Path, seed: int = 0, logit_scale: float | None = None) -> Path:
-    """A random CLIPModel + offline CLIPTokenizer + CLIPImageProcessor saved as a local dir."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    vocab = _byte_vocab()
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
-    ids = {"bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513}
-    layers = {"intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
-    cfg = CLIPConfig(
-        text_config={
-            "vocab_size": len(vocab),
-            "hidden_size": 32,
-            "max_position_embeddings": 32,
-            **ids,
-            **layers,
-        },
-        vision_config={"hidden_size": 32, "image_size": 32, "patch_size": 8, **layers},
-        projection_dim=16,
-    )
-    torch.manual_seed(seed)
-    model = CLIPModel(cfg).eval()
-    if logit_scale is not None:
-        model.logit_scale.data.fill_(math.log(logit_scale))
-    proc = CLIPProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-        ),
-        tokenizer=tok,
-    )
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    return path
+    """A random CLIPModel + offline CLIPTokenizer + CLIPImageProcessor saved as a local dir
+    (the same tiny scorers ``evaluate.py --tiny`` builds in memory)."""
+    return save_tiny_clip(path, seed=seed, logit_scale=logit_scale)
 
 
 def write_pngs(folder: Path, n: int, seed: int) -> Path:

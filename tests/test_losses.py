@@ -18,13 +18,15 @@ from minddspo.losses import (
     dpo_loss,
     dspo_cpp_loss,
     dspo_loss,
+    dspo_pair_loss,
     preference_logits,
+    sft_loss,
 )
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 METHODS = ("dpo", "ddspo", "dspo", "dspo_cpp")
 LOGISTIC = ("dpo", "ddspo")  # -log sigma(s) losses; they take logit_weight
-CPP = ("ddspo", "dspo_cpp")  # targets (ref_w, ref_l_neg)
+CPP = ("ddspo", "dspo_cpp")  # reward targets (ref_w, ref_l_neg)
 PROPS = settings(max_examples=30, deadline=None)
 
 shapes = st.builds(
@@ -46,8 +48,10 @@ class Batch:
     target_l: Tensor
     ref_l_neg: Tensor
 
-    def targets(self, method: str) -> tuple[Tensor, Tensor]:
-        """The (y_w, y_l) each method scores against (SPEC §2 table)."""
+    def reward_targets(self, method: str) -> tuple[Tensor, Tensor]:
+        """The (y_w, y_l) each method's logit s scores against (SPEC §2 table, §3).
+
+        DSPO's regression term is always against the forward-process ``target_w``."""
         return (self.ref_w, self.ref_l_neg) if method in CPP else (self.target_w, self.target_l)
 
 
@@ -72,7 +76,7 @@ def run(method: str, b: Batch, pred_w=None, pred_l=None, **kw) -> PreferenceLoss
         return dspo_loss(pw, pl, b.ref_w, b.ref_l, b.target_w, b.target_l, **kw)
     if method == "ddspo":
         return ddspo_loss(pw, pl, b.ref_w, b.ref_l, b.ref_l_neg, **kw)
-    return dspo_cpp_loss(pw, pl, b.ref_w, b.ref_l, b.ref_l_neg, **kw)
+    return dspo_cpp_loss(pw, pl, b.ref_w, b.ref_l, b.ref_l_neg, b.target_w, **kw)
 
 
 def err(pred: Tensor, target: Tensor) -> Tensor:
@@ -95,13 +99,16 @@ def test_policy_equal_to_reference_gives_exactly_log2(shape, dtype, beta, seed):
         assert torch.equal(out.loss, log2), method
         assert torch.equal(out.logits.abs(), zero), method
         assert torch.equal(out.implicit_acc, zero), method
-    # DSPO at the reference: the correction term vanishes, leaving plain regression
-    # on the winner (dspo) and exactly 0 when the winner target is the reference (dspo_cpp).
-    out = run("dspo", b, pred_w=b.ref_w.clone(), pred_l=b.ref_l.clone(), beta=beta)
+    # DSPO and DSPO+CPP at the reference: s = 0 and the correction term vanishes, leaving
+    # plain regression of the winner on its forward-process target -- for dspo_cpp too,
+    # whose reward targets differ but whose regression target does not (SPEC §3).
     e_w = (b.ref_w.float() - b.target_w.float()).pow(2).reshape(shape[0], -1).mean(1)
-    assert torch.equal(out.loss, e_w)
-    out = run("dspo_cpp", b, pred_w=b.ref_w.clone(), pred_l=b.ref_l.clone(), beta=beta)
-    assert torch.equal(out.loss, zero)
+    for method in ("dspo", "dspo_cpp"):
+        out = run(method, b, pred_w=b.ref_w.clone(), pred_l=b.ref_l.clone(), beta=beta)
+        assert torch.equal(out.loss, e_w), method
+        assert torch.equal(out.logits.abs(), zero), method
+    assume(bool((e_w > 0).all()))  # (bf16 can round ref_w onto target_w)
+    assert (out.loss > 0).all()  # not the old, identically-0 dspo_cpp
 
 
 @PROPS
@@ -171,21 +178,34 @@ def test_cpp_methods_are_the_shared_core_with_targets_ref_w_and_ref_l_neg(
     # the winner term is pure distillation: the reference part e(r_w, r_w) is exactly 0
     assert torch.equal(dd.gap_w, dd.err_w)
 
-    cpp = dspo_cpp_loss(*args, b.ref_l_neg, beta=beta, beta_logit=2 * beta, loss_weight=tw)
-    ds = dspo_loss(*args, b.ref_w, b.ref_l_neg, beta=beta, beta_logit=2 * beta, loss_weight=tw)
+    # DSPO+CPP: the same reward targets, in the logit only (with beta_logit); the
+    # regression keeps the forward-process target_w -- dspo_pair_loss with (r_w, r_l^-).
+    kw = dict(beta=beta, beta_logit=2 * beta, loss_weight=tw)
+    cpp = dspo_cpp_loss(*args, b.ref_l_neg, b.target_w, **kw)
+    pair = dspo_pair_loss(*args, b.ref_w, b.ref_l_neg, b.target_w, **kw)
     for name in PreferenceLoss._fields:
-        assert torch.equal(getattr(cpp, name), getattr(ds, name)), name
+        assert torch.equal(getattr(cpp, name), getattr(pair, name)), name
+    s = preference_logits(*args, b.ref_w, b.ref_l_neg, beta=2 * beta)
+    assert torch.equal(s, cpp.logits)
+    assert torch.equal(cpp.gap_w, cpp.err_w)
 
 
 @PROPS
 @given(shape=shapes, dtype=st.sampled_from(FLOAT_DTYPES), beta=st.floats(1e-2, 10.0), seed=seeds)
 def test_dspo_cpp_closed_form(shape, dtype, beta, seed):
-    """With y_w = r_w the DSPO residual is (1 - c)(p_w - r_w), c = beta (1 - sigma(s))."""
+    """loss = e((p_w - y_w) - c (p_w - r_w)), c = beta (1 - sigma(s)), y_w the forward
+    target; in the special case y_w = r_w the residual is (1 - c)(p_w - r_w)."""
     b = make_batch(shape, dtype, seed)
     out = run("dspo_cpp", b, beta=beta)
-    c = beta * torch.sigmoid(-out.logits.double())
+    c = (beta * torch.sigmoid(-out.logits.double())).reshape(-1, *([1] * (len(shape) - 1)))
+    p_w, y_w, r_w = (x.double() for x in (b.pred_w, b.target_w, b.ref_w))
+    expect = err((p_w - y_w) - c * (p_w - r_w), torch.zeros_like(p_w))
+    torch.testing.assert_close(out.loss.double(), expect, rtol=1e-4, atol=1e-6)
+    special = dspo_cpp_loss(b.pred_w, b.pred_l, b.ref_w, b.ref_l, b.ref_l_neg, b.ref_w, beta=beta)
+    assert torch.equal(special.logits, out.logits)  # the logit does not see target_w
+    c = c.reshape(-1)
     torch.testing.assert_close(
-        out.loss.double(), (1 - c) ** 2 * err(b.pred_w, b.ref_w), rtol=1e-4, atol=1e-6
+        special.loss.double(), (1 - c) ** 2 * err(b.pred_w, b.ref_w), rtol=1e-4, atol=1e-6
     )
 
 
@@ -206,7 +226,7 @@ def _sgd_step(x: Tensor, grad: Tensor, size: Tensor) -> Tensor:
 )
 def test_logistic_gradients_pull_the_winner_and_push_the_loser(method, shape, dtype, beta, seed):
     b = make_batch(shape, dtype, seed)
-    y_w, y_l = b.targets(method)
+    y_w, y_l = b.reward_targets(method)
     p_w = b.pred_w.clone().requires_grad_(True)
     p_l = b.pred_l.clone().requires_grad_(True)
     out = run(method, b, pred_w=p_w, pred_l=p_l, beta=beta)
@@ -230,25 +250,22 @@ def test_logistic_gradients_pull_the_winner_and_push_the_loser(method, shape, dt
 def test_dspo_gradients(method, shape, beta, beta_logit, seed):
     """DSPO regresses only the winner; sigma(s) is not detached (SPEC §3)."""
     b = make_batch(shape, torch.float32, seed)
-    y_w, _ = b.targets(method)
+    y_w = b.target_w  # the regression target is the forward-process one for both methods
     # At the reference (start of training) s = 0 and c = beta/2 < 1: the winner is
-    # pulled toward its target, and the loser gets exactly no gradient because the
-    # only path to it, through s, is multiplied by p_w - r_w = 0.
+    # pulled toward its forward target -- for dspo_cpp too --, and the loser gets exactly
+    # no gradient because the only path to it, through s, is multiplied by p_w - r_w = 0.
     p_w = b.ref_w.clone().requires_grad_(True)
     p_l = b.ref_l.clone().requires_grad_(True)
     run(method, b, pred_w=p_w, pred_l=p_l, beta=beta, beta_logit=beta_logit).loss.sum().backward()
     assert torch.count_nonzero(p_l.grad) == 0
-    if method == "dspo":  # for dspo_cpp the target is r_w itself: loss and gradient are 0
-        new_w = _sgd_step(p_w, p_w.grad, 0.01 * err(p_w, y_w).sqrt())
-        assert (err(new_w, y_w) < err(p_w, y_w)).all()
-    else:
-        assert torch.count_nonzero(p_w.grad) == 0
+    new_w = _sgd_step(p_w, p_w.grad, 0.01 * err(p_w, y_w).sqrt())
+    assert (err(new_w, y_w) < err(p_w, y_w)).all()
     # Away from the reference the loser does get a gradient through sigma(s).
     p_w = b.pred_w.clone().requires_grad_(True)
     p_l = b.pred_l.clone().requires_grad_(True)
     out = run(method, b, pred_w=p_w, pred_l=p_l, beta=beta, beta_logit=min(beta_logit, 10.0))
-    # away from saturation: for |s| > ~17, 1 - sigma(s) rounds to 1 in float32 and with
-    # beta = 1 the dspo_cpp residual (1 - c)(p_w - r_w) is then exactly 0
+    # away from saturation: for |s| > ~17, sigma(s) rounds to 1 in float32 and its
+    # derivative, the only path to the loser, to 0
     assume(bool((out.logits.abs() < 10).all()))
     out.loss.sum().backward()
     assert p_l.grad.abs().sum() > 0
@@ -260,7 +277,7 @@ def test_dspo_gradients(method, shape, beta, beta_logit, seed):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_extreme_logits_give_finite_loss_and_gradients(method, sign, magnitude, dtype):
     b = make_batch((4, 3, 2), torch.float64, seed=7)
-    _, y_l = b.targets(method)
+    _, y_l = b.reward_targets(method)
     # winner: policy and reference nearly equally good; loser: one of them off by 1,
     # so s = +-0.5 beta (up to the tiny winner gap) and |s| = magnitude.
     b.pred_w = b.target_w + 0.1
@@ -353,7 +370,7 @@ def test_logit_weight_multiplies_s(method, shape, dtype, beta, seed, data):
     assert torch.equal(wout.logits, lw.float() * out.logits)
     assert torch.equal(wout.loss, F.softplus(-wout.logits))
     assert torch.equal(wout.implicit_acc, (wout.logits > 0).float())
-    y_w, y_l = b.targets(method)
+    y_w, y_l = b.reward_targets(method)
     s = preference_logits(
         b.pred_w, b.pred_l, b.ref_w, b.ref_l, y_w, y_l, beta=beta, logit_weight=lw
     )
@@ -389,6 +406,15 @@ def test_a_hand_computed_example():
     ds = dspo_loss(y + 0.1, y + 0.2, y + 0.2, y + 0.1, y, y, beta=0.5, beta_logit=100.0)
     c = 0.5 * (1 - 1 / (1 + math.exp(-3.0)))
     torch.testing.assert_close(ds.loss, torch.tensor([(0.1 + 0.1 * c) ** 2]))
+    # DSPO+CPP: reward targets (r_w, r_l^-) = (0.2, 0), regression target y_w = 0.
+    # gap_w = e(.1, .2) - 0 = .01, gap_l = e(.2, 0) - e(.1, 0) = .03: s = -50 (.01 - .03) = 1
+    # residual = (0.1 - 0) - 0.5 (1 - sigma(1)) (0.1 - 0.2) = 0.1 + 0.05 sigma(-1)
+    cpp = dspo_cpp_loss(y + 0.1, y + 0.2, y + 0.2, y + 0.1, y, y, beta=0.5, beta_logit=100.0)
+    torch.testing.assert_close(cpp.logits, torch.tensor([1.0]))
+    torch.testing.assert_close(cpp.gap_w, torch.tensor([0.01]))
+    torch.testing.assert_close(cpp.gap_l, torch.tensor([0.03]))
+    sig_m1 = 1 / (1 + math.exp(1.0))
+    torch.testing.assert_close(cpp.loss, torch.tensor([(0.1 + 0.05 * sig_m1) ** 2]))
 
 
 # --------------------------------------------- parity with the reference code
@@ -457,9 +483,15 @@ F64 = torch.float64
 
 
 def _grad_tol(g_ref: Tensor) -> dict:
-    # the gradient is returned in the input dtype: bf16 keeps 8 mantissa bits
+    # the gradient is returned in the input dtype: bf16 keeps 8 mantissa bits; where all
+    # of it underflows (|s| >> 1) only the float32 subnormals are left, which differ freely
     rtol = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}[g_ref.dtype]
-    return dict(rtol=rtol, atol=rtol * g_ref.abs().max().item())
+    return dict(rtol=rtol, atol=rtol * g_ref.abs().max().item() + torch.finfo(torch.float32).tiny)
+
+
+def _logit_tol(lam: float, *pairs: tuple[Tensor, Tensor]) -> float:
+    """Float32 error bound on s = -0.5 lam (sum of four errors e(x, q)): ~ ulp * lam * max e."""
+    return 2e-6 * lam * max(err(x, q).max().item() for x, q in pairs) + 1e-6
 
 
 shapes4 = st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.integers(1, 4))
@@ -525,37 +557,222 @@ def test_dspo_loss_matches_the_official_dspo_code(shape, dtype, beta, beta_logit
     atol = 1e-5 * (1 + beta) ** 2 * max(scale, 0.1) ** 2 * (1 + 1e-3 * bl)
     torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=atol, check_dtype=False)
     # the official code does not detach sigma(s): gradients reach the loser prediction
+    y_w, y_l = b.target_w, b.target_l
+    _, s = dspo_cpp_paper(p_w, p_l, b.ref_w, b.ref_l, y_w, y_l, y_w, beta, bl)  # s in float64
+    s_tol = _logit_tol(bl, (p_w, y_w), (b.ref_w, y_w), (p_l, y_l), (b.ref_l, y_l))
+    slack = max(_dspo_float32_grad_slack(p_w, p_l, b.ref_w, y_w, s, beta, s_tol))
     (g_ref,) = torch.autograd.grad(loss.sum(), model_pred)
     (g_ours,) = torch.autograd.grad(out.loss.sum(), model_pred)
-    torch.testing.assert_close(g_ours, g_ref, **_grad_tol(g_ref))
+    tol = _grad_tol(g_ref)
+    torch.testing.assert_close(g_ours, g_ref, rtol=tol["rtol"], atol=tol["atol"] + slack)
+
+
+def dspo_cpp_paper(
+    eps_theta_w, eps_theta_l, eps_ref_w, eps_ref_l, eps_star_w, eps_star_l, eps_w, beta, lam
+):
+    """DDSPO paper Eq. 33 (DSPO) with the reward r_theta redefined in Sec. 3.4, in float64:
+
+        r_theta(x_t) = ||eps_star - eps_theta(x_t)||^2 - ||eps_star - eps_ref(x_t)||^2
+        s    = -0.5 lam (r_theta(x_t^w) - r_theta(x_t^l))          (SPEC §2 sign and scale)
+        loss = ||(eps_theta^w - eps^w) - beta (1 - sigma(s)) (eps_theta^w - eps_ref^w)||^2
+
+    with every ||.||^2 a mean over the non-batch dims (SPEC §2) and A(t) = 1. For DSPO+CPP
+    eps_star^w = eps_ref(x_t^w, c), eps_star^l = eps_ref(x_t^l, c-); eps^w is the
+    winner's forward noise. Returns (loss, s), both (B,)."""
+
+    def sq_norm(a, b):  # ||a - b||^2 / (number of non-batch entries)
+        d = a.to(F64) - b.to(F64)
+        return (d * d).reshape(d.shape[0], -1).sum(1) / d[0].numel()
+
+    with torch.no_grad():  # the reference is frozen
+        ref_part_w = sq_norm(eps_star_w, eps_ref_w)
+        ref_part_l = sq_norm(eps_star_l, eps_ref_l)
+    r_w = sq_norm(eps_star_w, eps_theta_w) - ref_part_w
+    r_l = sq_norm(eps_star_l, eps_theta_l) - ref_part_l
+    s = -0.5 * lam * (r_w - r_l)
+    theta_w = eps_theta_w.to(F64)
+    c = (beta * (1 - torch.sigmoid(s))).reshape(-1, *([1] * (theta_w.ndim - 1)))
+    resid = (theta_w - eps_w.to(F64)) - c * (theta_w - eps_ref_w.to(F64))
+    return sq_norm(resid, torch.zeros_like(resid)), s
 
 
 @PROPS
-@given(shape=shapes4, beta=st.floats(0.01, 10.0), scale=st.floats(0.01, 1.0), seed=seeds)
-def test_dspo_cpp_loss_is_dspo_with_cpp_targets(shape, beta, scale, seed):
+@given(
+    shape=shapes,
+    dtype=st.sampled_from((torch.float32, torch.bfloat16)),
+    beta=st.floats(1e-3, 10.0),
+    beta_logit=st.one_of(st.none(), st.floats(1e-2, 1e3)),
+    scale=st.floats(0.01, 1.0),
+    seed=seeds,
+    any_pair=st.booleans(),
+)
+def test_dspo_cpp_loss_matches_a_transcription_of_the_ddspo_paper(
+    shape, dtype, beta, beta_logit, scale, seed, any_pair
+):
+    """dspo_cpp_loss against Eq. 33 with the redefined reward; with ``any_pair``,
+    dspo_pair_loss with an arbitrary contrastive pair (q_w, q_l) against the same formula."""
+    b = make_batch(shape, dtype, seed, scale)
+    p_w = b.pred_w.clone().requires_grad_(True)
+    p_l = b.pred_l.clone().requires_grad_(True)
+    kw = dict(beta=beta, beta_logit=beta_logit)
+    if any_pair:
+        g = torch.Generator().manual_seed(seed + 2)
+        q_w = (b.target_w.double() + scale * torch.randn(shape, generator=g, dtype=F64)).to(dtype)
+        q_l = (b.target_l.double() + scale * torch.randn(shape, generator=g, dtype=F64)).to(dtype)
+        out = dspo_pair_loss(p_w, p_l, b.ref_w, b.ref_l, q_w, q_l, b.target_w, **kw)
+    else:
+        q_w, q_l = b.ref_w, b.ref_l_neg
+        out = dspo_cpp_loss(p_w, p_l, b.ref_w, b.ref_l, b.ref_l_neg, b.target_w, **kw)
+    lam = beta if beta_logit is None else beta_logit
+    loss, s = dspo_cpp_paper(p_w, p_l, b.ref_w, b.ref_l, q_w, q_l, b.target_w, beta, lam)
+    # The four errors in s are ~scale^2 against the forward targets but ~2 against r_l^-
+    # (independent of the loser): the float32 error of s is ~ ulp * lam * the largest.
+    pairs = ((p_w, q_w), (b.ref_w, q_w), (p_l, q_l), (b.ref_l, q_l))
+    s_tol = _logit_tol(lam, *pairs)
+    torch.testing.assert_close(out.logits, s.detach(), rtol=1e-4, atol=s_tol, check_dtype=False)
+    atol = _dspo_loss_atol(p_w, b.ref_w, b.target_w, s, beta, s_tol, scale)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=atol, check_dtype=False)
+    # the gradients agree too, the loser's (through sigma(s) only) included
+    slack = _dspo_float32_grad_slack(p_w, p_l, b.ref_w, b.target_w, s, beta, s_tol)
+    g_ref = torch.autograd.grad(loss.sum(), (p_w, p_l))
+    g_ours = torch.autograd.grad(out.loss.sum(), (p_w, p_l))
+    for gr, go, extra in zip(g_ref, g_ours, slack, strict=True):
+        tol = _grad_tol(gr)
+        torch.testing.assert_close(go, gr, rtol=tol["rtol"], atol=tol["atol"] + extra)
+
+
+def _dspo_loss_atol(p_w, r_w, y_w, s, beta, s_tol, scale) -> float:
+    """Absolute tolerance of a float32 DSPO loss against a float64 one: 1e-5 (1 + beta)^2
+    scale^2 for the residual, plus the float32 error of s through the sigmoid, d loss / ds
+    = 2 mean(resid (p_w - r_w)) beta sigma'(s)."""
+    dims = tuple(range(1, p_w.ndim))
+    pw, rw = p_w.detach().to(F64), r_w.to(F64)
+    s = s.detach()
+    c = (beta * torch.sigmoid(-s)).reshape(-1, *([1] * (pw.ndim - 1)))
+    resid = (pw - y_w.to(F64)) - c * (pw - rw)
+    dloss_ds = (
+        2 * (resid * (pw - rw)).abs().mean(dims) * beta * torch.sigmoid(s) * torch.sigmoid(-s)
+    )
+    s_err = s_tol + 1e-4 * s.abs()
+    return 1e-5 * (1 + beta) ** 2 * max(scale, 0.1) ** 2 + 2 * (dloss_ds * s_err).max().item()
+
+
+def _dspo_float32_grad_slack(p_w, p_l, r_w, y_w, s, beta, s_tol) -> tuple[float, float]:
+    """Bounds on the float32 error of DSPO's gradients beyond a relative tolerance.
+
+    Two float32 roundings are not small relative to the gradient: c = beta sigma(-s)
+    is off by ~beta ulp(1), which matters where k = c -> 1 and the winner's regression
+    gradient 2/D resid (1 - c) cancels; and sigma'(s) = y (1 - y) is off by ~ulp(1)
+    absolutely, which matters where |s| is large and sigma' -> 0 (plus its change with
+    the float32 error of s itself). Returns the slack for the p_w and the p_l gradient."""
+    ulp = 2.0**-23
+    d = p_w[0].numel()
+    dims = tuple(range(1, p_w.ndim))
+    pw, rw = p_w.detach().to(F64), r_w.to(F64)
+    with torch.no_grad():
+        c = beta * torch.sigmoid(-s)
+        resid = (pw - y_w.to(F64)) - c.reshape(-1, *([1] * (pw.ndim - 1))) * (pw - rw)
+    ds_w, ds_l = torch.autograd.grad(s.sum(), (p_w, p_l), retain_graph=True)
+    # d loss / d sigma(-s), per sample, without the factor sigma'(s)
+    coef = (2 / d * (resid * (pw - rw)).sum(dims) * beta).abs()
+    coef = coef.reshape(-1, *([1] * (pw.ndim - 1)))
+    sig_prime = (torch.sigmoid(s) * torch.sigmoid(-s)).detach().reshape(coef.shape)
+    ds_err = s_tol + 1e-4 * s.detach().abs().reshape(coef.shape)
+    m_c = 2 / d * resid.abs() * beta
+    m_w, m_l = coef * ds_w.to(F64).abs(), coef * ds_l.to(F64).abs()
+    slack_w = 8 * ulp * (m_c + m_w) + m_w * sig_prime * ds_err
+    slack_l = 8 * ulp * m_l + m_l * sig_prime * ds_err
+    return slack_w.max().item(), slack_l.max().item()
+
+
+@PROPS
+@given(
+    shape=shapes4,
+    beta=st.floats(0.01, 10.0),
+    beta_logit=st.one_of(st.none(), st.floats(1.0, 5000.0)),
+    scale=st.floats(0.01, 1.0),
+    seed=seeds,
+)
+def test_dspo_cpp_reduces_to_dspo_when_the_cpp_targets_are_the_forward_targets(
+    shape, beta, beta_logit, scale, seed
+):
     b = make_batch(shape, torch.float32, seed, scale)
-    model_pred = torch.cat([b.pred_w, b.pred_l])
-    ref_pred, target = torch.cat([b.ref_w, b.ref_l]), torch.cat([b.ref_w, b.ref_l_neg])
-    loss = dspo_official(model_pred, ref_pred, target, beta, dt=F64)
-    out = dspo_cpp_loss(b.pred_w, b.pred_l, b.ref_w, b.ref_l, b.ref_l_neg, beta=beta)
-    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-6, check_dtype=False)
+    args, kw = (b.pred_w, b.pred_l, b.ref_w, b.ref_l), dict(beta=beta, beta_logit=beta_logit)
+    # forward targets (y_w, y_l) := (r_w, r_l^-): both the logit and the regression agree
+    y_w, y_l = b.ref_w.clone(), b.ref_l_neg.clone()
+    cpp = dspo_cpp_loss(*args, y_l, y_w, **kw)
+    ds = dspo_loss(*args, y_w, y_l, **kw)
+    for name in PreferenceLoss._fields:
+        assert torch.equal(getattr(cpp, name), getattr(ds, name)), name
+    # ... and so both are the official DSPO code with those targets
+    model_pred, ref_pred = torch.cat([b.pred_w, b.pred_l]), torch.cat([b.ref_w, b.ref_l])
+    loss = dspo_official(model_pred, ref_pred, torch.cat([y_w, y_l]), beta, beta_logit, F64)
+    lam = beta if beta_logit is None else beta_logit
+    _, s = dspo_cpp_paper(*args, y_w, y_l, y_w, beta, lam)
+    s_tol = _logit_tol(lam, (b.pred_w, y_w), (b.ref_w, y_w), (b.pred_l, y_l), (b.ref_l, y_l))
+    atol = _dspo_loss_atol(b.pred_w, b.ref_w, y_w, s, beta, s_tol, scale)
+    torch.testing.assert_close(cpp.loss, loss, rtol=1e-4, atol=atol, check_dtype=False)
+    # With the real forward target y_w != r_w only the logit still agrees: DSPO+CPP does
+    # not regress onto r_w (the earlier reading, identically 0 at the reference).
+    cpp = dspo_cpp_loss(*args, b.ref_l_neg, b.target_w, **kw)
+    old = dspo_loss(*args, b.ref_w, b.ref_l_neg, **kw)
+    assert torch.equal(cpp.logits, old.logits)
+    at_ref = (b.ref_w.clone(), b.ref_l.clone(), b.ref_w, b.ref_l)
+    cpp = dspo_cpp_loss(*at_ref, b.ref_l_neg, b.target_w, **kw)
+    old = dspo_loss(*at_ref, b.ref_w, b.ref_l_neg, **kw)
+    assert torch.equal(old.loss, torch.zeros(shape[0]))
+    torch.testing.assert_close(cpp.loss.double(), err(b.ref_w, b.target_w), rtol=1e-5, atol=0.0)
+    assert (cpp.loss > 0).all()
+
+
+@PROPS
+@given(
+    shape=shapes,
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    beta=st.floats(1e-3, 10.0),
+    beta_logit=st.one_of(st.none(), betas),
+    seed=seeds,
+    weighted=st.booleans(),
+)
+def test_dspo_pair_loss_with_the_forward_targets_is_dspo_loss(
+    shape, dtype, beta, beta_logit, seed, weighted
+):
+    b = make_batch(shape, dtype, seed)
+    tw = torch.rand(shape[0], generator=torch.Generator().manual_seed(seed)) if weighted else None
+    args = (b.pred_w, b.pred_l, b.ref_w, b.ref_l)
+    kw = dict(beta=beta, beta_logit=beta_logit, loss_weight=tw)
+    pair = dspo_pair_loss(*args, b.target_w, b.target_l, b.target_w, **kw)
+    ds = dspo_loss(*args, b.target_w, b.target_l, **kw)
+    for name in PreferenceLoss._fields:
+        assert torch.equal(getattr(pair, name), getattr(ds, name)), name
+    # any other pair: the logit is the shared core's with those reward targets and
+    # beta_logit, while the regression target stays target_w
+    q_w, q_l = b.ref_l_neg, b.ref_w
+    other = dspo_pair_loss(*args, q_w, q_l, b.target_w, **kw)
+    lam = beta if beta_logit is None else beta_logit
+    assert torch.equal(other.logits, preference_logits(*args, q_w, q_l, beta=lam))
+    torch.testing.assert_close(other.err_w.double(), err(b.pred_w, q_w), rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------ validation
 
 DPO_NAMES = ("pred_w", "pred_l", "ref_w", "ref_l", "target_w", "target_l")
 CPP_NAMES = ("pred_w", "pred_l", "ref_w", "ref_l", "ref_l_neg")
+PAIR_NAMES = ("pred_w", "pred_l", "ref_w", "ref_l", "reward_target_w", "reward_target_l")
 FUNCS = {
     "preference_logits": (preference_logits, DPO_NAMES),
     "dpo_loss": (dpo_loss, DPO_NAMES),
     "ddspo_loss": (ddspo_loss, CPP_NAMES),
     "dspo_loss": (dspo_loss, DPO_NAMES),
-    "dspo_cpp_loss": (dspo_cpp_loss, CPP_NAMES),
+    "dspo_cpp_loss": (dspo_cpp_loss, CPP_NAMES + ("target_w",)),
+    "dspo_pair_loss": (dspo_pair_loss, PAIR_NAMES + ("target_w",)),
+    "sft_loss": (sft_loss, ("pred", "target")),
 }
 POSITIONS = [(f, i) for f, (_, names) in FUNCS.items() for i in range(len(names))]
+WITH_BETA = tuple(f for f in FUNCS if f != "sft_loss")
 WITH_LOGIT_WEIGHT = ("preference_logits", "dpo_loss", "ddspo_loss")
-WITH_LOSS_WEIGHT = ("dpo_loss", "ddspo_loss", "dspo_loss", "dspo_cpp_loss")
-WITH_BETA_LOGIT = ("dspo_loss", "dspo_cpp_loss")
+WITH_LOSS_WEIGHT = tuple(f for f in FUNCS if f != "preference_logits")
+WITH_BETA_LOGIT = ("dspo_loss", "dspo_cpp_loss", "dspo_pair_loss")
 
 
 def _good_args(n: int, shape=(2, 3)) -> list[Tensor]:
@@ -567,67 +784,75 @@ def _named(name: str) -> str:
     return rf"(?<![\w]){name}(?![\w])"  # the argument's name as a whole word
 
 
+def _call(func: str, args: list, **kw):
+    """``FUNCS[func]`` on ``args``, with ``beta=1.0`` unless given (sft_loss has none)."""
+    fn, _ = FUNCS[func]
+    if func in WITH_BETA:
+        kw.setdefault("beta", 1.0)
+    return fn(*args, **kw)
+
+
 @pytest.mark.parametrize("func", FUNCS)
 def test_valid_arguments_pass(func):
-    fn, names = FUNCS[func]
-    fn(*_good_args(len(names)), beta=1.0)  # the control for every test below
+    _, names = FUNCS[func]
+    _call(func, _good_args(len(names)))  # the control for every test below
 
 
 @pytest.mark.parametrize("bad_shape", [(2, 4), (3, 3), (2, 3, 1), (2,), (1, 3)])
 @pytest.mark.parametrize(("func", "pos"), POSITIONS)
 def test_shape_mismatch_names_the_argument(func, pos, bad_shape):
-    fn, names = FUNCS[func]
+    _, names = FUNCS[func]
     args = _good_args(len(names))
     args[pos] = torch.randn(bad_shape)
     with pytest.raises(ValueError, match=_named(names[pos])):
-        fn(*args, beta=1.0)
+        _call(func, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
 @pytest.mark.parametrize(("func", "pos"), POSITIONS)
 def test_non_float_input_names_the_argument(func, pos, dtype):
-    fn, names = FUNCS[func]
+    _, names = FUNCS[func]
     args = _good_args(len(names))
     args[pos] = torch.ones((2, 3), dtype=dtype)
     with pytest.raises(ValueError, match=_named(names[pos])):
-        fn(*args, beta=1.0)
+        _call(func, args)
 
 
 @pytest.mark.parametrize("make_bad", [lambda: 0.5, lambda: torch.tensor(0.5), lambda: [[0.0]]])
 @pytest.mark.parametrize(("func", "pos"), POSITIONS)
 def test_scalar_or_non_tensor_input_names_the_argument(func, pos, make_bad):
-    fn, names = FUNCS[func]
+    _, names = FUNCS[func]
     args = _good_args(len(names))
     args[pos] = make_bad()
     with pytest.raises(ValueError, match=_named(names[pos])):
-        fn(*args, beta=1.0)
+        _call(func, args)
 
 
 @pytest.mark.parametrize("shape", [(0,), (0, 3), (0, 2, 2)])
 @pytest.mark.parametrize("func", FUNCS)
 def test_empty_batch_raises(func, shape):
-    fn, names = FUNCS[func]
+    _, names = FUNCS[func]
     with pytest.raises(ValueError, match="empty batch"):
-        fn(*_good_args(len(names), shape), beta=1.0)
+        _call(func, _good_args(len(names), shape))
 
 
 BAD_SCALARS = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, -1.0, -1e-9, "x", None]
 
 
 @pytest.mark.parametrize("beta", BAD_SCALARS)
-@pytest.mark.parametrize("func", FUNCS)
+@pytest.mark.parametrize("func", WITH_BETA)
 def test_bad_beta_raises(func, beta):
-    fn, names = FUNCS[func]
+    _, names = FUNCS[func]
     with pytest.raises(ValueError, match=_named("beta")):
-        fn(*_good_args(len(names)), beta=beta)
+        _call(func, _good_args(len(names)), beta=beta)
 
 
 @pytest.mark.parametrize("beta_logit", [v for v in BAD_SCALARS if v is not None])
 @pytest.mark.parametrize("func", WITH_BETA_LOGIT)
 def test_bad_beta_logit_raises(func, beta_logit):
-    fn, names = FUNCS[func]
+    _, names = FUNCS[func]
     with pytest.raises(ValueError, match=_named("beta_logit")):
-        fn(*_good_args(len(names)), beta=1.0, beta_logit=beta_logit)
+        _call(func, _good_args(len(names)), beta_logit=beta_logit)
 
 
 BAD_WEIGHTS = [
@@ -645,30 +870,143 @@ BAD_WEIGHTS = [
 @pytest.mark.parametrize("make_bad", BAD_WEIGHTS)
 @pytest.mark.parametrize("func", WITH_LOGIT_WEIGHT)
 def test_bad_logit_weight_raises(func, make_bad):
-    fn, names = FUNCS[func]
+    _, names = FUNCS[func]
     with pytest.raises(ValueError, match=_named("logit_weight")):
-        fn(*_good_args(len(names)), beta=1.0, logit_weight=make_bad())
+        _call(func, _good_args(len(names)), logit_weight=make_bad())
 
 
 @pytest.mark.parametrize("make_bad", BAD_WEIGHTS)
 @pytest.mark.parametrize("func", WITH_LOSS_WEIGHT)
 def test_bad_loss_weight_raises(func, make_bad):
-    fn, names = FUNCS[func]
+    _, names = FUNCS[func]
     with pytest.raises(ValueError, match=_named("loss_weight")):
-        fn(*_good_args(len(names)), beta=1.0, loss_weight=make_bad())
+        _call(func, _good_args(len(names)), loss_weight=make_bad())
 
 
-def test_dspo_cpp_has_zero_gradient_at_the_reference():
-    # A documented property: with y_w = r_w the residual vanishes at p == r, so a policy
-    # initialised at the reference gets no gradient (the trainer warns about it).
+# ---------------------------------------------- DSPO at the reference and its regimes
+
+
+@pytest.mark.parametrize("beta_logit", [None, 5000.0])
+@pytest.mark.parametrize("beta", [1e-3, 0.5, 1.9, 50.0])
+def test_dspo_cpp_has_a_nonzero_gradient_at_the_reference(beta, beta_logit):
+    """At p == r (a fine-tune's first step) s = 0 and the correction term vanishes: the
+    loss is e(r_w, y_w) and its gradient the SFT one scaled by 1 - beta/2 -- not 0, as the
+    earlier reading (regression onto r_w) had it."""
     g = torch.Generator().manual_seed(0)
-    ref_w, ref_l, ref_l_neg = (torch.randn(3, 4, 5, generator=g) for _ in range(3))
+    ref_w, ref_l, ref_l_neg, target_w = (torch.randn(3, 4, 5, generator=g) for _ in range(4))
     p_w, p_l = ref_w.clone().requires_grad_(), ref_l.clone().requires_grad_()
-    out = dspo_cpp_loss(p_w, p_l, ref_w, ref_l, ref_l_neg, beta=50.0)
+    out = dspo_cpp_loss(
+        p_w, p_l, ref_w, ref_l, ref_l_neg, target_w, beta=beta, beta_logit=beta_logit
+    )
     out.loss.sum().backward()
-    assert out.loss.abs().max().item() == 0.0
-    assert p_w.grad.abs().max().item() == 0.0 and p_l.grad.abs().max().item() == 0.0
-    # ... while DDSPO, from the same point, does move the loser
+    assert torch.equal(out.logits, torch.zeros(3))
+    torch.testing.assert_close(out.loss.double(), err(ref_w, target_w), rtol=1e-6, atol=0.0)
+    assert (out.loss > 0).all()
+    # d/dp_w mean((1 - k) p_w - y_w + k r_w)^2 at p_w = r_w, k = beta/2, D = 20 dims
+    expect = 2 * (1 - beta / 2) * (ref_w - target_w) / 20
+    torch.testing.assert_close(p_w.grad, expect, rtol=1e-5, atol=1e-7)
+    assert p_w.grad.abs().min() > 0
+    p = ref_w.clone().requires_grad_()
+    sft_loss(p, target_w).loss.sum().backward()
+    torch.testing.assert_close(p_w.grad, (1 - beta / 2) * p.grad, rtol=1e-5, atol=1e-7)
+    # the loser's only path, through s, is multiplied by p_w - r_w = 0
+    assert torch.count_nonzero(p_l.grad) == 0
+    # ... while DDSPO, from the same point, moves the loser
     p_l2 = ref_l.clone().requires_grad_()
     ddspo_loss(ref_w.clone(), p_l2, ref_w, ref_l, ref_l_neg, beta=50.0).loss.sum().backward()
     assert p_l2.grad.abs().max().item() > 0.0
+
+
+FLAT_LOGIT = 1e-8  # beta_logit: |s| < 1e-7, so sigma(s) = 1/2 and k = beta/2 throughout
+
+
+def _descend(method: str, b: Batch, beta: float, steps: int = 400, lr: float = 1.0) -> Tensor:
+    """Plain gradient descent on p_w of the real loss, from the reference, p_l fixed."""
+    p = b.ref_w.clone().requires_grad_(True)
+    for _ in range(steps):
+        out = run(method, b, pred_w=p, beta=beta, beta_logit=FLAT_LOGIT)
+        (grad,) = torch.autograd.grad(out.loss.sum(), p)
+        with torch.no_grad():
+            p -= lr * grad
+    assert out.logits.abs().max() < 1e-7
+    return p.detach()
+
+
+@pytest.mark.parametrize("method", ("dspo", "dspo_cpp"))
+@pytest.mark.parametrize(("beta", "k"), [(0.2, 0.1), (1.0, 0.5)])
+def test_gradient_descent_converges_beyond_the_winner_target_for_k_below_1(method, beta, k):
+    """SPEC §3: with k = beta (1 - sigma(s)) < 1 the minimiser is r + (y - r)/(1 - k), y the
+    winner's forward target (for dspo_cpp too): just beyond y, on the far side from r."""
+    b = make_batch((3, 2, 3), F64, seed=11)
+    y, r = b.target_w, b.ref_w
+    p = _descend(method, b, beta)
+    p_star = r + (y - r) / (1 - k)
+    torch.testing.assert_close(p, p_star, rtol=1e-4, atol=1e-4)
+    assert ((p_star - y) * (y - r) > 0).all()  # beyond the target ...
+    overshoot = (k / (1 - k)) ** 2 * err(y, r)  # ... by k/(1 - k) of |y - r|: not SFT's y
+    torch.testing.assert_close(err(p, y), overshoot, rtol=1e-3, atol=0.0)
+    assert (overshoot > 1e-3).all()
+
+
+@pytest.mark.parametrize("method", ("dspo", "dspo_cpp"))
+def test_k_of_1_and_above_are_degenerate(method):
+    """SPEC §3: k = 1 gives no gradient at all; k > 1 (beta = 4: k = 2) moves the
+    stationary point r + (y - r)/(1 - k) = 2r - y to the other side of r from the winner."""
+    b = make_batch((3, 2, 3), F64, seed=12)
+    y, r = b.target_w, b.ref_w
+    # k = 1: the residual (p - y) - (p - r) = r - y does not depend on p
+    for pw in (b.pred_w, r, y, 2 * r - y):
+        p = pw.clone().requires_grad_(True)
+        out = run(method, b, pred_w=p, beta=2.0, beta_logit=FLAT_LOGIT)
+        (grad,) = torch.autograd.grad(out.loss.sum(), p)
+        assert grad.abs().max() < 1e-6
+        torch.testing.assert_close(out.loss.double(), err(r, y), rtol=1e-5, atol=0.0)
+    # ... while k = 1/2 does have one there (the control)
+    p = b.pred_w.clone().requires_grad_(True)
+    out = run(method, b, pred_w=p, beta=1.0, beta_logit=FLAT_LOGIT)
+    assert torch.autograd.grad(out.loss.sum(), p)[0].abs().max() > 1e-2
+    # k = 2: the stationary point is a minimum (loss 0, gradient 0) on the wrong side of r
+    p_star = r + (y - r) / (1 - 2.0)
+    p = p_star.clone().requires_grad_(True)
+    out = run(method, b, pred_w=p, beta=4.0, beta_logit=FLAT_LOGIT)
+    (grad,) = torch.autograd.grad(out.loss.sum(), p)
+    assert grad.abs().max() < 1e-5 and out.loss.max() < 1e-10
+    assert ((p_star - r) * (y - r) < 0).all()  # opposite side of r from y
+    assert (err(p_star, y) > err(r, y)).all()  # farther from the winner than the reference
+    # and gradient descent from the reference goes there, away from the winner
+    torch.testing.assert_close(_descend(method, b, beta=4.0), p_star, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------- SFT
+
+
+@PROPS
+@given(shape=shapes, dtype=st.sampled_from(FLOAT_DTYPES), seed=seeds, weighted=st.booleans())
+def test_sft_loss_is_the_per_sample_mse_in_a_preference_loss(shape, dtype, seed, weighted):
+    b = make_batch(shape, dtype, seed)
+    w = torch.rand(shape[0], generator=torch.Generator().manual_seed(seed)) if weighted else None
+    pred = b.pred_w.clone().requires_grad_(True)
+    out = sft_loss(pred, b.target_w, loss_weight=w)
+    assert isinstance(out, PreferenceLoss)
+    for name in PreferenceLoss._fields:
+        assert getattr(out, name).dtype == torch.float32, name
+        assert getattr(out, name).shape == (shape[0],), name
+    mse = err(pred, b.target_w)
+    # err_w is the unweighted per-sample MSE; loss is it times loss_weight
+    torch.testing.assert_close(out.err_w.double(), mse, rtol=1e-5, atol=1e-7)
+    expect = mse if w is None else mse * w.double()
+    torch.testing.assert_close(out.loss.double(), expect, rtol=1e-5, atol=1e-7)
+    assert torch.equal(out.loss, out.err_w if w is None else out.err_w * w)
+    # undefined without a loser and a reference: NaN, not a made-up 0
+    for name in ("logits", "implicit_acc", "gap_w", "gap_l", "err_l"):
+        assert torch.isnan(getattr(out, name)).all(), name
+    for name in PreferenceLoss._fields[1:]:
+        assert not getattr(out, name).requires_grad, name
+    # gradient toward the target: d/dpred mean (pred - target)^2 = 2 (pred - target) / D
+    out.loss.sum().backward()
+    n = math.prod(shape[1:])
+    scale = 1.0 if w is None else w.double().reshape(-1, *([1] * (len(shape) - 1)))
+    expect = 2 * scale * (pred.detach().double() - b.target_w.double()) / n
+    gtol = {F64: 1e-5, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
+    atol = gtol * expect.abs().max().item()
+    torch.testing.assert_close(pred.grad.double(), expect, rtol=gtol, atol=atol)

@@ -292,3 +292,63 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
     assert a.records == b.records
     for i in range(4):
         assert torch.equal(a[i]["x0_w"], b[i]["x0_w"]) and torch.equal(a[i]["x0_l"], b[i]["x0_l"])
+
+
+def test_shards_are_byte_identical_for_the_same_inputs(sd, built, tmp_path):
+    again = build_pairs(sd, PROMPTS, tmp_path / "again", variant="paired", **KW)
+    for k in range(3):
+        a, b = shard_path(built["paired"], k), shard_path(again, k)
+        assert a.read_bytes() == b.read_bytes(), k
+    # the header is canonical (sorted keys), whatever order safetensors chose
+    blob = shard_path(again, 0).read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    assert list(header) == sorted(header)
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+
+
+def test_canonical_header_keeps_the_content():
+    from safetensors.torch import load, save
+
+    from bench.pairdata import canonical_safetensors
+
+    t = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(1, dtype=torch.float16)}
+    blob = save(t, metadata={"z": "1", "records": "[]", "params": "{}"})
+    canon = canonical_safetensors(blob)
+    assert len(canon) == len(blob)
+    back = load(canon)
+    assert back.keys() == t.keys() and all(torch.equal(back[k], t[k]) for k in t)
+    assert canonical_safetensors(canon) == canon
+
+
+@pytest.mark.parametrize("variant", ["paired", "not_paired"])
+def test_prompts_that_cannot_be_degraded_are_skipped_and_recorded(sd, tmp_path, capsys, variant):
+    prompts = ["a red fox in the snow", "🐱🐶", "cat", "two cats on a windowsill", "sunset"]
+    out = build_pairs(sd, prompts, tmp_path / "d", variant=variant, **KW)
+    info = json.loads((out / "info.json").read_text())
+    assert info["skipped_identical_neg"] == {"count": 3, "indices": [1, 2, 4]}
+    assert info["num_pairs"] == 2 and info["num_prompts"] == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "skipped 3 of 5 prompts whose degraded prompt equals the prompt "
+        "(one word or emoji only; index 1, 2, 4); recorded in info.json"
+    ]
+    ds = PairDataset(out)
+    assert len(ds) == 2
+    kept = [ds[i] for i in range(len(ds))]
+    assert [r["prompt"] for r in kept] == [prompts[0], prompts[3]]
+    assert all(r["neg_prompt"] != r["prompt"] for r in kept)
+    # shard 2 (index 4 alone) holds no pair at all
+    assert read_shard_header(shard_path(out, 2))[0]["x0_w"][0] == 0
+    # a rerun resumes from the finished shards and gives the same info
+    build_pairs(sd, prompts, tmp_path / "d", variant=variant, **KW)
+    assert json.loads((out / "info.json").read_text()) == info
+
+
+def test_rand_positive_keeps_one_word_prompts(sd, tmp_path):
+    """rand_positive never uses c- (its loser target is f_ref(x_t^l, c+)): nothing is void."""
+    prompts = ["cat", "a red fox in the snow", "dog"]
+    out = build_pairs(sd, prompts, tmp_path / "d", variant="rand_positive", **KW)
+    info = json.loads((out / "info.json").read_text())
+    assert info["skipped_identical_neg"] == {"count": 0, "indices": []}
+    assert info["num_pairs"] == 3

@@ -19,28 +19,59 @@ def randn(*shape, seed=0):
 
 
 @PROPS
-@given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 8), k=st.floats(0.01, 10.0))
-def test_divergence_is_zero_at_init_and_positive_after_moving_away(seed, b, k):
-    target = randn(b, 3, 4, seed=seed)
-    init = target + 0.3 * randn(b, 3, 4, seed=seed + 1)
-    d0 = divergence_estimate(init.clone(), init, target)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    b=st.integers(1, 8),
+    scale=st.floats(1e-3, 1e3),
+    use_w=st.booleans(),
+)
+def test_divergence_is_nonnegative_and_zero_iff_the_predictions_agree(seed, b, scale, use_w):
+    init = randn(b, 3, 4, seed=seed)
+    ref = init + scale * randn(b, 3, 4, seed=seed + 1)
+    w = torch.rand(b, generator=torch.Generator().manual_seed(seed)) + 0.1 if use_w else None
+    d0 = divergence_estimate(init.clone(), init, w)
     assert d0.ndim == 0 and d0.dtype == torch.float32 and d0.item() == 0.0
-    # the reference drifts away from the target: it fits y worse, D > 0
-    away = init + k * (init - target)
-    assert divergence_estimate(away, init, target).item() > 0
-    # toward the target: D < 0 (never freezes)
-    toward = init - 0.5 * (init - target)
-    assert divergence_estimate(toward, init, target).item() < 0
+    d = divergence_estimate(ref, init, w).item()
+    assert d > 0
+    # symmetric in its two arguments (a squared distance), whichever way the reference moved
+    assert divergence_estimate(init, ref, w).item() == pytest.approx(d, rel=1e-5)
+
+
+@PROPS
+@given(seed=st.integers(0, 2**31 - 1), a=st.floats(0.01, 10.0), k=st.floats(1.01, 10.0))
+def test_divergence_grows_with_the_distance_in_either_direction(seed, a, k):
+    init, y = randn(4, 6, seed=seed), randn(4, 6, seed=seed + 1)
+    # toward the winners' targets (the case the old signed estimate called negative) and away
+    for direction in (y - init, init - y):
+        near = divergence_estimate(init + a * direction, init).item()
+        far = divergence_estimate(init + k * a * direction, init).item()
+        assert 0 < near < far
+        assert far == pytest.approx(k * k * near, rel=1e-4)  # quadratic in the distance
 
 
 def test_divergence_value_and_weight():
-    target = torch.zeros(2, 4)
-    init = torch.ones(2, 4)  # e = 1 per sample
-    ref = torch.stack([torch.full((4,), 2.0), torch.full((4,), 3.0)])  # e = 4, 9
-    assert divergence_estimate(ref, init, target).item() == pytest.approx((3 + 8) / 2)
+    init = torch.ones(2, 4)
+    ref = torch.stack([torch.full((4,), 2.0), torch.full((4,), 4.0)])  # e = 1, 9
+    assert divergence_estimate(ref, init).item() == pytest.approx((1 + 9) / 2)
     w = torch.tensor([0.5, 2.0], dtype=torch.float64)
-    assert divergence_estimate(ref, init, target, w).item() == pytest.approx((1.5 + 16) / 2)
-    assert divergence_estimate(ref.half(), init.half(), target.half()).dtype == torch.float32
+    assert divergence_estimate(ref, init, w).item() == pytest.approx((0.5 + 18) / 2)
+    assert divergence_estimate(ref.half(), init.half()).dtype == torch.float32
+
+
+def test_a_reference_that_moves_toward_the_winners_freezes():
+    """The old signed estimate went negative here and such a reference never froze."""
+    y = torch.zeros(8, 4)
+    init = torch.ones(8, 4)
+    rule = ReferenceUpdateRule("periodic", tau=1, delta=0.1)
+    frozen_at = None
+    for step in range(1, 20):  # the reference closes in on the winners' targets
+        ref = init + (y - init) * (step / 20)
+        if rule.freezes(divergence_estimate(ref, init).item()):
+            frozen_at = step
+            break
+    assert frozen_at is not None
+    # first step with e(ref, init) = (step/20)^2 > 0.1 is step 7 ((7/20)^2 = 0.1225)
+    assert frozen_at == 7
 
 
 @PROPS

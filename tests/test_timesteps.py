@@ -57,11 +57,37 @@ def test_geometric_probs_skew_toward_high_noise(T, gamma):
     if T > 1:
         assert p.argmax().item() == T - 1  # the noisiest step is the likeliest
         assert (p[1:] >= p[:-1]).all()
-        # P(t) / P(t+1) = gamma wherever both are representable
+        # P(t) / P(t+1) = gamma^(100/T): gamma is the decay per 1 % of the schedule
         ok = p[:-1] > 1e-300
-        torch.testing.assert_close(
-            (p[:-1] / p[1:])[ok], torch.full_like(p[:-1][ok], gamma), rtol=1e-9, atol=0.0
-        )
+        ratio = torch.full_like(p[:-1][ok], gamma ** (100 / T))
+        torch.testing.assert_close((p[:-1] / p[1:])[ok], ratio, rtol=1e-9, atol=0.0)
+
+
+def test_geometric_probs_are_the_per_index_form_on_the_toy_schedule():
+    """At T = 100 the normalised form is exactly P(t) ∝ gamma^(T-1-t)."""
+    k = torch.arange(99, -1, -1, dtype=torch.float64)
+    torch.testing.assert_close(TS.geometric_probs(100, 0.9), 0.9**k / (0.9**k).sum())
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.97])
+def test_geometric_skew_is_independent_of_T(gamma):
+    """One gamma, one distribution of t / T, whether T = 100 (toy) or T = 1000 (SD)."""
+    p100, p1000 = TS.geometric_probs(100, gamma), TS.geometric_probs(1000, gamma)
+    # mass of every 1 % block of the schedule agrees
+    torch.testing.assert_close(p1000.reshape(100, 10).sum(1), p100, rtol=1e-9, atol=1e-15)
+    for T in (100, 200, 1000, 4000):  # the noisiest 5 % of the steps
+        tail = TS.geometric_probs(T, gamma)[-(T // 20) :].sum().item()
+        assert tail == pytest.approx((1 - gamma**5) / (1 - gamma**100), rel=1e-9)
+
+
+def test_sd_default_no_longer_puts_almost_all_mass_in_the_last_five_percent():
+    """Per-index gamma^k with gamma = 0.9 put 99.5 % of draws at t >= 950 when T = 1000."""
+    p = TS.geometric_probs(1000, 0.9)
+    assert p[950:].sum().item() == pytest.approx((1 - 0.9**5) / (1 - 0.9**100), rel=1e-9)
+    assert p[950:].sum().item() < 0.5
+    assert p[:500].sum().item() > 0.003  # the clean half is still visited
+    t = TS.sample_geometric(100_000, 1000, gen(3), 0.9)
+    assert abs((t >= 950).float().mean().item() - (1 - 0.9**5)) < 0.01
 
 
 def test_geometric_probs_gamma_one_is_uniform_and_above_one_skews_clean():

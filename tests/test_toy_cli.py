@@ -101,8 +101,11 @@ def test_sweep_tiny_grid(tmp_path, capsys):
     ]
     assert sweep_cli.main(argv + FAST) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 2 * (1 + 3 * 2)  # seeds x (ref + 3 methods x 2 N)
-    assert {r["method"] for r in rows} == {"ref", "dpo", "dspo", "ddspo"}
+    assert len(rows) == 2 * (1 + 5 * 2)  # seeds x (ref + 5 methods x 2 N)
+    assert {r["method"] for r in rows} == {"ref", "sft", "dpo", "dspo", "dspo_cpp", "ddspo"}
+    # DSPO-family rows record their outside beta (the default), the others none
+    assert {r["beta_out"] for r in rows if r["method"] in ("dspo", "dspo_cpp")} == {"0.05"}
+    assert {r["beta_out"] for r in rows if r["method"] not in ("dspo", "dspo_cpp")} == {""}
     assert all(0 <= float(r["class_accuracy"]) <= 1 for r in rows)
     table = (out / "table.md").read_text()
     assert "DDSPO" in table and "±" in table and "seeds won" in table

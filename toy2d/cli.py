@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import fields
 from pathlib import Path
 
+from minddspo.methods import dspo_beta_warning
 from minddspo.refupdate import REF_UPDATES
 from minddspo.timesteps import SAMPLERS as TS_SAMPLERS
 from minddspo.timesteps import WEIGHTS
@@ -40,6 +41,13 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=d.batch, help="preference pairs per step")
     p.add_argument("--lr", type=float, default=d.lr, help="lr at beta = 400 (see --lr-rule)")
     p.add_argument("--lr-rule", choices=("scaled", "constant"), default=d.lr_rule)
+    p.add_argument(
+        "--beta-out",
+        type=float,
+        default=d.beta_out,
+        help="dspo/dspo_cpp: outside beta (official scale 0.001-0.05; the cell's --beta is "
+        "their beta_logit); default from the documented search (toy2d.beta_search)",
+    )
     p.add_argument("--pairs", choices=PAIR_SOURCES, default=d.pairs, help="preference data source")
     p.add_argument("--n-eval", type=int, default=256, help="evaluation samples per class")
     p.add_argument("--ref-update", choices=REF_UPDATES, default=s.ref_update)
@@ -53,15 +61,23 @@ def check_training_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch", "n_eval", "ref_tau"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("lr", "ref_delta"):
+    for name in ("lr", "ref_delta", "beta_out"):
         v = getattr(args, name)
         if not (v > 0 and v < float("inf")):
             raise UsageError(f"--{name.replace('_', '-')} must be finite and > 0, got {v}")
+    warning = dspo_beta_warning("dspo", args.beta_out)
+    if warning:
+        print(warning.replace("dspo with outside beta", "--beta-out"), file=sys.stderr)
 
 
 def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(
-        steps=args.steps, batch=args.batch, lr=args.lr, lr_rule=args.lr_rule, pairs=args.pairs
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        lr_rule=args.lr_rule,
+        pairs=args.pairs,
+        beta_out=args.beta_out,
     )
 
 

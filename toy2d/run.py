@@ -24,7 +24,17 @@ from .cli import (
     finetune_config,
     strategy,
 )
-from .train import METHODS, Run, ToySetup, cache_key, finetune, load_references, sample
+from .train import (
+    METHODS,
+    CacheError,
+    Run,
+    ToySetup,
+    cache_key,
+    check_reference_cache,
+    finetune,
+    load_references,
+    sample,
+)
 
 PROG = "python -m toy2d.run"
 
@@ -44,6 +54,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    stage = None
     try:
         if args.n_pairs <= 0:
             raise UsageError(f"--n-pairs must be > 0, got {args.n_pairs}")
@@ -53,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path(
             f"runs/toy2d/{args.method}_N{args.n_pairs}_b{args.beta:g}_s{args.seed}"
         )
+        setup, ft = ToySetup(), finetune_config(args)
         stage = Staging(out)
-    except UsageError as e:
+        check_reference_cache(setup, [args.seed])  # a read-only cache fails before training
+    except (UsageError, CacheError) as e:
+        if stage is not None:
+            stage.abort()
         fail(PROG, str(e))
     try:
         t0 = time.perf_counter()
-        setup, ft = ToySetup(), finetune_config(args)
         run = Run(args.method, args.n_pairs, args.beta, args.seed, strategy(args))
         refs = load_references(setup, [args.seed])
         t_ref = time.perf_counter() - t0
@@ -69,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             params, log = finetune(setup, ft, [run], refs)
         x, labels = sample(setup, params, [args.seed], args.n_eval, args.sampler)
         from .metrics import compute_metrics
-        from .plots import save_scatter
+        from .plots import sample_caption, save_scatter
 
         m = compute_metrics(x[0], labels, setup.toy)
         elapsed = time.perf_counter() - t0
@@ -93,8 +107,20 @@ def main(argv: list[str] | None = None) -> int:
             }
         with open(stage.path("metrics.json"), "w") as f:
             json.dump(record, f, indent=2)
-        title = f"{args.method}  N={args.n_pairs}  beta={args.beta:g}  seed={args.seed}  acc={m['class_accuracy']:.3f}"
-        save_scatter(stage.path("scatter.png"), x[0].numpy(), labels.numpy(), setup.toy, title)
+        what = (
+            "untuned reference"
+            if args.method == "ref"
+            else f"{args.method} fine-tune, N={args.n_pairs} pairs/class, β={args.beta:g}"
+        )
+        title = f"{what}, seed {args.seed}: class accuracy {m['class_accuracy']:.3f}"
+        save_scatter(
+            stage.path("scatter.png"),
+            x[0].numpy(),
+            labels.numpy(),
+            setup.toy,
+            title,
+            caption=sample_caption(args.n_eval, args.sampler),
+        )
         stage.commit()
     except BaseException:
         stage.abort()

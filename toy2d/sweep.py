@@ -1,7 +1,9 @@
 """The paper's toy grid: ``python -m toy2d.sweep [--seeds 3] [--methods dpo,dspo,ddspo]``.
 
-Every (method, N, beta, seed) fine-tune is one member of a single batched loop
-(:func:`toy2d.train.finetune`); references for all seeds train in one batched loop too.
+A seed is the unit of work: all its (method, N, beta) fine-tunes are one batched loop
+(:func:`toy2d.train.finetune`), then sampled and measured together; references for all
+seeds train in one batched loop. Each finished seed is stored under ``OUT/cells/`` keyed by
+the whole config, so a killed or repeated sweep resumes (``--no-resume`` recomputes).
 Writes ``results.csv``, ``samples.npz``, ``config.json`` and, via
 :mod:`paper_figures.toy_figures`, ``table.md``, ``fig_grid.png`` and ``fig_panel.png``.
 ``--ablation`` runs each method x {frozen, periodic} reference x {uniform, geometric+lambda}
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -33,18 +37,23 @@ from .cli import (
 )
 from .train import (
     METHODS,
+    CacheError,
     FinetuneConfig,
     Run,
     Strategy,
     ToySetup,
+    check_reference_cache,
     finetune,
     load_references,
     missing_references,
 )
 
 PROG = "python -m toy2d.sweep"
-PAPER_METHODS = ("dpo", "dspo", "ddspo")
+PAPER_METHODS = ("sft", "dpo", "dspo", "dspo_cpp", "ddspo")  # sft: a baseline row
 ABLATION_METHODS = ("dpo", "dspo", "dspo_cpp", "ddspo")
+CELL_FORMAT = 1
+# the sources whose code decides a seed's numbers: editing one invalidates stored cells
+CELL_SOURCES = ("toy2d/data.py", "toy2d/model.py", "toy2d/train.py", "toy2d/metrics.py")
 
 
 def _list(kind, text: str, name: str) -> list:
@@ -66,7 +75,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-pairs", default="12,120,1200", help="grid of N (pairs per class)")
     p.add_argument("--betas", default="200,400,800", help="grid of beta")
     p.add_argument("--ablation", action="store_true", help="reference-update x timestep ablation")
-    p.add_argument("--panel", default="12,400", help="N,beta of the Fig. 1-style panel")
+    p.add_argument(
+        "--panel",
+        default=None,
+        help="N,beta of the Fig. 1-style panel, a cell of the grid "
+        "(default: 12,400 if in the grid, else the first N and the middle beta)",
+    )
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="recompute every seed, even those finished under OUT/cells by the same config",
+    )
     p.add_argument("--no-progress", action="store_true")
     add_training_args(p)
     return p.parse_args(argv)
@@ -98,6 +117,102 @@ def validate(args: argparse.Namespace) -> tuple[list[str], list[int], list[float
     return methods, ns, betas
 
 
+def panel_cell(args: argparse.Namespace, ns: list[int], betas: list[float]) -> list[float]:
+    """``[N, beta]`` of the panel figure; an explicit ``--panel`` must be a cell of the grid."""
+    if args.panel is None:
+        n = 12 if 12 in ns else ns[0]
+        b = 400.0 if 400.0 in betas else betas[len(betas) // 2]
+        return [float(n), b]
+    if args.ablation:
+        raise UsageError("--panel has no effect with --ablation (it draws no panel)")
+    vals = _list(float, args.panel, "panel")
+    if len(vals) != 2:
+        raise UsageError(f"--panel must be N,beta, got {args.panel!r}")
+    if vals[0] not in ns or vals[1] not in betas:
+        raise UsageError(
+            f"--panel {args.panel} is not a cell of the grid "
+            f"(N in {ns}, beta in {[f'{b:g}' for b in betas]})"
+        )
+    return vals
+
+
+# ------------------------------------------------------------------ finished seeds
+
+
+def _code_digest() -> str:
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "minddspo").glob("*.py")) + [root / f for f in CELL_SOURCES]
+    h = hashlib.sha256()
+    for f in files + [Path(__file__)]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+class CellStore:
+    """Finished seeds of one sweep: ``ROOT/seed<s>-<key>.npz`` holds the seed's CSV rows and
+    samples.
+
+    ``key`` hashes everything that changes a seed's numbers (``spec``: setup, fine-tuning
+    config, methods, grid, strategies, evaluation; and the source of the code that computes
+    them), so a cell is reused only by an identical sweep. A cell is written whole after its
+    seed finished (temporary name, then rename), and its stored spec is compared on load, so
+    a partial or foreign file is never taken for a finished seed.
+    """
+
+    def __init__(self, root: Path, spec: dict, resume: bool = True):
+        self.root, self.resume = Path(root), resume
+        spec = {**spec, "format": CELL_FORMAT, "code": _code_digest()}
+        self.spec = json.loads(json.dumps(spec, sort_keys=True))  # as it reads back from disk
+        blob = json.dumps(self.spec, sort_keys=True).encode()
+        self.key = hashlib.sha256(blob).hexdigest()[:16]
+
+    def path(self, seed: int) -> Path:
+        return self.root / f"seed{seed}-{self.key}.npz"
+
+    def has(self, seed: int) -> bool:
+        return self.resume and self.path(seed).is_file()
+
+    def load(self, seed: int) -> tuple[list[dict], dict[str, np.ndarray]] | None:
+        """The stored ``(rows, samples)`` of ``seed``, or None (a damaged cell: one line)."""
+        if not self.has(seed):
+            return None
+        p = self.path(seed)
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                head = json.loads(str(z["__cell__"]))
+                samples = {k: z[k] for k in z.files if k != "__cell__"}
+            rows = head["rows"]
+            if head["spec"] != self.spec or head["seed"] != seed:
+                raise ValueError("written by another config")
+            if any(run_name(r) not in samples for r in rows):
+                raise ValueError("samples missing")
+        except Exception as e:  # truncated zip, foreign file, missing keys
+            print(f"{PROG}: damaged cell {p} ({e}); recomputing seed {seed}", file=sys.stderr)
+            return None
+        return rows, samples
+
+    def save(self, seed: int, rows: list[dict], samples: dict[str, np.ndarray]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        p = self.path(seed)
+        tmp = p.with_name(f".{p.stem}.tmp{os.getpid()}")
+        head = json.dumps({"spec": self.spec, "seed": seed, "rows": rows})
+        with open(tmp, "wb") as f:
+            np.savez(f, __cell__=np.array(head), **samples)
+        os.replace(tmp, p)
+
+    def prune(self) -> None:
+        """Remove cells of other configs and temporary files of killed writers."""
+        if not self.root.is_dir():
+            return
+        for f in self.root.iterdir():
+            stale = f.name.startswith("seed") and not f.name.endswith(f"-{self.key}.npz")
+            if stale or (f.name.startswith(".seed") and ".tmp" in f.name):
+                f.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------ the sweep
+
+
 def run_sweep(
     setup: ToySetup,
     ft: FinetuneConfig,
@@ -109,65 +224,109 @@ def run_sweep(
     n_eval: int,
     sampler: str,
     progress: bool = True,
+    beta_outs: list[float] | None = None,
+    store: CellStore | None = None,
 ) -> tuple[list[dict], dict[str, np.ndarray], dict]:
-    """Train everything batched; return CSV rows, samples by run name and timings."""
+    """Train seed by seed (each seed's runs batched); return CSV rows, samples by run name
+    and timings.
+
+    ``beta_outs`` (dspo/dspo_cpp only): a grid of outside betas, one run per value
+    (None: ``ft.beta_out`` alone) -- the beta_out search uses it. ``store``: seeds it
+    holds are loaded instead of trained, and each newly finished seed is saved to it."""
     from tqdm import tqdm
 
-    from .metrics import SUMMARY_KEYS, compute_metrics, gt_eval_set
-    from .train import sample
+    from minddspo.methods import method_spec
+
+    from .metrics import gt_eval_set
 
     t0 = time.perf_counter()
-    runs = [
-        Run(m, n, b, s, st)
-        for s in seeds
-        for st in strategies
-        for m in methods
-        if m != "ref"
-        for n in ns
-        for b in betas
-    ]
-    refs_needed = bool(runs) or "ref" in methods
+
+    def outs(m: str) -> list[float | None]:
+        return list(beta_outs) if beta_outs and method_spec(m).score_matching else [None]
+
+    def runs_of(s: int) -> list[Run]:
+        return [
+            Run(m, n, b, s, st, bo)
+            for st in strategies
+            for m in methods
+            if m != "ref"
+            for bo in outs(m)
+            for n in ns
+            for b in betas
+        ]
+
+    done = {s: cell for s in seeds if store and (cell := store.load(s)) is not None}
+    todo = [s for s in seeds if s not in done]
     bar = tqdm(total=0, desc="toy2d", disable=not progress, file=sys.stderr, unit="step")
 
     def tick(k: int) -> None:
         bar.update(k)
 
     refs = {}
-    if refs_needed:
-        if missing_references(setup, seeds):
+    if todo:
+        if missing_references(setup, todo):
             _grow(bar, setup.ref.steps, "references", tick)
-        refs = load_references(setup, seeds, tick)
+        refs = load_references(setup, todo, tick)
     t_ref = time.perf_counter() - t0
-    params = log = None
-    if runs:
-        _grow(bar, ft.steps, f"fine-tunes x{len(runs)}", tick)
-        params, log = finetune(setup, ft, runs, refs, tick)
-    bar.set_description("sampling")
-    t_ft = time.perf_counter() - t0 - t_ref
+    t_ft = t_eval = 0.0
+    n_ft = 0
     gt = gt_eval_set(setup.toy, n_eval)
-    rows, samples = [], {}
+    for s in todo:
+        runs, ta = runs_of(s), time.perf_counter()
+        params = log = None
+        if runs:
+            _grow(bar, ft.steps, f"seed {s}: fine-tunes x{len(runs)}", tick)
+            params, log = finetune(setup, ft, runs, refs, tick)
+        tb = time.perf_counter()
+        bar.set_description(f"seed {s}: sampling")
+        done[s] = _evaluate_seed(setup, ft, s, "ref" in methods, runs, refs[s], params, log, gt,
+                                 n_eval, sampler)  # fmt: skip
+        if store is not None:
+            store.save(s, *done[s])
+        t_ft, t_eval, n_ft = t_ft + tb - ta, t_eval + time.perf_counter() - tb, n_ft + len(runs)
+    bar.close()
+    rows = [r for s in seeds for r in done[s][0]]
+    rows = [r for r in rows if r["method"] == "ref"] + [r for r in rows if r["method"] != "ref"]
+    samples: dict[str, np.ndarray] = {}
+    for s in seeds:
+        samples.update(done[s][1])
+    times = {
+        "references": t_ref,
+        "finetune": t_ft,
+        "sample_and_metrics": t_eval,
+        "n_finetunes": n_ft,
+        "n_resumed_seeds": len(seeds) - len(todo),
+    }
+    return rows, samples, times
+
+
+def _evaluate_seed(setup, ft, seed, with_ref, runs, ref, params, log, gt, n_eval, sampler):
+    """CSV rows and samples of one seed: its reference (if asked) and its fine-tuned runs."""
     import torch
 
-    members = [("ref", None, s) for s in seeds if "ref" in methods] + [
-        (r.method, r, r.seed) for r in runs
-    ]
+    from minddspo.methods import method_spec
+
+    from .metrics import SUMMARY_KEYS, compute_metrics
+    from .train import sample
+
+    members = ([None] if with_ref else []) + list(runs)
     stacked = {
-        k: torch.cat(
-            ([torch.cat([refs[s][k] for s in seeds])] if "ref" in methods else [])
-            + ([params[k]] if params is not None else [])
-        )
-        for k in next(iter(refs.values()))
+        k: torch.cat(([ref[k]] if with_ref else []) + ([params[k]] if params is not None else []))
+        for k in ref
     }
-    x, labels = sample(setup, stacked, [s for _, _, s in members], n_eval, sampler)
-    samples["labels"] = labels.numpy().astype(np.int8)
-    for i, (method, r, s) in enumerate(members):
+    x, labels = sample(setup, stacked, [seed] * len(members), n_eval, sampler)
+    rows, samples = [], {"labels": labels.numpy().astype(np.int8)}
+    for i, r in enumerate(members):
         m = compute_metrics(x[i], labels, setup.toy, gt)
         row = {
-            "method": method,
+            "method": r.method if r else "ref",
             "strategy": r.strategy.label() if r else "-",
             "n_pairs": r.n_pairs if r else "",
             "beta": f"{r.beta:g}" if r else "",
-            "seed": s,
+            "beta_out": f"{r.loss_scales(ft.beta_out)[0]:g}"
+            if r and method_spec(r.method).score_matching
+            else "",
+            "seed": seed,
             **{k: f"{m[k]:.6g}" for k in SUMMARY_KEYS},
         }
         if r is not None:
@@ -179,14 +338,7 @@ def run_sweep(
             row["implicit_acc"] = f"{log.final_implicit_acc[j]:.4g}"
         rows.append(row)
         samples[run_name(row)] = x[i].numpy().astype(np.float32)
-    bar.close()
-    times = {
-        "references": t_ref,
-        "finetune": t_ft,
-        "sample_and_metrics": time.perf_counter() - t0 - t_ref - t_ft,
-        "n_finetunes": len(runs),
-    }
-    return rows, samples, times
+    return rows, samples
 
 
 def _grow(bar, steps: int, desc: str, tick):
@@ -212,21 +364,36 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    stage = None
     try:
         methods, ns, betas = validate(args)
-        panel = _list(float, args.panel, "panel")
+        panel = panel_cell(args, ns, betas)
         out = args.out or Path("runs/ablation" if args.ablation else "runs/sweep")
-        stage = Staging(out)
-    except UsageError as e:
-        fail(PROG, str(e))
-    try:
-        t0 = time.perf_counter()
         setup, ft = ToySetup(), finetune_config(args)
         base = strategy(args)
         strategies = ablation_strategies(base) if args.ablation else [base]
         if not args.ablation and "ref" not in methods:
             methods = ["ref", *methods]  # the untuned reference is always reported
         seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+        spec = {
+            "setup": asdict(setup),
+            "finetune": asdict(ft),
+            "methods": methods,
+            "n_pairs": ns,
+            "betas": betas,
+            "strategies": [asdict(s) for s in strategies],
+            "sampler": args.sampler,
+            "n_eval_per_class": args.n_eval,
+        }
+        store = CellStore(out / "cells", spec, resume=not args.no_resume)
+        stage = Staging(out)
+        check_reference_cache(setup, [s for s in seeds if not store.has(s)])
+    except (UsageError, CacheError) as e:
+        if stage is not None:
+            stage.abort()
+        fail(PROG, str(e))
+    try:
+        t0 = time.perf_counter()
         rows, samples, times = run_sweep(
             setup,
             ft,
@@ -238,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             args.n_eval,
             args.sampler,
             progress=not args.no_progress,
+            store=store,
         )
         write_csv(stage.path("results.csv"), rows)
         from .data import sample_train
@@ -259,17 +427,16 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(
                 ["python -m toy2d.sweep", *(argv if argv is not None else sys.argv[1:])]
             ),
-            "methods": methods,
-            "n_pairs": ns,
-            "betas": betas,
+            **{k: spec[k] for k in ("methods", "n_pairs", "betas")},
             "seeds": seeds,
             "ablation": args.ablation,
-            "strategies": [asdict(s) for s in strategies],
+            "strategies": spec["strategies"],
             "panel": panel,
             "sampler": args.sampler,
             "n_eval_per_class": args.n_eval,
-            "setup": asdict(setup),
-            "finetune": asdict(ft),
+            "setup": spec["setup"],
+            "finetune": spec["finetune"],
+            "cells": str(store.root),
         }
         from paper_figures.toy_figures import render
 
@@ -279,11 +446,14 @@ def main(argv: list[str] | None = None) -> int:
         with open(stage.path("config.json"), "w") as f:
             json.dump(config, f, indent=2)
         stage.commit()
+        store.prune()
     except BaseException:
         stage.abort()
         raise
+    resumed = times["n_resumed_seeds"]
     print(
-        f"{times['n_finetunes']} fine-tunes, {len(seeds)} seeds: total {times['total']:.1f} s "
+        f"{times['n_finetunes']} fine-tunes, {len(seeds)} seeds ({resumed} resumed from "
+        f"{store.root}): total {times['total']:.1f} s "
         f"(references {times['references']:.1f} s, fine-tuning {times['finetune']:.1f} s, "
         f"sampling+metrics {times['sample_and_metrics']:.1f} s) -> {out}"
     )

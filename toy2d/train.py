@@ -22,13 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from minddspo.losses import (
-    ddspo_loss,
-    dpo_loss,
-    dspo_cpp_loss,
-    dspo_loss,
-    sft_loss,
-)
+from minddspo.methods import method_loss, method_spec
 from minddspo.refupdate import ReferenceUpdateRule, divergence_estimate
 from minddspo.schedules import (
     DDPMSchedule,
@@ -54,9 +48,11 @@ from .data import (
 from .model import MLPConfig, Params, StackedAdam, forward, init_params, select
 
 PAIR_SOURCES = ("ref", "gt")
+# DSPO/DSPO+CPP's outside beta on the toy, fixed by `python -m toy2d.beta_search` on seeds
+# 100-102 (the evaluation sweep uses 0-2); see toy2d/README or the main README.
+BETA_OUT = 0.05
 SAMPLERS = ("ddim", "ddpm")
 METHODS = ("ref", "sft", "dpo", "dspo", "dspo_cpp", "ddspo")
-LOGIT_WEIGHT_METHODS = ("dpo", "ddspo")  # losses with a logit_weight argument
 
 
 @dataclass(frozen=True)
@@ -106,6 +102,7 @@ class FinetuneConfig:
     lr: float = 1e-4  # learning rate at beta = lr_beta (see lr_rule); 1/20 of the reference lr
     lr_rule: str = "scaled"  # scaled: lr * beta / lr_beta (the paper's lr ∝ beta); constant: lr
     lr_beta: float = 400.0
+    beta_out: float = BETA_OUT  # dspo/dspo_cpp: outside beta; the cell's beta is their beta_logit
     n_probe: int = 256  # winner samples for the reference-divergence estimate
     pairs: str = "ref"  # ref: x0_w ~ reference(c), x0_l ~ reference(c-) (the paper's pipeline); gt: both from GT
 
@@ -117,18 +114,33 @@ class FinetuneConfig:
 class Run:
     method: str
     n_pairs: int
-    beta: float
+    beta: float  # the cell's beta: D-DPO scale (for dspo/dspo_cpp: beta_logit, inside)
     seed: int
     strategy: Strategy = field(default_factory=Strategy)
+    beta_out: float | None = None  # dspo/dspo_cpp only: the outside beta; None = FinetuneConfig's
+
+    def __post_init__(self) -> None:
+        if self.method == "ref":
+            return
+        if self.beta_out is not None and not method_spec(self.method).score_matching:
+            raise ValueError(f"beta_out applies to dspo and dspo_cpp only, not {self.method}")
 
     def key(self) -> tuple:
-        return (
+        base = (
             self.seed,
             self.method,
             self.n_pairs,
             float(self.beta),
             *asdict(self.strategy).values(),
         )
+        return base if self.beta_out is None else (*base, "beta_out", float(self.beta_out))
+
+    def loss_scales(self, default_beta_out: float) -> tuple[float, float | None]:
+        """``(beta, beta_logit)`` for :func:`minddspo.methods.method_loss`: the cell's beta is
+        the logit scale; DSPO-family runs take ``beta_out`` (or the default) outside."""
+        if not method_spec(self.method).score_matching:
+            return self.beta, None
+        return (default_beta_out if self.beta_out is None else self.beta_out), self.beta
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,11 @@ def train_references(
     return {k: v.detach() for k, v in params.items()}
 
 
+class CacheError(RuntimeError):
+    """The reference cache cannot take a new entry (e.g. read-only): the CLIs print it as one
+    line and exit 2 before any training."""
+
+
 def cache_dir() -> Path:
     root = os.environ.get("MINDDSPO_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "minddspo") / "toy2d"
@@ -196,35 +213,115 @@ def cache_key(setup: ToySetup, seed: int) -> str:
     return f"ref-{run_seed(blob):016x}"
 
 
+def cache_path(setup: ToySetup, seed: int) -> Path:
+    return cache_dir() / f"{cache_key(setup, seed)}.safetensors"
+
+
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """sha256 of names, dtypes, shapes and bytes, in name order (stored in each entry)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_entry(setup: ToySetup, seed: int) -> tuple[dict[str, Tensor] | None, str | None]:
+    """``(tensors, None)`` for a sound entry, ``(None, None)`` for none, ``(None, why)`` for a
+    damaged one. Entries carry a sha256 of their tensors; older entries without one are
+    checked for the expected names, shapes and finite values only."""
+    from safetensors import safe_open
+
+    f = cache_path(setup, seed)
+    if not f.exists():
+        return None, None
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            meta = sf.metadata() or {}
+            tensors = {k: sf.get_tensor(k) for k in sf.keys()}
+    except Exception as e:  # truncated, or not a safetensors file at all
+        return None, f"unreadable: {type(e).__name__}"
+    want = {k: tuple(v.shape[1:]) for k, v in init_params(setup.mlp, [torch.Generator()]).items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != want:
+        return None, "unexpected tensor names or shapes"
+    digest = meta.get("sha256")
+    if digest is not None and digest != tensors_sha256(tensors):
+        return None, "checksum mismatch"
+    if not all(bool(v.isfinite().all()) for v in tensors.values()):
+        return None, "non-finite values"
+    return tensors, None
+
+
 def missing_references(setup: ToySetup, seeds: list[int]) -> list[int]:
-    """Seeds whose reference is not in the cache yet."""
-    return [s for s in seeds if not (cache_dir() / f"{cache_key(setup, s)}.safetensors").exists()]
+    """Seeds whose reference is not in the cache yet, or whose entry is damaged."""
+    return [s for s in seeds if _read_entry(setup, s)[0] is None]
+
+
+def check_cache_writable() -> None:
+    """Raise :class:`CacheError` unless a new entry can be written to :func:`cache_dir`."""
+    import tempfile
+
+    d = cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CacheError(
+            f"reference cache {d} is not writable ({e.strerror or e}); "
+            "point MINDDSPO_CACHE at a writable folder"
+        ) from None
+
+
+def check_reference_cache(setup: ToySetup, seeds: list[int]) -> list[int]:
+    """The seeds whose reference must be trained; :class:`CacheError` if it could not be
+    saved. Call it before any work so that a read-only cache fails fast."""
+    missing = missing_references(setup, seeds)
+    if missing:
+        check_cache_writable()
+    return missing
 
 
 def load_references(
     setup: ToySetup, seeds: list[int], progress: Callable[[int], None] | None = None
 ) -> dict[int, Params]:
-    """Per-seed reference params ``(1, ...)``, trained (batched) only where not cached."""
-    from safetensors.torch import load_file, save_file
+    """Per-seed reference params ``(1, ...)``, trained (batched) only where not cached.
 
-    d = cache_dir()
+    A damaged entry (unreadable, wrong checksum, wrong shapes, non-finite) is reported in one
+    line on stderr and retrained; :class:`CacheError` before training if the cache is not
+    writable.
+    """
+    import sys
+
+    from safetensors.torch import save_file
+
     out, missing = {}, []
     for s in seeds:
-        f = d / f"{cache_key(setup, s)}.safetensors"
-        if f.exists():
-            out[s] = {k: v.unsqueeze(0) for k, v in load_file(str(f)).items()}
-        else:
+        tensors, why = _read_entry(setup, s)
+        if why is not None:
+            print(
+                f"toy2d: damaged reference cache entry {cache_path(setup, s)} ({why}); "
+                "retraining it",
+                file=sys.stderr,
+            )
+        if tensors is None:
             missing.append(s)
+        else:
+            out[s] = {k: v.unsqueeze(0) for k, v in tensors.items()}
     if missing:
+        check_cache_writable()
         trained = train_references(setup, missing, progress)
-        d.mkdir(parents=True, exist_ok=True)
         for i, s in enumerate(missing):
             member = {k: v[i].contiguous() for k, v in trained.items()}
-            f = d / f"{cache_key(setup, s)}.safetensors"
+            f = cache_path(setup, s)
             tmp = f.with_suffix(f".tmp{os.getpid()}")
-            save_file(
-                member, str(tmp), metadata={"setup": json.dumps(asdict(setup)), "seed": str(s)}
-            )
+            meta = {"setup": json.dumps(asdict(setup)), "seed": str(s)}
+            save_file(member, str(tmp), metadata={**meta, "sha256": tensors_sha256(member)})
             os.replace(tmp, f)
             out[s] = {k: v.unsqueeze(0) for k, v in member.items()}
     return out
@@ -240,38 +337,6 @@ class FinetuneLog:
     copy_steps: list[list[int]]  # per member: steps at which policy -> reference was copied
     final_loss: list[float]  # per member: mean loss over the last 10% of steps
     final_implicit_acc: list[float]
-
-
-def _preference_losses(run: Run, pw, pl, rw, rl, rl_neg, eps, lw, ww) -> Tensor:
-    """Per-sample loss ``(B,)`` of one member, from minddspo.losses."""
-    m, beta = run.method, run.beta
-    if m == "sft":
-        return sft_loss(pw, eps, loss_weight=ww)
-    if m == "dpo":
-        return dpo_loss(pw, pl, rw, rl, eps, eps, beta=beta, logit_weight=lw, loss_weight=ww)
-    if m == "ddspo":
-        return ddspo_loss(pw, pl, rw, rl, rl_neg, beta=beta, logit_weight=lw, loss_weight=ww)
-    if m == "dspo":
-        return dspo_loss(pw, pl, rw, rl, eps, eps, beta=beta, loss_weight=ww)
-    if m == "dspo_cpp":
-        return dspo_cpp_loss(pw, pl, rw, rl, rl_neg, beta=beta, loss_weight=ww)
-    raise ValueError(f"unknown method {m!r}")
-
-
-def _weights(run: Run, t: Tensor, T: int, snr: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """``(logit_weight, loss_weight)`` of a member for timesteps ``t`` (B,).
-
-    ``lambda`` (Kang et al.) is a logit weight for dpo/ddspo; dspo, dspo_cpp and sft have
-    no logit, so there it multiplies the per-sample loss instead. ``linear`` is always a
-    loss weight.
-    """
-    kind = run.strategy.timestep_weight
-    w = timestep_weight(kind, t, T, snr)
-    if w is None:
-        return None, None
-    if kind == "lambda" and run.method in LOGIT_WEIGHT_METHODS:
-        return w, None
-    return None, w
 
 
 def finetune(
@@ -319,7 +384,7 @@ def finetune(
     frozen = [False] * M
     groups: dict[tuple, list[int]] = {}
     for m, r in enumerate(runs):
-        groups.setdefault((r.method, r.beta, r.strategy.timestep_weight), []).append(m)
+        groups.setdefault((r.method, r.beta, r.beta_out, r.strategy.timestep_weight), []).append(m)
     tail = max(1, ft.steps // 10)
     loss_acc, iacc_acc = torch.zeros(M), torch.zeros(M)
     for step in range(1, ft.steps + 1):
@@ -357,16 +422,27 @@ def finetune(
             def flat(z: Tensor, g_idx: Tensor = g_idx) -> Tensor:
                 return z[g_idx].reshape(-1, *z.shape[2:])  # (G B, ...)
 
-            lw, ww = _weights(r0, flat(t), T, snr)
-            out = _preference_losses(
-                r0, flat(p_w), flat(p_l), flat(r_w), flat(r_l), flat(r_l_neg), flat(eps), lw, ww
+            kind = r0.strategy.timestep_weight
+            beta, beta_logit = r0.loss_scales(ft.beta_out)
+            out = method_loss(
+                r0.method,
+                pred_w=flat(p_w),
+                pred_l=flat(p_l),
+                ref_w=flat(r_w),
+                ref_l=flat(r_l),
+                ref_l_neg=flat(r_l_neg),
+                target_w=flat(eps),  # winner and loser share the forward noise
+                target_l=flat(eps),
+                beta=beta,
+                beta_logit=beta_logit,
+                weight=timestep_weight(kind, flat(t), T, snr),
+                weight_kind=kind,
             )
-            per_sample = out if isinstance(out, Tensor) else out.loss  # sft: bare loss
-            per_member = per_sample.reshape(g, B).mean(1)  # (G,)
+            per_member = out.loss.reshape(g, B).mean(1)  # (G,)
             total = total + per_member.sum()  # members are independent
             if step > ft.steps - tail:
                 loss_acc[g_idx] += per_member.detach() / tail
-                if not isinstance(out, Tensor):
+                if method_spec(r0.method).preference:
                     iacc_acc[g_idx] += out.implicit_acc.reshape(g, B).mean(1) / tail
         grads = torch.autograd.grad(total, list(params.values()))
         opt.step(dict(zip(params, grads, strict=True)))
@@ -377,7 +453,7 @@ def finetune(
                     ref[k][due] = params[k][due].detach()
                 d_ref = forward(select(ref, due), probe_xt[due], probe_t[due], probe_c[due], mlp)
             for j, m in enumerate(due):
-                D = float(divergence_estimate(d_ref[j], init_probe[m], probe_eps[m]))
+                D = float(divergence_estimate(d_ref[j], init_probe[m]))
                 log.copy_steps[m].append(step)
                 log.divergences[m].append((step, D))
                 if rules[m].freezes(D):

@@ -5,6 +5,10 @@ puts there (weights in diffusers layout, ``trainer_state.pt``). It is first writ
 ``OUT/checkpoints/.tmp-step-000004`` and renamed into place only when complete, so a crash
 mid-write leaves the previous checkpoint as the newest loadable one. A checkpoint counts
 only if its name matches ``step-<digits>`` and it contains :data:`STATE_FILE`.
+
+:data:`STATE_FILE` also lists the size of every other file of the checkpoint
+(:data:`FILES_KEY`): :func:`find_resume` takes the newest checkpoint whose files are all
+there, complete, and readable, and says which damaged ones it passed over.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.trainlib.interrupt import critical
+
 STATE_FILE = "trainer_state.pt"
+FILES_KEY = "files"  # in STATE_FILE: {relative path: size in bytes} of the other files
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -58,13 +65,16 @@ def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        old = final.parent / (TMP_PREFIX + "old-" + final.name)
-        os.replace(final, old)
-        os.replace(tmp, final)
+    with critical():  # a signal waits for both renames: never a missing `final`
+        if final.exists():
+            old = final.parent / (TMP_PREFIX + "old-" + final.name)
+            os.replace(final, old)
+            os.replace(tmp, final)
+        else:
+            old = None
+            os.replace(tmp, final)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
     return final
 
 
@@ -76,7 +86,9 @@ def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep_l
         shutil.rmtree(stale, ignore_errors=True)
     path = atomic_write_dir(root / checkpoint_name(step), write)
     for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = root / (TMP_PREFIX + "del-" + old.name)  # renamed first: never half-deleted
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return path
 
 
@@ -91,6 +103,71 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint (no {STATE_FILE})")
     return path
+
+
+def file_sizes(d: Path) -> dict[str, int]:
+    """``{relative path: size}`` of every file under ``d`` (the checkpoint's manifest)."""
+    d = Path(d)
+    return {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def checkpoint_problem(path: Path) -> tuple[dict | None, str | None]:
+    """``(state, None)`` for an intact checkpoint, ``(None, what is wrong)`` otherwise:
+    an unreadable :data:`STATE_FILE`, a listed file missing or of another size, or a
+    safetensors file whose header does not cover it (truncated)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        state = load_state(path)
+    except Exception as e:  # torch.load: RuntimeError, EOFError, UnpicklingError, ...
+        return None, f"{STATE_FILE} unreadable ({_first_line(e)})"
+    if not isinstance(state, dict):
+        return None, f"{STATE_FILE} holds no trainer state"
+    for rel, size in (state.get(FILES_KEY) or {}).items():
+        f = path / rel
+        if not f.is_file():
+            return None, f"{rel} missing"
+        if f.stat().st_size != size:
+            return None, f"{rel} has {f.stat().st_size} bytes, {size} were written"
+    for f in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(f, "pt"):
+                pass
+        except Exception as e:
+            return None, f"{f.relative_to(path)} unreadable ({_first_line(e)})"
+    return state, None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+def find_resume(resume: str, root: Path) -> tuple[Path | None, dict | None, list[str]]:
+    """The checkpoint ``--resume`` names, its loaded state, and one note per damaged
+    checkpoint passed over. ``"latest"`` takes the newest intact one under ``root``
+    (``(None, None, notes)`` when there is none: a fresh start); a named directory must be
+    intact. Raises ``FileNotFoundError`` (or ``ValueError`` for a damaged named one, or when
+    every checkpoint under ``root`` is damaged)."""
+    if not resume:
+        return None, None, []
+    if resume != "latest":
+        path = resolve_resume(resume, root)
+        state, problem = checkpoint_problem(path)
+        if problem:
+            raise ValueError(f"--resume {resume}: damaged checkpoint: {problem}")
+        return path, state, []
+    notes = []
+    candidates = list_checkpoints(root)
+    for path in reversed(candidates):
+        state, problem = checkpoint_problem(path)
+        if problem is None:
+            return path, state, notes
+        notes.append(f"{path} is damaged ({problem})")
+    if candidates:
+        raise ValueError(f"--resume latest: every checkpoint under {root} is damaged: {notes[0]}")
+    return None, None, notes
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict:

@@ -1,22 +1,29 @@
 """Training configuration: one dataclass, ``--flags`` from its fields, ``--config file.json``.
 
 Precedence: dataclass defaults < ``--config`` JSON < command-line flags. :func:`resolve`
-then fills the method- and backbone-dependent defaults (beta, lr, timestep sampler) so that
-the ``config.json`` written into the run directory says exactly what ran.
+validates every value (numbers finite and in range) and fills the method- and
+backbone-dependent defaults (beta, lr, timestep sampler) so that the ``config.json`` written
+into the run directory says exactly what ran. :func:`resume_mismatches` compares a config
+with the one saved in a checkpoint: only the fields in :data:`RESUME_MAY_CHANGE` may differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
+import math
+import os
 import re
+import textwrap
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from minddspo.losses import CPP_METHODS, METHODS
+from bench.trainlib.outdir import write_text_atomic
+from minddspo.methods import CPP_METHODS, METHODS, SCORE_MATCHING_METHODS, method_spec
 from minddspo.refupdate import REF_UPDATES
 from minddspo.timesteps import SAMPLERS, WEIGHTS
 
@@ -25,6 +32,45 @@ OPTIMIZERS = ("adamw", "adafactor")
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 LR_PER_BETA = 1 / 2.048e8  # DDSPO App. E, after Diffusion-DPO: lr = beta / 2.048e8
+DPO_BETA = 8000.0  # Diffusion-DPO default (DDSPO App. E)
+DSPO_BETA = 0.001  # official DSPO SD-1.5 runs (outside beta; searched over 0.001, 0.01, 0.05)
+
+
+#: fields that may differ between a checkpoint and the run resuming it: none changes what is
+#: trained (``batch_size``/``grad_accum``: see :data:`RESUME_BATCH`)
+RESUME_MAY_CHANGE = (
+    "out",
+    "resume",
+    "max_steps",
+    "ckpt_every",
+    "keep_last",
+    "log_every",
+    "max_nonfinite",
+    "progress",
+    "debug_nan_steps",
+    "device",
+    "gradient_checkpointing",
+)
+#: may change on resume as long as batch_size x grad_accum x ranks (the pairs per optimizer
+#: step) stays: every step then reads the same pairs (bench/trainlib/data.py)
+RESUME_BATCH = ("batch_size", "grad_accum")
+_PATH_FIELDS = ("data", "pretrained", "winner_policy", "loser_policy")  # compared as real paths
+
+FLOAT32_MAX = 3.4028234663852886e38  # a larger lr overflows the optimizer's float32 math
+#: allowed ranges of the float fields (all must also be finite)
+_RANGES = {
+    "beta": (lambda v: v >= 0, ">= 0 (0 = the method's default)"),
+    "beta_logit": (lambda v: v >= 0, ">= 0 (0 = the default)"),
+    "lr": (lambda v: v >= 0, ">= 0 (0 = the default)"),
+    "lora_alpha": (lambda v: v >= 0, ">= 0 (0 = the rank)"),
+    "timestep_gamma": (lambda v: v > 0, "> 0"),
+    "ref_delta": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_eps": (lambda v: v > 0, "> 0"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+}
 
 
 class UsageError(ValueError):
@@ -47,16 +93,18 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # trade compute for activation memory
     # --- method (SPEC §2-§4)
     method: str = "ddspo"  # sft | dpo | dspo | dspo_cpp | ddspo
-    beta: float = 0.0  # 0 = paper default: dpo/dspo 8000, ddspo/dspo_cpp 16000 (2000 on sana)
-    beta_logit: float = 0.0  # dspo/dspo_cpp: beta inside the sigmoid; 0 = same as beta (official)
-    target_guidance: float = 1.0  # ddspo/dspo_cpp: CFG scale W of the reference targets (SPEC §2)
+    beta: float = 0.0  # 0 = default: dpo 8000, ddspo 16000 (2000 on sana); dspo/dspo_cpp: the OUTSIDE beta, official scale, 0.001
+    beta_logit: float = 0.0  # dspo/dspo_cpp: beta inside the sigmoid; 0 = dpo's default beta for dspo, ddspo's for dspo_cpp
+    target_guidance: float = 1.0  # ddspo/dspo_cpp: CFG-combined reference targets with scale W (a variant the official DDSPO code removed as 'not DDSPO'; SPEC §2)
     winner_policy: str = ""  # ddspo/dspo_cpp: denoiser dir giving y_w = f_win(x_t^w, c)
     loser_policy: str = ""  # ddspo/dspo_cpp: denoiser dir giving y_l = f_lose(x_t^l, c)
     independent_noise: bool = False  # draw separate forward noise for the loser branch
     timestep_sampler: str = (
         ""  # uniform | geometric | logit_normal; "" = uniform (logit_normal on sana)
     )
-    timestep_gamma: float = 0.9  # geometric sampler's gamma (P(t) ∝ gamma^(T-1-t))
+    timestep_gamma: float = (
+        0.9  # geometric sampler: decay per 1 percent of the schedule, P(t) ∝ gamma^(100 (T-1-t)/T)
+    )
     timestep_weight: str = "none"  # none | lambda (logit weight) | linear (loss weight)
     ref_update: str = "frozen"  # frozen | periodic (Kang et al. stable reference update)
     ref_tau: int = 32  # periodic: copy the policy into the reference every tau optimizer steps
@@ -70,7 +118,9 @@ class TrainConfig:
     # --- optimisation
     max_steps: int = 100  # optimizer steps (skipped non-finite steps count too)
     optimizer: str = "adamw"  # adamw | adafactor
-    lr: float = 0.0  # 0 = beta / 2.048e8 (DDSPO App. E) for preference methods, 1e-5 for sft
+    lr: float = (
+        0.0  # 0 = beta / 2.048e8 (DDSPO App. E; dspo/dspo_cpp: beta_logit / 2.048e8), 1e-5 for sft
+    )
     warmup_steps: int = 0  # linear warmup; the paper uses 100 on SD/SDXL, 0 on SANA
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     adam_beta1: float = 0.9  # AdamW beta1
@@ -91,7 +141,7 @@ class TrainConfig:
     @property
     def uses_neg(self) -> bool:
         """Does the method evaluate the reference on the degraded prompt c-?"""
-        return self.method in CPP_METHODS and not self.policy_pair
+        return "l_neg" in method_spec(self.method).ref_rows(self.policy_pair)
 
     @property
     def policy_pair(self) -> bool:
@@ -112,11 +162,36 @@ def _field_help() -> dict[str, str]:
     return {m[1]: m[2] for m in re.finditer(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.+)$", src, re.M)}
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def epilog() -> str:
+    """The ``--help`` text after the flags: run directory, resume rules, exit codes."""
+    may = ", ".join(_flag(n) for n in RESUME_MAY_CHANGE)
+    paragraphs = [
+        "--out must not hold a run (config.json, metrics.jsonl, checkpoints/, final/) unless "
+        "--resume is given.",
+        "On --resume the config must match the checkpoint's in everything that changes what "
+        "is trained; a mismatch is one error line naming the fields. May change on resume: "
+        f"{may}; and --batch-size, --grad-accum as long as batch-size x grad-accum x ranks "
+        "stays the same (another number of ranks restarts the noise streams, with a warning).",
+        "Exit codes: 0 done; 1 training aborted (non-finite loss, gradient or parameters; "
+        "nothing non-finite is ever saved); 2 bad input, refused, or a write failed such as a "
+        "full disk (one 'error:' line; earlier checkpoints stay intact); 130 / 143 interrupted "
+        "by Ctrl-C / SIGTERM (resume with --resume latest).",
+    ]
+    wrap = functools.partial(textwrap.fill, width=88, break_on_hyphens=False)
+    return "\n\n".join(wrap(p) for p in paragraphs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_t2i.py",
         description="Preference fine-tuning of text-to-image diffusion models "
         "(sft, dpo, dspo, dspo_cpp, ddspo).",
+        epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the epilog's paragraphs
     )
     p.add_argument("--config", default="", help="JSON file of field values (flags override it)")
     helps = _field_help()
@@ -209,7 +284,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise UsageError(
                 "--target-guidance and a --winner/--loser-policy pair exclude each other"
             )
-    if cfg.beta_logit and cfg.method not in ("dspo", "dspo_cpp"):
+    if cfg.beta_logit and cfg.method not in SCORE_MATCHING_METHODS:
         raise UsageError("--beta-logit applies to dspo and dspo_cpp only")
     if cfg.dtype == "fp16" and cfg.device == "cpu":
         raise UsageError("--dtype fp16 needs CUDA; use bf16 or fp32 on CPU")
@@ -221,10 +296,19 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         ) from None
     if cfg.timestep_sampler:
         _choice("timestep sampler", cfg.timestep_sampler, SAMPLERS)
-    for name in ("beta", "lr"):
-        if getattr(cfg, name) < 0:
-            raise UsageError(f"--{name} must be > 0")
+    _check_numbers(cfg)
     return resolve_for_backbone(cfg, cfg.backbone) if cfg.backbone else cfg
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Every float field finite (argparse and JSON both accept inf and nan) and in range."""
+    for f in fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX):
+            raise UsageError(f"{_flag(f.name)} must be a finite float32 number, got {v:g}")
+    for name, (ok, wording) in _RANGES.items():
+        if not ok(getattr(cfg, name)):
+            raise UsageError(f"{_flag(name)} must be {wording}, got {getattr(cfg, name)}")
 
 
 def resolve_for_backbone(cfg: TrainConfig, backbone: str) -> TrainConfig:
@@ -233,14 +317,56 @@ def resolve_for_backbone(cfg: TrainConfig, backbone: str) -> TrainConfig:
     if not cfg.timestep_sampler:
         cfg.timestep_sampler = "logit_normal" if cfg.backbone == "sana" else "uniform"
     _choice("timestep sampler", cfg.timestep_sampler, SAMPLERS)
+    score_matching = cfg.method in SCORE_MATCHING_METHODS
+    # the logistic methods' default beta; DSPO's logit is D-DPO's, DSPO+CPP's is DDSPO's
+    logit_beta = (
+        (2000.0 if cfg.backbone == "sana" else 16000.0) if cfg.method in CPP_METHODS else DPO_BETA
+    )
     if cfg.beta == 0:
-        if cfg.method in CPP_METHODS:
-            cfg.beta = 2000.0 if cfg.backbone == "sana" else 16000.0
-        else:
-            cfg.beta = 8000.0
-    if cfg.lr == 0:
-        cfg.lr = 1e-5 if cfg.method == "sft" else cfg.beta * LR_PER_BETA
+        cfg.beta = DSPO_BETA if score_matching else logit_beta
+    if score_matching and cfg.beta_logit == 0:
+        cfg.beta_logit = logit_beta
+    if cfg.lr == 0:  # from the logit scale: DSPO's tiny outside beta would give lr ~ 5e-12
+        scale = cfg.beta_logit if score_matching else cfg.beta
+        cfg.lr = 1e-5 if cfg.method == "sft" else scale * LR_PER_BETA
     return cfg
+
+
+def resume_mismatches(
+    cfg: TrainConfig,
+    saved: dict,
+    *,
+    world: int,
+    saved_world: int,
+    same_data: bool | None = None,
+) -> list[str]:
+    """``--flag old -> new`` for each field of the resolved ``cfg`` that differs from the
+    checkpoint's ``saved`` config and changes what is trained. Paths compare as real paths;
+    ``same_data`` (the datasets' fingerprints agree), when known, replaces the path test of
+    ``--data``; ``batch_size``/``grad_accum`` count only through the pairs per step."""
+    out = []
+    for f in fields(TrainConfig):
+        if f.name in RESUME_MAY_CHANGE or f.name in RESUME_BATCH:
+            continue
+        new, old = getattr(cfg, f.name), saved.get(f.name, f.default)
+        if f.name == "data" and same_data is not None:
+            if not same_data:
+                out.append(f"--data (another dataset: {old!r} -> {new!r})")
+            continue
+        if f.name in _PATH_FIELDS and new and old:
+            if os.path.realpath(new) == os.path.realpath(old):
+                continue
+        if new != old:
+            out.append(f"{_flag(f.name)} {old!r} -> {new!r}")
+    pairs = cfg.batch_size * cfg.grad_accum * world
+    saved_pairs = (
+        saved.get("batch_size", TrainConfig.batch_size)
+        * saved.get("grad_accum", TrainConfig.grad_accum)
+        * saved_world
+    )
+    if pairs != saved_pairs:
+        out.append(f"pairs per step (--batch-size x --grad-accum x ranks) {saved_pairs} -> {pairs}")
+    return out
 
 
 def to_dict(cfg: TrainConfig) -> dict:
@@ -248,4 +374,4 @@ def to_dict(cfg: TrainConfig) -> dict:
 
 
 def write_config(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n")
+    write_text_atomic(path, json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n")

@@ -9,7 +9,9 @@ data order bit for bit with no sampler state to save.
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -35,3 +37,12 @@ def batch_indices(
 def epoch_of(n: int, *, step: int, accum: int, world: int, batch: int) -> int:
     """The epoch a step starts in (for logging)."""
     return (step * accum * world * batch) // n
+
+
+def dataset_fingerprint(root: str | Path) -> str:
+    """sha256 of a pair dataset's ``info.json`` and ``metadata.jsonl``: the same pairs in the
+    same order whatever folder the dataset was copied to (``--resume`` compares it)."""
+    h = hashlib.sha256()
+    for name in ("info.json", "metadata.jsonl"):
+        h.update((Path(root) / name).read_bytes())
+    return h.hexdigest()

@@ -140,11 +140,10 @@ class DivergenceProbe:
         noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
         self.backbone, self.cond, self.t, self.autocast = backbone, cond, t, autocast
         self.x_t = backbone.noise(x0, noise, t)
-        self.target = backbone.target(x0, noise, t)
         with autocast():
             self.init_pred = reference(self.x_t, t, cond).float()
 
     def __call__(self, reference: Reference) -> float:
         with self.autocast():
             pred = reference(self.x_t, self.t, self.cond)
-        return float(divergence_estimate(pred.float(), self.init_pred, self.target))
+        return float(divergence_estimate(pred.float(), self.init_pred))

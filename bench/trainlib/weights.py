@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.trainlib.checkpoint import STATE_FILE
+from bench.trainlib.checkpoint import FILES_KEY, STATE_FILE, file_sizes
 from bench.trainlib.reference import Reference, trainable_state
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (UNet and SANA)
@@ -69,7 +69,9 @@ def write_checkpoint(
     save_policy(backbone, policy, d, lora)
     if reference is not None:  # a periodically updated reference is state too
         reference.save(d / "reference")
-    torch.save(trainer_state, d / STATE_FILE)  # written last: marks the checkpoint complete
+    # written last, with the size of every file above: marks the checkpoint complete and
+    # lets a resume tell a truncated checkpoint from an intact one
+    torch.save({**trainer_state, FILES_KEY: file_sizes(d)}, d / STATE_FILE)
 
 
 @torch.no_grad()
@@ -80,6 +82,13 @@ def load_policy(backbone, policy: torch.nn.Module, ckpt: Path, lora: bool) -> No
             params[n].copy_(x)
     else:
         policy.load_state_dict(backbone.load_denoiser(ckpt).state_dict())
+
+
+@torch.no_grad()
+def all_finite(params) -> bool:
+    """Are all tensors in ``params`` free of inf and NaN? (one device sync)"""
+    flags = [torch.isfinite(p).all() for p in params]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def param_digest(module: torch.nn.Module) -> str:

@@ -1,0 +1,234 @@
+"""The toy and the trainer route every method through minddspo.methods.method_loss, with
+the right tensors in the right places. Each test recomputes one step's tensors on its own
+(generator draws, forward passes, targets) and compares them with what the caller passed,
+so swapping the winner/loser policies, f_ref(x_t^l, c) for f_ref(x_t^l, c-), a halved
+beta or a weight in the wrong place fails here; the table's own semantics are pinned in
+tests/test_methods.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from toy_helpers import TINY
+
+import toy2d.train as tt
+from minddspo.methods import method_loss
+from minddspo.timesteps import lambda_table, sample_timesteps
+from toy2d.data import generator
+from toy2d.model import forward
+
+FT = tt.FinetuneConfig(steps=2, batch=8, n_probe=8)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINDDSPO_CACHE", str(tmp_path / "cache"))
+
+
+def _spy(monkeypatch, module):
+    calls = []
+    real = module.method_loss
+
+    def spy(method, **kw):
+        out = real(method, **kw)
+        calls.append((method, kw, out))
+        return out
+
+    monkeypatch.setattr(module, "method_loss", spy)
+    return calls
+
+
+def _toy_step_tensors(run, ft, refs, params, step):
+    """Recompute step ``step``'s inputs of member ``run`` from its own generator."""
+    setup, T = TINY, TINY.schedule.num_train_timesteps
+    sched = setup.schedule.build()
+    pairs = tt.make_preference_pairs(setup, ft.pairs, run.n_pairs, run.seed, refs[run.seed])
+    g = generator("finetune", *run.key())
+    for _ in range(step):  # the same draws, in the same order, as finetune
+        idx = torch.randint(0, len(pairs.c), (ft.batch,), generator=g)
+        t = sample_timesteps(run.strategy.timestep_sampler, ft.batch, T, g)
+        eps = torch.randn(ft.batch, 2, generator=g)
+    t1, eps1 = t[None], eps[None]
+    xt_w = sched.add_noise(pairs.x_w[idx][None], eps1, t1)
+    xt_l = sched.add_noise(pairs.x_l[idx][None], eps1, t1)
+    c, c_neg = pairs.c[idx][None], pairs.c_neg[idx][None]
+    ref = refs[run.seed]
+    f = lambda p, x, cc: forward(p, x, t1, cc, setup.mlp)[0]  # noqa: E731
+    return {
+        "pred_w": f(params, xt_w, c),
+        "pred_l": f(params, xt_l, c),
+        "ref_w": f(ref, xt_w, c),
+        "ref_l": f(ref, xt_l, c),
+        "ref_l_neg": f(ref, xt_l, c_neg),
+        "target_w": eps,
+        "target_l": eps,
+        "t": t,
+        "snr": sched.snr(),
+    }
+
+
+@pytest.mark.parametrize(
+    "method, beta, weight",
+    [
+        ("ddspo", 400.0, "lambda"),
+        ("dpo", 200.0, "linear"),
+        ("dspo", 800.0, "none"),
+        ("dspo_cpp", 400.0, "lambda"),
+        ("sft", 400.0, "none"),
+    ],
+)
+def test_one_toy_step_is_a_method_table_call_on_the_right_tensors(
+    monkeypatch, method, beta, weight
+):
+    refs = tt.load_references(TINY, [0])
+    run = tt.Run(method, 3, beta, 0, tt.Strategy(timestep_weight=weight))
+    params1, _ = tt.finetune(TINY, replace(FT, steps=1), [run], refs)  # the policy after step 1
+    calls = _spy(monkeypatch, tt)
+    _, log = tt.finetune(TINY, FT, [run], refs)
+    assert [c[0] for c in calls] == [method, method]  # one table call per step
+    _, kw, out = calls[1]
+    want = _toy_step_tensors(run, FT, refs, params1, step=2)
+    names = (
+        ("pred_w", "target_w")
+        if method == "sft"
+        else tuple(k for k in want if k[0] in "prt" and k != "t")
+    )
+    for name in names:
+        torch.testing.assert_close(kw[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    # scales: the cell's beta is the logit scale; DSPO-family runs take beta_out outside
+    if method in ("dspo", "dspo_cpp"):
+        assert (kw["beta"], kw["beta_logit"]) == (FT.beta_out, beta)
+    else:
+        assert (kw["beta"], kw["beta_logit"]) == (beta, None)
+    assert kw["weight_kind"] == weight
+    if weight == "lambda":
+        torch.testing.assert_close(kw["weight"], lambda_table(want["snr"])[want["t"]].float())
+    elif weight == "linear":
+        T = TINY.schedule.num_train_timesteps
+        torch.testing.assert_close(kw["weight"], want["t"].float() / (T - 1))
+    else:
+        assert kw["weight"] is None
+    # and the step's loss (the logged tail loss: one step) is that direct call's
+    direct = method_loss(
+        method,
+        **{k: want[k] for k in names},
+        beta=kw["beta"],
+        beta_logit=kw["beta_logit"],
+        weight=kw["weight"],
+        weight_kind=weight,
+    )
+    assert log.final_loss[0] == pytest.approx(direct.loss.mean().item(), rel=1e-5)
+
+
+def test_toy_dspo_runs_take_their_own_beta_out(monkeypatch):
+    refs = tt.load_references(TINY, [0])
+    calls = _spy(monkeypatch, tt)
+    runs = [tt.Run("dspo", 3, 400.0, 0, beta_out=0.5), tt.Run("dspo", 3, 400.0, 0, beta_out=0.01)]
+    tt.finetune(TINY, replace(FT, steps=1), runs, refs)
+    assert sorted(kw["beta"] for _, kw, _ in calls) == [0.01, 0.5]
+    with pytest.raises(ValueError, match="beta_out applies to"):
+        tt.Run("dpo", 3, 400.0, 0, beta_out=0.5)
+
+
+# ----------------------------------------------------------------------- trainer
+
+
+@pytest.fixture(scope="module")
+def t2i():
+    from bench.adapters import tiny_backbone
+    from bench.trainlib.reference import Reference
+
+    torch.manual_seed(0)
+    bb = tiny_backbone("sd", seed=0)
+    policy = bb.denoiser
+    ref = Reference(bb, policy, lora=False, periodic=False)
+    with torch.no_grad():  # move the policy away from the reference: every term non-trivial
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return bb, policy, ref
+
+
+def _t2i_inputs(bb, guidance=1.0):
+    from bench.train_t2i import encode_step
+
+    g = torch.Generator().manual_seed(3)
+    shape = (2, bb.latent_channels, 8, 8)
+    x0_w, x0_l = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    noise_w, noise_l = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    t = torch.tensor([100, 700])
+    conds = encode_step(
+        bb, ["a red cube", "two cats"], ["red", "cats"], need_neg=True, need_uncond=guidance != 1
+    )
+    return x0_w, x0_l, conds, t, noise_w, noise_l
+
+
+@pytest.mark.parametrize(
+    "method, guidance, pair, weight",
+    [
+        ("ddspo", 1.0, False, "lambda"),
+        ("dspo_cpp", 1.0, False, "linear"),
+        ("dpo", 1.0, False, "none"),
+        ("dspo", 1.0, False, "lambda"),
+        ("ddspo", 3.0, False, "none"),
+        ("dspo_cpp", 2.0, False, "none"),
+        ("ddspo", 1.0, True, "none"),
+        ("sft", 1.0, False, "linear"),
+    ],
+)
+def test_trainer_step_is_a_method_table_call_on_the_right_tensors(
+    monkeypatch, t2i, method, guidance, pair, weight
+):
+    import bench.train_t2i as tr
+    from bench.trainlib.config import TrainConfig, resolve
+    from minddspo.schedules import cfg_combine
+
+    bb, policy, ref = t2i
+    cfg = resolve(
+        TrainConfig(tiny=True, method=method, target_guidance=guidance, timestep_weight=weight)
+    )
+    x0_w, x0_l, conds, t, n_w, n_l = _t2i_inputs(bb, guidance)
+    c, c_neg, c_unc = conds
+    win = lose = None
+    if pair:  # two distinct "fine-tunes": the reference net, perturbed two ways
+        win, lose = (ref.net, policy)
+    calls = _spy(monkeypatch, tr)
+    loss, _ = tr.compute_loss(
+        cfg, bb, policy, ref, x0_w, x0_l, conds, t, n_w, n_l, (win, lose) if pair else None
+    )
+    ((m, kw, out),) = calls
+    assert m == method and torch.equal(loss, out.loss)
+    x_w, x_l = bb.noise(x0_w, n_w, t), bb.noise(x0_l, n_l, t)
+    with torch.no_grad():
+        want = {
+            "pred_w": bb.forward(policy, x_w, t, c),
+            "target_w": bb.target(x0_w, n_w, t),
+        }
+        if method != "sft":
+            want |= {
+                "pred_l": bb.forward(policy, x_l, t, c),
+                "ref_w": ref(x_w, t, c),
+                "ref_l": ref(x_l, t, c),
+                "target_l": bb.target(x0_l, n_l, t),
+            }
+        if method in ("ddspo", "dspo_cpp") and not pair:
+            want["ref_l_neg"] = ref(x_l, t, c_neg)
+        if guidance != 1.0:
+            want["pair_w"] = cfg_combine(ref(x_w, t, c_unc), ref(x_w, t, c), guidance)
+            want["pair_l"] = cfg_combine(ref(x_l, t, c_unc), ref(x_l, t, c_neg), guidance)
+        if pair:
+            want["pair_w"] = bb.forward(win, x_w, t, c)
+            want["pair_l"] = bb.forward(lose, x_l, t, c)
+    for name, value in want.items():
+        torch.testing.assert_close(kw[name].detach(), value, rtol=1e-4, atol=1e-5, msg=name)
+    if "pair_w" not in want:
+        assert kw.get("pair_w") is None
+    assert kw.get("beta", cfg.beta) == cfg.beta and (method == "sft") == ("beta" not in kw)
+    assert kw.get("beta_logit") == (cfg.beta_logit if method in ("dspo", "dspo_cpp") else None)
+    assert kw["weight_kind"] == weight
+    if weight == "none":
+        assert kw["weight"] is None
+    else:
+        torch.testing.assert_close(kw["weight"], bb.t_weight(weight, t))
