@@ -82,6 +82,7 @@ from bench.trainlib.weights import (  # noqa: E402
     all_finite,
     load_policy,
     param_digest,
+    save_final_pipeline,
     save_lora,
     write_checkpoint,
 )
@@ -706,6 +707,11 @@ def _run(cfg: TrainConfig, env: DistEnv, st: dict) -> Path:
         with writing(out / "final"):
             if cfg.lora:
                 atomic_write_dir(out / "final", lambda d: save_lora(backbone, policy, d))
+            elif cfg.pretrained:  # the untouched components as given, the trained denoiser
+                atomic_write_dir(
+                    out / "final",
+                    lambda d: save_final_pipeline(backbone, policy, cfg.pretrained, d),
+                )
             else:
                 atomic_write_dir(out / "final", backbone.save_pretrained)
 

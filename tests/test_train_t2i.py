@@ -444,3 +444,69 @@ def test_data_order_shards_epochs_across_ranks():
     epoch0 = [batch_indices(10, seed=0, step=s, micro=0, accum=1, rank=0, world=1, batch=5)
               for s in range(2)]  # fmt: skip
     assert sorted(epoch0[0] + epoch0[1]) == list(range(10))
+
+
+def test_lora_with_alpha_not_rank_loads_at_the_trained_scale(data, tmp_path):
+    """A LoRA trained with alpha != rank predicts the same after diffusers'
+    load_lora_weights (and our sample.py loader) as the trained network did."""
+    from diffusers import StableDiffusionPipeline
+
+    from bench.adapters import tiny_backbone
+    from bench.sample import load_checkpoint
+    from bench.trainlib.weights import add_lora
+
+    flags = ("--method", "dpo", "--lora", "4", "--lora-alpha", "16", "--max-steps", "3")
+    assert run(data, tmp_path, *flags, "--lr", "1e-2") == 0
+    # the trained network: the tiny base + the exact trained adapters at alpha 16
+    bb = tiny_backbone("sd", seed=0)
+    trained = bb.denoiser
+    add_lora(trained, 4, 16.0)
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    weights.load_policy(bb, trained, ckpt, lora=True)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500])
+    cond = bb.encode_prompts(["a red fox", "two cats"])
+    with torch.no_grad():
+        want = bb.forward(trained, x, t, cond)
+        trained.disable_adapters()
+        base = bb.forward(trained, x, t, cond)
+    assert (want - base).abs().max() > 1e-3  # the adapters matter at this scale
+    pipe = StableDiffusionPipeline(
+        **tiny_components("sd"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.load_lora_weights(tmp_path / "final")
+    with torch.no_grad():
+        got = bb.forward(pipe.unet, x, t, cond)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    net = load_checkpoint(tiny_backbone("sd", seed=0), tmp_path / "final")
+    with torch.no_grad():
+        torch.testing.assert_close(bb.forward(net, x, t, cond), want, rtol=1e-4, atol=1e-5)
+
+
+def test_final_copies_untouched_components_and_writes_only_the_denoiser(data, tmp_path):
+    """A bf16 run from --pretrained: text encoder, tokenizer and VAE in final/ are the
+    pretrained files byte for byte; the denoiser is the trained one, in float32."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = save_tiny_pipeline("sd", tmp_path / "pipe")
+    out = tmp_path / "run"
+    argv = ["--pretrained", str(pipe), "--data", str(data), "--out", str(out), "--no-progress"]
+    argv += ["--method", "dpo", "--max-steps", "2", "--dtype", "bf16", "--lr", "1e-3"]
+    assert train_t2i.main(argv) == 0
+    final = out / "final"
+    for comp in ("text_encoder", "tokenizer", "vae"):
+        src = sorted(p.relative_to(pipe) for p in (pipe / comp).rglob("*") if p.is_file())
+        dst = sorted(p.relative_to(final) for p in (final / comp).rglob("*") if p.is_file())
+        assert src == dst, comp  # every file (vocab, merges, ...) is there
+        for rel in src:
+            assert (pipe / rel).read_bytes() == (final / rel).read_bytes(), rel
+    unet = UNet2DConditionModel.from_pretrained(final / "unet", local_files_only=True)
+    trained = UNet2DConditionModel.from_pretrained(
+        latest_checkpoint(out / "checkpoints") / "unet", local_files_only=True
+    )
+    assert all(p.dtype == torch.float32 for p in unet.parameters())
+    assert tensors_equal(unet.state_dict(), trained.state_dict())
+    base = UNet2DConditionModel.from_pretrained(pipe / "unet", local_files_only=True)
+    assert not tensors_equal(unet.state_dict(), base.state_dict())
+    StableDiffusionPipeline.from_pretrained(final, local_files_only=True, safety_checker=None)

@@ -54,12 +54,58 @@ def save_lora(backbone, policy: torch.nn.Module, out: Path) -> None:
     save_file(
         {n: p.detach().contiguous() for n, p in trainable_state(policy).items()}, out / LORA_STATE
     )
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(policy))
+    layers = fold_lora_scale(
+        convert_state_dict_to_diffusers(get_peft_model_state_dict(policy)), policy
+    )
     if backbone.name == "sana":
         SanaPipeline.save_lora_weights(out, transformer_lora_layers=layers)
     else:
         cls = StableDiffusionXLPipeline if backbone.name == "sdxl" else StableDiffusionPipeline
         cls.save_lora_weights(out, unet_lora_layers=layers)
+
+
+def fold_lora_scale(layers: dict[str, torch.Tensor], policy: torch.nn.Module) -> dict:
+    """Multiply the up (B) matrices by ``alpha / rank``, so the file means the trained network
+    at scale 1.
+
+    diffusers' LoRA file holds no alpha: ``load_lora_weights`` (and ``sample.py``) rebuild the
+    adapters with ``alpha = rank``, so a LoRA trained with ``--lora-alpha`` != rank came back
+    at the wrong scale. With the scale folded into B, ``B' A = (alpha / r) B A`` is the
+    trained update under any loader. (The raw tensors for ``--resume`` stay unfolded.)
+    """
+    cfg = policy.peft_config["default"]
+    scale = float(cfg.lora_alpha) / float(cfg.r)
+    if scale == 1.0:
+        return layers
+    up = (".lora.up.", ".lora_B.")
+    folded = {k: (v * scale if any(u in k for u in up) else v) for k, v in layers.items()}
+    if not any(any(u in k for u in up) for k in layers):
+        raise ValueError("no LoRA up/B matrices found to fold the alpha/rank scale into")
+    return folded
+
+
+def save_final_pipeline(
+    backbone, policy: torch.nn.Module, pretrained: str | Path, out: Path
+) -> None:
+    """``final/`` of a full fine-tune from ``--pretrained``: every component except the
+    denoiser is copied byte for byte from the pretrained directory (so a bf16 run does not
+    re-save the text encoders in bf16, and tokenizers keep every file), then the trained
+    denoiser is written in its fp32 master weights, and the scheduler as trained (a
+    ``--prediction-type`` override must reach the sampler)."""
+    import shutil
+
+    src, out = Path(pretrained), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = {backbone.denoiser_subfolder, "scheduler"}
+    for entry in src.iterdir():
+        if entry.name in skip or entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, out / entry.name)
+        else:
+            shutil.copy2(entry, out / entry.name)
+    policy.save_pretrained(out / backbone.denoiser_subfolder, safe_serialization=True)
+    backbone.components["scheduler"].save_pretrained(out / "scheduler")
 
 
 def write_checkpoint(
