@@ -209,6 +209,22 @@ def compute_loss(
     return out.loss, _diag(out)
 
 
+def drop_prompts(
+    cfg: TrainConfig, gen: torch.Generator, prompts: list[str], negs: list[str]
+) -> tuple[list[str], list[str]]:
+    """``--proportion-empty-prompts p``: each pair's prompt (and its degraded prompt) becomes
+    "" with probability p, as the Diffusion-DPO and DSPO trainers do (their default 0.2), so
+    the model keeps an unconditional branch for CFG. p = 0 draws nothing from ``gen``."""
+    p = cfg.proportion_empty_prompts
+    if p <= 0:
+        return list(prompts), list(negs)
+    drop = (torch.rand(len(prompts), generator=gen) < p).tolist()
+    return (
+        ["" if d else c for c, d in zip(prompts, drop, strict=True)],
+        ["" if d else c for c, d in zip(negs, drop, strict=True)],
+    )
+
+
 def draw_noise(cfg: TrainConfig, backbone: Backbone, gen: torch.Generator, x0: torch.Tensor):
     """Timesteps and forward noise from this rank's generator (drawn on the CPU, so a run
     does not depend on the device). Winner and loser share both unless --independent-noise."""
@@ -575,10 +591,11 @@ def _run(cfg: TrainConfig, env: DistEnv, st: dict) -> Path:
                 batch = collate_pairs([dataset[i] for i in idx])
                 x0_w, x0_l = batch["x0_w"].to(device), batch["x0_l"].to(device)  # (B, C, h, w)
                 t, noise_w, noise_l = draw_noise(cfg, backbone, gen, x0_w)
+                prompts, negs = drop_prompts(cfg, gen, batch["prompt"], batch["neg_prompt"])
                 conds = encode_step(
                     backbone,
-                    batch["prompt"],
-                    batch["neg_prompt"],
+                    prompts,
+                    negs,
                     need_neg=cfg.uses_neg,
                     need_uncond=cfg.target_guidance != 1.0,
                 )

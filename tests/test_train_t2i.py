@@ -133,7 +133,7 @@ def test_backbones_and_options(data_for, tmp_path, backbone, flags):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["backbone"] == backbone
     if backbone == "sana":
-        assert cfg["timestep_sampler"] == "logit_normal"
+        assert cfg["timestep_sampler"] == "uniform"  # the official SANA script and the paper
         if "dspo_cpp" in flags:  # the official outside beta, DDSPO's SANA beta inside
             assert cfg["beta"] == 0.001 and cfg["beta_logit"] == 2000
         else:
@@ -412,7 +412,7 @@ def test_config_flags_json_and_resolution(tmp_path):
     assert (cfg.method, cfg.batch_size, cfg.beta) == ("dpo", 3, 5000.0)  # flags beat the file
     assert cfg.lr == pytest.approx(5000 / 2.048e8)  # DDSPO App. E: lr = beta / 2.048e8
     sana = parse_args(["--tiny", "--backbone", "sana", "--method", "ddspo"])
-    assert (sana.beta, sana.timestep_sampler) == (2000.0, "logit_normal")
+    assert (sana.beta, sana.timestep_sampler) == (2000.0, "uniform")
     assert parse_args(["--tiny", "--no-progress"]).progress is False
     for bad, msg in [
         (["--tiny", "--method", "kto"], "unknown method"),
@@ -510,3 +510,32 @@ def test_final_copies_untouched_components_and_writes_only_the_denoiser(data, tm
     base = UNet2DConditionModel.from_pretrained(pipe / "unet", local_files_only=True)
     assert not tensors_equal(unet.state_dict(), base.state_dict())
     StableDiffusionPipeline.from_pretrained(final, local_files_only=True, safety_checker=None)
+
+
+def test_proportion_empty_prompts_drops_whole_pairs_reproducibly():
+    from bench.trainlib.config import TrainConfig, UsageError, resolve
+
+    cfg = resolve(TrainConfig(tiny=True, proportion_empty_prompts=0.5))
+    prompts, negs = [f"prompt {i}" for i in range(400)], [f"neg {i}" for i in range(400)]
+    p1, n1 = train_t2i.drop_prompts(cfg, torch.Generator().manual_seed(0), prompts, negs)
+    p2, _ = train_t2i.drop_prompts(cfg, torch.Generator().manual_seed(0), prompts, negs)
+    assert p1 == p2  # from the rank's generator: reproducible, and resumable
+    dropped = [i for i, p in enumerate(p1) if p == ""]
+    assert dropped == [i for i, n in enumerate(n1) if n == ""]  # prompt and c- together
+    assert 150 < len(dropped) < 250
+    assert all(p1[i] == prompts[i] and n1[i] == negs[i] for i in set(range(400)) - set(dropped))
+    # p = 0 leaves everything and draws nothing
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    none = resolve(TrainConfig(tiny=True))
+    assert train_t2i.drop_prompts(none, g, prompts, negs) == (prompts, negs)
+    assert torch.equal(g.get_state(), state)
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(UsageError, match="proportion-empty-prompts"):
+            resolve(TrainConfig(tiny=True, proportion_empty_prompts=bad))
+
+
+def test_proportion_empty_prompts_trains(data, tmp_path):
+    assert run(data, tmp_path, "--method", "ddspo", "--max-steps", "2",
+               "--proportion-empty-prompts", "0.5") == 0  # fmt: skip
+    assert json.loads((tmp_path / "config.json").read_text())["proportion_empty_prompts"] == 0.5

@@ -99,9 +99,8 @@ class TrainConfig:
     winner_policy: str = ""  # ddspo/dspo_cpp: denoiser dir giving y_w = f_win(x_t^w, c)
     loser_policy: str = ""  # ddspo/dspo_cpp: denoiser dir giving y_l = f_lose(x_t^l, c)
     independent_noise: bool = False  # draw separate forward noise for the loser branch
-    timestep_sampler: str = (
-        ""  # uniform | geometric | logit_normal; "" = uniform (logit_normal on sana)
-    )
+    proportion_empty_prompts: float = 0.0  # share of pairs trained on the empty prompt (Diffusion-DPO/DSPO use 0.2; DDSPO's official code 0)
+    timestep_sampler: str = ""  # uniform | geometric | logit_normal; "" = uniform (official DDSPO and paper, also on sana)
     timestep_gamma: float = (
         0.9  # geometric sampler: decay per 1 percent of the schedule, P(t) ∝ gamma^(100 (T-1-t)/T)
     )
@@ -271,6 +270,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.lora < 0 or cfg.warmup_steps < 0 or cfg.ckpt_every < 0 or cfg.log_every < 1:
         raise UsageError("--lora, --warmup-steps and --ckpt-every must be >= 0, --log-every >= 1")
+    if not 0.0 <= cfg.proportion_empty_prompts < 1.0:
+        raise UsageError(
+            f"--proportion-empty-prompts must be in [0, 1), got {cfg.proportion_empty_prompts}"
+        )
     if cfg.ref_tau < 1 or not cfg.ref_delta > 0 or cfg.ref_probe < 1:
         raise UsageError("--ref-tau and --ref-probe must be >= 1 and --ref-delta > 0")
     if cfg.target_guidance != 1.0 and cfg.method not in CPP_METHODS:
@@ -315,7 +318,7 @@ def resolve_for_backbone(cfg: TrainConfig, backbone: str) -> TrainConfig:
     """Fill the defaults that depend on the backbone (known after loading with --pretrained)."""
     cfg = dataclasses.replace(cfg, backbone=backbone)
     if not cfg.timestep_sampler:
-        cfg.timestep_sampler = "logit_normal" if cfg.backbone == "sana" else "uniform"
+        cfg.timestep_sampler = "uniform"  # the paper and the official SANA script too
     _choice("timestep sampler", cfg.timestep_sampler, SAMPLERS)
     score_matching = cfg.method in SCORE_MATCHING_METHODS
     # the logistic methods' default beta; DSPO's logit is D-DPO's, DSPO+CPP's is DDSPO's
