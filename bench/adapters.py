@@ -2,8 +2,8 @@
 
 An adapter hides what differs between backbones (text encoders, extra conditioning,
 parameterisation, VAE) behind one interface the trainer, ``make_pairs`` and ``sample``
-share. All schedule, sampler and timestep math comes from :mod:`minddspo` and
-:mod:`bench.sampling`; diffusers supplies only the networks and their configs.
+share. All schedule, sampler and timestep math comes from :mod:`minddspo` (the loops
+from :mod:`minddspo.sampling`); diffusers supplies only the networks and their configs.
 
 Conventions:
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.sampling import ddim_sample, ddpm_sample, flow_sample, guided
+from minddspo.sampling import ddim_sample, ddpm_sample, flow_sample, guided
 from minddspo.schedules import DDPMSchedule, FlowSchedule, ddpm_schedule
 from minddspo.timesteps import (
     flow_lambda,

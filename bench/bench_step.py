@@ -21,7 +21,7 @@ allocator statistics, the bytes autograd saves for the backward (the policy's ac
 
 With ``--tiny`` it first times ``make_pairs``' sampling (:func:`bench.make_pairs.build_pairs`,
 one sampler call of ``--batch`` pairs = ``2 x batch`` images) with classifier-free guidance
-batched as the repository runs it (:func:`bench.sampling.guided`: unconditional and
+batched as the repository runs it (:func:`minddspo.sampling.guided`: unconditional and
 conditional rows in ONE forward) against the same build with the two branches as two
 forwards, alternating, and prints images per second of both and their ratio
 (``--sampling-reps 0`` skips it).
@@ -109,7 +109,7 @@ class SavedBytes:
 
 
 def guided_unbatched(forward, cond, uncond, guidance_scale: float, concat):
-    """:func:`bench.sampling.guided` with the unconditional and conditional branches as two
+    """:func:`minddspo.sampling.guided` with the unconditional and conditional branches as two
     forwards: the unbatched side of the comparison (``concat`` unused)."""
     if guidance_scale == 1.0:
         return lambda x, t: forward(x, t, cond)
@@ -119,7 +119,7 @@ def guided_unbatched(forward, cond, uncond, guidance_scale: float, concat):
 def make_pairs_run(backbone, prompts: list[str], steps: int, batched: bool):
     """Seconds of one ``build_pairs`` on ``prompts`` (one sampler call, a fresh directory)
     and the winner latents it wrote. Unbatched: ``Backbone.generate`` gets
-    :func:`guided_unbatched` in place of :func:`bench.sampling.guided`."""
+    :func:`guided_unbatched` in place of :func:`minddspo.sampling.guided`."""
     from safetensors.torch import load_file
 
     from bench.make_pairs import build_pairs

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench import bench_step
-from bench.sampling import guided
+from minddspo.sampling import guided
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,7 +22,7 @@ ALLOWED = {"torch", "numpy", "minddspo"}
 
 
 def test_required_modules_are_listed():
-    for name in ("losses", "schedules", "timesteps", "perturb", "refupdate"):
+    for name in ("losses", "schedules", "timesteps", "perturb", "refupdate", "sampling"):
         assert f"minddspo.{name}" in CORE_MODULES
 
 

@@ -1,4 +1,4 @@
-"""bench/sampling.py's model-agnostic loops against full diffusers scheduler loops.
+"""minddspo.sampling's model-agnostic loops against full diffusers scheduler loops.
 
 The network is a fake denoiser, a fixed linear function of x and t, so any mismatch in
 timesteps, coefficients or noise order shows up in the final sample. "precise" runs give
@@ -12,8 +12,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from bench.sampling import ddim_sample, ddpm_sample, flow_sample, guided
+from minddspo import sampling
 from minddspo import schedules as S
+from minddspo.sampling import ddim_sample, ddpm_sample, flow_sample, guided
 from minddspo.schedules import FlowSchedule, ddpm_schedule
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -184,3 +185,65 @@ def test_guided_uses_one_batched_forward(scale):
         u = x * uncond.reshape(-1, 1) + 0.1
         c = x * cond.reshape(-1, 1) + 0.1
         torch.testing.assert_close(out, u + scale * (c - u))
+
+
+@pytest.mark.parametrize("n", [7, 10, 30])
+def test_ddim_next_prev_timestep_walks_the_listed_steps(n):
+    """``prev_timestep="next"`` against a transcription: step to the next listed t, end at -1."""
+    sch = ddpm_schedule(100, "linear", beta_start=1e-4, beta_end=0.02)
+    ts = S.inference_timesteps(n, 100, "trailing").tolist()
+    x = x_T(torch.float64)
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < n else -1
+        pred = fake_denoiser(x, torch.full((x.shape[0],), t))
+        x = S.ddim_step(sch, pred, t, t_prev, x, set_alpha_to_one=True)
+    kw = dict(spacing="trailing", steps_offset=0, set_alpha_to_one=True)
+    got = ddim_sample(fake_denoiser, x_T(torch.float64), sch, n, prev_timestep="next", **kw)
+    torch.testing.assert_close(got, x, rtol=0, atol=0)
+    stride = ddim_sample(fake_denoiser, x_T(torch.float64), sch, n, **kw)
+    if 100 % n == 0:  # evenly spaced: the stride lands on the next listed step
+        torch.testing.assert_close(stride, got, rtol=0, atol=0)
+    else:
+        assert not torch.allclose(stride, got)
+    with pytest.raises(ValueError, match="prev_timestep"):
+        ddim_sample(fake_denoiser, x_T(torch.float64), sch, n, prev_timestep="last")
+
+
+def test_noise_sampler_replaces_the_generator_draw_in_the_same_order():
+    """The default draws one ``randn`` per stochastic step; a custom sampler (here one
+    generator per batch row, as the toy's stacked members) is called at the same steps."""
+    sch = ddpm_schedule(50, "linear", beta_start=1e-4, beta_end=0.02)
+    calls = []
+    draw = sampling.default_noise_sampler(x_T(torch.float32), torch.Generator().manual_seed(3))
+
+    def recording(t, t_prev):
+        calls.append((t, t_prev))
+        return draw(t, t_prev)
+
+    got = ddpm_sample(fake_denoiser, x_T(torch.float32), sch, 10, noise_sampler=recording)
+    want = ddpm_sample(
+        fake_denoiser, x_T(torch.float32), sch, 10, generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(got, want)
+    ts = S.inference_timesteps(10, 50).tolist()
+    assert calls == list(zip(ts[:-1], ts[1:], strict=True))  # no draw after the last step
+
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(2)]
+    rows = ddpm_sample(
+        fake_denoiser,
+        x_T(torch.float32),
+        sch,
+        10,
+        noise_sampler=lambda t, t_prev: torch.cat(
+            [torch.randn(1, 3, 4, 4, generator=g) for g in gens]
+        ),
+    )
+    for i in range(2):  # each row a function of its own generator only
+        one = ddpm_sample(
+            fake_denoiser,
+            x_T(torch.float32)[i : i + 1],
+            sch,
+            10,
+            generator=torch.Generator().manual_seed(10 + i),
+        )
+        torch.testing.assert_close(rows[i : i + 1], one)

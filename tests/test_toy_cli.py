@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from toy_helpers import TINY, fake_cached_reference
@@ -111,7 +112,7 @@ def test_sweep_tiny_grid(tmp_path, capsys):
     assert "DDSPO" in table and "±" in table and "seeds won" in table
     for f in ("fig_grid.png", "fig_panel.png", "samples.npz", "config.json"):
         assert (out / f).exists()
-    from paper_figures.toy_figures import render
+    from toy2d.report import render
 
     (out / "table.md").unlink()
     render(out)  # redraws from the folder alone
@@ -179,3 +180,14 @@ def test_module_entry_point_exit_code(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "--beta" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_toy_bench_help_both_ways():
+    """``python -m toy2d.bench`` and the README's ``python bench/bench_toy.py`` shim."""
+    root = Path(__file__).resolve().parents[1]
+    for cmd in (["-m", "toy2d.bench"], [str(root / "bench" / "bench_toy.py")]):
+        out = subprocess.run(
+            [sys.executable, *cmd, "--help"], capture_output=True, text=True, cwd=root, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        assert "--naive-subset" in out.stdout and "--seeds" in out.stdout

@@ -5,7 +5,7 @@ A seed is the unit of work: all its (method, N, beta) fine-tunes are one batched
 seeds train in one batched loop. Each finished seed is stored under ``OUT/cells/`` keyed by
 the whole config, so a killed or repeated sweep resumes (``--no-resume`` recomputes).
 Writes ``results.csv``, ``samples.npz``, ``config.json`` and, via
-:mod:`paper_figures.toy_figures`, ``table.md``, ``fig_grid.png`` and ``fig_panel.png``.
+:mod:`toy2d.report`, ``table.md``, ``fig_grid.png`` and ``fig_panel.png``.
 ``--ablation`` runs each method x {frozen, periodic} reference x {uniform, geometric+lambda}
 timesteps instead and writes ``ablation.md`` and ``fig_ablation.png``.
 """
@@ -422,7 +422,6 @@ def main(argv: list[str] | None = None) -> int:
             train_labels=tl.numpy(),
             **samples,
         )
-        times["train_figures_and_io"] = 0.0
         config = {
             "command": " ".join(
                 ["python -m toy2d.sweep", *(argv if argv is not None else sys.argv[1:])]
@@ -438,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             "finetune": spec["finetune"],
             "cells": str(store.root),
         }
-        from paper_figures.toy_figures import render
+        from .report import render
 
         render(stage.tmp, config)
         times["total"] = time.perf_counter() - t0

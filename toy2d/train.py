@@ -24,15 +24,8 @@ from torch import Tensor
 
 from minddspo.methods import method_loss, method_spec
 from minddspo.refupdate import ReferenceUpdateRule, divergence_estimate
-from minddspo.schedules import (
-    DDPMSchedule,
-    ddim_step,
-    ddpm_schedule,
-    inference_timesteps,
-)
-from minddspo.schedules import (
-    ddpm_step as _ddpm_step,
-)
+from minddspo.sampling import ddim_sample, ddpm_sample
+from minddspo.schedules import DDPMSchedule, ddpm_schedule
 from minddspo.timesteps import sample_timesteps, timestep_weight
 
 from .data import (
@@ -482,27 +475,32 @@ def denoise(
     """Run the reverse process from noise ``x (M, n, 2)`` with classes ``c (M, n)``.
 
     DDIM (eta = 0, trailing spacing, so it starts at the noisiest step) or DDPM ancestral
-    over all T steps, both from :mod:`minddspo.schedules`; DDPM noise from ``gens[m]``.
+    over all T steps, both from :mod:`minddspo.sampling`; DDPM noise from ``gens[m]``.
     """
     sched, T, mlp = setup.schedule.build(), setup.schedule.num_train_timesteps, setup.mlp
     M, n = c.shape
+
+    def eps(x: Tensor, t: Tensor) -> Tensor:  # t (M,): one step for all members
+        return forward(params, x, t[:, None].expand(M, n), c, mlp)
+
     if sampler == "ddim":
-        ts = inference_timesteps(min(ddim_steps, T), T, spacing="trailing").tolist()
-    elif sampler == "ddpm":
-        ts = list(range(T - 1, -1, -1))
-    else:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    for i, t in enumerate(ts):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        out = forward(params, x, torch.full((M, n), t), c, mlp)
-        if sampler == "ddim":
-            x = ddim_step(sched, out, t, t_prev, x, eta=0.0)
-        else:
-            noise = None
-            if t_prev >= 0:
-                noise = torch.stack([torch.randn(n, 2, generator=g) for g in gens])
-            x = _ddpm_step(sched, out, t, t_prev, x, noise=noise)
-    return x
+        return ddim_sample(
+            eps,
+            x,
+            sched,
+            min(ddim_steps, T),
+            spacing="trailing",
+            steps_offset=0,
+            set_alpha_to_one=True,
+            prev_timestep="next",
+        )
+    if sampler == "ddpm":
+        # member m's step noise from its own generator, members in order
+        def member_noise(t: int, t_prev: int) -> Tensor:
+            return torch.stack([torch.randn(n, 2, generator=g) for g in gens])
+
+        return ddpm_sample(eps, x, sched, None, noise_sampler=member_noise)
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
 
 
 def sample(

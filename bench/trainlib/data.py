@@ -34,11 +34,6 @@ def batch_indices(
     return out
 
 
-def epoch_of(n: int, *, step: int, accum: int, world: int, batch: int) -> int:
-    """The epoch a step starts in (for logging)."""
-    return (step * accum * world * batch) // n
-
-
 def dataset_fingerprint(root: str | Path) -> str:
     """sha256 of a pair dataset's ``info.json`` and ``metadata.jsonl``: the same pairs in the
     same order whatever folder the dataset was copied to (``--resume`` compares it)."""

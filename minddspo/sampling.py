@@ -1,24 +1,26 @@
-"""Model-agnostic sampling loops on the project's own schedule math (minddspo.schedules).
+"""Model-agnostic sampling loops over the step functions of :mod:`minddspo.schedules`.
 
 A sampler sees the network only through ``denoise(x, t) -> prediction``, where ``t`` is
-the *network's* timestep input (an int index for DDPM schedules, ``sigma * T`` for
-flows) and the prediction is of the schedule's kind (epsilon / v_prediction / flow
-velocity). Classifier-free guidance is layered on with :func:`guided`, which evaluates
-unconditional and conditional branches in one batched forward.
+the *network's* timestep input, one per batch row ``(B,)``: an int index for DDPM
+schedules, ``sigma * T`` for flows. The prediction is of the schedule's kind (epsilon /
+v_prediction / sample / flow velocity). Classifier-free guidance is layered on with
+:func:`guided`, which evaluates unconditional and conditional branches in one batched
+forward. Time runs as in :mod:`minddspo.schedules`: from the noisiest step down to data.
 
-Noise is drawn from an explicit ``torch.Generator`` in a fixed order (initial noise is
-the caller's; DDPM/eta>0 steps draw one tensor per step), so a sample is a pure function
-of its seed.
+Noise is never drawn behind the caller's back (k-diffusion's style): the starting noise
+is passed in, and the stochastic samplers (DDPM, DDIM with ``eta > 0``) take one noise
+tensor per step from ``noise_sampler(t, t_prev)`` -- by default ``torch.randn`` from the
+given ``generator`` -- so a sample is a pure function of its seed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from minddspo.schedules import (
+from .schedules import (
     DDPMSchedule,
     FlowSchedule,
     cfg_combine,
@@ -29,6 +31,9 @@ from minddspo.schedules import (
 )
 
 Denoise = Callable[[Tensor, Tensor], Tensor]
+NoiseSampler = Callable[[int, int], Tensor]  # (t, t_prev) -> noise shaped like x
+Progress = Callable[[Iterable], Iterable]
+PREV_TIMESTEPS = ("stride", "next")
 
 
 def guided(
@@ -55,6 +60,13 @@ def guided(
     return denoise
 
 
+def default_noise_sampler(x: Tensor, generator: torch.Generator | None = None) -> NoiseSampler:
+    """Standard normal noise shaped like ``x``, drawn from ``generator`` in call order."""
+    return lambda t, t_prev: torch.randn(
+        x.shape, generator=generator, device=x.device, dtype=x.dtype
+    )
+
+
 def _tvec(value, x: Tensor, dtype=torch.long) -> Tensor:
     return torch.full((x.shape[0],), value, device=x.device, dtype=dtype)
 
@@ -71,28 +83,38 @@ def ddim_sample(
     spacing: str = "leading",
     steps_offset: int = 1,
     set_alpha_to_one: bool = False,
+    prev_timestep: str = "stride",
     generator: torch.Generator | None = None,
-    progress: Callable | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    progress: Progress | None = None,
 ) -> Tensor:
-    """DDIM sampling (Song et al. 2021) from ``x_T``; ``x_T`` is used as is (scale 1).
+    """DDIM sampling (Song et al. 2021, Eq. 12) from ``x_T``; ``x_T`` is used as is (scale 1).
 
     Defaults are Stable Diffusion's scheduler config (leading spacing, offset 1,
-    ``set_alpha_to_one=False``). The previous step is ``t - T // n`` as in diffusers.
+    ``set_alpha_to_one=False``). ``prev_timestep="stride"`` steps to ``t - T // n`` as
+    diffusers' DDIMScheduler; ``"next"`` steps to the next listed timestep and ends at -1
+    (exact for any spacing, e.g. trailing with ``T % n != 0``).
     """
+    if prev_timestep not in PREV_TIMESTEPS:
+        raise ValueError(f"prev_timestep must be one of {PREV_TIMESTEPS}, got {prev_timestep!r}")
     T = schedule.num_train_timesteps
-    ts = inference_timesteps(num_inference_steps, T, spacing, steps_offset)
-    step = T // num_inference_steps
+    ts = inference_timesteps(num_inference_steps, T, spacing, steps_offset).tolist()
+    stride = T // num_inference_steps
+    noise_sampler = noise_sampler or default_noise_sampler(x_T, generator)
     x = x_T
-    for t in progress(ts.tolist()) if progress else ts.tolist():
+    for i in progress(range(len(ts))) if progress else range(len(ts)):
+        t = ts[i]
+        if prev_timestep == "stride":
+            t_prev = t - stride
+        else:
+            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         pred = denoise(x, _tvec(t, x))
-        noise = None
-        if eta > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = noise_sampler(t, t_prev) if eta > 0 else None
         x = ddim_step(
             schedule,
             pred,
             t,
-            t - step,
+            t_prev,
             x,
             prediction_type=prediction_type,
             eta=eta,
@@ -112,20 +134,23 @@ def ddpm_sample(
     prediction_type: str = "epsilon",
     spacing: str = "leading",
     generator: torch.Generator | None = None,
-    progress: Callable | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    progress: Progress | None = None,
 ) -> Tensor:
-    """Ancestral DDPM sampling (Ho et al. 2020); ``num_inference_steps=None`` uses all T steps."""
+    """Ancestral DDPM sampling (Ho et al. 2020, Eq. 7); ``num_inference_steps=None`` uses all T.
+
+    Steps go to the next listed timestep, as DDPMScheduler; no noise after the last step.
+    """
     T = schedule.num_train_timesteps
     n = T if num_inference_steps is None else num_inference_steps
     ts = inference_timesteps(n, T, spacing, 0).tolist()
+    noise_sampler = noise_sampler or default_noise_sampler(x_T, generator)
     x = x_T
     for i in progress(range(n)) if progress else range(n):
         t = ts[i]
+        t_prev = ts[i + 1] if i + 1 < n else -1
         pred = denoise(x, _tvec(t, x))
-        t_prev = ts[i + 1] if i + 1 < n else -1  # the next listed step, as DDPMScheduler
-        noise = None
-        if t_prev >= 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = noise_sampler(t, t_prev) if t_prev >= 0 else None
         x = ddpm_step(schedule, pred, t, t_prev, x, prediction_type=prediction_type, noise=noise)
     return x
 
@@ -137,7 +162,7 @@ def flow_sample(
     schedule: FlowSchedule,
     num_inference_steps: int,
     *,
-    progress: Callable | None = None,
+    progress: Progress | None = None,
 ) -> Tensor:
     """Euler integration of a rectified flow from noise ``x_1`` (sigma=1) to data (sigma=0).
 
