@@ -27,7 +27,6 @@ place only when every image and the grid are done. Bad input is one ``error:`` l
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import re
 import shutil
@@ -48,8 +47,8 @@ from bench.trainlib.outdir import (  # noqa: E402
     stage_dir,
     writing,
 )
+from bench.trainlib.weights import LORA_FILE, denoiser_with_lora, find_lora  # noqa: E402
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -68,9 +67,9 @@ def resolve_checkpoint(backbone: Backbone, path: str | Path) -> tuple[str, Path]
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: checkpoint not found")
-    for d in (path, path / "lora"):
-        if (d / LORA_FILE).is_file():
-            return "lora", d
+    lora_dir = find_lora(path)
+    if lora_dir is not None:
+        return "lora", lora_dir
     for d in (path, path / backbone.denoiser_subfolder):
         if (d / "config.json").is_file():
             return "full", d
@@ -141,14 +140,7 @@ def load_checkpoint(backbone: Backbone, path: str | Path) -> torch.nn.Module:
     """A denoiser with the weights at ``path`` (full weights or diffusers-format LoRA)."""
     kind, lora_dir = resolve_checkpoint(backbone, path)
     if kind == "lora":
-        net = copy.deepcopy(backbone.denoiser)
-        net.load_lora_adapter(
-            str(lora_dir),
-            weight_name=LORA_FILE,
-            prefix=backbone.denoiser_subfolder,
-            adapter_name="checkpoint",
-        )
-        return net
+        return denoiser_with_lora(backbone.denoiser, lora_dir, backbone.denoiser_subfolder)
     net = backbone.load_denoiser(lora_dir)
     p = next(backbone.denoiser.parameters())
     move_module(net, p.device, p.dtype)

@@ -38,7 +38,7 @@ if __name__ == "__main__":  # run as a script (torchrun): make the `bench` packa
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from bench.adapters import Backbone, Cond, load_backbone, tiny_backbone  # noqa: E402
+from bench.adapters import Backbone, Cond, load_backbone, move_module, tiny_backbone  # noqa: E402
 from bench.pairdata import PairDataset, collate_pairs  # noqa: E402
 from bench.trainlib.checkpoint import (  # noqa: E402
     atomic_write_dir,
@@ -80,6 +80,8 @@ from bench.trainlib.reference import DivergenceProbe, Reference  # noqa: E402
 from bench.trainlib.weights import (  # noqa: E402
     add_lora,
     all_finite,
+    denoiser_with_lora,
+    find_lora,
     load_policy,
     param_digest,
     save_final_pipeline,
@@ -161,10 +163,15 @@ def compute_loss(
     y_w, y_l = backbone.target(x0_w, noise_w, t), backbone.target(x0_l, noise_l, t)
     w = backbone.t_weight(cfg.timestep_weight, t)
     beta, beta_logit = (cfg.beta, cfg.beta_logit) if spec.score_matching else (cfg.beta, None)
-    if not spec.preference:  # sft: winners only, forward-process targets
-        pred = backbone.forward(policy, x_w, t, c)
+    if not spec.preference:  # sft: one side only, forward-process targets
+        if cfg.sft_branch == "loser":  # DD-CPP's losing model (official): x0_l with c
+            pred, target = backbone.forward(policy, x_l, t, c), y_l
+        elif cfg.sft_branch == "loser_neg":  # variant: x0_l with the loser's prompt c-
+            pred, target = backbone.forward(policy, x_l, t, c_neg), y_l
+        else:  # the winners with c (also DD-CPP's winning model)
+            pred, target = backbone.forward(policy, x_w, t, c), y_w
         out = method_loss(
-            cfg.method, pred_w=pred, target_w=y_w, weight=w, weight_kind=cfg.timestep_weight
+            cfg.method, pred_w=pred, target_w=target, weight=w, weight_kind=cfg.timestep_weight
         )
         return out.loss, {}
 
@@ -354,12 +361,26 @@ def saved_world(state: dict) -> int:
 
 
 def load_policy_pair(cfg: TrainConfig, backbone: Backbone, device, dtype):
+    """``(f_win, f_lose)``, frozen, in eval mode. Each is a full denoiser folder, or a LoRA
+    output in diffusers' format (``pytorch_lora_weights.safetensors``, directly or under
+    ``lora/``, e.g. ``bench/train_policy_pair.py``'s ``OUT/winner/final``): then a copy of
+    the base denoiser with that LoRA loaded."""
+
     def load(path: str) -> torch.nn.Module:
+        lora_dir = find_lora(path)
         try:
-            net = backbone.load_denoiser(path)
-        except (ValueError, OSError) as e:
-            raise UsageError(f"policy {path}: {e}") from None
-        return net.to(device, dtype).eval().requires_grad_(False)
+            if lora_dir is not None:
+                net = denoiser_with_lora(backbone.denoiser, lora_dir, backbone.denoiser_subfolder)
+            else:
+                net = backbone.load_denoiser(path)
+        except Exception as e:  # unreadable or mismatched weights (safetensors, peft, ...)
+            raise UsageError(
+                f"policy {path}: {str(e).splitlines()[0] if str(e) else e!r}"
+            ) from None
+        if getattr(net, "is_gradient_checkpointing", False):
+            net.disable_gradient_checkpointing()  # copied from the policy; no backward here
+        move_module(net, device, dtype)
+        return net.eval().requires_grad_(False)
 
     return load(cfg.winner_policy), load(cfg.loser_policy)
 

@@ -31,8 +31,10 @@ BACKBONES = ("sd", "sdxl", "sana")
 OPTIMIZERS = ("adamw", "adafactor")
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+SFT_BRANCHES = ("winner", "loser", "loser_neg")  # sft: which side of each pair is regressed
 LR_PER_BETA = 1 / 2.048e8  # DDSPO App. E, after Diffusion-DPO: lr = beta / 2.048e8
 DPO_BETA = 8000.0  # Diffusion-DPO default (DDSPO App. E)
+PAIR_BETA = 8000.0  # ddspo with a DD-CPP policy pair (official scripts/train_ddspo_lora_target.sh)
 DSPO_BETA = 0.001  # official DSPO SD-1.5 runs (outside beta; searched over 0.001, 0.01, 0.05)
 
 
@@ -93,11 +95,16 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # trade compute for activation memory
     # --- method (SPEC §2-§4)
     method: str = "ddspo"  # sft | dpo | dspo | dspo_cpp | ddspo
-    beta: float = 0.0  # 0 = default: dpo 8000, ddspo 16000 (2000 on sana); dspo/dspo_cpp: the OUTSIDE beta, official scale, 0.001
-    beta_logit: float = 0.0  # dspo/dspo_cpp: beta inside the sigmoid; 0 = dpo's default beta for dspo, ddspo's for dspo_cpp
+    sft_branch: str = "winner"  # sft: winner (x0_w, c) | loser (x0_l, c: DD-CPP's losing model, as the official code) | loser_neg (x0_l, c-)
+    beta: float = 0.0  # 0 = default: dpo 8000, ddspo 16000 (8000 with a policy pair; 2000 on sana); dspo/dspo_cpp: the OUTSIDE beta, official scale, 0.001
+    beta_logit: float = 0.0  # dspo/dspo_cpp: beta inside the sigmoid; 0 = dpo's default beta for dspo, ddspo's for dspo_cpp (8000 with a policy pair)
     target_guidance: float = 1.0  # ddspo/dspo_cpp: CFG-combined reference targets with scale W (a variant the official DDSPO code removed as 'not DDSPO'; SPEC §2)
-    winner_policy: str = ""  # ddspo/dspo_cpp: denoiser dir giving y_w = f_win(x_t^w, c)
-    loser_policy: str = ""  # ddspo/dspo_cpp: denoiser dir giving y_l = f_lose(x_t^l, c)
+    winner_policy: str = (
+        ""  # ddspo/dspo_cpp: denoiser dir or LoRA output (final/) giving y_w = f_win(x_t^w, c)
+    )
+    loser_policy: str = (
+        ""  # ddspo/dspo_cpp: denoiser dir or LoRA output (final/) giving y_l = f_lose(x_t^l, c)
+    )
     independent_noise: bool = False  # draw separate forward noise for the loser branch
     proportion_empty_prompts: float = 0.0  # share of pairs trained on the empty prompt (Diffusion-DPO/DSPO use 0.2; DDSPO's official code 0)
     timestep_sampler: str = ""  # uniform | geometric | logit_normal; "" = uniform (official DDSPO and paper, also on sana)
@@ -139,7 +146,9 @@ class TrainConfig:
 
     @property
     def uses_neg(self) -> bool:
-        """Does the method evaluate the reference on the degraded prompt c-?"""
+        """Does the step need the degraded prompt c- (the reference on it, or sft's loser branch)?"""
+        if self.method == "sft":  # the loser_neg variant regresses x0_l with c-
+            return self.sft_branch == "loser_neg"
         return "l_neg" in method_spec(self.method).ref_rows(self.policy_pair)
 
     @property
@@ -276,6 +285,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         )
     if cfg.ref_tau < 1 or not cfg.ref_delta > 0 or cfg.ref_probe < 1:
         raise UsageError("--ref-tau and --ref-probe must be >= 1 and --ref-delta > 0")
+    _choice("sft branch", cfg.sft_branch, SFT_BRANCHES)
+    if cfg.sft_branch != "winner" and cfg.method != "sft":
+        raise UsageError("--sft-branch applies to --method sft only")
     if cfg.target_guidance != 1.0 and cfg.method not in CPP_METHODS:
         raise UsageError("--target-guidance applies to ddspo and dspo_cpp only")
     if cfg.policy_pair:
@@ -325,6 +337,8 @@ def resolve_for_backbone(cfg: TrainConfig, backbone: str) -> TrainConfig:
     logit_beta = (
         (2000.0 if cfg.backbone == "sana" else 16000.0) if cfg.method in CPP_METHODS else DPO_BETA
     )
+    if cfg.policy_pair and cfg.method in CPP_METHODS and cfg.backbone != "sana":
+        logit_beta = PAIR_BETA  # DD-CPP: the official SD-1.x/SDXL pair runs use 8000, not 16000
     if cfg.beta == 0:
         cfg.beta = DSPO_BETA if score_matching else logit_beta
     if score_matching and cfg.beta_logit == 0:

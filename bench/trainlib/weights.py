@@ -18,6 +18,7 @@ from bench.trainlib.reference import Reference, trainable_state
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (UNet and SANA)
 LORA_STATE = "lora_state.safetensors"  # exact trainable tensors, for --resume
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file (load_lora_weights)
 
 
 def add_lora(net: torch.nn.Module, rank: int, alpha: float) -> None:
@@ -82,6 +83,31 @@ def fold_lora_scale(layers: dict[str, torch.Tensor], policy: torch.nn.Module) ->
     if not any(any(u in k for u in up) for k in layers):
         raise ValueError("no LoRA up/B matrices found to fold the alpha/rank scale into")
     return folded
+
+
+def find_lora(path: str | Path) -> Path | None:
+    """The folder holding :data:`LORA_FILE` at ``path`` (directly or under ``lora/``), or None."""
+    path = Path(path)
+    for d in (path, path / "lora"):
+        if (d / LORA_FILE).is_file():
+            return d
+    return None
+
+
+def denoiser_with_lora(base: torch.nn.Module, lora_dir: str | Path, prefix: str):
+    """A copy of ``base`` with the diffusers-format LoRA in ``lora_dir`` loaded (at scale 1).
+
+    ``base`` itself is untouched; adapters it already carries (a LoRA policy being trained)
+    are removed from the copy first, so the result is the base network plus this LoRA."""
+    import copy
+
+    net = copy.deepcopy(base)
+    if getattr(net, "peft_config", None):
+        net.unload_lora()
+    net.load_lora_adapter(
+        str(lora_dir), weight_name=LORA_FILE, prefix=prefix, adapter_name="checkpoint"
+    )
+    return net
 
 
 def save_final_pipeline(

@@ -1,0 +1,133 @@
+"""DD-CPP, the data-driven contrastive policy pair (DDSPO paper Sec. 3.2; official
+``ddspo/train_lora_target.py``): fine-tune a *winning* model on the preferred samples and a
+*losing* model on the dispreferred samples of a pair dataset, with the plain diffusion loss.
+
+Two runs of ``bench/train_t2i.py --method sft``, one after the other::
+
+    OUT/winner   --sft-branch winner: x0_w with the prompt c
+    OUT/loser    --sft-branch loser:  x0_l with the prompt c, as the official code trains it
+                 (and as DDSPO then evaluates it: f_lose(x_t^l, c)); ``train_t2i.py
+                 --sft-branch loser_neg`` trains on the loser's prompt c- instead
+
+then it prints the flags for the DDSPO run that uses the pair as its targets::
+
+    python bench/train_policy_pair.py --pretrained SD15_DIR --data PAIRS_DIR --out runs/pair
+    python bench/train_t2i.py --pretrained SD15_DIR --data PAIRS_DIR --method ddspo \\
+        --winner-policy runs/pair/winner/final --loser-policy runs/pair/loser/final ...
+
+Defaults are the official DD-CPP pair recipe (``scripts/train_ddspo_lora_target.sh`` and
+``train_lora_target.py``): LoRA rank 4 (alpha = rank), lr 1e-4, 300 steps. Every other flag
+(``--tiny``, ``--pretrained``, ``--data``, ``--batch-size``, ``--grad-accum``, ``--seed``,
+``--dtype``, ...) is passed unchanged to both runs; ``--method``/``--sft-branch`` are this
+command's. With ``--tiny`` and no ``--data`` the winner run builds its demo pairs into
+``OUT/winner/data`` and the loser run reads the same ones.
+
+Each fine-tune runs as its own ``train_t2i.py`` process (``--nproc N``: under
+``torch.distributed.run`` with N ranks), so the two never share memory. Exit code: the
+first failing run's (see ``train_t2i.py --help``); 2 for bad input here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+TRAINER = Path(__file__).resolve().with_name("train_t2i.py")
+#: the official DD-CPP pair recipe (KU-MIIL/DDSPO scripts/train_ddspo_lora_target.sh:
+#: --lora_rank 4 --lora_alpha 4.0 --lora_lr 1e-4 --max_train_steps 300)
+PAIR_LORA_RANK = 4
+PAIR_LR = 1e-4
+PAIR_STEPS = 300
+OWN = ("--method", "--sft-branch", "--winner-policy", "--loser-policy", "--resume")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_policy_pair.py",
+        allow_abbrev=False,
+        description="Fine-tune DD-CPP's winning and losing models (sft on the winners, sft on "
+        "the losers) for ddspo's --winner-policy/--loser-policy. Unknown flags go to both "
+        "train_t2i.py runs.",
+    )
+    p.add_argument("--out", default="runs/policy_pair", help="OUT/winner and OUT/loser")
+    p.add_argument(
+        "--lora",
+        type=int,
+        default=PAIR_LORA_RANK,
+        help=f"LoRA rank (default {PAIR_LORA_RANK}: the official DD-CPP pair's --lora_rank; "
+        "0 = full fine-tunes)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=PAIR_LR, help=f"learning rate (default {PAIR_LR:g}, official)"
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=PAIR_STEPS,
+        help=f"optimizer steps per model (default {PAIR_STEPS}, official)",
+    )
+    p.add_argument(
+        "--nproc", type=int, default=1, help="ranks per run (> 1: torch.distributed.run)"
+    )
+    return p
+
+
+def subprocess_runner(nproc: int) -> Callable[[list[str]], int]:
+    """Run ``train_t2i.py ARGS`` in a new process (``nproc`` > 1: under torchrun)."""
+    launch = [sys.executable]
+    if nproc > 1:
+        launch += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+
+    def run(args: list[str]) -> int:
+        return subprocess.call([*launch, str(TRAINER), *args])
+
+    return run
+
+
+def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[tuple[str, list[str]]]]:
+    """The two ``train_t2i.py`` argument lists ``[("winner", args), ("loser", args)]``."""
+    ns, rest = build_parser().parse_known_args(argv)
+    for flag in rest:
+        if flag.split("=")[0] in OWN:
+            raise ValueError(f"{flag.split('=')[0]} is set by this command")
+    if ns.lora < 0 or ns.max_steps < 1 or ns.nproc < 1:
+        raise ValueError("--lora must be >= 0, --max-steps and --nproc >= 1")
+    out = Path(ns.out)
+    common = ["--method", "sft", "--lora", str(ns.lora), "--lr", repr(ns.lr)]
+    common += ["--max-steps", str(ns.max_steps), *rest]
+    has_data = any(a == "--data" or a.startswith("--data=") for a in rest)
+    runs = []
+    for side in ("winner", "loser"):
+        extra = []
+        if side == "loser" and not has_data and "--tiny" in rest:  # the winner run's demo pairs
+            extra = ["--data", str(out / "winner" / "data")]
+        runs.append((side, [*common, *extra, "--sft-branch", side, "--out", str(out / side)]))
+    return ns, runs
+
+
+def main(argv: Sequence[str] | None = None, run: Callable[[list[str]], int] | None = None) -> int:
+    """CLI entry; ``run`` (default: a ``train_t2i.py`` process) trains one model."""
+    try:
+        ns, runs = plan(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run = run or subprocess_runner(ns.nproc)
+    for side, args in runs:
+        print(f"== {side} model: train_t2i.py {shlex.join(args)}", flush=True)
+        rc = run(args)
+        if rc != 0:
+            print(f"error: the {side} fine-tune failed (exit code {rc})", file=sys.stderr)
+            return rc
+    out = Path(ns.out)
+    print("policy pair ready; train DDSPO on it with:")
+    print(f"--winner-policy {out / 'winner' / 'final'} --loser-policy {out / 'loser' / 'final'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

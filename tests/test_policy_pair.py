@@ -1,0 +1,197 @@
+"""DD-CPP, the data-driven policy pair (DDSPO paper Sec. 3.2, official train_lora_target):
+sft's loser branch, ``bench/train_policy_pair.py``, LoRA outputs as --winner/--loser-policy,
+and the pair's default beta. Tiny models, in-process, offline."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import train_policy_pair, train_t2i
+from bench.adapters import tiny_backbone
+from bench.make_pairs import build_pairs
+from bench.prompts import DEMO_PROMPTS
+from bench.trainlib.config import TrainConfig, UsageError, parse_args, resolve
+from bench.trainlib.weights import LORA_FILE, add_lora
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pairs")
+    build_pairs(tiny_backbone("sd"), DEMO_PROMPTS[:4], out, steps=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair_run(data, tmp_path_factory) -> Path:
+    """``train_policy_pair --tiny --max-steps 2`` (runs in this process)."""
+    out = tmp_path_factory.mktemp("pair")
+    argv = ["--tiny", "--data", str(data), "--max-steps", "2", "--out", str(out)]
+    argv += ["--no-progress", "--batch-size", "2"]
+    assert train_policy_pair.main(argv, run=train_t2i.main) == 0
+    return out
+
+
+def _inputs(bb):
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 4, 16, 16)
+    x0_w, x0_l = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    noise_w, noise_l = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    t = torch.tensor([100, 700])
+    return x0_w, x0_l, t, noise_w, noise_l
+
+
+@pytest.mark.parametrize("branch", ["winner", "loser", "loser_neg"])
+def test_sft_branch_regresses_its_side_with_its_prompt(monkeypatch, branch):
+    bb = tiny_backbone("sd")
+    policy = bb.denoiser.eval()
+    cfg = resolve(TrainConfig(tiny=True, method="sft", sft_branch=branch))
+    assert cfg.uses_neg == (branch == "loser_neg")  # the trainer encodes c- only when needed
+    x0_w, x0_l, t, n_w, n_l = _inputs(bb)
+    conds = train_t2i.encode_step(
+        bb, ["a red cube", "two cats"], ["red", "cats"], need_neg=cfg.uses_neg, need_uncond=False
+    )
+    c, c_neg, _ = conds
+    calls = []
+    real = train_t2i.method_loss
+
+    def spy(method, **kw):
+        out = real(method, **kw)
+        calls.append((method, kw, out))
+        return out
+
+    monkeypatch.setattr(train_t2i, "method_loss", spy)
+    loss, _ = train_t2i.compute_loss(cfg, bb, policy, None, x0_w, x0_l, conds, t, n_w, n_l)
+    ((method, kw, out),) = calls
+    assert method == "sft" and torch.equal(loss, out.loss)
+    with torch.no_grad():
+        x_l = bb.noise(x0_l, n_l, t)
+        if branch == "loser":  # the official losing model: loser images with c
+            want_pred, want_target = bb.forward(policy, x_l, t, c), bb.target(x0_l, n_l, t)
+        elif branch == "loser_neg":
+            want_pred, want_target = bb.forward(policy, x_l, t, c_neg), bb.target(x0_l, n_l, t)
+        else:
+            x_w = bb.noise(x0_w, n_w, t)
+            want_pred, want_target = bb.forward(policy, x_w, t, c), bb.target(x0_w, n_w, t)
+    torch.testing.assert_close(kw["target_w"], want_target, rtol=0, atol=0)
+    torch.testing.assert_close(kw["pred_w"].detach(), want_pred, rtol=1e-5, atol=1e-6)
+    if branch == "loser_neg":  # c- really is another conditioning than c
+        assert not torch.allclose(want_pred, bb.forward(policy, x_l, t, c))
+
+
+def test_sft_branch_validation():
+    assert parse_args(["--tiny", "--method", "sft"]).sft_branch == "winner"
+    with pytest.raises(UsageError, match="unknown sft branch"):
+        parse_args(["--tiny", "--method", "sft", "--sft-branch", "both"])
+    with pytest.raises(UsageError, match="--method sft only"):
+        parse_args(["--tiny", "--method", "ddspo", "--sft-branch", "loser"])
+
+
+def test_default_beta_with_a_policy_pair_is_8000():
+    pair = ["--winner-policy", "w", "--loser-policy", "l"]
+    ddspo = parse_args(["--tiny", "--method", "ddspo", *pair])
+    assert ddspo.beta == 8000 and ddspo.lr == pytest.approx(8000 / 2.048e8)
+    assert parse_args(["--tiny", "--method", "ddspo"]).beta == 16000  # TF-CPP: unchanged
+    cpp = parse_args(["--tiny", "--method", "dspo_cpp", *pair])
+    assert (cpp.beta, cpp.beta_logit) == (0.001, 8000)  # outside beta unchanged, logit 8000
+    assert parse_args(["--tiny", "--method", "ddspo", "--beta", "123", *pair]).beta == 123
+    sana = parse_args(["--tiny", "--backbone", "sana", "--method", "ddspo", *pair])
+    assert sana.beta == 2000  # SANA keeps its own scale (the official pair recipe is SD/SDXL)
+
+
+def test_policy_pair_command_plan_and_errors(capsys):
+    _, runs = train_policy_pair.plan(["--tiny", "--out", "o"])
+    (w_side, w_args), (l_side, l_args) = runs
+    assert (w_side, l_side) == ("winner", "loser")
+    for args, side in ((w_args, "winner"), (l_args, "loser")):
+        cfg = parse_args(args)  # every forwarded flag is the trainer's
+        assert (cfg.method, cfg.sft_branch, cfg.out) == ("sft", side, str(Path("o") / side))
+        assert (cfg.lora, cfg.lr, cfg.max_steps) == (4, 1e-4, 300)  # the official pair recipe
+    assert parse_args(l_args).data == str(Path("o") / "winner" / "data")  # same demo pairs
+    assert train_policy_pair.main(["--tiny", "--method", "dpo"]) == 2
+    assert "set by this command" in capsys.readouterr().err
+
+
+def test_dd_cpp_chain_end_to_end(data, pair_run, tmp_path, capsys, monkeypatch):
+    win, lose = pair_run / "winner" / "final", pair_run / "loser" / "final"
+    assert (win / LORA_FILE).is_file() and (lose / LORA_FILE).is_file()
+    for side in ("winner", "loser"):
+        cfg = json.loads((pair_run / side / "config.json").read_text())
+        assert (cfg["method"], cfg["sft_branch"], cfg["lora"]) == ("sft", side, 4)
+
+    # the pair as the trainer loads it, next to a LoRA policy (whose adapters must not leak in)
+    cfg = parse_args(
+        ["--tiny", "--method", "ddspo", "--winner-policy", str(win), "--loser-policy", str(lose)]
+    )
+    bb = tiny_backbone("sd", seed=cfg.seed)
+    add_lora(bb.denoiser, 4, 0)
+    with torch.no_grad():  # a policy that has moved: its LoRA must not end up in the pair
+        for n, p in bb.denoiser.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    f_win, f_lose = train_t2i.load_policy_pair(cfg, bb, torch.device("cpu"), torch.float32)
+    assert not any(p.requires_grad for p in [*f_win.parameters(), *f_lose.parameters()])
+    assert not f_win.training and not f_lose.training
+    base = tiny_backbone("sd", seed=cfg.seed)
+    x0_w, _, t, noise, _ = _inputs(base)
+    x = base.noise(x0_w, noise, t)
+    c = base.encode_prompts(["a red cube", "two cats"])
+    with torch.no_grad():
+        y_base, y_win, y_lose = (base.forward(n, x, t, c) for n in (base.denoiser, f_win, f_lose))
+        # loaded the same way bench/sample.py loads a LoRA checkpoint, onto a clean base
+        from bench.sample import load_checkpoint
+
+        y_sample = base.forward(load_checkpoint(base, win), x, t, c)
+    assert not torch.allclose(y_win, y_base) and not torch.allclose(y_lose, y_base)
+    assert not torch.allclose(y_win, y_lose)
+    torch.testing.assert_close(y_win, y_sample, rtol=1e-5, atol=1e-6)
+
+    # and the DDSPO run on the pair
+    capsys.readouterr()
+    out = tmp_path / "ddspo"
+    argv = ["--tiny", "--method", "ddspo", "--data", str(data), "--out", str(out)]
+    argv += ["--winner-policy", str(win), "--loser-policy", str(lose), "--max-steps", "2"]
+    assert train_t2i.main([*argv, "--no-progress", "--batch-size", "2", "--lora", "4"]) == 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "end" not in r]
+    assert len(steps) == 2 and steps[0]["err_w"] > 0 and steps[0]["loss"] == steps[0]["loss"]
+    assert json.loads((out / "config.json").read_text())["beta"] == 8000
+
+
+def test_policy_pair_prints_the_next_flags(pair_run, capsys):
+    # the fixture ran first in this module; re-plan to check the printed line's paths
+    calls = []
+    assert (
+        train_policy_pair.main(
+            ["--tiny", "--out", str(pair_run / "again")], run=lambda a: calls.append(a) or 0
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed == (
+        f"--winner-policy {pair_run / 'again' / 'winner' / 'final'} "
+        f"--loser-policy {pair_run / 'again' / 'loser' / 'final'}"
+    )
+    assert [a[a.index("--sft-branch") + 1] for a in calls] == ["winner", "loser"]
+    rc = train_policy_pair.main(["--tiny", "--out", str(pair_run / "x")], run=lambda a: 3)
+    assert rc == 3
+
+
+def test_a_bad_policy_lora_is_one_usage_error(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / LORA_FILE).write_bytes(b"not safetensors")
+    cfg = parse_args(
+        ["--tiny", "--method", "ddspo", "--winner-policy", str(bad), "--loser-policy", str(bad)]
+    )
+    with pytest.raises(UsageError, match="policy"):
+        train_t2i.load_policy_pair(cfg, tiny_backbone("sd"), torch.device("cpu"), torch.float32)
