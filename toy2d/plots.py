@@ -23,7 +23,7 @@ RING = "0.35"
 # toy2d.metrics' class_accuracy, in words
 ACC_DEF = (
     "acc = class accuracy: the share of samples whose nearest ground-truth mode centre is "
-    "the class they were generated for (1 = every sample lands in its own mode)"
+    "the class it was generated for (1 = every sample lands in its own mode)"
 )
 
 
@@ -43,9 +43,9 @@ def gt_contours(ax, cfg: ToyConfig) -> None:
 
 
 def mode_numbers(ax, cfg: ToyConfig, fontsize: float = 7) -> None:
-    """The class number of every GT mode, just outside the ring, in the class colour."""
+    """The class number of every GT mode, just inside the ring, in the class colour."""
     for c, (mx, my) in enumerate(gt_means(cfg).numpy()):
-        f = 1 + 4.5 * cfg.gt_std / cfg.radius
+        f = 1 - 5 * cfg.gt_std / cfg.radius
         ax.text(f * mx, f * my, str(c), color=CMAP(c % 10), fontsize=fontsize,
                 fontweight="bold", ha="center", va="center")  # fmt: skip
 
@@ -88,7 +88,7 @@ def legend_handles(cfg: ToyConfig) -> list:
     ]
     ring = Line2D(
         [], [], ls="", marker="o", ms=9, mfc="none", mec=RING,
-        label=f"GT mode\n(1σ, 2σ, 3σ;\nσ = {cfg.gt_std:g})",
+        label=f"GT mode:\ncircles at\n1σ, 2σ, 3σ\n(σ = {cfg.gt_std:g})",
     )  # fmt: skip
     return [*dots, ring]
 
@@ -104,9 +104,13 @@ def add_legend(fig, cfg: ToyConfig, **kw) -> None:
     )
 
 
-def add_caption(fig, text: str, width: int = 110) -> None:
-    """Wrapped explanatory text along the bottom edge of ``fig``."""
-    fig.text(0.01, 0.01, textwrap.fill(text, width), fontsize=7, ha="left", va="bottom")
+def add_caption(fig, text: str, width: int | None = None) -> float:
+    """Explanatory text along the bottom edge of ``fig``, wrapped to at most ``width``
+    characters and never wider than the figure; returns the height fraction it takes."""
+    fits = int(fig.get_figwidth() * 17)  # characters of 7 pt text per line of this figure
+    text = textwrap.fill(text, min(width or fits, fits))
+    fig.text(0.01, 0.01, text, fontsize=7, ha="left", va="bottom")
+    return (text.count("\n") + 1) * 0.125 / fig.get_figheight() + 0.03
 
 
 def sample_caption(n_per_class: int, sampler: str) -> str:
@@ -121,8 +125,7 @@ def save_scatter(path, x, labels, cfg: ToyConfig, title: str, caption: str = "")
     scatter(ax, x, labels, cfg, ticks=True)
     ax.set_title(title, fontsize=9)
     add_legend(fig, cfg, loc="center right")
-    fig.subplots_adjust(left=0.1, right=0.76, top=0.93, bottom=0.24 if caption else 0.1)
-    if caption:
-        add_caption(fig, caption, width=95)
+    bottom = add_caption(fig, caption) if caption else 0.0
+    fig.subplots_adjust(left=0.1, right=0.76, top=0.93, bottom=bottom + 0.08)
     fig.savefig(path)
     plt.close(fig)
