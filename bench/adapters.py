@@ -40,6 +40,22 @@ from minddspo.timesteps import (
 )
 
 BACKBONES = ("sd", "sdxl", "sana")
+SANA_PROMPT_STYLES = ("official", "plain")  # SanaBackbone.prompt_style
+
+
+def official_complex_human_instruction() -> tuple[str, ...]:
+    """The complex-human-instruction lines of the official DDSPO SANA trainer: diffusers'
+    ``SanaPipeline.__call__`` default, whose last line the official list ends without the
+    trailing space (``"User Prompt:"``, so the prompt follows the colon directly)."""
+    import inspect
+
+    from diffusers import SanaPipeline
+
+    lines = list(
+        inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+    )
+    lines[-1] = lines[-1].rstrip()
+    return tuple(lines)
 
 
 # ---------------------------------------------------------------------- conditioning
@@ -474,14 +490,28 @@ class SDXLBackbone(Backbone):
 class SanaBackbone(Backbone):
     """SANA: linear DiT on DC-AE latents, rectified flow, Gemma-2 text with attention mask.
 
-    Prompts are encoded as diffusers' ``SanaPipeline`` does without the "complex human
-    instruction" prefix (right padding to ``max_sequence_length``, at most 300).
+    :attr:`prompt_style` picks the prompt encoding (the trainer's ``--sana-prompt-style``):
+
+    * ``"official"`` (default) – as the official DDSPO SANA trainer, which calls
+      ``SanaPipeline.encode_prompt(prompt, max_sequence_length=300,
+      complex_human_instruction=...)``: the pipeline's text preprocessing (lowercase and
+      strip; no caption cleaning), the complex-human-instruction prefix, padding to
+      ``len(prefix tokens) + max_sequence_length - 2`` and keeping the first token plus the
+      last ``max_sequence_length - 1``. The encoding is diffusers' own ``encode_prompt``.
+      The empty prompt is the unconditional branch and is encoded as the pipeline encodes
+      its negative prompt (no prefix), so CFG sampling matches ``SanaPipeline``.
+    * ``"plain"`` – the raw prompt, right-padded to ``max_sequence_length``.
+
+    ``max_sequence_length`` is ``min(300, tokenizer.model_max_length)``.
     """
 
     name = "sana"
     denoiser_subfolder = "transformer"
     default_guidance = 4.5
     default_steps = 20
+    prompt_style: str = "official"  # official | plain (see the class docstring)
+    #: the "official" style's prefix lines; None = :func:`official_complex_human_instruction`
+    complex_human_instruction: tuple[str, ...] | None = None
 
     def _setup_schedule(self, prediction_type):
         if prediction_type not in (None, "flow"):
@@ -498,6 +528,52 @@ class SanaBackbone(Backbone):
         self.max_sequence_length = min(300, int(self.components["tokenizer"].model_max_length))
 
     def _encode(self, prompts: list[str]) -> Cond:
+        if self.prompt_style not in SANA_PROMPT_STYLES:
+            raise ValueError(
+                f"sana prompt style must be one of {SANA_PROMPT_STYLES}, got {self.prompt_style!r}"
+            )
+        if self.prompt_style == "plain":
+            return self._encode_plain(prompts)
+        cond_rows = [i for i, p in enumerate(prompts) if p != ""]
+        if not cond_rows:
+            return self._encode_plain(prompts)
+        h, mask, _, _ = self._text_pipeline().encode_prompt(
+            [prompts[i] for i in cond_rows],
+            do_classifier_free_guidance=False,
+            device=self.components["text_encoder"].device,
+            max_sequence_length=self.max_sequence_length,
+            complex_human_instruction=list(
+                self.complex_human_instruction or official_complex_human_instruction()
+            ),
+        )
+        if len(cond_rows) == len(prompts):
+            return Cond({"encoder_hidden_states": h, "encoder_attention_mask": mask})
+        out = self._encode_plain([""]).repeat(len(prompts))  # "" = the pipeline's negative
+        oh, om = out.tensors["encoder_hidden_states"], out.tensors["encoder_attention_mask"]
+        rows = torch.tensor(cond_rows, device=oh.device)
+        oh[rows] = h.to(oh.dtype)
+        om[rows.to(om.device)] = mask.to(device=om.device, dtype=om.dtype)
+        return out
+
+    def _text_pipeline(self):
+        """A text-only ``SanaPipeline`` over our tokenizer and encoder (for ``encode_prompt``)."""
+        from diffusers import SanaPipeline
+
+        c = self.components
+        pipe = getattr(self, "_sana_text_pipe", None)
+        if pipe is None or pipe.text_encoder is not c["text_encoder"]:
+            pipe = SanaPipeline(
+                tokenizer=c["tokenizer"],
+                text_encoder=c["text_encoder"],
+                vae=None,
+                transformer=None,
+                scheduler=None,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            self._sana_text_pipe = pipe
+        return pipe
+
+    def _encode_plain(self, prompts: list[str]) -> Cond:
         tok, enc = self.components["tokenizer"], self.components["text_encoder"]
         tok.padding_side = "right"
         batch = tok(

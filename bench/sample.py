@@ -47,6 +47,7 @@ from bench.trainlib.outdir import (  # noqa: E402
     stage_dir,
     writing,
 )
+from bench.trainlib.validation import save_grid, save_png, to_uint8  # noqa: E402
 from bench.trainlib.weights import LORA_FILE, denoiser_with_lora, find_lora  # noqa: E402
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -147,38 +148,6 @@ def load_checkpoint(backbone: Backbone, path: str | Path) -> torch.nn.Module:
     return net
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1], ``(B, 3, H, W)`` -> uint8 ``(B, H, W, 3)``."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu()
-
-
-def save_grid(
-    cells: list[list[Path]], names: list[str], prompts: list[str], out: Path, cell: int = 160
-) -> Path:
-    """A grid PNG: one row per prompt (caption above), one column per model (name on top)."""
-    from PIL import Image, ImageDraw
-
-    head, cap, pad = 18, 16, 4
-    rows, cols = len(prompts), len(names)
-    w = cols * (cell + pad) + pad
-    h = head + rows * (cap + cell + pad) + pad
-    grid = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(grid)
-    max_chars = max(10, w // 7)
-    for c, name in enumerate(names):
-        draw.text((pad + c * (cell + pad), 3), name, fill="black")
-    for r, prompt in enumerate(prompts):
-        y = head + r * (cap + cell + pad)
-        text = prompt if len(prompt) <= max_chars else prompt[: max_chars - 3] + "..."
-        draw.text((pad, y + 2), text, fill="black")
-        for c in range(cols):
-            img = Image.open(cells[c][r]).convert("RGB").resize((cell, cell), Image.NEAREST)
-            grid.paste(img, (pad + c * (cell + pad), y + cap))
-    grid.save(out)
-    return out
-
-
 def sample_models(
     backbone: Backbone,
     prompts: list[str],
@@ -236,8 +205,6 @@ def _sample_one(
     backbone: Backbone, path: Path | None, prompts: list[str], folder: Path, bar, **kw
 ) -> list[Path]:
     """One model's images: ``folder/<index:05d>.png``."""
-    from PIL import Image
-
     net = backbone.denoiser if path is None else load_checkpoint(backbone, path)
     net.eval()
     folder.mkdir()
@@ -249,10 +216,7 @@ def _sample_one(
             [prompts[i] for i in idx], [prompt_generator(seed, i) for i in idx], net=net, **kw
         )
         for i, img in zip(idx, to_uint8(backbone.decode_latents(lat)), strict=True):
-            f = folder / f"{i:05d}.png"
-            with writing(f):
-                Image.fromarray(img.numpy()).save(f)
-            files.append(f)
+            files.append(save_png(img, folder / f"{i:05d}.png"))
         bar.update(len(idx))
     return files
 

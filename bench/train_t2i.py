@@ -77,6 +77,15 @@ from bench.trainlib.outdir import (  # noqa: E402
     writing,
 )
 from bench.trainlib.reference import DivergenceProbe, Reference  # noqa: E402
+from bench.trainlib.validation import (  # noqa: E402
+    SAMPLES_DIR,
+    check_tensorboard,
+    open_tensorboard,
+    tb_image,
+    tb_write,
+    validation_due,
+    write_validation,
+)
 from bench.trainlib.weights import (  # noqa: E402
     add_lora,
     all_finite,
@@ -267,8 +276,12 @@ def load_model(cfg: TrainConfig) -> Backbone:
     pt = cfg.prediction_type or None
     try:
         if cfg.tiny:
-            return tiny_backbone(cfg.backbone, seed=cfg.seed, prediction_type=pt)
-        return load_backbone(cfg.pretrained, cfg.backbone or None, pt)
+            bb = tiny_backbone(cfg.backbone, seed=cfg.seed, prediction_type=pt)
+        else:
+            bb = load_backbone(cfg.pretrained, cfg.backbone or None, pt)
+        if bb.name == "sana":  # official (pipeline preprocessing + instruction prefix) or plain
+            bb.prompt_style = cfg.sana_prompt_style
+        return bb
     except (ValueError, OSError) as e:
         raise UsageError(
             f"--pretrained {cfg.pretrained}: {e}" if cfg.pretrained else str(e)
@@ -481,8 +494,12 @@ def _run(cfg: TrainConfig, env: DistEnv, st: dict) -> Path:
 
     # ---- run directory: refused before any work (and before any rank writes into it)
     agree(lambda: check_run_dir(cfg))
+    if cfg.tensorboard:
+        agree(lambda: _usage(check_tensorboard))
+    val_prompts: list[str] = []  # read by every rank, so a bad file stops them all alike
+    agree(lambda: val_prompts.extend(validation_prompts(cfg)))
     if env.is_main:
-        remove_stale_tmp(out, ckpt_root)  # left by a kill -9 mid-write
+        remove_stale_tmp(out, ckpt_root, out / SAMPLES_DIR)  # left by a kill -9 mid-write
 
     # ---- data and backbone, validated before anything is written into OUT/checkpoints
     dataset = open_data(cfg, env)  # a cheap header check first: fail fast on bad --data
@@ -584,6 +601,11 @@ def _run(cfg: TrainConfig, env: DistEnv, st: dict) -> Path:
     nan_steps = cfg.nan_steps()
     stack = contextlib.ExitStack()  # closes the log and the bar however the loop ends
     metrics = stack.enter_context(open(log, "a")) if env.is_main else None  # noqa: SIM115
+    tb = None
+    if cfg.tensorboard and env.is_main:  # the same records as metrics.jsonl, into OUT/tb/
+        with writing(out / "tb"):
+            tb = open_tensorboard(out, resume_step=st["step"])
+        stack.callback(tb.close)
     bar = stack.enter_context(
         tqdm(total=cfg.max_steps, initial=st["step"], disable=not (env.is_main and cfg.progress))
     )
@@ -593,6 +615,28 @@ def _run(cfg: TrainConfig, env: DistEnv, st: dict) -> Path:
             with writing(log):
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
+        if tb is not None:
+            with writing(out / "tb"):
+                tb_write(tb, rec)
+
+    def validate(step: int) -> None:
+        """Validation images of the current policy (unwrapped: no DDP hooks; LoRA adapters
+        on). Dedicated generators, global RNG restored: the training is not changed."""
+        final = write_validation(
+            backbone,
+            policy,
+            val_prompts,
+            out,
+            step,
+            seed=cfg.validation_seed,
+            steps=cfg.validation_steps or None,
+            resolution=dataset.latent_shape[-1] * backbone.vae_scale_factor,
+            batch_size=cfg.batch_size,
+            autocast=autocast,
+        )
+        if tb is not None:
+            with writing(out / "tb"):
+                tb_image(tb, final / "grid.png", step)
 
     with stack:
         while st["step"] < cfg.max_steps:
@@ -732,6 +776,10 @@ def _run(cfg: TrainConfig, env: DistEnv, st: dict) -> Path:
                     env,
                     functools.partial(save_finite, params, st["step"], path, write, cfg.keep_last),
                 )
+
+            # ---- validation images (rank 0; the others wait at the barrier)
+            if validation_due(st["step"], cfg.validation_every, cfg.max_steps):
+                on_rank0(env, functools.partial(validate, st["step"]))
         bar.close()
         digests = gather_objects(param_digest(policy))
         log_line({"step": st["step"], "end": True, "param_sha256": digests})
@@ -758,6 +806,26 @@ def _run(cfg: TrainConfig, env: DistEnv, st: dict) -> Path:
         f"done: {st['step']} steps ({st['nonfinite_total']} skipped); final weights in {out / 'final'}"
     )
     return out
+
+
+def _usage(check) -> None:
+    """``check()``, its one-line ValueError turned into a :class:`UsageError`."""
+    try:
+        check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def validation_prompts(cfg: TrainConfig) -> list[str]:
+    """The validation prompts (read before any work; [] when validation is off)."""
+    if not cfg.validation_every:
+        return []
+    from bench.prompts import cli_prompts
+
+    try:
+        return cli_prompts(cfg.validation_prompts or None, tiny=cfg.tiny, max_prompts=None, demo=4)
+    except ValueError as e:
+        raise UsageError(f"--validation-prompts: {e}") from None
 
 
 def save_finite(params, step: int, path: Path, write, keep_last: int) -> None:

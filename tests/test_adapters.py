@@ -278,8 +278,11 @@ def test_ddim_parity_with_sdxl_pipeline(backbones):
 
 def test_flow_euler_parity_with_sana_pipeline(backbones):
     """Our flow Euler loop == diffusers' SanaPipeline with FlowMatchEulerDiscreteScheduler
-    (built from the same tiny Gemma-2 encoder, no complex-human-instruction prefix)."""
+    (built from the same tiny Gemma-2 encoder; prompts in the default "official" style, the
+    official DDSPO trainer's complex-human-instruction prefix)."""
     from diffusers import SanaPipeline
+
+    from bench.adapters import official_complex_human_instruction
 
     bb = backbones["sana"]
     c = bb.components
@@ -302,7 +305,7 @@ def test_flow_euler_parity_with_sana_pipeline(backbones):
         height=32,
         width=32,
         use_resolution_binning=False,
-        complex_human_instruction=None,
+        complex_human_instruction=list(official_complex_human_instruction()),
         max_sequence_length=bb.max_sequence_length,
         output_type="latent",
     ).images

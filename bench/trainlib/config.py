@@ -28,6 +28,7 @@ from minddspo.refupdate import REF_UPDATES
 from minddspo.timesteps import SAMPLERS, WEIGHTS
 
 BACKBONES = ("sd", "sdxl", "sana")
+SANA_PROMPT_STYLES = ("official", "plain")  # bench.adapters.SanaBackbone.prompt_style
 OPTIMIZERS = ("adamw", "adafactor")
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -52,6 +53,11 @@ RESUME_MAY_CHANGE = (
     "debug_nan_steps",
     "device",
     "gradient_checkpointing",
+    "validation_prompts",  # validation and the TensorBoard sink only observe the training
+    "validation_every",
+    "validation_steps",
+    "validation_seed",
+    "tensorboard",
 )
 #: may change on resume as long as batch_size x grad_accum x ranks (the pairs per optimizer
 #: step) stays: every step then reads the same pairs (bench/trainlib/data.py)
@@ -90,6 +96,7 @@ class TrainConfig:
     backbone: str = ""  # sd | sdxl | sana; "" = "sd" with --tiny, auto-detected with --pretrained
     pretrained: str = ""  # local diffusers pipeline dir (model_index.json + subfolders)
     prediction_type: str = ""  # override the scheduler's: epsilon | v_prediction ("" = as saved)
+    sana_prompt_style: str = "official"  # sana: official = the pipeline's text preprocessing + complex-human-instruction prefix (SanaPipeline.encode_prompt), as the official DDSPO SANA trainer | plain = the raw prompt
     lora: int = 0  # LoRA rank on the denoiser's attention projections; 0 = full fine-tune
     lora_alpha: float = 0.0  # LoRA alpha; 0 = same as the rank
     gradient_checkpointing: bool = False  # trade compute for activation memory
@@ -142,6 +149,12 @@ class TrainConfig:
     keep_last: int = 2  # keep the newest k checkpoints
     max_nonfinite: int = 5  # abort after this many non-finite steps in a row
     progress: bool = True  # tqdm bar on rank 0
+    tensorboard: bool = False  # also write the metrics to OUT/tb/ (needs the tensorboard package)
+    # --- validation images (rank 0; never changes what is trained)
+    validation_prompts: str = ""  # .txt/.jsonl prompts file; "" with --tiny: 4 demo prompts
+    validation_every: int = 0  # every n steps into OUT/samples/step-K/, and at the end; 0 = off
+    validation_steps: int = 0  # sampler steps for validation images (0 = the backbone's default)
+    validation_seed: int = 0  # prompt i starts from the noise of (seed, i), as in bench/sample.py
     debug_nan_steps: str = ""  # test hook: comma-separated steps whose loss is made NaN on rank 0
 
     @property
@@ -270,6 +283,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     _choice("device", cfg.device, DEVICES)
     _choice("ref update", cfg.ref_update, REF_UPDATES)
     _choice("timestep weight", cfg.timestep_weight, WEIGHTS)
+    _choice("sana prompt style", cfg.sana_prompt_style, SANA_PROMPT_STYLES)
     if cfg.prediction_type:
         _choice("prediction type", cfg.prediction_type, ("epsilon", "v_prediction", "flow"))
     if cfg.tiny == bool(cfg.pretrained):
@@ -283,6 +297,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(
             f"--proportion-empty-prompts must be in [0, 1), got {cfg.proportion_empty_prompts}"
         )
+    if cfg.validation_every < 0 or cfg.validation_steps < 0:
+        raise UsageError("--validation-every and --validation-steps must be >= 0")
+    if cfg.validation_every and not (cfg.validation_prompts or cfg.tiny):
+        raise UsageError("--validation-every needs --validation-prompts FILE (with --pretrained)")
     if cfg.ref_tau < 1 or not cfg.ref_delta > 0 or cfg.ref_probe < 1:
         raise UsageError("--ref-tau and --ref-probe must be >= 1 and --ref-delta > 0")
     _choice("sft branch", cfg.sft_branch, SFT_BRANCHES)
