@@ -72,7 +72,6 @@ METHOD_TABLE: dict[str, MethodSpec] = {
 METHODS = tuple(METHOD_TABLE)
 CPP_METHODS = tuple(m for m, s in METHOD_TABLE.items() if s.cpp)
 SCORE_MATCHING_METHODS = tuple(m for m, s in METHOD_TABLE.items() if s.score_matching)
-LAMBDA_LOGIT_METHODS = tuple(m for m, s in METHOD_TABLE.items() if s.lambda_in_logit)
 
 
 def method_spec(method: str) -> MethodSpec:

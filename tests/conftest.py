@@ -56,3 +56,23 @@ def tiny_pipeline_dir(tmp_path_factory):
 def tiny_sd_dir(tiny_pipeline_dir) -> Path:
     """A tiny random SD-1.x pipeline directory (diffusers layout), saved once per session."""
     return tiny_pipeline_dir("sd")
+
+
+@pytest.fixture
+def spy_method_loss(monkeypatch):
+    """``spy(module) -> calls``: wrap ``module.method_loss`` so every call is recorded as
+    ``(method, kwargs, output)`` and still computed by the real method table."""
+
+    def install(module):
+        calls = []
+        real = module.method_loss
+
+        def spy(method, **kw):
+            out = real(method, **kw)
+            calls.append((method, kw, out))
+            return out
+
+        monkeypatch.setattr(module, "method_loss", spy)
+        return calls
+
+    return install

@@ -28,19 +28,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MINDDSPO_CACHE", str(tmp_path / "cache"))
 
 
-def _spy(monkeypatch, module):
-    calls = []
-    real = module.method_loss
-
-    def spy(method, **kw):
-        out = real(method, **kw)
-        calls.append((method, kw, out))
-        return out
-
-    monkeypatch.setattr(module, "method_loss", spy)
-    return calls
-
-
 def _toy_step_tensors(run, ft, refs, params, step):
     """Recompute step ``step``'s inputs of member ``run`` from its own generator."""
     setup, T = TINY, TINY.schedule.num_train_timesteps
@@ -81,12 +68,12 @@ def _toy_step_tensors(run, ft, refs, params, step):
     ],
 )
 def test_one_toy_step_is_a_method_table_call_on_the_right_tensors(
-    monkeypatch, method, beta, weight
+    spy_method_loss, method, beta, weight
 ):
     refs = tt.load_references(TINY, [0])
     run = tt.Run(method, 3, beta, 0, tt.Strategy(timestep_weight=weight))
     params1, _ = tt.finetune(TINY, replace(FT, steps=1), [run], refs)  # the policy after step 1
-    calls = _spy(monkeypatch, tt)
+    calls = spy_method_loss(tt)
     _, log = tt.finetune(TINY, FT, [run], refs)
     assert [c[0] for c in calls] == [method, method]  # one table call per step
     _, kw, out = calls[1]
@@ -123,9 +110,9 @@ def test_one_toy_step_is_a_method_table_call_on_the_right_tensors(
     assert log.final_loss[0] == pytest.approx(direct.loss.mean().item(), rel=1e-5)
 
 
-def test_toy_dspo_runs_take_their_own_beta_out(monkeypatch):
+def test_toy_dspo_runs_take_their_own_beta_out(spy_method_loss):
     refs = tt.load_references(TINY, [0])
-    calls = _spy(monkeypatch, tt)
+    calls = spy_method_loss(tt)
     runs = [tt.Run("dspo", 3, 400.0, 0, beta_out=0.5), tt.Run("dspo", 3, 400.0, 0, beta_out=0.01)]
     tt.finetune(TINY, replace(FT, steps=1), runs, refs)
     assert sorted(kw["beta"] for _, kw, _ in calls) == [0.01, 0.5]
@@ -179,7 +166,7 @@ def _t2i_inputs(bb, guidance=1.0):
     ],
 )
 def test_trainer_step_is_a_method_table_call_on_the_right_tensors(
-    monkeypatch, t2i, method, guidance, pair, weight
+    spy_method_loss, t2i, method, guidance, pair, weight
 ):
     import bench.train_t2i as tr
     from bench.trainlib.config import TrainConfig, resolve
@@ -194,7 +181,7 @@ def test_trainer_step_is_a_method_table_call_on_the_right_tensors(
     win = lose = None
     if pair:  # two distinct "fine-tunes": the reference net, perturbed two ways
         win, lose = (ref.net, policy)
-    calls = _spy(monkeypatch, tr)
+    calls = spy_method_loss(tr)
     loss, _ = tr.compute_loss(
         cfg, bb, policy, ref, x0_w, x0_l, conds, t, n_w, n_l, (win, lose) if pair else None
     )

@@ -51,7 +51,7 @@ def _inputs(bb):
 
 
 @pytest.mark.parametrize("branch", ["winner", "loser", "loser_neg"])
-def test_sft_branch_regresses_its_side_with_its_prompt(monkeypatch, branch):
+def test_sft_branch_regresses_its_side_with_its_prompt(spy_method_loss, branch):
     bb = tiny_backbone("sd")
     policy = bb.denoiser.eval()
     cfg = resolve(TrainConfig(tiny=True, method="sft", sft_branch=branch))
@@ -61,15 +61,7 @@ def test_sft_branch_regresses_its_side_with_its_prompt(monkeypatch, branch):
         bb, ["a red cube", "two cats"], ["red", "cats"], need_neg=cfg.uses_neg, need_uncond=False
     )
     c, c_neg, _ = conds
-    calls = []
-    real = train_t2i.method_loss
-
-    def spy(method, **kw):
-        out = real(method, **kw)
-        calls.append((method, kw, out))
-        return out
-
-    monkeypatch.setattr(train_t2i, "method_loss", spy)
+    calls = spy_method_loss(train_t2i)
     loss, _ = train_t2i.compute_loss(cfg, bb, policy, None, x0_w, x0_l, conds, t, n_w, n_l)
     ((method, kw, out),) = calls
     assert method == "sft" and torch.equal(loss, out.loss)
