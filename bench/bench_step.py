@@ -27,7 +27,7 @@ forwards, alternating, and prints images per second of both and their ratio
 (``--sampling-reps 0`` skips it).
 
 ``--computed-gpu-table`` prints instead the GPU cost of every method on the real SD-1.5,
-SDXL, SD3-medium and SANA-1.6B configs, computed (not measured) by :mod:`bench.gpu_cost`.
+SDXL, SD3-medium and SANA-1.6B configs, computed (not measured) by :mod:`bench.t2i.gpu_cost`.
 
 The last line of a step benchmark is ``ratio ddspo/dpo: X``.
 """
@@ -43,30 +43,27 @@ from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
 
-if __name__ == "__main__":  # run as a script: make the `bench` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench import adapters, gpu_cost  # noqa: E402
-from bench.adapters import tiny_backbone  # noqa: E402
-from bench.train_t2i import compute_loss, encode_step  # noqa: E402
-from bench.trainlib.config import TrainConfig, resolve  # noqa: E402
-from bench.trainlib.reference import Reference  # noqa: E402
-from minddspo.schedules import cfg_combine  # noqa: E402
+from bench.t2i import backbones, gpu_cost
+from bench.t2i.backbones import tiny_backbone
+from bench.t2i.config import TrainConfig, resolve
+from bench.t2i.reference import Reference
+from bench.train_t2i import compute_loss, encode_step
+from minddspo.schedules import cfg_combine
 
 METHODS = ("sft", "dpo", "dspo", "dspo_cpp", "ddspo")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sd15_unet():
-    """A UNet with Stable Diffusion 1.5's published config (``bench/configs/sd15/unet.json``),
+    """A UNet with Stable Diffusion 1.5's published config (``bench/t2i/configs/sd15/unet.json``),
     random weights (860M)."""
     return gpu_cost.build_module(gpu_cost.CONFIG_DIR / "sd15" / "unet.json", device="cpu")
 
 
 def sd15_text_encoder():
-    """CLIP ViT-L/14's text tower (SD-1.5's encoder, ``bench/configs/sd15/text_encoder.json``),
+    """CLIP ViT-L/14's text tower (SD-1.5's encoder, ``bench/t2i/configs/sd15/text_encoder.json``),
     random weights, with the tiny byte-level tokenizer's vocabulary."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -79,7 +76,7 @@ def build_backbone(args):
     torch.manual_seed(0)
     bb = tiny_backbone(args.backbone)
     if args.sd15_config:
-        from bench.tiny import clip_tokenizer
+        from bench.t2i.tiny import clip_tokenizer
 
         bb.denoiser = bb.components["unet"] = sd15_unet()
         bb.components["text_encoder"] = sd15_text_encoder()
@@ -123,9 +120,9 @@ def make_pairs_run(backbone, prompts: list[str], steps: int, batched: bool):
     from safetensors.torch import load_file
 
     from bench.make_pairs import build_pairs
-    from bench.pairdata import shard_path
+    from bench.t2i.pairdata import shard_path
 
-    patch = nullcontext() if batched else mock.patch.object(adapters, "guided", guided_unbatched)
+    patch = nullcontext() if batched else mock.patch.object(backbones, "guided", guided_unbatched)
     with tempfile.TemporaryDirectory() as out, patch:
         t0 = time.perf_counter()
         build_pairs(
@@ -138,7 +135,7 @@ def make_pairs_run(backbone, prompts: list[str], steps: int, batched: bool):
 
 def sampling_benchmark(args, device: torch.device, dtype: torch.dtype) -> None:
     """make_pairs' images per second, CFG batched vs unbatched, alternating (median)."""
-    from bench.prompts import DEMO_PROMPTS
+    from bench.t2i.prompts import DEMO_PROMPTS
 
     bb = tiny_backbone(args.backbone).for_inference(device, dtype)
     prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] + f" #{i}" for i in range(args.batch)]
@@ -170,7 +167,7 @@ def sampling_benchmark(args, device: torch.device, dtype: torch.dtype) -> None:
 
 
 def gpu_table(args) -> int:
-    """The computed (not measured) GPU cost table of :mod:`bench.gpu_cost`."""
+    """The computed (not measured) GPU cost table of :mod:`bench.t2i.gpu_cost`."""
     keys = [k.strip() for k in args.gpu_models.split(",") if k.strip()]
     t0 = time.perf_counter()
     text = gpu_cost.markdown(gpu_cost.compute_rows(keys))

@@ -7,7 +7,7 @@ Input is what bench/sample.py writes: ``--images DIR`` holds one subfolder per m
 with ``<index:05d>.png`` for every prompt, and ``prompts.txt``, the prompts in index order
 (the default ``--prompts``). Single folders can be added with ``--model NAME=DIR``. The
 scorers are local transformers CLIP directories (``--clip``, ``--pickscore``, ``--hps``;
-bench/scorers.py says how each turns a cosine into a score).
+bench/t2i/scorers.py says how each turns a cosine into a score).
 
 Reported for each model and scorer: the mean over prompts +- its standard error. For every
 model other than ``--base`` also its win rate over the base: the share of prompts on which
@@ -17,7 +17,7 @@ scores, and results.md. Bad input exits with status 2 and a one-line message nam
 file; ``--out`` is checked (a folder, writable) before any scorer is loaded, and the two
 files are written atomically.
 
-``--tiny`` scores with random tiny CLIPs instead (bench/scorers.py ``TINY_SCORERS``): a
+``--tiny`` scores with random tiny CLIPs instead (bench/t2i/scorers.py ``TINY_SCORERS``): a
 smoke test of the pipeline on CPU with no weights, e.g. on ``sample.py --tiny`` output.
 """
 
@@ -32,16 +32,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/evaluate.py` from a clone
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from bench.prompts import read_prompts as _read_prompts  # noqa: E402
-from bench.scorers import (  # noqa: E402
+from bench.t2i.outdir import (
+    OutputError,
+    check_out_dir,
+    write_text_atomic,
+    writing,
+)
+from bench.t2i.prompts import read_prompts as _read_prompts
+from bench.t2i.scorers import (
     SCORERS,
     TINY_SCORERS,
     ClipScorer,
@@ -51,12 +54,6 @@ from bench.scorers import (  # noqa: E402
     mean_sem,
     tiny_scorer,
     win_rate,
-)
-from bench.trainlib.outdir import (  # noqa: E402
-    OutputError,
-    check_out_dir,
-    write_text_atomic,
-    writing,
 )
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}

@@ -1,4 +1,4 @@
-"""Import preference pairs made elsewhere into our pair format (see :mod:`bench.importers`).
+"""Import preference pairs made elsewhere into our pair format (see :mod:`bench.t2i.importers`).
 
     python bench/import_pairs.py --from ddspo DDSPO_DIR --backbone sd --out data/ddspo
     python bench/import_pairs.py --from pickapic pickapic/train/ --pretrained /models/sd15 \\
@@ -16,13 +16,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench.adapters import BACKBONES  # noqa: E402
-from bench.importers import (  # noqa: E402
+from bench.t2i.backbones import BACKBONES
+from bench.t2i.importers import (
     DDSPO_ID_KEY,
     DDSPO_NEG_KEY,
     DDSPO_PROMPT_KEYS,
@@ -30,7 +27,7 @@ from bench.importers import (  # noqa: E402
     import_ddspo,
     import_pickapic,
 )
-from bench.pairdata import LATENT_DTYPES  # noqa: E402
+from bench.t2i.pairdata import LATENT_DTYPES
 
 SOURCES = ("ddspo", "pickapic")
 
@@ -99,7 +96,7 @@ def run(args: argparse.Namespace) -> Path:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    from bench.adapters import load_backbone, move_module, tiny_backbone
+    from bench.t2i.backbones import load_backbone, move_module, tiny_backbone
 
     if kind == "ddspo":
         backbone = args.backbone or args.tiny

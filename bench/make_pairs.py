@@ -3,7 +3,7 @@
 For each prompt ``c`` a degraded prompt ``c-`` is made (random word removal or a local
 LLM rewrite, :mod:`minddspo.perturb`), images are sampled with the backbone's own sampler
 (batched classifier-free guidance), and their latents are stored in the format of
-:mod:`bench.pairdata`. Variants (SPEC §5):
+:mod:`bench.t2i.pairdata`. Variants (SPEC §5):
 
 * ``paired``        x0_w from c, x0_l from c- (both from the *same* initial noise, so the
                     pair differs only through the prompt); loser prompt c-.
@@ -13,7 +13,7 @@ LLM rewrite, :mod:`minddspo.perturb`), images are sampled with the backbone's ow
                     prompt c+.
 
 Every image, degraded prompt and partner is a function of ``(seed, prompt index)`` only
-(:func:`bench.adapters.prompt_generator`; the partner's winner is regenerated from its own
+(:func:`bench.t2i.backbones.prompt_generator`; the partner's winner is regenerated from its own
 seed), so shards can be made in any order, on any rank, and skipped when already on disk:
 a shard is written to a temporary name and renamed, and a rerun skips finished shards.
 Under ``torchrun`` rank r makes shards k with ``k % world == r``; after a barrier rank 0
@@ -34,14 +34,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.adapters import BACKBONES, Backbone, prompt_generator  # noqa: E402
-from bench.pairdata import (  # noqa: E402
+from bench.t2i.backbones import BACKBONES, Backbone, prompt_generator
+from bench.t2i.pairdata import (
     LATENT_DTYPES,
     VARIANTS,
     finalize,
@@ -50,8 +47,8 @@ from bench.pairdata import (  # noqa: E402
     shard_skipped,
     write_shard,
 )
-from bench.prompts import cli_prompts  # noqa: E402
-from minddspo.perturb import TASKS, random_removal  # noqa: E402
+from bench.t2i.prompts import cli_prompts
+from minddspo.perturb import TASKS, random_removal
 
 PERTURBS = ("random_removal", "llm")
 # variants whose loser target uses the degraded prompt c-: a c- equal to c makes a void pair
@@ -98,7 +95,7 @@ def build_pairs(
 ) -> Path:
     """Generate the pair dataset for ``prompts`` into ``out_dir`` and return its path.
 
-    ``llm`` (for ``perturb="llm"``) is a :class:`bench.llm.LocalLM` or any object with a
+    ``llm`` (for ``perturb="llm"``) is a :class:`bench.t2i.llm.LocalLM` or any object with a
     ``perturb(prompts, rngs, task) -> PerturbResult`` method. ``batch_size`` counts pairs
     per sampler call (each call samples ``2 * batch_size`` images). Finished shards are
     skipped; a shard made with different settings or prompts is an error.
@@ -327,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.perturb == "llm" and not args.llm:
             raise ValueError("--perturb llm needs --llm DIR (a local causal LM)")
         prompts = cli_prompts(args.prompts, tiny=bool(args.tiny), max_prompts=args.max_prompts)
-        from bench.adapters import load_backbone, tiny_backbone
+        from bench.t2i.backbones import load_backbone, tiny_backbone
 
         if args.tiny:
             backbone = tiny_backbone(args.tiny, prediction_type=args.prediction_type)
@@ -349,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backbone.for_inference(device, getattr(torch, args.dtype))
     llm = None
     if args.perturb == "llm":
-        from bench.llm import LocalLM
+        from bench.t2i.llm import LocalLM
 
         try:
             llm = LocalLM(args.llm, device=device, max_new_tokens=args.llm_max_new_tokens)

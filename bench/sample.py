@@ -1,6 +1,6 @@
 """Sample a prompt file from a base model and fine-tuned checkpoints, side by side.
 
-Every model sees the same initial noise per prompt (:func:`bench.adapters.prompt_generator`
+Every model sees the same initial noise per prompt (:func:`bench.t2i.backbones.prompt_generator`
 of ``(seed, prompt index)``) and the same sampler: the project's own DDIM/DDPM loops for
 epsilon and v-prediction backbones, Euler for flow ones, with batched classifier-free
 guidance. Output::
@@ -34,21 +34,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench.adapters import BACKBONES, Backbone, move_module, prompt_generator  # noqa: E402
-from bench.trainlib.outdir import (  # noqa: E402
+from bench.t2i.backbones import BACKBONES, Backbone, move_module, prompt_generator
+from bench.t2i.outdir import (
     OutputError,
     check_out_dir,
     publish_dir,
     stage_dir,
     writing,
 )
-from bench.trainlib.validation import save_grid, save_png, to_uint8  # noqa: E402
-from bench.trainlib.weights import LORA_FILE, denoiser_with_lora, find_lora  # noqa: E402
+from bench.t2i.validation import save_grid, save_png, to_uint8
+from bench.t2i.weights import LORA_FILE, denoiser_with_lora, find_lora
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -267,8 +264,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bench.adapters import load_backbone, tiny_backbone
-    from bench.prompts import cli_prompts
+    from bench.t2i.backbones import load_backbone, tiny_backbone
+    from bench.t2i.prompts import cli_prompts
 
     args = parse_args(argv)
     try:

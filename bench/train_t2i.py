@@ -9,7 +9,7 @@ without torchrun runs the same code with world size 1. The file reads top to bot
 one step's math (:func:`compute_loss`), then :func:`train` — config -> distributed init ->
 backbone -> data -> reference -> optimizer -> resume -> loop -> checkpoint. All loss,
 schedule, timestep and reference-update math comes from ``minddspo``; backbone glue from
-``bench.adapters``; config, checkpoint and reference helpers from ``bench.trainlib``.
+``bench.t2i.backbones``; config, checkpoint and reference helpers from ``bench.t2i``.
 
 Nothing is lost and nothing fails silently: OUT is checked before any work (a file, an
 unwritable disk, or another run without --resume is refused), --resume must match the
@@ -31,16 +31,11 @@ import time
 import traceback
 from pathlib import Path
 
-if __name__ == "__main__":  # run as a script (torchrun): make the `bench` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local weights only, never a download
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-import torch  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-
-from bench.adapters import Backbone, Cond, load_backbone, move_module, tiny_backbone  # noqa: E402
-from bench.pairdata import PairDataset, collate_pairs  # noqa: E402
-from bench.trainlib.checkpoint import (  # noqa: E402
+from bench.t2i.backbones import Backbone, Cond, load_backbone, move_module, tiny_backbone
+from bench.t2i.checkpoint import (
     atomic_write_dir,
     checkpoint_name,
     find_resume,
@@ -49,7 +44,7 @@ from bench.trainlib.checkpoint import (  # noqa: E402
     save_checkpoint,
     set_rng_state,
 )
-from bench.trainlib.config import (  # noqa: E402
+from bench.t2i.config import (
     TrainConfig,
     UsageError,
     parse_args,
@@ -57,8 +52,8 @@ from bench.trainlib.config import (  # noqa: E402
     resume_mismatches,
     write_config,
 )
-from bench.trainlib.data import batch_indices, dataset_fingerprint  # noqa: E402
-from bench.trainlib.dist import (  # noqa: E402
+from bench.t2i.data import batch_indices, dataset_fingerprint
+from bench.t2i.dist import (
     DistEnv,
     all_reduce_mean,
     broadcast_float,
@@ -67,8 +62,8 @@ from bench.trainlib.dist import (  # noqa: E402
     init_distributed,
     no_sync,
 )
-from bench.trainlib.interrupt import exit_code, handle_signals  # noqa: E402
-from bench.trainlib.outdir import (  # noqa: E402
+from bench.t2i.interrupt import exit_code, handle_signals
+from bench.t2i.outdir import (
     OutputError,
     check_out_dir,
     no_space,
@@ -76,8 +71,9 @@ from bench.trainlib.outdir import (  # noqa: E402
     truncate_jsonl,
     writing,
 )
-from bench.trainlib.reference import DivergenceProbe, Reference  # noqa: E402
-from bench.trainlib.validation import (  # noqa: E402
+from bench.t2i.pairdata import PairDataset, collate_pairs
+from bench.t2i.reference import DivergenceProbe, Reference
+from bench.t2i.validation import (
     SAMPLES_DIR,
     check_tensorboard,
     open_tensorboard,
@@ -86,7 +82,7 @@ from bench.trainlib.validation import (  # noqa: E402
     validation_due,
     write_validation,
 )
-from bench.trainlib.weights import (  # noqa: E402
+from bench.t2i.weights import (
     add_lora,
     all_finite,
     denoiser_with_lora,
@@ -97,9 +93,9 @@ from bench.trainlib.weights import (  # noqa: E402
     save_lora,
     write_checkpoint,
 )
-from minddspo.methods import dspo_beta_warning, method_loss, method_spec  # noqa: E402
-from minddspo.refupdate import ReferenceUpdateRule  # noqa: E402
-from minddspo.schedules import cfg_combine  # noqa: E402
+from minddspo.methods import dspo_beta_warning, method_loss, method_spec
+from minddspo.refupdate import ReferenceUpdateRule
+from minddspo.schedules import cfg_combine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DIAG_KEYS = ("implicit_acc", "gap_w", "gap_l", "err_w", "err_l")
@@ -300,7 +296,7 @@ def open_data(cfg: TrainConfig, env: DistEnv, backbone: Backbone | None = None) 
         path = str(Path(cfg.out) / "data")
         if not (Path(path) / "info.json").exists():
             from bench.make_pairs import build_pairs
-            from bench.prompts import DEMO_PROMPTS
+            from bench.t2i.prompts import DEMO_PROMPTS
 
             prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(cfg.tiny_pairs)]
             with writing(path):
@@ -820,7 +816,7 @@ def validation_prompts(cfg: TrainConfig) -> list[str]:
     """The validation prompts (read before any work; [] when validation is off)."""
     if not cfg.validation_every:
         return []
-    from bench.prompts import cli_prompts
+    from bench.t2i.prompts import cli_prompts
 
     try:
         return cli_prompts(cfg.validation_prompts or None, tiny=cfg.tiny, max_prompts=None, demo=4)

@@ -40,7 +40,7 @@ def one_thread():
 def tiny_pipeline_dir(tmp_path_factory):
     """``save(name) -> Path``: a tiny random pipeline of backbone ``name`` (sd, sdxl, sana)
     saved once per session in diffusers layout, for ``load_backbone`` and the trainer."""
-    from bench.tiny import save_tiny_pipeline
+    from bench.t2i.tiny import save_tiny_pipeline
 
     cache: dict[str, Path] = {}
 

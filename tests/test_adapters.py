@@ -6,14 +6,14 @@ import shutil
 import pytest
 import torch
 
-from bench.adapters import (
+from bench.t2i.backbones import (
     BACKBONES,
     Cond,
     load_backbone,
     prompt_generator,
     tiny_backbone,
 )
-from bench.tiny import save_tiny_pipeline
+from bench.t2i.tiny import save_tiny_pipeline
 
 PROMPTS = ["a red cat on a mat", "", "two dogs"]
 
@@ -282,7 +282,7 @@ def test_flow_euler_parity_with_sana_pipeline(backbones):
     official DDSPO trainer's complex-human-instruction prefix)."""
     from diffusers import SanaPipeline
 
-    from bench.adapters import official_complex_human_instruction
+    from bench.t2i.backbones import official_complex_human_instruction
 
     bb = backbones["sana"]
     c = bb.components

@@ -1,4 +1,4 @@
-"""Atomic checkpoints, keep-last-k and RNG capture (bench/trainlib/checkpoint.py)."""
+"""Atomic checkpoints, keep-last-k and RNG capture (bench/t2i/checkpoint.py)."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.trainlib.checkpoint import (
+from bench.t2i.checkpoint import (
     FILES_KEY,
     STATE_FILE,
     atomic_write_dir,
@@ -24,8 +24,8 @@ from bench.trainlib.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from bench.trainlib.interrupt import critical, handle_signals
-from bench.trainlib.outdir import truncate_jsonl
+from bench.t2i.interrupt import critical, handle_signals
+from bench.t2i.outdir import truncate_jsonl
 
 
 def writer(step: int, fail_after_weights: bool = False):

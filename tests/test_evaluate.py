@@ -1,4 +1,4 @@
-"""bench/evaluate.py and bench/scorers.py on tiny random CLIP models built from configs."""
+"""bench/evaluate.py and bench/t2i/scorers.py on tiny random CLIP models built from configs."""
 
 import os
 
@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.evaluate import load_image, main, read_prompts, render_markdown  # noqa: E402
-from bench.scorers import EvalError, mean_sem, save_tiny_clip, win_rate  # noqa: E402
+from bench.t2i.scorers import EvalError, mean_sem, save_tiny_clip, win_rate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LONG = "a lighthouse at dusk, oil painting, dramatic clouds, highly detailed"  # > 32 tokens

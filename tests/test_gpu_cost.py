@@ -1,4 +1,4 @@
-"""bench/gpu_cost.py: the FLOP counter against a hand count, the method rows, memory, configs."""
+"""bench/t2i/gpu_cost.py: the FLOP counter against a hand count, the method rows, memory, configs."""
 
 import json
 import re
@@ -7,13 +7,22 @@ import pytest
 import torch
 from torch import nn
 
-from bench import bench_step, gpu_cost
-from bench.gpu_cost import Arch, Recipe, build_arch, count_flops, memory, method_rows, step_flops
+from bench import bench_step
+from bench.t2i import gpu_cost
+from bench.t2i.gpu_cost import (
+    Arch,
+    Recipe,
+    build_arch,
+    count_flops,
+    memory,
+    method_rows,
+    step_flops,
+)
 from minddspo.methods import METHODS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# bench/tiny.py's SD UNet on 8 x 8 latents (CrossAttnDownBlock2D + DownBlock2D, 32/64 channels)
+# bench/t2i/tiny.py's SD UNet on 8 x 8 latents (CrossAttnDownBlock2D + DownBlock2D, 32/64 channels)
 TINY_UNET = {
     "_class_name": "UNet2DConditionModel",
     "sample_size": 8,
@@ -44,7 +53,7 @@ TINY = Arch("tiny_sd", "tiny SD", "sd", "unet", (("text_encoder", 12),), 12)
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """A config root holding the tiny backbone, in the layout of bench/configs/."""
+    """A config root holding the tiny backbone, in the layout of bench/t2i/configs/."""
     d = tmp_path_factory.mktemp("configs")
     (d / TINY.key).mkdir()
     (d / TINY.key / "unet.json").write_text(json.dumps(TINY_UNET))

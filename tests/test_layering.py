@@ -7,7 +7,7 @@
 
 Inside ``bench``, a *command* is a top-level ``bench/*.py`` with an ``if __name__ ==
 "__main__"`` block. No command imports another command, no library module imports a
-command, and no module imports the tiny test models (``bench.tiny``). Where today's code
+command, and no module imports the tiny test models (``bench.t2i.tiny``). Where today's code
 breaks a rule the exception is listed below by name; those lists may only shrink: a new
 importer fails, and so does an entry that no longer imports (delete it from the list).
 Imports inside functions count; ``importlib``/``runpy`` strings are not seen.
@@ -28,9 +28,9 @@ PACKAGES = ("minddspo", "toy2d", "bench", "paper_figures")
 # ``--tiny`` only, never a real save); moving them is a later change, which deletes the
 # entries here. Do not add to this list.
 TINY_IMPORTERS_TO_REMOVE = [
-    "bench.adapters",  # save_components (every real final/ save) and tiny_components
+    "bench.t2i.backbones",  # save_components (every real final/ save) and tiny_components
     "bench.bench_step",  # clip_tokenizer for its tiny text encoder
-    "bench.scorers",  # clip_tokenizer for the tiny CLIP scorer
+    "bench.t2i.scorers",  # clip_tokenizer for the tiny CLIP scorer
 ]
 
 # (importer, imported command) pairs that break "no command imports another command" or
@@ -39,7 +39,7 @@ TINY_IMPORTERS_TO_REMOVE = [
 COMMAND_IMPORTS_TO_REMOVE = [
     ("bench.bench_step", "bench.make_pairs"),  # build_pairs, for its demo pairs
     ("bench.bench_step", "bench.train_t2i"),  # compute_loss, encode_step
-    ("bench.gpu_cost", "bench.train_t2i"),  # build_optimizer
+    ("bench.t2i.gpu_cost", "bench.train_t2i"),  # build_optimizer
     ("bench.train_t2i", "bench.make_pairs"),  # build_pairs, for --demo
 ]
 
@@ -150,11 +150,13 @@ def test_bench_imports_neither_toy2d_nor_paper_figures(path):
 
 def test_no_new_importer_of_the_tiny_test_models():
     importers = {_module_name(p) for p in FILES if any(_is_tiny(m) for m in imports_of(p))}
-    importers.discard("bench.tiny")
+    importers.discard("bench.t2i.tiny")
     new = importers - set(TINY_IMPORTERS_TO_REMOVE)
-    assert not new, f"production modules must not import bench.tiny: {sorted(new)}"
+    assert not new, f"production modules must not import bench.t2i.tiny: {sorted(new)}"
     gone = set(TINY_IMPORTERS_TO_REMOVE) - importers
-    assert not gone, f"no longer import bench.tiny, delete from TINY_IMPORTERS_TO_REMOVE: {gone}"
+    assert not gone, (
+        f"no longer import bench.t2i.tiny, delete from TINY_IMPORTERS_TO_REMOVE: {gone}"
+    )
 
 
 def test_no_new_import_of_a_command():

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.adapters import prompt_generator, tiny_backbone
 from bench.make_pairs import _stream, build_pairs, main, partner_index
-from bench.pairdata import PairDataset, collate_pairs, read_shard_header, shard_path
-from bench.prompts import read_prompts
+from bench.t2i.backbones import prompt_generator, tiny_backbone
+from bench.t2i.pairdata import PairDataset, collate_pairs, read_shard_header, shard_path
+from bench.t2i.prompts import read_prompts
 from minddspo.perturb import random_removal
 
 PROMPTS = [
@@ -239,8 +239,8 @@ def test_cli_pretrained_not_a_pipeline(tmp_path, capsys):
 
 def test_llm_perturb_falls_back_and_counts(tmp_path, capsys):
     """A tiny random causal LM answers noise: every prompt falls back to random_removal."""
-    from bench.llm import LocalLM
-    from bench.tiny import save_tiny_causal_lm
+    from bench.t2i.llm import LocalLM
+    from bench.t2i.tiny import save_tiny_causal_lm
 
     llm = LocalLM(save_tiny_causal_lm(tmp_path / "lm"), max_new_tokens=4)
     assert "<|start_header_id|>system" in llm.build_prompt(
@@ -310,7 +310,7 @@ def test_shards_are_byte_identical_for_the_same_inputs(sd, built, tmp_path):
 def test_canonical_header_keeps_the_content():
     from safetensors.torch import load, save
 
-    from bench.pairdata import canonical_safetensors
+    from bench.t2i.pairdata import canonical_safetensors
 
     t = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(1, dtype=torch.float16)}
     blob = save(t, metadata={"z": "1", "records": "[]", "params": "{}"})

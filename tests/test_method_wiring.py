@@ -125,8 +125,8 @@ def test_toy_dspo_runs_take_their_own_beta_out(spy_method_loss):
 
 @pytest.fixture(scope="module")
 def t2i():
-    from bench.adapters import tiny_backbone
-    from bench.trainlib.reference import Reference
+    from bench.t2i.backbones import tiny_backbone
+    from bench.t2i.reference import Reference
 
     torch.manual_seed(0)
     bb = tiny_backbone("sd", seed=0)
@@ -169,7 +169,7 @@ def test_trainer_step_is_a_method_table_call_on_the_right_tensors(
     spy_method_loss, t2i, method, guidance, pair, weight
 ):
     import bench.train_t2i as tr
-    from bench.trainlib.config import TrainConfig, resolve
+    from bench.t2i.config import TrainConfig, resolve
     from minddspo.schedules import cfg_combine
 
     bb, policy, ref = t2i

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from bench import train_policy_pair, train_t2i
-from bench.adapters import tiny_backbone
 from bench.make_pairs import build_pairs
-from bench.prompts import DEMO_PROMPTS
-from bench.trainlib.config import TrainConfig, UsageError, parse_args, resolve
-from bench.trainlib.weights import LORA_FILE, add_lora
+from bench.t2i.backbones import tiny_backbone
+from bench.t2i.config import TrainConfig, UsageError, parse_args, resolve
+from bench.t2i.prompts import DEMO_PROMPTS
+from bench.t2i.weights import LORA_FILE, add_lora
 
 
 @pytest.fixture(autouse=True, scope="module")

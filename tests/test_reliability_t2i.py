@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 from bench import evaluate, sample, train_t2i
-from bench.adapters import tiny_backbone
 from bench.make_pairs import build_pairs
-from bench.prompts import DEMO_PROMPTS
-from bench.trainlib import outdir, weights
-from bench.trainlib.checkpoint import STATE_FILE, checkpoint_problem, latest_checkpoint
-from bench.trainlib.config import RESUME_MAY_CHANGE, epilog
+from bench.t2i import outdir, weights
+from bench.t2i.backbones import tiny_backbone
+from bench.t2i.checkpoint import STATE_FILE, checkpoint_problem, latest_checkpoint
+from bench.t2i.config import RESUME_MAY_CHANGE, epilog
+from bench.t2i.prompts import DEMO_PROMPTS
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")

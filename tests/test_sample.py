@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.adapters import prompt_generator, tiny_backbone
 from bench.sample import load_checkpoint, main, parse_checkpoint, to_uint8
+from bench.t2i.backbones import prompt_generator, tiny_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,12 +6,12 @@ import inspect
 import pytest
 import torch
 
-from bench.adapters import (
+from bench.t2i.backbones import (
     SANA_PROMPT_STYLES,
     official_complex_human_instruction,
     tiny_backbone,
 )
-from bench.trainlib.config import TrainConfig, UsageError, parse_args, resolve
+from bench.t2i.config import TrainConfig, UsageError, parse_args, resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,7 +175,7 @@ def test_config_flag():
 @pytest.mark.parametrize("style", ["official", "plain"])
 def test_the_trainer_passes_its_prompt_style_to_the_sana_adapter(style):
     from bench import train_t2i
-    from bench.trainlib.config import TrainConfig, resolve
+    from bench.t2i.config import TrainConfig, resolve
 
     cfg = resolve(TrainConfig(tiny=True, backbone="sana", sana_prompt_style=style))
     assert train_t2i.load_model(cfg).prompt_style == style

@@ -14,14 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from bench import train_t2i
-from bench.adapters import tiny_backbone
 from bench.make_pairs import build_pairs
-from bench.pairdata import PairDataset, shard_path, write_shard
-from bench.prompts import DEMO_PROMPTS
-from bench.tiny import save_tiny_pipeline, tiny_components
-from bench.trainlib import weights
-from bench.trainlib.checkpoint import STATE_FILE, latest_checkpoint, load_state
-from bench.trainlib.weights import LORA_STATE, param_digest
+from bench.t2i import weights
+from bench.t2i.backbones import tiny_backbone
+from bench.t2i.checkpoint import STATE_FILE, latest_checkpoint, load_state
+from bench.t2i.pairdata import PairDataset, shard_path, write_shard
+from bench.t2i.prompts import DEMO_PROMPTS
+from bench.t2i.tiny import save_tiny_pipeline, tiny_components
+from bench.t2i.weights import LORA_STATE, param_digest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -404,7 +404,7 @@ def test_torchrun_two_ranks_stay_identical(data, tmp_path, flags):
 
 
 def test_config_flags_json_and_resolution(tmp_path):
-    from bench.trainlib.config import UsageError, parse_args
+    from bench.t2i.config import UsageError, parse_args
 
     cfg_file = tmp_path / "c.json"
     cfg_file.write_text(json.dumps({"method": "dpo", "batch_size": 4, "beta": 5000}))
@@ -431,7 +431,7 @@ def test_config_flags_json_and_resolution(tmp_path):
 
 
 def test_data_order_shards_epochs_across_ranks():
-    from bench.trainlib.data import batch_indices
+    from bench.t2i.data import batch_indices
 
     def idx(step, rank, world=2, accum=2, micro=0):
         return batch_indices(10, seed=0, step=step, micro=micro, accum=accum, rank=rank,
@@ -451,9 +451,9 @@ def test_lora_with_alpha_not_rank_loads_at_the_trained_scale(data, tmp_path):
     load_lora_weights (and our sample.py loader) as the trained network did."""
     from diffusers import StableDiffusionPipeline
 
-    from bench.adapters import tiny_backbone
     from bench.sample import load_checkpoint
-    from bench.trainlib.weights import add_lora
+    from bench.t2i.backbones import tiny_backbone
+    from bench.t2i.weights import add_lora
 
     flags = ("--method", "dpo", "--lora", "4", "--lora-alpha", "16", "--max-steps", "3")
     assert run(data, tmp_path, *flags, "--lr", "1e-2") == 0
@@ -513,7 +513,7 @@ def test_final_copies_untouched_components_and_writes_only_the_denoiser(data, tm
 
 
 def test_proportion_empty_prompts_drops_whole_pairs_reproducibly():
-    from bench.trainlib.config import TrainConfig, UsageError, resolve
+    from bench.t2i.config import TrainConfig, UsageError, resolve
 
     cfg = resolve(TrainConfig(tiny=True, proportion_empty_prompts=0.5))
     prompts, negs = [f"prompt {i}" for i in range(400)], [f"neg {i}" for i in range(400)]

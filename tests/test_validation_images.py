@@ -12,12 +12,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bench import train_t2i
-from bench.adapters import tiny_backbone
 from bench.make_pairs import build_pairs
-from bench.prompts import DEMO_PROMPTS
 from bench.sample import sample_models
-from bench.trainlib import validation
-from bench.trainlib.config import TrainConfig, resolve, resume_mismatches
+from bench.t2i import validation
+from bench.t2i.backbones import tiny_backbone
+from bench.t2i.config import TrainConfig, resolve, resume_mismatches
+from bench.t2i.prompts import DEMO_PROMPTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -153,7 +153,12 @@ def test_last_step_matches_sample_py(runs, prompts_file, tmp_path):
                   progress=False)  # fmt: skip
     for i in range(3):
         want = pixels(tmp_path / "s" / "ft" / f"{i:05d}.png")
-        assert np.array_equal(pixels(root / "a" / "samples" / f"step-4/{i:05d}.png"), want)
+        got = pixels(root / "a" / "samples" / f"step-4/{i:05d}.png")
+        # at most one 8-bit level on a handful of pixels: seen on 2026-11-30 (transformers
+        # 5.24, a loaded machine) for one pixel of 3072; a real mismatch (other seed, other
+        # weights, other step) differs by tens of levels everywhere
+        diff = np.abs(got.astype(int) - want)
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-2, (diff.max(), (diff > 0).mean())
 
 
 def test_tensorboard_writer_gets_the_metrics(runs):

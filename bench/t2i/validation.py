@@ -5,7 +5,7 @@ the optional TensorBoard sink.
   grid (rows = prompts, columns = models or steps); used by ``bench/sample.py`` too.
 * :func:`write_validation`: sample a fixed prompt list with the current policy into
   ``OUT/samples/step-K/<index:05d>.png`` + ``grid.png``. Prompt ``i`` always starts from the
-  noise of :func:`bench.adapters.prompt_generator` ``(seed, i)`` (as ``sample.py``), so the
+  noise of :func:`bench.t2i.backbones.prompt_generator` ``(seed, i)`` (as ``sample.py``), so the
   images of different steps (and of ``sample.py`` on the saved weights) are comparable. Only
   dedicated generators are drawn from and the global RNG is restored afterwards: training
   with validation on is bit-identical to training with it off.
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from bench.adapters import Backbone, prompt_generator
-from bench.trainlib.outdir import publish_dir, stage_dir, writing
+from bench.t2i.backbones import Backbone, prompt_generator
+from bench.t2i.outdir import publish_dir, stage_dir, writing
 
 SAMPLES_DIR = "samples"  # OUT/samples/step-K/
 TB_DIR = "tb"  # OUT/tb/

@@ -22,13 +22,13 @@ import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from bench.trainlib.outdir import write_text_atomic
+from bench.t2i.outdir import write_text_atomic
 from minddspo.methods import CPP_METHODS, METHODS, SCORE_MATCHING_METHODS, method_spec
 from minddspo.refupdate import REF_UPDATES
 from minddspo.timesteps import SAMPLERS, WEIGHTS
 
 BACKBONES = ("sd", "sdxl", "sana")
-SANA_PROMPT_STYLES = ("official", "plain")  # bench.adapters.SanaBackbone.prompt_style
+SANA_PROMPT_STYLES = ("official", "plain")  # bench.t2i.backbones.SanaBackbone.prompt_style
 OPTIMIZERS = ("adamw", "adafactor")
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -60,7 +60,7 @@ RESUME_MAY_CHANGE = (
     "tensorboard",
 )
 #: may change on resume as long as batch_size x grad_accum x ranks (the pairs per optimizer
-#: step) stays: every step then reads the same pairs (bench/trainlib/data.py)
+#: step) stays: every step then reads the same pairs (bench/t2i/data.py)
 RESUME_BATCH = ("batch_size", "grad_accum")
 _PATH_FIELDS = ("data", "pretrained", "winner_policy", "loser_policy")  # compared as real paths
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.trainlib.checkpoint import FILES_KEY, STATE_FILE, file_sizes
-from bench.trainlib.reference import Reference, trainable_state
+from bench.t2i.checkpoint import FILES_KEY, STATE_FILE, file_sizes
+from bench.t2i.reference import Reference, trainable_state
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (UNet and SANA)
 LORA_STATE = "lora_state.safetensors"  # exact trainable tensors, for --resume

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.trainlib.interrupt import critical
+from bench.t2i.interrupt import critical
 
 STATE_FILE = "trainer_state.pt"
 FILES_KEY = "files"  # in STATE_FILE: {relative path: size in bytes} of the other files

@@ -1,0 +1,747 @@
+"""One small adapter per text-to-image backbone: SD-1.x, SDXL and SANA.
+
+An adapter hides what differs between backbones (text encoders, extra conditioning,
+parameterisation, VAE) behind one interface the trainer, ``make_pairs`` and ``sample``
+share. All schedule, sampler and timestep math comes from :mod:`minddspo` (the loops
+from :mod:`minddspo.sampling`); diffusers supplies only the networks and their configs.
+
+Conventions:
+
+* ``t`` is always the *network's* timestep input, shape ``(B,)``: an int64 index in
+  ``[0, T)`` for DDPM backbones (SD, SDXL), ``sigma * T`` as float32 for flow (SANA).
+* :class:`Cond` holds batch-first conditioning tensors; ``encode_prompts([""])`` is the
+  unconditional branch (zeros for SDXL when its ``model_index.json`` asks for
+  ``force_zeros_for_empty_prompt``, as diffusers does).
+* Initial noise for :meth:`Backbone.generate` is drawn on the CPU in float32, so a
+  sample does not depend on the device. Pass one ``torch.Generator`` per prompt
+  (:func:`prompt_generator`) to make every image a function of ``(seed, prompt index)``
+  alone, whatever the batch it is generated in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from minddspo.sampling import ddim_sample, ddpm_sample, flow_sample, guided
+from minddspo.schedules import DDPMSchedule, FlowSchedule, ddpm_schedule
+from minddspo.timesteps import (
+    flow_lambda,
+    sample_flow_u,
+    sample_timesteps,
+    timestep_weight,
+)
+
+BACKBONES = ("sd", "sdxl", "sana")
+SANA_PROMPT_STYLES = ("official", "plain")  # SanaBackbone.prompt_style
+
+
+def official_complex_human_instruction() -> tuple[str, ...]:
+    """The complex-human-instruction lines of the official DDSPO SANA trainer: diffusers'
+    ``SanaPipeline.__call__`` default, whose last line the official list ends without the
+    trailing space (``"User Prompt:"``, so the prompt follows the colon directly)."""
+    import inspect
+
+    from diffusers import SanaPipeline
+
+    lines = list(
+        inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+    )
+    lines[-1] = lines[-1].rstrip()
+    return tuple(lines)
+
+
+# ---------------------------------------------------------------------- conditioning
+
+
+@dataclass
+class Cond:
+    """Text conditioning of a batch; every tensor is batch-first."""
+
+    tensors: dict[str, Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def cat(self, *others: Cond) -> Cond:
+        """Concatenate along the batch: ``[self; others...]``."""
+        return Cond(
+            {k: torch.cat([v] + [o.tensors[k] for o in others]) for k, v in self.tensors.items()}
+        )
+
+    def index(self, idx) -> Cond:
+        """Select rows (an int keeps the batch dim)."""
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        return Cond({k: v[idx] for k, v in self.tensors.items()})
+
+    def to(self, device=None, dtype=None) -> Cond:
+        """Move to ``device``; ``dtype`` applies to floating tensors only (masks keep theirs)."""
+        return Cond(
+            {
+                k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+                for k, v in self.tensors.items()
+            }
+        )
+
+    def repeat(self, n: int) -> Cond:
+        """Expand a batch-1 conditioning (e.g. the empty prompt) to ``n`` rows."""
+        if len(self) != 1:
+            raise ValueError(f"Cond.repeat expects a batch of 1, got {len(self)}")
+        return Cond({k: v.expand(n, *v.shape[1:]).contiguous() for k, v in self.tensors.items()})
+
+
+def prompt_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, index)`` by numpy's SeedSequence mixing.
+
+    Used for the initial noise of prompt ``index``, so that ``make_pairs`` and ``sample``
+    give each prompt the same image whatever the batching, rank or resume point.
+    """
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+def _param_dtype(net: torch.nn.Module) -> torch.dtype:
+    return next(net.parameters()).dtype
+
+
+def move_module(m: torch.nn.Module, device, dtype: torch.dtype | None) -> None:
+    """``m.to(device, dtype)``, casting only when the dtype really changes (a same-dtype
+    cast makes diffusers warn about modules it keeps in float32)."""
+    if dtype is None or dtype == _param_dtype(m):
+        m.to(device)
+    else:
+        m.to(device=device, dtype=dtype)
+
+
+# -------------------------------------------------------------------------- backbones
+
+
+class Backbone:
+    """Base adapter. Subclasses set the class attributes and the text/denoiser glue."""
+
+    name: str = ""
+    denoiser_subfolder: str = "unet"
+    default_guidance: float = 7.5
+    default_steps: int = 25
+    text_keys: tuple[str, ...] = ("text_encoder",)
+
+    def __init__(
+        self,
+        components: dict[str, Any],
+        *,
+        prediction_type: str | None = None,
+        pipeline_config: dict | None = None,
+    ):
+        self.components = components  # pipeline component name -> module/tokenizer/scheduler
+        self.pipeline_config = dict(pipeline_config or {})  # non-component model_index entries
+        self.denoiser: torch.nn.Module = components[self.denoiser_subfolder]
+        self.vae = components["vae"].eval().requires_grad_(False)
+        for key in self.text_keys:
+            components[key].eval().requires_grad_(False)
+        self.scheduler = components["scheduler"]
+        self.scheduler_config = dict(self.scheduler.config)
+        self._setup_schedule(prediction_type)
+        self.latent_channels = int(self.denoiser.config.in_channels)
+        self.vae_scale_factor = self._vae_scale_factor()
+        self.default_resolution = int(self.denoiser.config.sample_size) * self.vae_scale_factor
+        self._uncond_cache: dict[tuple, Cond] = {}
+
+    # --- construction helpers
+    def _setup_schedule(self, prediction_type: str | None) -> None:
+        cfg = self.scheduler_config
+        pt = prediction_type or cfg.get("prediction_type") or "epsilon"
+        if pt not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"{self.name}: prediction_type must be epsilon or v_prediction, got {pt!r}"
+            )
+        self.prediction_type = pt
+        if cfg.get("trained_betas") is not None:
+            betas = torch.as_tensor(cfg["trained_betas"], dtype=torch.float64)
+            self.schedule = DDPMSchedule(betas, torch.cumprod(1 - betas, 0))
+        else:
+            self.schedule = ddpm_schedule(
+                num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+                beta_schedule=cfg.get("beta_schedule", "scaled_linear"),
+                beta_start=cfg.get("beta_start", 0.00085),
+                beta_end=cfg.get("beta_end", 0.012),
+                rescale_betas_zero_snr=cfg.get("rescale_betas_zero_snr", False),
+            )
+
+    def _vae_scale_factor(self) -> int:
+        cfg = self.vae.config
+        chans = cfg.get("block_out_channels") or cfg.get("encoder_block_out_channels")
+        return 2 ** (len(chans) - 1)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.schedule.num_train_timesteps)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.components[k] for k in self.text_keys]
+
+    def to(self, device, dtype: torch.dtype | None = None) -> Backbone:
+        """Move every module to ``device``; text encoders and VAE also to ``dtype``
+        (the VAE stays float32 when its config says ``force_upcast``). The denoiser keeps
+        its dtype: the trainer decides it (fp32 master weights under autocast)."""
+        self.denoiser.to(device)
+        for enc in self.text_encoders():
+            move_module(enc, device, dtype)
+        move_module(self.vae, device, None if self.vae.config.get("force_upcast", False) else dtype)
+        self._uncond_cache.clear()
+        return self
+
+    def for_inference(self, device, dtype: torch.dtype | None = None) -> Backbone:
+        """Like :meth:`to`, but the denoiser too is cast to ``dtype`` and frozen: for
+        sampling (make_pairs, sample.py), where no fp32 master weights are needed."""
+        self.to(device, dtype)
+        move_module(self.denoiser, device, dtype)
+        self.denoiser.eval().requires_grad_(False)
+        return self
+
+    # --- text
+    def _encode(self, prompts: list[str]) -> Cond:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """Encode ``prompts`` in one batched tokenizer/encoder call; ``""`` is unconditional."""
+        if isinstance(prompts, str):
+            raise TypeError("encode_prompts takes a list of prompts, not a string")
+        return self._encode(list(prompts))
+
+    def _uncond(self, negative_prompt: str, n: int) -> Cond:
+        key = (negative_prompt,)
+        if key not in self._uncond_cache:
+            self._uncond_cache[key] = self.encode_prompts([negative_prompt])
+        return self._uncond_cache[key].repeat(n)
+
+    # --- denoiser
+    def forward(self, net: torch.nn.Module, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """``net(x_t, t, cond)`` as a float32 prediction of :attr:`prediction_type`.
+
+        ``net`` is the policy (possibly DDP-wrapped or with LoRA) or the reference. Inputs
+        are cast to ``net``'s parameter dtype; under autocast that is a no-op for fp32 nets.
+        """
+        dtype = _param_dtype(net)
+        c = cond.to(device=x_t.device, dtype=dtype)
+        return self._forward(net, x_t.to(dtype), t.to(x_t.device), c).float()
+
+    def _forward(self, net, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        raise NotImplementedError
+
+    def noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Forward process ``x_t`` for network timesteps ``t``."""
+        return self.schedule.add_noise(x0, noise, t)
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Regression target of the denoiser (eps or v)."""
+        return self.schedule.target(x0, noise, t, self.prediction_type)
+
+    def sample_t(
+        self,
+        batch: int,
+        generator: torch.Generator | None,
+        sampler: str = "uniform",
+        gamma: float = 0.9,
+    ) -> Tensor:
+        """Training timesteps ``(batch,)`` from ``minddspo.timesteps`` (on the generator's device)."""
+        return sample_timesteps(sampler, batch, self.num_train_timesteps, generator, gamma=gamma)
+
+    def t_weight(self, kind: str, t: Tensor) -> Tensor | None:
+        """Per-sample weights ``(B,)`` for ``kind`` in none/lambda/linear (Kang et al. 2025)."""
+        return timestep_weight(kind, t, self.num_train_timesteps, snr=self.schedule.snr())
+
+    # --- VAE
+    def _vae_in(self, x: Tensor) -> Tensor:
+        p = next(self.vae.parameters())
+        return x.to(device=p.device, dtype=p.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Pixels in [-1, 1], ``(B, 3, H, W)`` -> scaled latents (posterior mean), float32."""
+        cfg = self.vae.config
+        z = self.vae.encode(self._vae_in(images)).latent_dist.mean
+        shift = cfg.get("shift_factor") or 0.0
+        return ((z - shift) * cfg.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> pixels in [-1, 1], float32 ``(B, 3, H, W)``."""
+        cfg = self.vae.config
+        shift = cfg.get("shift_factor") or 0.0
+        x = self.vae.decode(self._vae_in(latents / cfg.scaling_factor + shift)).sample
+        return x.float().clamp(-1, 1)
+
+    # --- sampling
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        res = resolution or self.default_resolution
+        if res % self.vae_scale_factor:
+            raise ValueError(f"resolution {res} is not a multiple of {self.vae_scale_factor}")
+        side = res // self.vae_scale_factor
+        return (self.latent_channels, side, side)
+
+    def initial_latents(
+        self,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
+        batch: int,
+        resolution: int | None = None,
+    ) -> Tensor:
+        """Unit Gaussian noise ``(B, C, h, w)``, float32, drawn on the CPU.
+
+        One generator: a single ``randn`` of the whole block. A list: row ``i`` is one
+        ``randn((1, C, h, w))`` from ``generator[i]``.
+        """
+        shape = self.latent_shape(resolution)
+        if generator is None or isinstance(generator, torch.Generator):
+            return torch.randn((batch, *shape), generator=generator)
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} prompts")
+        return torch.cat([torch.randn((1, *shape), generator=g) for g in generator])
+
+    def _cond_for_sampling(self, prompts: list[str], resolution: int | None) -> Cond:
+        return self.encode_prompts(prompts)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        negative_prompt: str = "",
+        latents: Tensor | None = None,
+        net: torch.nn.Module | None = None,
+        progress: Callable | None = None,
+        resolution: int | None = None,
+        sampler: str = "ddim",
+    ) -> Tensor:
+        """Sample latents ``(B, C, h, w)`` (float32) with batched classifier-free guidance.
+
+        ``latents`` overrides the initial noise. ``sampler`` is ``ddim`` (eta 0) or ``ddpm``
+        for DDPM backbones; flow backbones always integrate with Euler. Steps and guidance
+        default to the paper's settings for the backbone (App. E).
+        """
+        prompts = list(prompts)
+        net = self.denoiser if net is None else net
+        steps = steps or self.default_steps
+        guidance = self.default_guidance if guidance is None else guidance
+        device = self.device
+        if latents is None:
+            latents = self.initial_latents(generator, len(prompts), resolution)
+        x = latents.to(device=device, dtype=torch.float32)
+        if resolution is None:
+            resolution = x.shape[-1] * self.vae_scale_factor
+        cond = self._cond_for_sampling(prompts, resolution)
+        uncond = self._uncond(negative_prompt, len(prompts))
+        uncond = self._with_time_ids(uncond, resolution)
+        fwd = lambda x_, t_, c_: self.forward(net, x_, t_, c_)
+        denoise = guided(fwd, cond, uncond, guidance, lambda u, c: u.cat(c))
+        return self._sample(denoise, x, steps, progress, sampler, generator)
+
+    def _with_time_ids(self, cond: Cond, resolution: int) -> Cond:
+        return cond
+
+    def _sample(self, denoise, x, steps, progress, sampler, generator) -> Tensor:
+        cfg = self.scheduler_config
+        if sampler == "ddpm":
+            # Step noise comes from one generator on x's device, seeded by a draw from the
+            # (first) given generator: deterministic per batch, not per prompt.
+            first = generator[0] if isinstance(generator, Sequence) else generator
+            seed = int(torch.randint(0, 2**62, (1,), generator=first))
+            gen = torch.Generator(x.device).manual_seed(seed)
+            return ddpm_sample(
+                denoise,
+                x,
+                self.schedule,
+                steps,
+                prediction_type=self.prediction_type,
+                spacing=cfg.get("timestep_spacing", "leading"),
+                generator=gen,
+                progress=progress,
+            )
+        if sampler != "ddim":
+            raise ValueError(f"sampler must be ddim or ddpm for {self.name}, got {sampler!r}")
+        return ddim_sample(
+            denoise,
+            x,
+            self.schedule,
+            steps,
+            prediction_type=self.prediction_type,
+            spacing=cfg.get("timestep_spacing", "leading"),
+            steps_offset=cfg.get("steps_offset", 1),
+            set_alpha_to_one=cfg.get("set_alpha_to_one", False),
+            progress=progress,
+        )
+
+    # --- files
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write the full pipeline in diffusers layout (``model_index.json`` + subfolders)."""
+        from bench.t2i.tiny import save_components
+
+        return save_components(self.name, self.components, out_dir, self.pipeline_config)
+
+    def load_denoiser(self, path: str | Path) -> torch.nn.Module:
+        """Load a denoiser saved with ``save_pretrained`` from ``path`` (the model folder
+        itself, or a folder holding it under ``unet/`` or ``transformer/``)."""
+        path = Path(path)
+        if (path / self.denoiser_subfolder / "config.json").is_file():
+            path = path / self.denoiser_subfolder
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path}: no config.json of a saved {self.denoiser_subfolder}")
+        return type(self.denoiser).from_pretrained(path, local_files_only=True)
+
+
+class SDBackbone(Backbone):
+    """Stable Diffusion 1.x/2.x: one CLIP text encoder, epsilon or v-prediction UNet."""
+
+    name = "sd"
+    default_guidance = 7.5
+    default_steps = 25
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        tok, enc = self.components["tokenizer"], self.components["text_encoder"]
+        ids = tok(
+            prompts,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        h = enc(ids.to(enc.device))[0]  # (B, L, D)
+        return Cond({"encoder_hidden_states": h})
+
+    def _forward(self, net, x_t, t, cond):
+        return net(x_t, t, encoder_hidden_states=cond.tensors["encoder_hidden_states"]).sample
+
+
+class SDXLBackbone(Backbone):
+    """SDXL: two CLIP encoders (penultimate states concatenated, pooled text from the
+    second) and the micro-conditioning ``time_ids = (H, W, 0, 0, H, W)`` per sample."""
+
+    name = "sdxl"
+    default_guidance = 5.0
+    default_steps = 25
+    text_keys = ("text_encoder", "text_encoder_2")
+
+    def __init__(self, components, *, prediction_type=None, pipeline_config=None):
+        super().__init__(
+            components, prediction_type=prediction_type, pipeline_config=pipeline_config
+        )
+        # diffusers' SDXL pipelines use zero embeddings for an empty negative prompt
+        self.zero_empty_prompt = bool(
+            self.pipeline_config.get("force_zeros_for_empty_prompt", True)
+        )
+        self.resolution = self.default_resolution  # the size put into time_ids by encode_prompts
+
+    def _time_ids(self, n: int, resolution: int, device) -> Tensor:
+        r = float(resolution)
+        return torch.tensor([[r, r, 0.0, 0.0, r, r]], device=device).expand(n, 6).contiguous()
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        hs, pooled = [], None
+        for tk, ek in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+            tok, enc = self.components[tk], self.components[ek]
+            ids = tok(
+                prompts,
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            out = enc(ids.to(enc.device), output_hidden_states=True)
+            hs.append(out.hidden_states[-2])
+            pooled = out[0]  # text_embeds of the projection model, (B, P)
+        h = torch.cat(hs, dim=-1)  # (B, L, D1 + D2)
+        if self.zero_empty_prompt:
+            empty = torch.tensor([p == "" for p in prompts], device=h.device)
+            h = torch.where(empty[:, None, None], torch.zeros_like(h), h)
+            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        time_ids = self._time_ids(len(prompts), self.resolution, h.device).to(h.dtype)
+        return Cond({"encoder_hidden_states": h, "text_embeds": pooled, "time_ids": time_ids})
+
+    def _with_time_ids(self, cond: Cond, resolution: int) -> Cond:
+        ids = self._time_ids(len(cond), resolution, cond.tensors["time_ids"].device)
+        return Cond({**cond.tensors, "time_ids": ids.to(cond.tensors["time_ids"].dtype)})
+
+    def _cond_for_sampling(self, prompts, resolution):
+        return self._with_time_ids(self.encode_prompts(prompts), resolution)
+
+    def _forward(self, net, x_t, t, cond):
+        c = cond.tensors
+        added = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}
+        return net(
+            x_t, t, encoder_hidden_states=c["encoder_hidden_states"], added_cond_kwargs=added
+        ).sample
+
+
+class SanaBackbone(Backbone):
+    """SANA: linear DiT on DC-AE latents, rectified flow, Gemma-2 text with attention mask.
+
+    :attr:`prompt_style` picks the prompt encoding (the trainer's ``--sana-prompt-style``):
+
+    * ``"official"`` (default) – as the official DDSPO SANA trainer, which calls
+      ``SanaPipeline.encode_prompt(prompt, max_sequence_length=300,
+      complex_human_instruction=...)``: the pipeline's text preprocessing (lowercase and
+      strip; no caption cleaning), the complex-human-instruction prefix, padding to
+      ``len(prefix tokens) + max_sequence_length - 2`` and keeping the first token plus the
+      last ``max_sequence_length - 1``. The encoding is diffusers' own ``encode_prompt``.
+      The empty prompt is the unconditional branch and is encoded as the pipeline encodes
+      its negative prompt (no prefix), so CFG sampling matches ``SanaPipeline``.
+    * ``"plain"`` – the raw prompt, right-padded to ``max_sequence_length``.
+
+    ``max_sequence_length`` is ``min(300, tokenizer.model_max_length)``.
+    """
+
+    name = "sana"
+    denoiser_subfolder = "transformer"
+    default_guidance = 4.5
+    default_steps = 20
+    prompt_style: str = "official"  # official | plain (see the class docstring)
+    #: the "official" style's prefix lines; None = :func:`official_complex_human_instruction`
+    complex_human_instruction: tuple[str, ...] | None = None
+
+    def _setup_schedule(self, prediction_type):
+        if prediction_type not in (None, "flow"):
+            raise ValueError(
+                f"sana is a flow model; prediction_type {prediction_type!r} is invalid"
+            )
+        cfg = self.scheduler_config
+        # FlowMatchEulerDiscreteScheduler calls it ``shift``; SANA's DPM-Solver config ``flow_shift``
+        shift = cfg.get("shift") if "shift" in cfg else cfg.get("flow_shift", 1.0)
+        self.prediction_type = "flow"
+        self.schedule = FlowSchedule(
+            shift=float(shift or 1.0), num_train_timesteps=int(cfg.get("num_train_timesteps", 1000))
+        )
+        self.max_sequence_length = min(300, int(self.components["tokenizer"].model_max_length))
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        if self.prompt_style not in SANA_PROMPT_STYLES:
+            raise ValueError(
+                f"sana prompt style must be one of {SANA_PROMPT_STYLES}, got {self.prompt_style!r}"
+            )
+        if self.prompt_style == "plain":
+            return self._encode_plain(prompts)
+        cond_rows = [i for i, p in enumerate(prompts) if p != ""]
+        if not cond_rows:
+            return self._encode_plain(prompts)
+        h, mask, _, _ = self._text_pipeline().encode_prompt(
+            [prompts[i] for i in cond_rows],
+            do_classifier_free_guidance=False,
+            device=self.components["text_encoder"].device,
+            max_sequence_length=self.max_sequence_length,
+            complex_human_instruction=list(
+                self.complex_human_instruction or official_complex_human_instruction()
+            ),
+        )
+        if len(cond_rows) == len(prompts):
+            return Cond({"encoder_hidden_states": h, "encoder_attention_mask": mask})
+        out = self._encode_plain([""]).repeat(len(prompts))  # "" = the pipeline's negative
+        oh, om = out.tensors["encoder_hidden_states"], out.tensors["encoder_attention_mask"]
+        rows = torch.tensor(cond_rows, device=oh.device)
+        oh[rows] = h.to(oh.dtype)
+        om[rows.to(om.device)] = mask.to(device=om.device, dtype=om.dtype)
+        return out
+
+    def _text_pipeline(self):
+        """A text-only ``SanaPipeline`` over our tokenizer and encoder (for ``encode_prompt``)."""
+        from diffusers import SanaPipeline
+
+        c = self.components
+        pipe = getattr(self, "_sana_text_pipe", None)
+        if pipe is None or pipe.text_encoder is not c["text_encoder"]:
+            pipe = SanaPipeline(
+                tokenizer=c["tokenizer"],
+                text_encoder=c["text_encoder"],
+                vae=None,
+                transformer=None,
+                scheduler=None,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            self._sana_text_pipe = pipe
+        return pipe
+
+    def _encode_plain(self, prompts: list[str]) -> Cond:
+        tok, enc = self.components["tokenizer"], self.components["text_encoder"]
+        tok.padding_side = "right"
+        batch = tok(
+            prompts,
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        mask = batch.attention_mask.to(enc.device)
+        h = enc(batch.input_ids.to(enc.device), attention_mask=mask)[0]  # (B, L, D)
+        return Cond({"encoder_hidden_states": h, "encoder_attention_mask": mask})
+
+    def _forward(self, net, x_t, t, cond):
+        scale = float(self.denoiser.config.get("timestep_scale", 1.0))
+        out = net(
+            x_t,
+            encoder_hidden_states=cond.tensors["encoder_hidden_states"],
+            encoder_attention_mask=cond.tensors["encoder_attention_mask"],
+            timestep=t.float() * scale,
+        ).sample
+        if out.shape[1] == 2 * x_t.shape[1]:  # learned-sigma heads: keep the velocity
+            out = out[:, : x_t.shape[1]]
+        return out
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        return t.float() / self.num_train_timesteps
+
+    def noise(self, x0, noise, t):
+        return self.schedule.add_noise(x0, noise, self._sigma(t).to(x0.device))
+
+    def target(self, x0, noise, t):
+        return self.schedule.velocity(x0, noise)
+
+    def sample_t(self, batch, generator, sampler="uniform", gamma=0.9):
+        """``sigma * T`` (float32) with ``sigma`` the shifted draw of ``u`` (uniform grid,
+        geometric or logit-normal; see ``minddspo.timesteps.sample_flow_u``)."""
+        T = self.num_train_timesteps
+        u = sample_flow_u(sampler, batch, generator, T=T, gamma=gamma)
+        return self.schedule.timestep(self.schedule.train_sigmas(u)).float()
+
+    def t_weight(self, kind, t):
+        if kind == "none":
+            return None
+        if kind == "lambda":
+            return flow_lambda(self._sigma(t), self.num_train_timesteps).to(t.device)
+        if kind == "linear":
+            return self._sigma(t)
+        raise ValueError(f"timestep weight must be one of none/lambda/linear, got {kind!r}")
+
+    @torch.no_grad()
+    def encode_images(self, images):
+        z = self.vae.encode(self._vae_in(images)).latent
+        return (z * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents):
+        x = self.vae.decode(self._vae_in(latents / self.vae.config.scaling_factor)).sample
+        return x.float().clamp(-1, 1)
+
+    def _sample(self, denoise, x, steps, progress, sampler, generator):
+        if sampler not in ("ddim", "euler", "flow"):
+            raise ValueError(f"sana samples with the flow Euler sampler, got {sampler!r}")
+        return flow_sample(denoise, x, self.schedule, steps, progress=progress)
+
+
+ADAPTERS: dict[str, type[Backbone]] = {"sd": SDBackbone, "sdxl": SDXLBackbone, "sana": SanaBackbone}
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _detect(index: dict, path: Path) -> str:
+    cls = str(index.get("_class_name", ""))
+    if "XL" in cls and cls.startswith("StableDiffusion"):
+        return "sdxl"
+    if cls.startswith("StableDiffusion") and "3" not in cls:
+        return "sd"
+    if cls.startswith("Sana"):
+        return "sana"
+    if "text_encoder_2" in index and "unet" in index:
+        return "sdxl"
+    if "unet" in index and "text_encoder" in index:
+        return "sd"
+    if "transformer" in index and "Sana" in str(index["transformer"]):
+        return "sana"
+    raise ValueError(f"{path}: unsupported pipeline class {cls!r} (supported: {BACKBONES})")
+
+
+def _load_component(path: Path, key: str, entry) -> Any:
+    import diffusers
+    import transformers
+
+    lib_name, cls_name = entry
+    lib = {"diffusers": diffusers, "transformers": transformers}.get(lib_name)
+    cls = getattr(lib, cls_name, None) if lib is not None else None
+    if cls is None and key.startswith("tokenizer") and lib_name == "transformers":
+        cls = transformers.AutoTokenizer  # e.g. a *TokenizerFast name a newer release dropped
+    if cls is None:
+        raise ValueError(
+            f"{path / 'model_index.json'}: unknown class {lib_name}.{cls_name} for {key!r}"
+        )
+    if not (path / key).is_dir():
+        raise ValueError(f"{path / key}: missing component folder")
+    try:
+        if key == "scheduler":
+            return cls.from_pretrained(path, subfolder=key, local_files_only=True)
+        return cls.from_pretrained(path / key, local_files_only=True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path / key}: cannot load {cls_name} ({first})") from None
+
+
+def load_backbone(
+    pretrained_dir: str | Path, name: str | None = None, prediction_type: str | None = None
+) -> Backbone:
+    """Load a backbone from a local diffusers pipeline directory (never the network).
+
+    ``name`` is detected from ``model_index.json`` when not given; ``prediction_type``
+    overrides the scheduler config's (SD/SDXL). Raises a one-line ``ValueError`` when the
+    directory is missing, not a diffusers pipeline, or holds an unknown class.
+    """
+    path = Path(pretrained_dir)
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(f"{path}: no model_index.json, not a diffusers pipeline directory")
+    try:
+        index = json.loads(index_file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{index_file}: invalid JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_file}: not a diffusers model index")
+    detected = _detect(index, path)
+    name = name or detected
+    if name not in ADAPTERS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    adapter = ADAPTERS[name]
+    needed = (adapter.denoiser_subfolder, "vae", "scheduler", *adapter.text_keys) + tuple(
+        k.replace("text_encoder", "tokenizer") for k in adapter.text_keys
+    )
+    entries = {k: v for k, v in index.items() if not k.startswith("_")}
+    missing = [k for k in needed if not (isinstance(entries.get(k), list) and entries[k][0])]
+    if missing:
+        raise ValueError(f"{index_file}: missing components {missing} for backbone {name!r}")
+    components = {k: _load_component(path, k, entries[k]) for k in needed}
+    # keep plain settings (e.g. force_zeros_for_empty_prompt); drop components we do not load
+    extra = {
+        k: v
+        for k, v in entries.items()
+        if k not in needed
+        and k != "requires_safety_checker"
+        and not (isinstance(v, list) and v[:1] != [None])
+    }
+    return adapter(components, prediction_type=prediction_type, pipeline_config=extra)
+
+
+def tiny_backbone(name: str, seed: int = 0, prediction_type: str | None = None) -> Backbone:
+    """A backbone of tiny random models built from configs (:mod:`bench.t2i.tiny`), CPU-fast."""
+    from bench.t2i.tiny import tiny_components
+
+    if name not in ADAPTERS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    extra = {"force_zeros_for_empty_prompt": True} if name == "sdxl" else {}
+    return ADAPTERS[name](
+        tiny_components(name, seed, prediction_type),
+        prediction_type=prediction_type,
+        pipeline_config=extra,
+    )

@@ -1,0 +1,296 @@
+"""The preference-pair dataset format: writer (shards) and reader (:class:`PairDataset`).
+
+A dataset is a directory::
+
+    DIR/info.json          {"format": "minddspo-pairs", "version": 1, "backbone", "latent_shape",
+                            "latent_dtype", "variant", "perturb", "task", "prompts_file",
+                            "num_pairs", "num_shards", "shard_size", "seed", "steps",
+                            "guidance", "resolution", "llm_fallbacks", ...}
+    DIR/metadata.jsonl     one JSON object per pair, in index order:
+                           {"index", "prompt", "neg_prompt", "shard", "row", "variant", "seed"}
+                           + "partner" (index of the other prompt) for not_paired/rand_positive
+                           + "pos_prompt" (= c+, the partner's prompt) for rand_positive
+                           + "llm_fallback" (bool) when perturb == "llm"
+    DIR/shards/shard-00000.safetensors
+                           "x0_w", "x0_l": (N, C, h, w) VAE latents (already scaled by the
+                           VAE's scaling factor), float16 by default or float32.
+                           The header's metadata also holds the shard's records and build
+                           parameters, so a shard file is complete on its own: it is written to
+                           a temporary name and renamed, and ``metadata.jsonl`` / ``info.json``
+                           are merged from the shard headers at the end.
+
+``neg_prompt`` is always ``c-``, the degraded original prompt. The *loser's conditioning
+prompt* for the CPP methods (SPEC §5) is ``c-`` for ``paired`` / ``not_paired`` and ``c+``
+(``pos_prompt``) for ``rand_positive``; :class:`PairDataset` returns that one as
+``neg_prompt`` so the trainer does not need to know the variant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import Tensor
+from torch.utils.data import Dataset
+
+FORMAT = "minddspo-pairs"
+VERSION = 1
+VARIANTS = ("paired", "not_paired", "rand_positive")
+RECORD_KEYS = ("index", "prompt", "neg_prompt", "shard", "row", "variant", "seed")
+LATENT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def shard_path(root: str | Path, k: int) -> Path:
+    return Path(root) / "shards" / shard_name(k)
+
+
+def loser_prompt(record: dict) -> str:
+    """The prompt the reference is conditioned on for the loser (SPEC §5)."""
+    if record.get("variant") == "rand_positive":
+        return record["pos_prompt"]
+    return record["neg_prompt"]
+
+
+# ---------------------------------------------------------------------------- writer
+
+
+def write_shard(
+    root: str | Path,
+    k: int,
+    x0_w: Tensor,
+    x0_l: Tensor,
+    records: list[dict],
+    params: dict | None = None,
+    dtype: str = "float16",
+    skipped: list[int] | None = None,
+) -> Path:
+    """Write shard ``k`` atomically (temporary file, then ``os.replace``), byte-reproducibly.
+
+    ``skipped``: prompt indices of this shard left out (their degraded prompt equals the
+    prompt, so winner and loser would be the same pair); kept in the header for info.json.
+    """
+    if dtype not in LATENT_DTYPES:
+        raise ValueError(f"latent dtype must be one of {tuple(LATENT_DTYPES)}, got {dtype!r}")
+    if x0_w.shape != x0_l.shape or x0_w.shape[0] != len(records):
+        raise ValueError(
+            f"shard {k}: x0_w {tuple(x0_w.shape)}, x0_l {tuple(x0_l.shape)}, {len(records)} records"
+        )
+    path = shard_path(root, k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tensors = {
+        "x0_w": x0_w.detach().to("cpu", LATENT_DTYPES[dtype]).contiguous(),
+        "x0_l": x0_l.detach().to("cpu", LATENT_DTYPES[dtype]).contiguous(),
+    }
+    meta = {"records": json.dumps(records), "params": json.dumps(params or {}, sort_keys=True)}
+    if skipped:
+        meta["skipped"] = json.dumps(sorted(skipped))
+    tmp.write_bytes(canonical_safetensors(save(tensors, metadata=meta)))
+    os.replace(tmp, path)
+    return path
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header keys sorted.
+
+    safetensors writes the header from a hash map, so two saves of identical tensors and
+    metadata can differ in key order (and so in bytes); sorting makes a shard a pure
+    function of its content. Same keys and values, so the same length: the padding and
+    the data offsets are unchanged.
+    """
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if len(text) > n:  # cannot happen for a header safetensors wrote compactly; be safe
+        return blob
+    return blob[:8] + text + b" " * (n - len(text)) + blob[8 + n :]
+
+
+def shard_skipped(path: str | Path) -> list[int]:
+    """Prompt indices a shard left out (see :func:`write_shard`)."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("skipped", "[]"))
+
+
+def read_shard_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], list[dict], dict]:
+    """``(tensor shapes, records, params)`` of a shard, reading only its header."""
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        meta = f.metadata() or {}
+    return shapes, json.loads(meta.get("records", "[]")), json.loads(meta.get("params", "{}"))
+
+
+def finalize(root: str | Path, info: dict, num_shards: int) -> Path:
+    """Merge the shard headers into ``metadata.jsonl`` and write ``info.json`` (atomically)."""
+    root = Path(root)
+    records: list[dict] = []
+    for k in range(num_shards):
+        path = shard_path(root, k)
+        if not path.is_file():
+            raise ValueError(f"{path}: missing shard; rerun make_pairs to finish the dataset")
+        records.extend(read_shard_header(path)[1])
+    records.sort(key=lambda r: r["index"])
+    tmp = root / ".tmp-metadata.jsonl"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, root / "metadata.jsonl")
+    info = {"format": FORMAT, "version": VERSION, **info, "num_pairs": len(records)}
+    info["num_shards"] = num_shards
+    tmp = root / ".tmp-info.json"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, root / "info.json")
+    return root
+
+
+# ---------------------------------------------------------------------------- reader
+
+
+class PairDataset(Dataset):
+    """Preference pairs ``(x0_w, x0_l, prompt, neg_prompt)`` from a dataset directory.
+
+    Validates the whole directory on open (cheap: shard headers only) and raises a
+    one-line ``ValueError`` naming the offending file. Latents are returned as float32;
+    the last ``cache_shards`` shards read are kept in memory.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        backbone: str | None = None,
+        latent_shape: tuple[int, ...] | None = None,
+        cache_shards: int = 4,
+    ):
+        self.root = root = Path(path)
+        if not root.is_dir():
+            raise ValueError(f"{root}: dataset directory not found")
+        if not any(root.iterdir()):
+            raise ValueError(
+                f"{root}: empty dataset directory (build one with bench/make_pairs.py)"
+            )
+        info_file, meta_file = root / "info.json", root / "metadata.jsonl"
+        for f in (info_file, meta_file):
+            if not f.is_file():
+                raise ValueError(f"{f}: missing (not a finished make_pairs dataset)")
+        try:
+            self.info: dict[str, Any] = json.loads(info_file.read_text())
+        except ValueError as e:
+            raise ValueError(f"{info_file}: invalid JSON ({e})") from None
+        if not isinstance(self.info, dict) or self.info.get("format") != FORMAT:
+            raise ValueError(f"{info_file}: not a {FORMAT} info file")
+        self.records = self._read_records(meta_file)
+        if not self.records:
+            raise ValueError(f"{meta_file}: no pairs")
+        n_info = self.info.get("num_pairs")
+        if n_info is not None and n_info != len(self.records):
+            raise ValueError(f"{meta_file}: {len(self.records)} pairs but info.json says {n_info}")
+        shape = tuple(self.info.get("latent_shape") or ())
+        if len(shape) != 3:
+            raise ValueError(f"{info_file}: latent_shape must be [C, h, w], got {shape}")
+        self.latent_shape = shape
+        if latent_shape is not None and tuple(latent_shape) != shape:
+            raise ValueError(
+                f"{info_file}: latent shape {shape}, but the model needs {tuple(latent_shape)}"
+            )
+        if backbone is not None and self.info.get("backbone") != backbone:
+            raise ValueError(
+                f"{info_file}: built for backbone {self.info.get('backbone')!r}, not {backbone!r}"
+            )
+        self._check_shards()
+        self._cache: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
+        self._cache_size = max(1, cache_shards)
+
+    @property
+    def variant(self) -> str:
+        return self.info.get("variant", "paired")
+
+    @staticmethod
+    def _read_records(meta_file: Path) -> list[dict]:
+        records = []
+        for lineno, line in enumerate(meta_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise ValueError(f"{meta_file}:{lineno}: invalid JSON") from None
+            missing = [k for k in RECORD_KEYS if k not in rec]
+            if missing:
+                raise ValueError(f"{meta_file}:{lineno}: missing keys {missing}")
+            if rec["variant"] == "rand_positive" and "pos_prompt" not in rec:
+                raise ValueError(f"{meta_file}:{lineno}: rand_positive record without pos_prompt")
+            records.append(rec)
+        return records
+
+    def _check_shards(self) -> None:
+        rows: dict[int, list[int]] = {k: [] for k in range(int(self.info.get("num_shards") or 0))}
+        for rec in self.records:
+            rows.setdefault(int(rec["shard"]), []).append(int(rec["row"]))
+        for k, rs in sorted(rows.items()):
+            path = shard_path(self.root, k)
+            if not path.is_file():
+                raise ValueError(f"{path}: missing shard file")
+            try:
+                shapes, _, _ = read_shard_header(path)
+            except Exception as e:  # a truncated or foreign file
+                raise ValueError(f"{path}: unreadable shard ({type(e).__name__})") from None
+            if sorted(rs) != list(range(len(rs))):
+                raise ValueError(f"{path}: metadata rows are not 0..{len(rs) - 1}")
+            for key in ("x0_w", "x0_l"):
+                if key not in shapes:
+                    raise ValueError(f"{path}: no tensor {key!r}")
+                got = shapes[key]
+                if tuple(got[1:]) != self.latent_shape:
+                    raise ValueError(
+                        f"{path}: {key} has shape {got}, expected (N, {', '.join(map(str, self.latent_shape))})"
+                    )
+                if got[0] != len(rs):
+                    raise ValueError(
+                        f"{path}: {key} holds {got[0]} latents but metadata lists {len(rs)} pairs"
+                    )
+
+    def _shard(self, k: int) -> dict[str, Tensor]:
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        with safe_open(str(shard_path(self.root, k)), framework="pt") as f:
+            data = {key: f.get_tensor(key) for key in ("x0_w", "x0_l")}
+        self._cache[k] = data
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return data
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rec = self.records[i]
+        data = self._shard(int(rec["shard"]))
+        r = int(rec["row"])
+        return {
+            "x0_w": data["x0_w"][r].float(),  # (C, h, w)
+            "x0_l": data["x0_l"][r].float(),  # (C, h, w)
+            "prompt": rec["prompt"],
+            "neg_prompt": loser_prompt(rec),
+            "index": int(rec["index"]),
+        }
+
+
+def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack latents to ``(B, C, h, w)``; prompts stay lists of strings."""
+    return {
+        "x0_w": torch.stack([it["x0_w"] for it in items]),
+        "x0_l": torch.stack([it["x0_l"] for it in items]),
+        "prompt": [it["prompt"] for it in items],
+        "neg_prompt": [it["neg_prompt"] for it in items],
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+    }

@@ -1,0 +1,66 @@
+"""Prompt lists for the T2I tools: one reader, so that make_pairs, sample and evaluate
+agree on prompt indices (blank lines skipped), and the built-in demo prompts for ``--tiny``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DEMO_PROMPTS = [
+    "a red fox sitting in fresh snow at dawn",
+    "a bowl of ramen with a soft boiled egg, top view",
+    "an astronaut riding a horse on the moon",
+    "a lighthouse on a rocky cliff during a storm",
+    "a cozy reading corner with a green armchair and a lamp",
+    "two cats sleeping on a sunny windowsill",
+    "a watercolor painting of a sailing boat on a calm lake",
+    "a futuristic city skyline at night with flying cars",
+    "a close-up photo of a honeybee on a purple flower",
+    "a wooden cabin in a pine forest under the milky way",
+    "a vintage red bicycle leaning against a brick wall",
+    "a plate of pancakes with blueberries and maple syrup",
+    "a dragon made of origami paper on a white table",
+    "a child flying a yellow kite on a windy beach",
+    "an oil painting of a quiet village street in autumn",
+    "a robot watering plants in a greenhouse",
+]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a ``.txt`` (one per line) or ``.jsonl`` (``{"prompt": ...}``) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: prompts file not found")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    if path.suffix == ".jsonl":
+        prompts = []
+        for i, ln in enumerate(lines, 1):
+            if not ln:
+                continue
+            try:
+                obj = json.loads(ln)
+            except ValueError:
+                raise ValueError(f"{path}:{i}: invalid JSON") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise ValueError(f'{path}:{i}: expected {{"prompt": "..."}}')
+            prompts.append(obj["prompt"].strip())
+    else:
+        prompts = lines
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def cli_prompts(
+    prompts_file: str | None, *, tiny: bool, max_prompts: int | None, demo: int | None = None
+) -> list[str]:
+    """The prompts of a CLI run: ``prompts_file``, else (``--tiny`` only) the first ``demo``
+    demo prompts; cut to ``max_prompts``. Raises ``ValueError`` with a one-line message."""
+    if prompts_file:
+        prompts = read_prompts(prompts_file)
+    elif tiny:
+        prompts = list(DEMO_PROMPTS[:demo])
+    else:
+        raise ValueError("--prompts FILE is required with --pretrained")
+    return prompts[:max_prompts] if max_prompts else prompts
