@@ -7,7 +7,7 @@
 A micro-step is what gradient accumulation repeats: encoding the step's unique prompts
 once, noising, ONE reference forward (no grad) on every row the method needs, ONE policy
 forward + backward on ``[x_t^w; x_t^l]``. It uses the trainer's own functions
-(:func:`bench.train_t2i.encode_step`, :func:`bench.train_t2i.compute_loss`). The optimizer
+(:func:`bench.t2i.step.encode_step`, :func:`bench.t2i.step.compute_loss`). The optimizer
 step is left out by default (``--with-optimizer`` adds it): it is the same for every method
 and amortised over the accumulation steps.
 
@@ -19,7 +19,7 @@ hits all of them alike; the median over ``--reps`` is reported.
 Memory: on CUDA the peak allocated during the step; on the CPU, where torch keeps no
 allocator statistics, the bytes autograd saves for the backward (the policy's activations).
 
-With ``--tiny`` it first times ``make_pairs``' sampling (:func:`bench.make_pairs.build_pairs`,
+With ``--tiny`` it first times ``make_pairs``' sampling (:func:`bench.t2i.pairs.build_pairs`,
 one sampler call of ``--batch`` pairs = ``2 x batch`` images) with classifier-free guidance
 batched as the repository runs it (:func:`minddspo.sampling.guided`: unconditional and
 conditional rows in ONE forward) against the same build with the two branches as two
@@ -34,26 +34,34 @@ The last line of a step benchmark is ``ratio ddspo/dpo: X``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
 import torch
 
 from bench.t2i import backbones, gpu_cost
-from bench.t2i.backbones import tiny_backbone
+from bench.t2i.backbones import BACKBONES, open_backbone
+from bench.t2i.cli import (
+    DTYPES,
+    UsageError,
+    check_positive,
+    dtype_name,
+    opt,
+    parse,
+    run_command,
+    torch_dtype,
+)
 from bench.t2i.config import TrainConfig, resolve
 from bench.t2i.reference import Reference
-from bench.train_t2i import compute_loss, encode_step
+from bench.t2i.step import compute_loss, encode_step
+from minddspo.methods import METHODS
 from minddspo.schedules import cfg_combine
-
-METHODS = ("sft", "dpo", "dspo", "dspo_cpp", "ddspo")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sd15_unet():
@@ -72,10 +80,10 @@ def sd15_text_encoder():
     return CLIPTextModel(CLIPTextConfig(**kw)).eval().requires_grad_(False)
 
 
-def build_backbone(args):
+def build_backbone(cfg: BenchStepConfig):
     torch.manual_seed(0)
-    bb = tiny_backbone(args.backbone)
-    if args.sd15_config:
+    bb = open_backbone(tiny=cfg.backbone)
+    if cfg.sd15_config:
         from bench.t2i.tiny import clip_tokenizer
 
         bb.denoiser = bb.components["unet"] = sd15_unet()
@@ -119,8 +127,8 @@ def make_pairs_run(backbone, prompts: list[str], steps: int, batched: bool):
     :func:`guided_unbatched` in place of :func:`minddspo.sampling.guided`."""
     from safetensors.torch import load_file
 
-    from bench.make_pairs import build_pairs
     from bench.t2i.pairdata import shard_path
+    from bench.t2i.pairs import build_pairs
 
     patch = nullcontext() if batched else mock.patch.object(backbones, "guided", guided_unbatched)
     with tempfile.TemporaryDirectory() as out, patch:
@@ -133,17 +141,17 @@ def make_pairs_run(backbone, prompts: list[str], steps: int, batched: bool):
         return dt, load_file(shard_path(out, 0))["x0_w"]
 
 
-def sampling_benchmark(args, device: torch.device, dtype: torch.dtype) -> None:
+def sampling_benchmark(cfg: BenchStepConfig, device: torch.device, dtype: torch.dtype) -> None:
     """make_pairs' images per second, CFG batched vs unbatched, alternating (median)."""
     from bench.t2i.prompts import DEMO_PROMPTS
 
-    bb = tiny_backbone(args.backbone).for_inference(device, dtype)
-    prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] + f" #{i}" for i in range(args.batch)]
-    steps = args.sampling_steps or bb.default_steps
+    bb = open_backbone(tiny=cfg.backbone).for_inference(device, dtype)
+    prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] + f" #{i}" for i in range(cfg.batch)]
+    steps = cfg.sampling_steps or bb.default_steps
     times: dict[str, list[float]] = {"batched": [], "unbatched": []}
     latents = {}
-    warmup = min(args.warmup, 1)  # one build warms both paths up; each costs seconds
-    for rep in range(warmup + args.sampling_reps):
+    warmup = min(cfg.warmup, 1)  # one build warms both paths up; each costs seconds
+    for rep in range(warmup + cfg.sampling_reps):
         for mode in times:  # alternating: drift hits both alike
             dt, latents[mode] = make_pairs_run(bb, prompts, steps, mode == "batched")
             if rep >= warmup:
@@ -152,9 +160,9 @@ def sampling_benchmark(args, device: torch.device, dtype: torch.dtype) -> None:
     rate = {m: images / statistics.median(ts) for m, ts in times.items()}
     diff = (latents["batched"] - latents["unbatched"]).abs().max().item()
     print(
-        f"# make_pairs (build_pairs, paired) on tiny {args.backbone}: {len(prompts)} pairs = "
+        f"# make_pairs (build_pairs, paired) on tiny {cfg.backbone}: {len(prompts)} pairs = "
         f"{images} images per sampler call, {steps} steps, CFG {bb.default_guidance}, "
-        f"{args.device} {args.dtype}, median of {args.sampling_reps}, threads "
+        f"{cfg.device} {cfg.dtype}, median of {cfg.sampling_reps}, threads "
         f"{torch.get_num_threads()}"
     )
     print(f"{'cfg':10s} {'images/s':>10s} {'forwards x rows per step':>26s}")
@@ -166,125 +174,130 @@ def sampling_benchmark(args, device: torch.device, dtype: torch.dtype) -> None:
     )
 
 
-def gpu_table(args) -> int:
+def gpu_table(cfg: BenchStepConfig) -> int:
     """The computed (not measured) GPU cost table of :mod:`bench.t2i.gpu_cost`."""
-    keys = [k.strip() for k in args.gpu_models.split(",") if k.strip()]
+    keys = [k.strip() for k in cfg.gpu_models.split(",") if k.strip()]
     t0 = time.perf_counter()
     text = gpu_cost.markdown(gpu_cost.compute_rows(keys))
     print(text, end="")
     print(f"# computed in {time.perf_counter() - t0:.0f} s on the meta device (no weights, no GPU)")
-    if args.md:
-        Path(args.md).write_text(text)
+    if cfg.md:
+        Path(cfg.md).write_text(text)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="tiny random backbone (default)")
-    p.add_argument("--sd15-config", action="store_true", help="SD-1.5-sized UNet, random weights")
-    p.add_argument("--backbone", default="sd", choices=("sd", "sdxl", "sana"))
-    p.add_argument("--batch", type=int, default=8, help="pairs per micro-step")
-    p.add_argument("--latent", type=int, default=0, help="latent side (0: backbone default)")
-    p.add_argument("--methods", default="dpo,ddspo,dspo,dspo_cpp,sft")
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
-    p.add_argument("--with-optimizer", action="store_true", help="include an AdamW step")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument(
-        "--sampling-reps",
-        type=int,
-        default=3,
-        help="--tiny: make_pairs CFG batched vs unbatched repetitions (0: skip)",
+@dataclass
+class BenchStepConfig:
+    tiny: bool = opt(True, "tiny random backbone (the default; --sd15-config swaps its UNet)")
+    sd15_config: bool = opt(False, "SD-1.5-sized UNet and text encoder, random weights")
+    backbone: str = opt("sd", "tiny backbone", choices=BACKBONES)
+    batch: int = opt(8, "pairs per micro-step")
+    latent: int | None = opt(None, "latent side (default: the backbone's)")
+    methods: str = opt("dpo,ddspo,dspo,dspo_cpp,sft", "comma-separated methods to time")
+    reps: int = opt(10, "timed steps per method (median reported)")
+    warmup: int = opt(2, "untimed steps per method first")
+    device: str = opt("cpu", "torch device")
+    dtype: str = opt("fp32", "autocast dtype of the step", choices=tuple(DTYPES), parse=dtype_name)
+    with_optimizer: bool = opt(False, "include an AdamW step")
+    threads: int | None = opt(None, "torch CPU threads (default: torch's)")
+    sampling_reps: int = opt(3, "--tiny: make_pairs CFG batched vs unbatched repetitions (0: skip)")
+    sampling_steps: int | None = opt(
+        None, "sampler steps of that comparison (default: the backbone's paper setting)"
     )
-    p.add_argument(
-        "--sampling-steps",
-        type=int,
-        default=0,
-        help="sampler steps of that comparison (0: the backbone's paper setting)",
+    computed_gpu_table: bool = opt(
+        False, "print the computed GPU cost of every method on the real configs"
     )
-    p.add_argument(
-        "--computed-gpu-table",
-        action="store_true",
-        help="print the computed GPU cost of every method on the real configs",
-    )
-    p.add_argument(
-        "--gpu-models", default=",".join(gpu_cost.ARCHS), help="backbones of --computed-gpu-table"
-    )
-    p.add_argument("--md", default="", help="--computed-gpu-table: also write it to this file")
-    args = p.parse_args(argv)
-    if args.computed_gpu_table:
-        for k in args.gpu_models.split(","):
-            if k.strip() and k.strip() not in gpu_cost.ARCHS:
-                p.error(f"unknown model {k!r}; choose from {', '.join(gpu_cost.ARCHS)}")
-        return gpu_table(args)
-    if args.sd15_config and args.backbone != "sd":
-        p.error("--sd15-config builds an SD-1.5 UNet: use --backbone sd")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
+    gpu_models: str = opt(",".join(gpu_cost.ARCHS), "backbones of --computed-gpu-table")
+    md: str | None = opt(None, "--computed-gpu-table: also write it to this file", metavar="FILE")
+
+
+def parse_args(argv: list[str] | None = None) -> BenchStepConfig:
+    cfg = parse(BenchStepConfig, argv, prog="bench_step.py", description=__doc__.splitlines()[0])
+    for k in cfg.gpu_models.split(","):
+        if k.strip() and k.strip() not in gpu_cost.ARCHS:
+            raise UsageError(f"unknown model {k!r}; choose from {', '.join(gpu_cost.ARCHS)}")
+    if cfg.sd15_config and cfg.backbone != "sd":
+        raise UsageError("--sd15-config builds an SD-1.5 UNet: use --backbone sd")
+    for m in _methods(cfg):
         if m not in METHODS:
-            p.error(f"unknown method {m!r}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+            raise UsageError(f"unknown method {m!r}")
+    check_positive(cfg, ("batch", "reps", "latent", "threads", "sampling_steps"))
+    return cfg
 
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if not args.sd15_config and args.sampling_reps > 0:
-        sampling_benchmark(args, device, dtype)
-    bb = build_backbone(args).to(device, None if dtype == torch.float32 else dtype)
-    policy = bb.denoiser.train()
-    reference = Reference(bb, policy, lora=False, periodic=False, dtype=dtype)
-    opt = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=1e-12)
-    side = args.latent or (64 if args.sd15_config else int(policy.config.sample_size))
-    B, C = args.batch, bb.latent_channels
-    g = torch.Generator().manual_seed(0)
-    x0_w = torch.randn(B, C, side, side, generator=g).to(device)
-    x0_l = torch.randn(B, C, side, side, generator=g).to(device)
-    prompts = [f"a photo of object {i} on a red table" for i in range(B)]
-    negs = [f"object {i} table" for i in range(B)]
-    cfgs = {m: resolve(TrainConfig(tiny=True, backbone=args.backbone, method=m)) for m in methods}
 
-    def sync():
-        if device.type == "cuda":
+def _methods(cfg: BenchStepConfig) -> list[str]:
+    return [m.strip() for m in cfg.methods.split(",") if m.strip()]
+
+
+class StepBench:
+    """One backbone, policy, reference and fixed batch; :meth:`time` runs one training step."""
+
+    def __init__(self, cfg: BenchStepConfig, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.bb = build_backbone(cfg).to(device, None if dtype == torch.float32 else dtype)
+        self.policy = self.bb.denoiser.train()
+        self.reference = Reference(self.bb, self.policy, lora=False, periodic=False, dtype=dtype)
+        params = [q for q in self.policy.parameters() if q.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-12)
+        self.side = cfg.latent or (64 if cfg.sd15_config else int(self.policy.config.sample_size))
+        B, C = cfg.batch, self.bb.latent_channels
+        self.g = torch.Generator().manual_seed(0)
+        self.x0_w = torch.randn(B, C, self.side, self.side, generator=self.g).to(device)
+        self.x0_l = torch.randn(B, C, self.side, self.side, generator=self.g).to(device)
+        self.prompts = [f"a photo of object {i} on a red table" for i in range(B)]
+        self.negs = [f"object {i} table" for i in range(B)]
+        self.train_cfgs = {
+            m: resolve(TrainConfig(tiny=True, backbone=cfg.backbone, method=m))
+            for m in _methods(cfg)
+        }
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def step(method: str) -> tuple[float, float]:
-        cfg = cfgs[method]
-        if device.type == "cuda":
+    def time(self, method: str) -> tuple[float, float]:
+        """Seconds of one step of ``method`` and its memory (CUDA peak or saved bytes), MiB."""
+        cfg, bb, dtype = self.train_cfgs[method], self.bb, self.dtype
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        sync()
+        self._sync()
         t0 = time.perf_counter()
-        conds = encode_step(bb, prompts, negs, need_neg=cfg.uses_neg, need_uncond=False)
-        t = bb.sample_t(B, g, cfg.timestep_sampler).to(device)
-        noise = torch.randn(x0_w.shape, generator=g).to(device)
+        conds = encode_step(bb, self.prompts, self.negs, need_neg=cfg.uses_neg, need_uncond=False)
+        t = bb.sample_t(self.cfg.batch, self.g, cfg.timestep_sampler).to(self.device)
+        noise = torch.randn(self.x0_w.shape, generator=self.g).to(self.device)
         with SavedBytes() as saved:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 loss, _ = compute_loss(
-                    cfg, bb, policy, reference, x0_w, x0_l, conds, t, noise, noise
-                )
+                    cfg, bb, self.policy, self.reference, self.x0_w, self.x0_l, conds, t,
+                    noise, noise,
+                )  # fmt: skip
             loss.mean().backward()
-        if args.with_optimizer:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
+        if self.cfg.with_optimizer:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self._sync()
         dt = time.perf_counter() - t0
-        mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else saved.n
+        mem = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else saved.n
         return dt, mem / 2**20
 
+
+def step_benchmark(cfg: BenchStepConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """Median step time and memory per method, measured round-robin (drift hits all alike)."""
+    bench, methods = StepBench(cfg, device, dtype), _methods(cfg)
     times: dict[str, list[float]] = {m: [] for m in methods}
     mems: dict[str, float] = {}
-    for rep in range(args.warmup + args.reps):
-        for m in methods:  # round-robin: drift hits every method alike
-            dt, mem = step(m)
-            if rep >= args.warmup:
+    for rep in range(cfg.warmup + cfg.reps):
+        for m in methods:
+            dt, mem = bench.time(m)
+            if rep >= cfg.warmup:
                 times[m].append(dt)
                 mems[m] = max(mems.get(m, 0.0), mem)
-
-    what = "sd15-config UNet" if args.sd15_config else f"tiny {args.backbone}"
+    what = "sd15-config UNet" if cfg.sd15_config else f"tiny {cfg.backbone}"
     mem_kind = "peak MiB" if device.type == "cuda" else "saved-for-backward MiB"
+    C, side = bench.bb.latent_channels, bench.side
     print(
-        f"# {what}, batch {B} pairs, latents {C}x{side}x{side}, {args.device} {args.dtype}, "
-        f"median of {args.reps}, threads {torch.get_num_threads()}"
+        f"# {what}, batch {cfg.batch} pairs, latents {C}x{side}x{side}, {cfg.device} "
+        f"{cfg.dtype}, median of {cfg.reps}, threads {torch.get_num_threads()}"
     )
     print(f"{'method':10s} {'ms/step':>10s} {mem_kind:>24s}")
     med = {m: statistics.median(times[m]) for m in methods}
@@ -292,7 +305,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m:10s} {1000 * med[m]:10.1f} {mems[m]:24.1f}")
     if "dpo" in med and "ddspo" in med:
         print(f"ratio ddspo/dpo: {med['ddspo'] / med['dpo']:.3f}")
+
+
+def _run(cfg: BenchStepConfig) -> int:
+    if cfg.computed_gpu_table:
+        return gpu_table(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device, dtype = torch.device(cfg.device), torch_dtype(cfg.dtype)
+    if not cfg.sd15_config and cfg.sampling_reps > 0:
+        sampling_benchmark(cfg, device, dtype)
+    step_benchmark(cfg, device, dtype)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: _run(parse_args(argv)))
 
 
 if __name__ == "__main__":

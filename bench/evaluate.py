@@ -17,19 +17,18 @@ scores, and results.md. Bad input exits with status 2 and a one-line message nam
 file; ``--out`` is checked (a folder, writable) before any scorer is loaded, and the two
 files are written atomically.
 
-``--tiny`` scores with random tiny CLIPs instead (bench/t2i/scorers.py ``TINY_SCORERS``): a
+``--tiny`` scores with random tiny CLIPs instead (bench/t2i/tiny.py ``TINY_SCORERS``): a
 smoke test of the pipeline on CPU with no weights, e.g. on ``sample.py --tiny`` output.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from bench.t2i.cli import DTYPES, UsageError, dtype_name, opt, parse, torch_dtype
 from bench.t2i.outdir import (
     OutputError,
     check_out_dir,
@@ -46,38 +46,48 @@ from bench.t2i.outdir import (
 from bench.t2i.prompts import read_prompts as _read_prompts
 from bench.t2i.scorers import (
     SCORERS,
-    TINY_SCORERS,
     ClipScorer,
-    EvalError,
     check_clip_dir,
     check_processor_dir,
     mean_sem,
-    tiny_scorer,
     win_rate,
 )
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class EvalConfig:
-    prompts: str | None = None  # .txt (one per line) or .jsonl; default: IMAGES/prompts.txt
-    images: str | None = None  # bench/sample.py output dir: one subfolder of images per model
-    models: list[str] = field(default_factory=list)  # extra "NAME=DIR" image folders
-    base: str = "base"  # model the others are compared with (win rates)
-    clip: str | None = None  # local CLIP dir -> CLIP score
-    pickscore: str | None = None  # local PickScore dir (transformers CLIP) -> PickScore
-    hps: str | None = None  # local HPS-style CLIP dir (transformers format) -> HPS
-    clip_processor: str | None = None  # tokenizer/image-processor dir if not in --clip's
-    pickscore_processor: str | None = None  # e.g. laion/CLIP-ViT-H-14's files for PickScore_v1
-    hps_processor: str | None = None  # same for --hps
-    tiny: bool = False  # random tiny CLIP + PickScore scorers (smoke runs; no weights)
-    out: str | None = None  # write results.json and results.md here
-    batch_size: int = 32  # images per scorer forward
-    device: str = "auto"  # "auto" = cuda if available, else cpu
-    dtype: str = "float32"  # scorer weights dtype: float32 | float16 | bfloat16
-    progress: bool = True  # tqdm bar on stderr
+    prompts: str | None = opt(
+        None, ".txt (one per line) or .jsonl; default: IMAGES/prompts.txt", metavar="FILE"
+    )
+    images: str | None = opt(
+        None, "bench/sample.py output dir (one subfolder of images per model)", metavar="DIR"
+    )
+    models: list[str] = opt(
+        [], "an extra image folder NAME=DIR; repeatable", metavar="NAME=DIR", flag="--model"
+    )
+    base: str = opt("base", "the model the others are compared with (win rates)")
+    clip: str | None = opt(None, "local CLIP dir -> CLIP score", metavar="DIR")
+    pickscore: str | None = opt(None, "local PickScore dir (transformers CLIP)", metavar="DIR")
+    hps: str | None = opt(None, "local HPS-style CLIP dir (transformers format)", metavar="DIR")
+    clip_processor: str | None = opt(
+        None, "tokenizer/image-processor dir if not in --clip's", metavar="DIR"
+    )
+    pickscore_processor: str | None = opt(
+        None, "tokenizer/image-processor for --pickscore (e.g. CLIP-ViT-H-14's)", metavar="DIR"
+    )
+    hps_processor: str | None = opt(None, "tokenizer/image-processor for --hps", metavar="DIR")
+    tiny: bool = opt(
+        False,
+        "score with random tiny CLIP and PickScore models instead of --clip/--pickscore/--hps "
+        "(a smoke test: no weights needed, the numbers mean nothing)",
+    )
+    out: str | None = opt(None, "write results.json and results.md here", metavar="DIR")
+    batch_size: int = opt(32, "images per scorer forward")
+    device: str | None = opt(None, "default: cuda if available, else cpu")
+    dtype: str = opt("fp32", "scorer weights dtype", choices=tuple(DTYPES), parse=dtype_name)
+    progress: bool = opt(True, "progress bar on stderr (--no-progress: none)")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -89,7 +99,7 @@ def read_prompts(path: str | Path) -> list[str]:
     try:
         return _read_prompts(path)
     except ValueError as e:
-        raise EvalError(str(e)) from e
+        raise UsageError(str(e)) from e
 
 
 def resolve_prompts(prompts: str | None, images: str | None) -> tuple[list[str], Path]:
@@ -99,7 +109,7 @@ def resolve_prompts(prompts: str | None, images: str | None) -> tuple[list[str],
     written = Path(images) / "prompts.txt" if images is not None else None
     if prompts is None:
         if written is None or not written.is_file():
-            raise EvalError("--prompts FILE is required (no prompts.txt in the --images folder)")
+            raise UsageError("--prompts FILE is required (no prompts.txt in the --images folder)")
         return read_prompts(written), written
     listed = read_prompts(prompts)
     if written is not None and written.is_file():
@@ -109,7 +119,7 @@ def resolve_prompts(prompts: str | None, images: str | None) -> tuple[list[str],
             i = 0
             while i < min(len(flat), len(used)) and flat[i] == used[i]:
                 i += 1
-            raise EvalError(
+            raise UsageError(
                 f"{prompts} ({len(listed)} prompts) and {written} ({len(used)} prompts, written by "
                 f"bench/sample.py) differ from prompt index {i} on; omit --prompts to use {written}"
             )
@@ -122,20 +132,20 @@ def collect_models(images: str | None, specs: list[str], base: str) -> dict[str,
 
     def add(name: str, folder: Path) -> None:
         if not name:
-            raise EvalError(f"empty model name for {folder}")
+            raise UsageError(f"empty model name for {folder}")
         if name in found:
-            raise EvalError(f"model name {name!r} given twice ({found[name]} and {folder})")
+            raise UsageError(f"model name {name!r} given twice ({found[name]} and {folder})")
         if not folder.is_dir():
-            raise EvalError(f"image folder of model {name!r} not found: {folder}")
+            raise UsageError(f"image folder of model {name!r} not found: {folder}")
         found[name] = folder
 
     if images is not None:
         root = Path(images)
         if not root.is_dir():
-            raise EvalError(f"--images folder not found: {root}")
+            raise UsageError(f"--images folder not found: {root}")
         subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not subdirs:
-            raise EvalError(
+            raise UsageError(
                 f"--images {root} has no model subfolders (expected one folder per model, as "
                 "bench/sample.py writes; use --model NAME=DIR for a single folder)"
             )
@@ -144,12 +154,12 @@ def collect_models(images: str | None, specs: list[str], base: str) -> dict[str,
     for spec in specs:
         name, sep, folder = spec.partition("=")
         if not sep:
-            raise EvalError(f"--model expects NAME=DIR, got {spec!r}")
+            raise UsageError(f"--model expects NAME=DIR, got {spec!r}")
         add(name.strip(), Path(folder))
     if not found:
-        raise EvalError("no images given: pass --images DIR and/or --model NAME=DIR")
+        raise UsageError("no images given: pass --images DIR and/or --model NAME=DIR")
     if base not in found and len(found) > 1:
-        raise EvalError(f"base model {base!r} not among the models {list(found)}; set --base NAME")
+        raise UsageError(f"base model {base!r} not among the models {list(found)}; set --base NAME")
     order = sorted(found, key=lambda n: n != base)  # stable: base first, rest as given
     return {n: found[n] for n in order}
 
@@ -160,11 +170,11 @@ def image_paths(name: str, folder: Path, n: int) -> list[Path]:
     want = f"expected exactly {n} images {expected[0].name}..{expected[-1].name}, one per prompt"
     for p in expected:
         if not p.is_file():
-            raise EvalError(f"model {name!r}: missing image {p} ({want})")
+            raise UsageError(f"model {name!r}: missing image {p} ({want})")
     names = {p.name for p in expected}
     for p in sorted(folder.iterdir()):
         if p.suffix.lower() in IMAGE_SUFFIXES and p.name not in names:
-            raise EvalError(f"model {name!r}: unexpected image {p} ({want})")
+            raise UsageError(f"model {name!r}: unexpected image {p} ({want})")
     return expected
 
 
@@ -177,7 +187,7 @@ def verify_image(path: Path) -> None:
         with Image.open(path) as im:
             im.verify()
     except _BAD_IMAGE as e:
-        raise EvalError(f"corrupt or unreadable image {path}: {e}") from e
+        raise UsageError(f"corrupt or unreadable image {path}: {e}") from e
 
 
 def load_image(path: Path) -> Image.Image:
@@ -185,7 +195,7 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")  # convert() decodes the pixel data
     except _BAD_IMAGE as e:
-        raise EvalError(f"corrupt or unreadable image {path}: {e}") from e
+        raise UsageError(f"corrupt or unreadable image {path}: {e}") from e
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -272,17 +282,18 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Validate every input, score, and return the results dict written to results.json."""
     chosen = {k: getattr(cfg, k) for k in SCORERS if getattr(cfg, k) is not None}
     if cfg.tiny and chosen:
-        raise EvalError("--tiny replaces --clip/--pickscore/--hps: give one or the other")
-    if cfg.tiny:
+        raise UsageError("--tiny replaces --clip/--pickscore/--hps: give one or the other")
+    if cfg.tiny:  # smoke runs only: the tiny test models are imported on this path alone
+        from bench.t2i.tiny import TINY_SCORERS
+
         chosen = {k: f"tiny (random, seed {seed})" for k, (seed, _) in TINY_SCORERS.items()}
     if not chosen:
-        raise EvalError(
+        raise UsageError(
             "no scorer given: pass at least one of --clip, --pickscore, --hps DIR (or --tiny)"
         )
     if cfg.batch_size < 1:
-        raise EvalError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    if cfg.dtype not in DTYPES:
-        raise EvalError(f"--dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
+        raise UsageError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    dtype = torch_dtype(cfg.dtype)
     # Everything cheap is checked before any weights are loaded.
     prompts, prompt_file = resolve_prompts(cfg.prompts, cfg.images)
     folders = collect_models(cfg.images, cfg.models, cfg.base)
@@ -300,20 +311,20 @@ def evaluate(cfg: EvalConfig) -> dict:
         try:
             check_out_dir(cfg.out)
         except OutputError as e:
-            raise EvalError(str(e)) from None
+            raise UsageError(str(e)) from None
     all_paths = [p for paths in model_images.values() for p in paths]
     for p in tqdm(all_paths, unit="img", desc="checking", disable=not cfg.progress):
         verify_image(p)
 
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    scorers = {
-        k: tiny_scorer(k, device)
-        if cfg.tiny
-        else ClipScorer.from_dir(k, d, device, DTYPES[cfg.dtype], processors[k])
-        for k, d in chosen.items()
-    }
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.tiny:
+        from bench.t2i.tiny import tiny_scorer
+
+        scorers = {k: tiny_scorer(k, device) for k in chosen}
+    else:
+        scorers = {
+            k: ClipScorer.from_dir(k, d, device, dtype, processors[k]) for k, d in chosen.items()
+        }
     print(
         f"scoring {len(folders)} model(s) x {len(prompts)} prompts with "
         f"{', '.join(chosen)} on {device}",
@@ -359,41 +370,22 @@ def write_results(results: dict, table: str, out_dir: str | Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
-    d = EvalConfig()
-    ap = argparse.ArgumentParser(
-        description="Score image folders against their prompts with local CLIP-family scorers."
+    return parse(
+        EvalConfig,
+        argv,
+        prog="evaluate.py",
+        description="Score image folders against their prompts with local CLIP-family scorers.",
     )
-    ap.add_argument("--prompts", help=".txt or .jsonl; default: IMAGES/prompts.txt")
-    ap.add_argument("--images", help="bench/sample.py output dir (one subfolder per model)")
-    ap.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=DIR")
-    ap.add_argument("--base", default=d.base, help="model the others are compared with")
-    for k, rule in SCORERS.items():
-        ap.add_argument(f"--{k}", metavar="DIR", help=f"local CLIP dir -> {rule.formula}")
-        ap.add_argument(
-            f"--{k}-processor", metavar="DIR", help=f"tokenizer/image processor for --{k}"
-        )
-    ap.add_argument(
-        "--tiny",
-        action="store_true",
-        help="score with random tiny CLIP and PickScore models instead of --clip/--pickscore/"
-        "--hps (a smoke test: no weights needed, the numbers mean nothing)",
-    )
-    ap.add_argument("--out", metavar="DIR", help="write results.json and results.md here")
-    ap.add_argument("--batch-size", type=int, default=d.batch_size)
-    ap.add_argument("--device", default=d.device)
-    ap.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
-    return EvalConfig(**vars(ap.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
     try:
+        cfg = parse_args(argv)
         results = evaluate(cfg)
         table = render_markdown(results["models"], cfg.base)
         if cfg.out is not None:
             write_results(results, table, cfg.out)
-    except (EvalError, OutputError) as e:
+    except UsageError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     print(table, end="")

@@ -26,17 +26,31 @@ place only when every image and the grid are done. Bad input is one ``error:`` l
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bench.t2i.backbones import BACKBONES, Backbone, move_module, prompt_generator
+from bench.t2i.backbones import Backbone, move_module, open_backbone, prompt_generator
+from bench.t2i.cli import (
+    DeviceArgs,
+    ModelArgs,
+    OutputArgs,
+    PredictionArgs,
+    PromptArgs,
+    SamplingArgs,
+    UsageError,
+    check_positive,
+    opt,
+    parse,
+    run_command,
+    torch_dtype,
+)
 from bench.t2i.outdir import (
     OutputError,
     check_out_dir,
@@ -44,6 +58,7 @@ from bench.t2i.outdir import (
     stage_dir,
     writing,
 )
+from bench.t2i.prompts import cli_prompts
 from bench.t2i.validation import save_grid, save_png, to_uint8
 from bench.t2i.weights import LORA_FILE, denoiser_with_lora, find_lora
 
@@ -218,97 +233,55 @@ def _sample_one(
     return files
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+@dataclass
+class SampleConfig(OutputArgs, DeviceArgs, SamplingArgs, PromptArgs, PredictionArgs, ModelArgs):
+    checkpoint: list[str] = opt(
+        [], "fine-tuned weights NAME=PATH (full denoiser dir or LoRA dir); repeatable",
+        metavar="NAME=PATH",
+    )  # fmt: skip
+    sampler: str = opt("ddim", "SD/SDXL sampler (SANA: Euler)", choices=("ddim", "ddpm"))
+    negative_prompt: str = opt("", "unconditional branch prompt")
+    batch_size: int = opt(8, "prompts per sampler call")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
+    cfg = parse(
+        SampleConfig,
+        argv,
         prog="sample.py",
         description="Sample the same prompts and seeds from a base model and fine-tuned "
         "checkpoints; write OUT/<model>/<index>.png and OUT/grid.png.",
+        one_of=[("pretrained", "tiny")],
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--pretrained", metavar="DIR", help="local diffusers pipeline directory (base)"
-    )
-    src.add_argument("--tiny", choices=BACKBONES, help="tiny random backbone (tests)")
-    p.add_argument(
-        "--prompts", metavar="FILE", help=".txt or .jsonl; default with --tiny: demo prompts"
-    )
-    p.add_argument(
-        "--checkpoint",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="fine-tuned weights (full denoiser dir or LoRA dir); repeatable",
-    )
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument(
-        "--steps", type=int, help="sampling steps (default: the backbone's paper setting)"
-    )
-    p.add_argument(
-        "--guidance", type=float, help="CFG scale (default: the backbone's paper setting)"
-    )
-    p.add_argument(
-        "--sampler", choices=("ddim", "ddpm"), default="ddim", help="SD/SDXL sampler (SANA: Euler)"
-    )
-    p.add_argument("--negative-prompt", default="", help="unconditional branch prompt")
-    p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses (seed, i)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per sampler call")
-    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
-    p.add_argument("--max-prompts", type=int, help="use only the first N prompts")
-    p.add_argument(
-        "--prediction-type", choices=("epsilon", "v_prediction"), help="override (SD/SDXL)"
-    )
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    check_positive(cfg, ("steps", "batch_size", "max_prompts", "resolution"))
+    return cfg
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from bench.t2i.backbones import load_backbone, tiny_backbone
-    from bench.t2i.prompts import cli_prompts
-
-    args = parse_args(argv)
+def _run(cfg: SampleConfig) -> int:
+    check_out_dir(cfg.out)  # before any model is loaded
+    checkpoints = [parse_checkpoint(s) for s in cfg.checkpoint]
+    names = [n for n, _ in checkpoints]
+    if len(set(names)) != len(names):
+        raise UsageError(f"duplicate checkpoint names in {names}")
+    prompts = cli_prompts(cfg.prompts, tiny=bool(cfg.tiny), max_prompts=cfg.max_prompts, demo=4)
+    backbone = open_backbone(cfg.pretrained, cfg.tiny, prediction_type=cfg.prediction_type)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone.for_inference(device, torch_dtype(cfg.dtype))
     try:
-        for name in ("steps", "batch_size", "max_prompts", "resolution"):
-            v = getattr(args, name)
-            if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        check_out_dir(args.out)  # before any model is loaded
-        checkpoints = [parse_checkpoint(s) for s in args.checkpoint]
-        names = [n for n, _ in checkpoints]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate checkpoint names in {names}")
-        prompts = cli_prompts(
-            args.prompts, tiny=bool(args.tiny), max_prompts=args.max_prompts, demo=4
-        )
-        if args.tiny:
-            backbone = tiny_backbone(args.tiny, prediction_type=args.prediction_type)
-        else:
-            backbone = load_backbone(args.pretrained, prediction_type=args.prediction_type)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        backbone.for_inference(device, getattr(torch, args.dtype))
         grid = sample_models(
-            backbone,
-            prompts,
-            checkpoints,
-            args.out,
-            seed=args.seed,
-            steps=args.steps,
-            guidance=args.guidance,
-            batch_size=args.batch_size,
-            resolution=args.resolution,
-            sampler=args.sampler,
-            negative_prompt=args.negative_prompt,
-            progress=not args.no_progress,
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            backbone, prompts, checkpoints, cfg.out, seed=cfg.seed, steps=cfg.steps,
+            guidance=cfg.guidance, batch_size=cfg.batch_size, resolution=cfg.resolution,
+            sampler=cfg.sampler, negative_prompt=cfg.negative_prompt, progress=cfg.progress,
+        )  # fmt: skip
     except KeyboardInterrupt:
-        print(f"interrupted; nothing written to {args.out}", file=sys.stderr)
+        print(f"interrupted; nothing written to {cfg.out}", file=sys.stderr)
         return 130
     print(f"wrote {len(prompts)} x {1 + len(checkpoints)} images and {grid}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(lambda: _run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -29,12 +29,14 @@ first failing run's (see ``train_t2i.py --help``); 2 for bad input here.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+from bench.t2i.cli import UsageError, opt, parse_known
 
 TRAINER = Path(__file__).resolve().with_name("train_t2i.py")
 #: the official DD-CPP pair recipe (KU-MIIL/DDSPO scripts/train_ddspo_lora_target.sh:
@@ -45,35 +47,22 @@ PAIR_STEPS = 300
 OWN = ("--method", "--sft-branch", "--winner-policy", "--loser-policy", "--resume")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train_policy_pair.py",
-        allow_abbrev=False,
-        description="Fine-tune DD-CPP's winning and losing models (sft on the winners, sft on "
-        "the losers) for ddspo's --winner-policy/--loser-policy. Unknown flags go to both "
-        "train_t2i.py runs.",
+@dataclass
+class PolicyPairConfig:
+    out: str = opt("runs/policy_pair", "OUT/winner and OUT/loser", metavar="DIR")
+    lora: int = opt(
+        PAIR_LORA_RANK,
+        "LoRA rank (the official DD-CPP pair's --lora_rank; 0 = full fine-tunes)",
     )
-    p.add_argument("--out", default="runs/policy_pair", help="OUT/winner and OUT/loser")
-    p.add_argument(
-        "--lora",
-        type=int,
-        default=PAIR_LORA_RANK,
-        help=f"LoRA rank (default {PAIR_LORA_RANK}: the official DD-CPP pair's --lora_rank; "
-        "0 = full fine-tunes)",
-    )
-    p.add_argument(
-        "--lr", type=float, default=PAIR_LR, help=f"learning rate (default {PAIR_LR:g}, official)"
-    )
-    p.add_argument(
-        "--max-steps",
-        type=int,
-        default=PAIR_STEPS,
-        help=f"optimizer steps per model (default {PAIR_STEPS}, official)",
-    )
-    p.add_argument(
-        "--nproc", type=int, default=1, help="ranks per run (> 1: torch.distributed.run)"
-    )
-    return p
+    lr: float = opt(PAIR_LR, "learning rate (official)")
+    max_steps: int = opt(PAIR_STEPS, "optimizer steps per model (official)")
+    nproc: int = opt(1, "ranks per run (> 1: torch.distributed.run)")
+
+
+DESCRIPTION = (
+    "Fine-tune DD-CPP's winning and losing models (sft on the winners, sft on the losers) "
+    "for ddspo's --winner-policy/--loser-policy. Unknown flags go to both train_t2i.py runs."
+)
 
 
 def subprocess_runner(nproc: int) -> Callable[[list[str]], int]:
@@ -88,14 +77,16 @@ def subprocess_runner(nproc: int) -> Callable[[list[str]], int]:
     return run
 
 
-def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[tuple[str, list[str]]]]:
+def plan(argv: Sequence[str] | None) -> tuple[PolicyPairConfig, list[tuple[str, list[str]]]]:
     """The two ``train_t2i.py`` argument lists ``[("winner", args), ("loser", args)]``."""
-    ns, rest = build_parser().parse_known_args(argv)
+    ns, rest = parse_known(
+        PolicyPairConfig, argv, prog="train_policy_pair.py", description=DESCRIPTION
+    )
     for flag in rest:
         if flag.split("=")[0] in OWN:
-            raise ValueError(f"{flag.split('=')[0]} is set by this command")
+            raise UsageError(f"{flag.split('=')[0]} is set by this command")
     if ns.lora < 0 or ns.max_steps < 1 or ns.nproc < 1:
-        raise ValueError("--lora must be >= 0, --max-steps and --nproc >= 1")
+        raise UsageError("--lora must be >= 0, --max-steps and --nproc >= 1")
     out = Path(ns.out)
     common = ["--method", "sft", "--lora", str(ns.lora), "--lr", repr(ns.lr)]
     common += ["--max-steps", str(ns.max_steps), *rest]
@@ -113,7 +104,7 @@ def main(argv: Sequence[str] | None = None, run: Callable[[list[str]], int] | No
     """CLI entry; ``run`` (default: a ``train_t2i.py`` process) trains one model."""
     try:
         ns, runs = plan(argv)
-    except ValueError as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run = run or subprocess_runner(ns.nproc)

@@ -29,12 +29,13 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from bench.t2i.backbones import Backbone, Cond, load_backbone, move_module, tiny_backbone
+from bench.t2i.backbones import Backbone, move_module, open_backbone
 from bench.t2i.checkpoint import (
     atomic_write_dir,
     checkpoint_name,
@@ -44,6 +45,7 @@ from bench.t2i.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from bench.t2i.cli import DTYPES
 from bench.t2i.config import (
     TrainConfig,
     UsageError,
@@ -73,6 +75,14 @@ from bench.t2i.outdir import (
 )
 from bench.t2i.pairdata import PairDataset, collate_pairs
 from bench.t2i.reference import DivergenceProbe, Reference
+from bench.t2i.step import (
+    DIAG_KEYS,
+    build_optimizer,
+    compute_loss,
+    draw_noise,
+    drop_prompts,
+    encode_step,
+)
 from bench.t2i.validation import (
     SAMPLES_DIR,
     check_tensorboard,
@@ -93,13 +103,8 @@ from bench.t2i.weights import (
     save_lora,
     write_checkpoint,
 )
-from minddspo.methods import dspo_beta_warning, method_loss, method_spec
+from minddspo.methods import dspo_beta_warning
 from minddspo.refupdate import ReferenceUpdateRule
-from minddspo.schedules import cfg_combine
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DIAG_KEYS = ("implicit_acc", "gap_w", "gap_l", "err_w", "err_l")
-
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "final")  # OUT holds a run
 TRAINER_STATE_KEYS = ("optimizer", "scheduler", "scaler", "counters", "rng")
@@ -115,139 +120,6 @@ class Interrupted(Exception):
 
 class PeerFailed(RuntimeError):
     """Rank 0 failed a write (and reports it); the other ranks stop with it."""
-
-
-# ------------------------------------------------------------------------ one step's math
-
-
-def encode_step(
-    backbone: Backbone, prompts: list[str], neg_prompts: list[str], *, need_neg, need_uncond
-) -> tuple[Cond, Cond | None, Cond | None]:
-    """Encode the step's unique prompts in ONE text-encoder call -> ``(c, c-, ∅)`` per row."""
-    texts = list(prompts)
-    if need_neg:
-        texts += neg_prompts
-    if need_uncond:
-        texts.append("")
-    texts = list(dict.fromkeys(texts))  # unique, in order
-    row = {p: i for i, p in enumerate(texts)}
-    enc = backbone.encode_prompts(texts)
-
-    def pick(ps: list[str]) -> Cond:
-        return enc.index(torch.tensor([row[p] for p in ps]))
-
-    c_neg = pick(neg_prompts) if need_neg else None
-    c_uncond = pick([""] * len(prompts)) if need_uncond else None
-    return pick(prompts), c_neg, c_uncond
-
-
-def compute_loss(
-    cfg: TrainConfig,
-    backbone: Backbone,
-    policy: torch.nn.Module,
-    reference: Reference | None,
-    x0_w: torch.Tensor,  # (B, C, h, w) winner latents
-    x0_l: torch.Tensor,  # (B, C, h, w) loser latents
-    conds: tuple[Cond, Cond | None, Cond | None],  # c, c- (CPP methods), ∅ (target guidance)
-    t: torch.Tensor,  # (B,) network timesteps, shared by both branches (SPEC §1)
-    noise_w: torch.Tensor,  # (B, C, h, w)
-    noise_l: torch.Tensor,  # (B, C, h, w); the same tensor unless --independent-noise
-    pair: tuple[torch.nn.Module, torch.nn.Module] | None = None,  # (f_win, f_lose)
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-sample loss ``(B,)`` of ``cfg.method`` and detached diagnostics.
-
-    One policy forward on ``[x_t^w; x_t^l]`` and one reference forward on the rows the
-    method table asks for (:meth:`minddspo.methods.MethodSpec.ref_rows`): ``[x_t^w|c,
-    x_t^l|c]``, ``+ [x_t^l|c-]`` (ddspo, dspo_cpp), ``+ [x_t^w|∅, x_t^l|∅]`` (target
-    guidance W != 1, SPEC §2). The reference runs first (no grad). Which tensors the loss
-    compares and where the timestep weight goes is :func:`minddspo.methods.method_loss`'s.
-    """
-    c, c_neg, c_uncond = conds
-    spec = method_spec(cfg.method)
-    x_w, x_l = backbone.noise(x0_w, noise_w, t), backbone.noise(x0_l, noise_l, t)
-    y_w, y_l = backbone.target(x0_w, noise_w, t), backbone.target(x0_l, noise_l, t)
-    w = backbone.t_weight(cfg.timestep_weight, t)
-    beta, beta_logit = (cfg.beta, cfg.beta_logit) if spec.score_matching else (cfg.beta, None)
-    if not spec.preference:  # sft: one side only, forward-process targets
-        if cfg.sft_branch == "loser":  # DD-CPP's losing model (official): x0_l with c
-            pred, target = backbone.forward(policy, x_l, t, c), y_l
-        elif cfg.sft_branch == "loser_neg":  # variant: x0_l with the loser's prompt c-
-            pred, target = backbone.forward(policy, x_l, t, c_neg), y_l
-        else:  # the winners with c (also DD-CPP's winning model)
-            pred, target = backbone.forward(policy, x_w, t, c), y_w
-        out = method_loss(
-            cfg.method, pred_w=pred, target_w=target, weight=w, weight_kind=cfg.timestep_weight
-        )
-        return out.loss, {}
-
-    rows = {"w": (x_w, c), "l": (x_l, c), "l_neg": (x_l, c_neg)}
-    names = list(spec.ref_rows(policy_pair=pair is not None))
-    if c_uncond is not None:  # guided targets also need f_ref(., ∅)
-        rows |= {"w_uncond": (x_w, c_uncond), "l_uncond": (x_l, c_uncond)}
-        names += ["w_uncond", "l_uncond"]
-    xs, cs = [rows[n][0] for n in names], [rows[n][1] for n in names]
-    k = len(names)
-    ref = dict(
-        zip(names, reference(torch.cat(xs), t.repeat(k), cs[0].cat(*cs[1:])).chunk(k), strict=True)
-    )
-    pred_w, pred_l = backbone.forward(policy, torch.cat([x_w, x_l]), t.repeat(2), c.cat(c)).chunk(2)
-
-    pair_w = pair_l = None
-    if pair is not None:  # any contrastive policy pair (paper Sec. 3.2)
-        with torch.no_grad():
-            pair_w, pair_l = (
-                backbone.forward(pair[0], x_w, t, c),
-                backbone.forward(pair[1], x_l, t, c),
-            )
-    elif c_uncond is not None:  # guided reference targets (SPEC §2), a variant, not DDSPO
-        pair_w = cfg_combine(ref["w_uncond"], ref["w"], cfg.target_guidance)
-        pair_l = cfg_combine(ref["l_uncond"], ref["l_neg"], cfg.target_guidance)
-    out = method_loss(
-        cfg.method,
-        pred_w=pred_w,
-        pred_l=pred_l,
-        ref_w=ref["w"],
-        ref_l=ref["l"],
-        ref_l_neg=ref.get("l_neg"),
-        target_w=y_w,
-        target_l=y_l,
-        pair_w=pair_w,
-        pair_l=pair_l,
-        beta=beta,
-        beta_logit=beta_logit,
-        weight=w,
-        weight_kind=cfg.timestep_weight,
-    )
-    return out.loss, _diag(out)
-
-
-def drop_prompts(
-    cfg: TrainConfig, gen: torch.Generator, prompts: list[str], negs: list[str]
-) -> tuple[list[str], list[str]]:
-    """``--proportion-empty-prompts p``: each pair's prompt (and its degraded prompt) becomes
-    "" with probability p, as the Diffusion-DPO and DSPO trainers do (their default 0.2), so
-    the model keeps an unconditional branch for CFG. p = 0 draws nothing from ``gen``."""
-    p = cfg.proportion_empty_prompts
-    if p <= 0:
-        return list(prompts), list(negs)
-    drop = (torch.rand(len(prompts), generator=gen) < p).tolist()
-    return (
-        ["" if d else c for c, d in zip(prompts, drop, strict=True)],
-        ["" if d else c for c, d in zip(negs, drop, strict=True)],
-    )
-
-
-def draw_noise(cfg: TrainConfig, backbone: Backbone, gen: torch.Generator, x0: torch.Tensor):
-    """Timesteps and forward noise from this rank's generator (drawn on the CPU, so a run
-    does not depend on the device). Winner and loser share both unless --independent-noise."""
-    t = backbone.sample_t(x0.shape[0], gen, cfg.timestep_sampler, cfg.timestep_gamma)  # (B,)
-    noise_w = torch.randn(x0.shape, generator=gen)  # (B, C, h, w)
-    noise_l = torch.randn(x0.shape, generator=gen) if cfg.independent_noise else noise_w
-    return t.to(x0.device), noise_w.to(x0.device), noise_l.to(x0.device)
-
-
-def _diag(out) -> dict[str, torch.Tensor]:
-    return {k: getattr(out, k) for k in DIAG_KEYS}
 
 
 # ------------------------------------------------------------------------------- setup
@@ -271,10 +143,13 @@ def check_run_dir(cfg: TrainConfig) -> None:
 def load_model(cfg: TrainConfig) -> Backbone:
     pt = cfg.prediction_type or None
     try:
-        if cfg.tiny:
-            bb = tiny_backbone(cfg.backbone, seed=cfg.seed, prediction_type=pt)
-        else:
-            bb = load_backbone(cfg.pretrained, cfg.backbone or None, pt)
+        bb = open_backbone(
+            cfg.pretrained,
+            cfg.backbone if cfg.tiny else None,
+            backbone=cfg.backbone or None,
+            prediction_type=pt,
+            seed=cfg.seed,
+        )
         if bb.name == "sana":  # official (pipeline preprocessing + instruction prefix) or plain
             bb.prompt_style = cfg.sana_prompt_style
         return bb
@@ -295,7 +170,7 @@ def open_data(cfg: TrainConfig, env: DistEnv, backbone: Backbone | None = None) 
             return None
         path = str(Path(cfg.out) / "data")
         if not (Path(path) / "info.json").exists():
-            from bench.make_pairs import build_pairs
+            from bench.t2i.pairs import build_pairs
             from bench.t2i.prompts import DEMO_PROMPTS
 
             prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(cfg.tiny_pairs)]
@@ -394,33 +269,6 @@ def load_policy_pair(cfg: TrainConfig, backbone: Backbone, device, dtype):
     return load(cfg.winner_policy), load(cfg.loser_policy)
 
 
-def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
-    if cfg.optimizer == "adafactor":  # Diffusion-DPO's SDXL setting: fixed lr, no relative step
-        from transformers.optimization import Adafactor
-
-        opt = Adafactor(
-            params,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            scale_parameter=False,
-            relative_step=False,
-            warmup_init=False,
-        )
-    else:
-        opt = torch.optim.AdamW(
-            params,
-            lr=cfg.lr,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay,
-        )
-    warmup = cfg.warmup_steps  # linear warmup from lr/warmup to lr, then constant
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-    )
-    return opt, sched
-
-
 def agree(check) -> None:
     """Run ``check()`` on every rank; if it fails on any, all raise its UsageError (no rank
     goes on to a collective the others never reach). Also a barrier."""
@@ -452,17 +300,28 @@ def on_rank0(env: DistEnv, write) -> None:
 # -------------------------------------------------------------------------------- train
 
 
+@dataclass
+class LoopState:
+    """The training loop's counters (saved in every checkpoint as ``counters``)."""
+
+    step: int = 0  # loop steps done, skipped non-finite ones included
+    opt_step: int = 0  # optimizer steps taken
+    frozen: bool = False  # periodic reference update: frozen once D > delta
+    nonfinite_total: int = 0
+    nonfinite_run: int = 0  # non-finite steps in a row
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run the training described by ``cfg`` (validated); returns the run directory."""
     env = init_distributed(cfg.device)
-    st = {"step": 0, "opt_step": 0, "frozen": False, "nonfinite_total": 0, "nonfinite_run": 0}
+    state = LoopState()
     ok = False
     try:
         with handle_signals():  # SIGTERM unwinds like Ctrl-C: temporary folders are removed
             try:
-                out = _run(cfg, env, st)
+                out = Trainer(cfg, env, state).run()
             except KeyboardInterrupt:
-                raise Interrupted(interrupt_message(cfg, st["step"])) from None
+                raise Interrupted(interrupt_message(cfg, state.step)) from None
         ok = True
         return out
     except BaseException as e:
@@ -474,334 +333,366 @@ def train(cfg: TrainConfig) -> Path:
 
 def interrupt_message(cfg: TrainConfig, step: int) -> str:
     last = latest_checkpoint(Path(cfg.out) / "checkpoints")
-    if last is None and cfg.resume not in ("", "latest"):
+    if last is None and cfg.resume not in (None, "latest"):
         return f"interrupted at step {step}; resume with --resume {cfg.resume} (nothing saved yet)"
     where = f"newest checkpoint: {last.name}" if last else "no checkpoint yet: it starts over"
     return f"interrupted at step {step}; resume with --resume latest ({where})"
 
 
-def _run(cfg: TrainConfig, env: DistEnv, st: dict) -> Path:
-    print0 = print if env.is_main else (lambda *a, **k: None)
-    out, device, dtype = Path(cfg.out), env.device, DTYPES[cfg.dtype]
-    ckpt_root = out / "checkpoints"
+class Trainer:
+    """One training run: :meth:`run` = set-up (every check before any write), the loop, the
+    final weights. ``state`` is shared with the caller, which reports the step on Ctrl-C."""
 
-    def autocast():  # bf16/fp16 compute; losses are float32 inside minddspo
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    def __init__(self, cfg: TrainConfig, env: DistEnv, state: LoopState):
+        self.cfg, self.env, self.st = cfg, env, state
+        self.out, self.device, self.dtype = Path(cfg.out), env.device, DTYPES[cfg.dtype]
+        self.ckpt_root = self.out / "checkpoints"
+        self.log = self.out / "metrics.jsonl"
+        self.metrics = self.tb = self.bar = None
+        self.val_prompts: list[str] = []
 
-    # ---- run directory: refused before any work (and before any rank writes into it)
-    agree(lambda: check_run_dir(cfg))
-    if cfg.tensorboard:
-        agree(lambda: _usage(check_tensorboard))
-    val_prompts: list[str] = []  # read by every rank, so a bad file stops them all alike
-    agree(lambda: val_prompts.extend(validation_prompts(cfg)))
-    if env.is_main:
-        remove_stale_tmp(out, ckpt_root, out / SAMPLES_DIR)  # left by a kill -9 mid-write
+    def print0(self, *a, **k) -> None:
+        if self.env.is_main:
+            print(*a, **k)
 
-    # ---- data and backbone, validated before anything is written into OUT/checkpoints
-    dataset = open_data(cfg, env)  # a cheap header check first: fail fast on bad --data
-    torch.manual_seed(cfg.seed)  # identical init on every rank (LoRA); DDP broadcasts anyway
-    backbone = load_model(cfg)
-    cfg = resolve_for_backbone(cfg, backbone.name)
-    backbone.to(device, None if dtype == torch.float32 else dtype)
-    policy = backbone.denoiser  # fp32 master weights; autocast does the rest
-    dataset = dataset or open_data(cfg, env, backbone)
-    check_data(dataset, backbone)
-    fingerprint = dataset_fingerprint(dataset.root)
-    ckpt, state = find_checkpoint(cfg, env, ckpt_root, fingerprint)
+    def autocast(self):  # bf16/fp16 compute; losses are float32 inside minddspo
+        dtype = self.dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    # ---- reference, probe, policy pair
-    if cfg.lora:
-        add_lora(policy, cfg.lora, cfg.lora_alpha)
-    if cfg.gradient_checkpointing:
-        policy.enable_gradient_checkpointing()
-    policy.train()
-    periodic = cfg.ref_update == "periodic"
-    needs_ref = cfg.method != "sft"
-    reference = (
-        Reference(backbone, policy, lora=cfg.lora > 0, periodic=periodic, dtype=dtype)
-        if needs_ref
-        else None
-    )
-    rule = ReferenceUpdateRule(cfg.ref_update, cfg.ref_tau, cfg.ref_delta)
-    probe = None
-    if periodic and needs_ref:  # initial model's predictions on fixed samples, before any resume
-        items = collate_pairs([dataset[i % len(dataset)] for i in range(cfg.ref_probe)])
-        probe_cond = backbone.encode_prompts(items["prompt"])
-        probe = DivergenceProbe(
-            backbone, items["x0_w"].to(device), probe_cond, reference, cfg.seed, autocast
+    # ------------------------------------------------------------------------- set-up
+
+    def run(self) -> Path:
+        self._check_inputs()
+        ckpt, saved = self._open_model_and_data()
+        self._build_training()
+        if ckpt is not None:
+            self._resume(ckpt, saved)
+        self.ddp = (
+            DDP(self.policy, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.env.distributed
+            else self.policy
         )
-    pair = load_policy_pair(cfg, backbone, device, dtype) if cfg.policy_pair else None
+        on_rank0(self.env, self._start_run_dir)
+        self._announce()
+        with self._loop_context():
+            while self.st.step < self.cfg.max_steps:
+                self._step()
+            self.bar.close()
+            digests = gather_objects(param_digest(self.policy))
+            self._log_line({"step": self.st.step, "end": True, "param_sha256": digests})
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"ranks ended with different parameters: {digests}")
+        on_rank0(self.env, self._write_final)
+        self.print0(
+            f"done: {self.st.step} steps ({self.st.nonfinite_total} skipped); final weights in "
+            f"{self.out / 'final'}"
+        )
+        return self.out
 
-    # ---- optimizer (only the trainable parameters: all, or the LoRA adapters)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(cfg, params)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
-    gen = torch.Generator().manual_seed(cfg.seed * env.world + env.rank)  # t and noise, per rank
+    def _check_inputs(self) -> None:
+        """Refused before any work (and before any rank writes into OUT)."""
+        cfg, env = self.cfg, self.env
+        agree(lambda: check_run_dir(cfg))
+        if cfg.tensorboard:
+            agree(lambda: _usage(check_tensorboard))
+        # read by every rank, so a bad file stops them all alike
+        agree(lambda: self.val_prompts.extend(validation_prompts(cfg)))
+        if env.is_main:  # left by a kill -9 mid-write
+            remove_stale_tmp(self.out, self.ckpt_root, self.out / SAMPLES_DIR)
 
-    # ---- resume (checkpoint found and checked above)
-    if ckpt is not None:
-        load_policy(backbone, policy, ckpt, cfg.lora > 0)
-        if periodic and needs_ref:
-            reference.load(ckpt / "reference")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        st.update(state["counters"])
-        if saved_world(state) == env.world:
-            set_rng_state(state["rng"][env.rank], gen)
+    def _open_model_and_data(self):
+        """Data and backbone, validated before anything is written into OUT/checkpoints;
+        returns the checkpoint to resume from and its trainer state (or None, None)."""
+        cfg, env = self.cfg, self.env
+        dataset = open_data(cfg, env)  # a cheap header check first: fail fast on bad --data
+        torch.manual_seed(cfg.seed)  # identical init on every rank (LoRA); DDP broadcasts anyway
+        self.backbone = backbone = load_model(cfg)
+        self.cfg = cfg = resolve_for_backbone(cfg, backbone.name)
+        backbone.to(self.device, None if self.dtype == torch.float32 else self.dtype)
+        self.policy = backbone.denoiser  # fp32 master weights; autocast does the rest
+        self.dataset = dataset or open_data(cfg, env, backbone)
+        check_data(self.dataset, backbone)
+        self.fingerprint = dataset_fingerprint(self.dataset.root)
+        return find_checkpoint(cfg, env, self.ckpt_root, self.fingerprint)
+
+    def _build_training(self) -> None:
+        """LoRA, the reference and its probe, the policy pair, the optimizer, the generator."""
+        cfg, env, backbone, policy = self.cfg, self.env, self.backbone, self.policy
+        if cfg.lora:
+            add_lora(policy, cfg.lora, cfg.lora_alpha)
+        if cfg.gradient_checkpointing:
+            policy.enable_gradient_checkpointing()
+        policy.train()
+        self.periodic = cfg.ref_update == "periodic"
+        needs_ref = cfg.method != "sft"
+        self.reference = (
+            Reference(backbone, policy, lora=cfg.lora > 0, periodic=self.periodic, dtype=self.dtype)
+            if needs_ref
+            else None
+        )
+        self.rule = ReferenceUpdateRule(cfg.ref_update, cfg.ref_tau, cfg.ref_delta)
+        self.probe = None
+        if self.periodic and needs_ref:  # the initial model on fixed samples, before any resume
+            items = collate_pairs(
+                [self.dataset[i % len(self.dataset)] for i in range(cfg.ref_probe)]
+            )
+            cond = backbone.encode_prompts(items["prompt"])
+            x0 = items["x0_w"].to(self.device)
+            self.probe = DivergenceProbe(
+                backbone, x0, cond, self.reference, cfg.seed, self.autocast
+            )
+        self.pair = (
+            load_policy_pair(cfg, backbone, self.device, self.dtype) if cfg.policy_pair else None
+        )
+        # only the trainable parameters: all, or the LoRA adapters
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.params)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.dtype == "fp16")
+        # t and noise, per rank
+        self.gen = torch.Generator().manual_seed(cfg.seed * env.world + env.rank)
+
+    def _resume(self, ckpt: Path, saved: dict) -> None:
+        env = self.env
+        load_policy(self.backbone, self.policy, ckpt, self.cfg.lora > 0)
+        if self.probe is not None:
+            self.reference.load(ckpt / "reference")
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        for key, value in saved["counters"].items():
+            setattr(self.st, key, value)
+        if saved_world(saved) == env.world:
+            set_rng_state(saved["rng"][env.rank], self.gen)
         elif env.is_main:
             print(
-                f"warning: checkpoint from world size {saved_world(state)}, this run has "
+                f"warning: checkpoint from world size {saved_world(saved)}, this run has "
                 f"{env.world}: the noise streams restart (every step reads the same pairs)",
                 file=sys.stderr,
             )
-        print0(f"resumed from {ckpt} at step {st['step']}")
-        del state
+        self.print0(f"resumed from {ckpt} at step {self.st.step}")
 
-    ddp = (
-        DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
-        if env.distributed
-        else policy
-    )
+    def _start_run_dir(self) -> None:
+        """Config, and the log cut back to the checkpoint's step (rank 0)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        with writing(self.out / "config.json"):
+            write_config(self.cfg, self.out / "config.json")
+        with writing(self.log):
+            truncate_jsonl(self.log, self.st.step)  # steps after the checkpoint are logged again
 
-    # ---- run directory: config, and the log cut back to the checkpoint's step
-    log = out / "metrics.jsonl"
+    def _announce(self) -> None:
+        cfg, env = self.cfg, self.env
+        n_trainable = sum(p.numel() for p in self.params)
+        self.print0(
+            f"{cfg.method} on {self.backbone.name} ({n_trainable / 1e6:.2f}M trainable), world "
+            f"{env.world}, {len(self.dataset)} pairs from {self.dataset.root}, beta {cfg.beta:g}"
+            + (f" (beta_logit {cfg.beta_logit:g})" if cfg.beta_logit else "")
+            + f", lr {cfg.lr:.3g}"
+        )
+        warning = dspo_beta_warning(cfg.method, cfg.beta)
+        if warning and env.is_main:
+            print(warning, file=sys.stderr)
 
-    def start_run_dir():
-        out.mkdir(parents=True, exist_ok=True)
-        with writing(out / "config.json"):
-            write_config(cfg, out / "config.json")
-        with writing(log):
-            truncate_jsonl(log, st["step"])  # steps after the checkpoint are logged again
+    def _loop_context(self) -> contextlib.ExitStack:
+        """The log file, the TensorBoard sink and the bar, closed however the loop ends."""
+        from diffusers.utils import logging as diffusers_logging
+        from tqdm import tqdm
+        from transformers.utils import logging as transformers_logging
 
-    on_rank0(env, start_run_dir)
-    n_trainable = sum(p.numel() for p in params)
-    print0(
-        f"{cfg.method} on {backbone.name} ({n_trainable / 1e6:.2f}M trainable), world {env.world}, "
-        f"{len(dataset)} pairs from {dataset.root}, beta {cfg.beta:g}"
-        + (f" (beta_logit {cfg.beta_logit:g})" if cfg.beta_logit else "")
-        + f", lr {cfg.lr:.3g}"
-    )
-    warning = dspo_beta_warning(cfg.method, cfg.beta)
-    if warning and env.is_main:
-        print(warning, file=sys.stderr)
+        diffusers_logging.disable_progress_bar()  # one bar: ours
+        transformers_logging.disable_progress_bar()
+        cfg, main = self.cfg, self.env.is_main
+        self.nan_steps = cfg.nan_steps()
+        stack = contextlib.ExitStack()
+        self.metrics = stack.enter_context(open(self.log, "a")) if main else None  # noqa: SIM115
+        if cfg.tensorboard and main:  # the same records as metrics.jsonl, into OUT/tb/
+            with writing(self.out / "tb"):
+                self.tb = open_tensorboard(self.out, resume_step=self.st.step)
+            stack.callback(self.tb.close)
+        self.bar = stack.enter_context(
+            tqdm(total=cfg.max_steps, initial=self.st.step, disable=not (main and cfg.progress))
+        )
+        return stack
 
-    # ---- loop
-    from diffusers.utils import logging as diffusers_logging
-    from tqdm import tqdm
-    from transformers.utils import logging as transformers_logging
+    # --------------------------------------------------------------------------- loop
 
-    diffusers_logging.disable_progress_bar()  # one bar: ours
-    transformers_logging.disable_progress_bar()
+    def _step(self) -> None:
+        """One optimizer step (or a counted skip), its log line, reference update,
+        checkpoint and validation images."""
+        cfg, st = self.cfg, self.st
+        t0 = time.perf_counter()
+        stats = self._forward_backward()
+        finite, grad_norm, lr = self._optimizer_step(stats)
+        st.step += 1
+        self.bar.update(1)
+        rec = {"step": st.step, "loss": stats[0], "grad_norm": grad_norm, "lr": lr}
+        if cfg.method != "sft":
+            rec.update({key: stats[1 + j] for j, key in enumerate(DIAG_KEYS)})
+        pairs = cfg.batch_size * cfg.grad_accum * self.env.world
+        rec["samples_per_s"] = pairs / (time.perf_counter() - t0)
+        rec["nonfinite_total"] = st.nonfinite_total
+        event = not finite
+        if not finite:
+            rec["skipped"] = True
+            self.print0(
+                f"step {st.step}: non-finite loss or gradient, step skipped "
+                f"({st.nonfinite_run} in a row, {st.nonfinite_total} in total)"
+            )
+        if finite and self._update_reference(rec):
+            event = True
+        if event or st.step % cfg.log_every == 0:
+            self._log_line(rec)
+        self.bar.set_postfix(loss=f"{stats[0]:.4g}", acc=f"{rec.get('implicit_acc', 0):.2f}")
+        if st.nonfinite_run >= cfg.max_nonfinite:
+            raise NonFiniteError(
+                f"loss or gradient non-finite for {st.nonfinite_run} steps in a row (up to "
+                f"step {st.step}); aborting. Lower --lr or --beta, use --dtype fp32, or "
+                "check the data"
+            )
+        if (cfg.ckpt_every and st.step % cfg.ckpt_every == 0) or st.step == cfg.max_steps:
+            self._checkpoint()
+        if validation_due(st.step, cfg.validation_every, cfg.max_steps):
+            on_rank0(self.env, functools.partial(self._validate, st.step))  # others wait
 
-    nan_steps = cfg.nan_steps()
-    stack = contextlib.ExitStack()  # closes the log and the bar however the loop ends
-    metrics = stack.enter_context(open(log, "a")) if env.is_main else None  # noqa: SIM115
-    tb = None
-    if cfg.tensorboard and env.is_main:  # the same records as metrics.jsonl, into OUT/tb/
-        with writing(out / "tb"):
-            tb = open_tensorboard(out, resume_step=st["step"])
-        stack.callback(tb.close)
-    bar = stack.enter_context(
-        tqdm(total=cfg.max_steps, initial=st["step"], disable=not (env.is_main and cfg.progress))
-    )
+    def _forward_backward(self) -> list[float]:
+        """Loss and diagnostics averaged over the micro-steps and the ranks; gradients
+        all-reduced on the last micro-step only."""
+        cfg, env, bb, device = self.cfg, self.env, self.backbone, self.device
+        sums = torch.zeros(1 + len(DIAG_KEYS), dtype=torch.float64)  # loss, diagnostics
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(
+                len(self.dataset), seed=cfg.seed, step=self.st.step, micro=micro,
+                accum=cfg.grad_accum, rank=env.rank, world=env.world, batch=cfg.batch_size,
+            )  # fmt: skip
+            batch = collate_pairs([self.dataset[i] for i in idx])
+            x0_w, x0_l = batch["x0_w"].to(device), batch["x0_l"].to(device)  # (B, C, h, w)
+            t, noise_w, noise_l = draw_noise(cfg, bb, self.gen, x0_w)
+            prompts, negs = drop_prompts(cfg, self.gen, batch["prompt"], batch["neg_prompt"])
+            conds = encode_step(
+                bb, prompts, negs, need_neg=cfg.uses_neg, need_uncond=cfg.target_guidance != 1.0
+            )
+            with no_sync(self.ddp, sync=micro == cfg.grad_accum - 1):  # all-reduce on the last
+                with self.autocast():
+                    loss_vec, diag = compute_loss(
+                        cfg, bb, self.ddp, self.reference, x0_w, x0_l, conds, t, noise_w,
+                        noise_l, self.pair,
+                    )  # fmt: skip
+                loss = loss_vec.mean()
+                if env.is_main and self.st.step + 1 in self.nan_steps:  # test hook
+                    loss = loss * float("nan")
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            sums[0] += loss.item()
+            for j, key in enumerate(DIAG_KEYS):
+                if key in diag:
+                    sums[1 + j] += diag[key].double().mean().item()
+        return all_reduce_mean((sums / cfg.grad_accum).to(device)).cpu().tolist()
 
-    def log_line(rec: dict) -> None:
-        if metrics is not None:
-            with writing(log):
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
-        if tb is not None:
-            with writing(out / "tb"):
-                tb_write(tb, rec)
+    def _optimizer_step(self, stats: list[float]) -> tuple[bool, float, float]:
+        """The optimizer step, or a counted skip when the loss or gradient is not finite.
+        Returns ``(finite, grad_norm, lr)``."""
+        cfg, st = self.cfg, self.st
+        self.scaler.unscale_(self.optimizer)
+        clip = cfg.max_grad_norm or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        lr = self.scheduler.get_last_lr()[0]
+        # fp16: an overflowing gradient is the GradScaler's business (it skips and
+        # rescales). Loss and grad norm are the same on every rank: all decide alike.
+        finite = math.isfinite(stats[0]) and (cfg.dtype == "fp16" or math.isfinite(grad_norm))
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scheduler.step()
+            st.opt_step += 1
+            st.nonfinite_run = 0
+            # A finite loss and gradient can still overflow the weights (a huge --lr):
+            # stop before such weights reach a checkpoint or final/.
+            if not all_finite(self.params):
+                raise NonFiniteError(
+                    f"step {st.step + 1}: the optimizer step (lr {lr:.3g}) made the "
+                    "parameters non-finite; stopped without saving them. Lower --lr"
+                )
+        else:
+            st.nonfinite_total += 1
+            st.nonfinite_run += 1
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite, grad_norm, lr
 
-    def validate(step: int) -> None:
+    def _update_reference(self, rec: dict) -> bool:
+        """Stable reference update (Kang et al.): copy every tau steps until D > delta."""
+        st = self.st
+        if self.probe is None or not self.rule.copy_due(st.opt_step, st.frozen):
+            return False
+        self.reference.copy_from_policy()
+        div = broadcast_float(self.probe(self.reference), self.device)
+        rec["ref_updated"], rec["ref_divergence"] = True, div
+        if self.rule.freezes(div):
+            st.frozen = rec["ref_frozen"] = True
+            self.print0(
+                f"step {st.step}: reference frozen (D = {div:.4g} > {self.cfg.ref_delta:g})"
+            )
+        return True
+
+    def _checkpoint(self) -> None:
+        """Rank 0 writes everything, including every rank's RNG streams."""
+        cfg, st = self.cfg, self.st
+        trainer_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "counters": dataclasses.asdict(st),
+            "rng": gather_objects(rng_state(self.gen)),  # per rank; the data order needs none
+            "world": self.env.world,
+            "data_fingerprint": self.fingerprint,
+            "config": dataclasses.asdict(cfg),
+        }
+        write = functools.partial(
+            write_checkpoint,
+            backbone=self.backbone,
+            policy=self.policy,
+            lora=cfg.lora > 0,
+            reference=self.reference if self.periodic else None,
+            trainer_state=trainer_state,
+        )
+        path = self.ckpt_root / checkpoint_name(st.step)
+        save = functools.partial(save_finite, self.params, st.step, path, write, cfg.keep_last)
+        on_rank0(self.env, save)
+
+    def _log_line(self, rec: dict) -> None:
+        if self.metrics is not None:
+            with writing(self.log):
+                self.metrics.write(json.dumps(rec) + "\n")
+                self.metrics.flush()
+        if self.tb is not None:
+            with writing(self.out / "tb"):
+                tb_write(self.tb, rec)
+
+    def _validate(self, step: int) -> None:
         """Validation images of the current policy (unwrapped: no DDP hooks; LoRA adapters
         on). Dedicated generators, global RNG restored: the training is not changed."""
         final = write_validation(
-            backbone,
-            policy,
-            val_prompts,
-            out,
-            step,
-            seed=cfg.validation_seed,
-            steps=cfg.validation_steps or None,
-            resolution=dataset.latent_shape[-1] * backbone.vae_scale_factor,
-            batch_size=cfg.batch_size,
-            autocast=autocast,
-        )
-        if tb is not None:
-            with writing(out / "tb"):
-                tb_image(tb, final / "grid.png", step)
+            self.backbone, self.policy, self.val_prompts, self.out, step,
+            seed=self.cfg.validation_seed, steps=self.cfg.validation_steps,
+            resolution=self.dataset.latent_shape[-1] * self.backbone.vae_scale_factor,
+            batch_size=self.cfg.batch_size, autocast=self.autocast,
+        )  # fmt: skip
+        if self.tb is not None:
+            with writing(self.out / "tb"):
+                tb_image(self.tb, final / "grid.png", step)
 
-    with stack:
-        while st["step"] < cfg.max_steps:
-            t0 = time.perf_counter()
-            sums = torch.zeros(1 + len(DIAG_KEYS), dtype=torch.float64)  # loss, diagnostics
-            for micro in range(cfg.grad_accum):
-                idx = batch_indices(
-                    len(dataset),
-                    seed=cfg.seed,
-                    step=st["step"],
-                    micro=micro,
-                    accum=cfg.grad_accum,
-                    rank=env.rank,
-                    world=env.world,
-                    batch=cfg.batch_size,
-                )
-                batch = collate_pairs([dataset[i] for i in idx])
-                x0_w, x0_l = batch["x0_w"].to(device), batch["x0_l"].to(device)  # (B, C, h, w)
-                t, noise_w, noise_l = draw_noise(cfg, backbone, gen, x0_w)
-                prompts, negs = drop_prompts(cfg, gen, batch["prompt"], batch["neg_prompt"])
-                conds = encode_step(
-                    backbone,
-                    prompts,
-                    negs,
-                    need_neg=cfg.uses_neg,
-                    need_uncond=cfg.target_guidance != 1.0,
-                )
-                with no_sync(ddp, sync=micro == cfg.grad_accum - 1):  # all-reduce on the last
-                    with autocast():
-                        loss_vec, diag = compute_loss(
-                            cfg,
-                            backbone,
-                            ddp,
-                            reference,
-                            x0_w,
-                            x0_l,
-                            conds,
-                            t,
-                            noise_w,
-                            noise_l,
-                            pair,
-                        )
-                    loss = loss_vec.mean()
-                    if env.is_main and st["step"] + 1 in nan_steps:  # test hook
-                        loss = loss * float("nan")
-                    scaler.scale(loss / cfg.grad_accum).backward()
-                sums[0] += loss.item()
-                for j, key in enumerate(DIAG_KEYS):
-                    if key in diag:
-                        sums[1 + j] += diag[key].double().mean().item()
-            stats = all_reduce_mean((sums / cfg.grad_accum).to(device)).cpu().tolist()
-
-            # ---- optimizer step, or a counted skip when the loss or gradient is not finite
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
-            lr = scheduler.get_last_lr()[0]
-            # fp16: an overflowing gradient is the GradScaler's business (it skips and
-            # rescales). Loss and grad norm are the same on every rank: all decide alike.
-            finite = math.isfinite(stats[0]) and (cfg.dtype == "fp16" or math.isfinite(grad_norm))
-            if finite:
-                scaler.step(optimizer)
-                scheduler.step()
-                st["opt_step"] += 1
-                st["nonfinite_run"] = 0
-                # A finite loss and gradient can still overflow the weights (a huge --lr):
-                # stop before such weights reach a checkpoint or final/.
-                if not all_finite(params):
-                    raise NonFiniteError(
-                        f"step {st['step'] + 1}: the optimizer step (lr {lr:.3g}) made the "
-                        "parameters non-finite; stopped without saving them. Lower --lr"
-                    )
-            else:
-                st["nonfinite_total"] += 1
-                st["nonfinite_run"] += 1
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            st["step"] += 1
-            bar.update(1)
-
-            rec = {"step": st["step"], "loss": stats[0], "grad_norm": grad_norm, "lr": lr}
-            if cfg.method != "sft":
-                rec.update({key: stats[1 + j] for j, key in enumerate(DIAG_KEYS)})
-            pairs = cfg.batch_size * cfg.grad_accum * env.world
-            rec["samples_per_s"] = pairs / (time.perf_counter() - t0)
-            rec["nonfinite_total"] = st["nonfinite_total"]
-            event = not finite
-            if not finite:
-                rec["skipped"] = True
-                print0(
-                    f"step {st['step']}: non-finite loss or gradient, step skipped "
-                    f"({st['nonfinite_run']} in a row, {st['nonfinite_total']} in total)"
-                )
-
-            # ---- stable reference update (Kang et al.): copy every tau steps until D > delta
-            if finite and probe is not None and rule.copy_due(st["opt_step"], st["frozen"]):
-                reference.copy_from_policy()
-                div = broadcast_float(probe(reference), device)
-                rec["ref_updated"], rec["ref_divergence"], event = True, div, True
-                if rule.freezes(div):
-                    st["frozen"] = rec["ref_frozen"] = True
-                    print0(
-                        f"step {st['step']}: reference frozen (D = {div:.4g} > {cfg.ref_delta:g})"
-                    )
-            if event or st["step"] % cfg.log_every == 0:
-                log_line(rec)
-            bar.set_postfix(loss=f"{stats[0]:.4g}", acc=f"{rec.get('implicit_acc', 0):.2f}")
-            if st["nonfinite_run"] >= cfg.max_nonfinite:
-                raise NonFiniteError(
-                    f"loss or gradient non-finite for {st['nonfinite_run']} steps in a row (up to "
-                    f"step {st['step']}); aborting. Lower --lr or --beta, use --dtype fp32, or "
-                    "check the data"
-                )
-
-            # ---- checkpoint: rank 0 writes everything, including every rank's RNG streams
-            due = cfg.ckpt_every and st["step"] % cfg.ckpt_every == 0
-            if due or st["step"] == cfg.max_steps:
-                trainer_state = {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "counters": dict(st),  # step, opt_step, frozen flag, non-finite counts
-                    "rng": gather_objects(rng_state(gen)),  # per rank; the data order needs none
-                    "world": env.world,
-                    "data_fingerprint": fingerprint,
-                    "config": dataclasses.asdict(cfg),
-                }
-                write = functools.partial(
-                    write_checkpoint,
-                    backbone=backbone,
-                    policy=policy,
-                    lora=cfg.lora > 0,
-                    reference=reference if periodic else None,
-                    trainer_state=trainer_state,
-                )
-                path = ckpt_root / checkpoint_name(st["step"])
-                on_rank0(
-                    env,
-                    functools.partial(save_finite, params, st["step"], path, write, cfg.keep_last),
-                )
-
-            # ---- validation images (rank 0; the others wait at the barrier)
-            if validation_due(st["step"], cfg.validation_every, cfg.max_steps):
-                on_rank0(env, functools.partial(validate, st["step"]))
-        bar.close()
-        digests = gather_objects(param_digest(policy))
-        log_line({"step": st["step"], "end": True, "param_sha256": digests})
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"ranks ended with different parameters: {digests}")
-
-    # ---- final weights: a full pipeline in diffusers layout, or the LoRA weights
-    def write_final():
-        if not all_finite(params):  # never reached (checked after every step): belt and braces
-            raise NonFiniteError(f"step {st['step']}: non-finite parameters; final/ not written")
-        with writing(out / "final"):
+    def _write_final(self) -> None:
+        """A full pipeline in diffusers layout, or the LoRA weights (rank 0)."""
+        cfg, final = self.cfg, self.out / "final"
+        if not all_finite(self.params):  # never reached (checked after every step)
+            raise NonFiniteError(f"step {self.st.step}: non-finite parameters; final/ not written")
+        with writing(final):
             if cfg.lora:
-                atomic_write_dir(out / "final", lambda d: save_lora(backbone, policy, d))
+                atomic_write_dir(final, lambda d: save_lora(self.backbone, self.policy, d))
             elif cfg.pretrained:  # the untouched components as given, the trained denoiser
                 atomic_write_dir(
-                    out / "final",
-                    lambda d: save_final_pipeline(backbone, policy, cfg.pretrained, d),
+                    final,
+                    lambda d: save_final_pipeline(self.backbone, self.policy, cfg.pretrained, d),
                 )
             else:
-                atomic_write_dir(out / "final", backbone.save_pretrained)
-
-    on_rank0(env, write_final)
-    print0(
-        f"done: {st['step']} steps ({st['nonfinite_total']} skipped); final weights in {out / 'final'}"
-    )
-    return out
+                atomic_write_dir(final, self.backbone.save_pretrained)
 
 
 def _usage(check) -> None:

@@ -11,9 +11,8 @@ from bench.t2i.backbones import (
     Cond,
     load_backbone,
     prompt_generator,
-    tiny_backbone,
 )
-from bench.t2i.tiny import save_tiny_pipeline
+from bench.t2i.tiny import save_tiny_pipeline, tiny_backbone
 
 PROMPTS = ["a red cat on a mat", "", "two dogs"]
 

@@ -19,7 +19,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.evaluate import load_image, main, read_prompts, render_markdown  # noqa: E402
-from bench.t2i.scorers import EvalError, mean_sem, save_tiny_clip, win_rate  # noqa: E402
+from bench.t2i.cli import UsageError  # noqa: E402
+from bench.t2i.scorers import mean_sem, win_rate  # noqa: E402
+from bench.t2i.tiny import save_tiny_clip  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LONG = "a lighthouse at dusk, oil painting, dramatic clouds, highly detailed"  # > 32 tokens
@@ -111,7 +113,7 @@ def test_read_prompts_txt_and_jsonl(tmp_path):
     jl.write_text('{"prompt": "a cat", "id": 3}\n{"prompt": "the dog"}\n')
     assert read_prompts(jl) == ["a cat", "the dog"]
     jl.write_text('{"prompt": "a cat"}\n{"caption": "the dog"}\n')
-    with pytest.raises(EvalError, match="p.jsonl:2"):
+    with pytest.raises(UsageError, match="p.jsonl:2"):
         read_prompts(jl)
 
 
@@ -295,5 +297,5 @@ def test_no_scorer_and_bad_model_spec(capsys, workspace):
 def test_load_image_names_the_file(tmp_path):
     bad = tmp_path / "00000.png"
     bad.write_bytes(b"garbage")
-    with pytest.raises(EvalError, match="00000.png"):
+    with pytest.raises(UsageError, match="00000.png"):
         load_image(bad)

@@ -14,9 +14,10 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from bench import train_t2i  # noqa: E402
 from bench.import_pairs import main  # noqa: E402
-from bench.t2i.backbones import Backbone, tiny_backbone  # noqa: E402
+from bench.t2i.backbones import Backbone  # noqa: E402
 from bench.t2i.importers import import_pickapic, load_image  # noqa: E402
 from bench.t2i.pairdata import PairDataset, shard_path  # noqa: E402
+from bench.t2i.tiny import tiny_backbone  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RES = 32  # the tiny SD backbone's resolution: latents (4, 16, 16)

@@ -3,14 +3,16 @@
     minddspo        the math: imports none of toy2d, bench, paper_figures
     toy2d           the toy: imports minddspo, never bench or paper_figures
     bench           the T2I side: imports minddspo, never toy2d or paper_figures
+                    (except the shim command bench/bench_toy.py = python -m toy2d.bench)
+    bench.t2i       the T2I library: never imports a command (a top-level bench/*.py
+                    with an ``if __name__ == "__main__"`` block)
+    bench/*.py      the commands: none imports another; none touches ``sys.path``
     paper_figures   thin commands over toy2d
 
-Inside ``bench``, a *command* is a top-level ``bench/*.py`` with an ``if __name__ ==
-"__main__"`` block. No command imports another command, no library module imports a
-command, and no module imports the tiny test models (``bench.t2i.tiny``). Where today's code
-breaks a rule the exception is listed below by name; those lists may only shrink: a new
-importer fails, and so does an entry that no longer imports (delete it from the list).
-Imports inside functions count; ``importlib``/``runpy`` strings are not seen.
+The tiny test models (``bench.t2i.tiny``) are imported by tests and on ``--tiny`` paths
+only: never at module level by a production module, and inside a function only in the
+``--tiny`` entry points of :data:`TINY_ENTRY_POINTS`. Imports inside functions count;
+``importlib``/``runpy`` strings are not seen.
 """
 
 from __future__ import annotations
@@ -24,27 +26,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("minddspo", "toy2d", "bench", "paper_figures")
 
-# Production modules that import the tiny test models today. Issue 11 wants none (tests and
-# ``--tiny`` only, never a real save); moving them is a later change, which deletes the
-# entries here. Do not add to this list.
-TINY_IMPORTERS_TO_REMOVE = [
-    "bench.t2i.backbones",  # save_components (every real final/ save) and tiny_components
-    "bench.bench_step",  # clip_tokenizer for its tiny text encoder
-    "bench.t2i.scorers",  # clip_tokenizer for the tiny CLIP scorer
-]
-
-# (importer, imported command) pairs that break "no command imports another command" or
-# "no library module imports a command" today. Issue 11 wants the shared code moved into
-# the library; each move deletes its entry here. Do not add to this list.
-COMMAND_IMPORTS_TO_REMOVE = [
-    ("bench.bench_step", "bench.make_pairs"),  # build_pairs, for its demo pairs
-    ("bench.bench_step", "bench.train_t2i"),  # compute_loss, encode_step
-    ("bench.t2i.gpu_cost", "bench.train_t2i"),  # build_optimizer
-    ("bench.train_t2i", "bench.make_pairs"),  # build_pairs, for --demo
-]
-
-# bench modules allowed to import toy2d: the shim that keeps the README's
-# ``python bench/bench_toy.py`` working (the code is ``python -m toy2d.bench``).
+#: the functions that build tiny models for ``--tiny`` (module, function); nothing else may
+TINY_ENTRY_POINTS = {
+    ("bench.t2i.backbones", "open_backbone"),  # --tiny NAME of every command
+    ("bench.evaluate", "evaluate"),  # evaluate.py --tiny: random tiny CLIP scorers
+    ("bench.bench_step", "build_backbone"),  # bench_step --sd15-config: the tiny tokenizer
+}
+#: bench modules allowed to import toy2d: the shim that keeps ``python bench/bench_toy.py``
 BENCH_TO_TOY_SHIMS = ["bench.bench_toy"]
 
 
@@ -148,24 +136,79 @@ def test_bench_imports_neither_toy2d_nor_paper_figures(path):
     assert not bad, f"{name} imports {sorted(bad)}"
 
 
-def test_no_new_importer_of_the_tiny_test_models():
-    importers = {_module_name(p) for p in FILES if any(_is_tiny(m) for m in imports_of(p))}
-    importers.discard("bench.t2i.tiny")
-    new = importers - set(TINY_IMPORTERS_TO_REMOVE)
-    assert not new, f"production modules must not import bench.t2i.tiny: {sorted(new)}"
-    gone = set(TINY_IMPORTERS_TO_REMOVE) - importers
-    assert not gone, (
-        f"no longer import bench.t2i.tiny, delete from TINY_IMPORTERS_TO_REMOVE: {gone}"
-    )
+def tiny_import_sites(path: Path) -> set[str | None]:
+    """Where ``path`` imports the tiny test models: a function name, or None (module level)."""
+    sites: set[str | None] = set()
+    name = _module_name(path)
+    package = name.split(".")[:-1]
+
+    def hits(node: ast.AST) -> bool:
+        if isinstance(node, ast.Import):
+            return any(_is_tiny(a.name) for a in node.names)
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                mod = ".".join(package[: len(package) - (node.level - 1)] + [mod])
+            return _is_tiny(mod) or any(_is_tiny(f"{mod}.{a.name}") for a in node.names)
+        return False
+
+    def walk(node: ast.AST, func: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            if hits(child):
+                sites.add(func)
+            inner = (
+                child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else func
+            )
+            walk(child, inner)
+
+    walk(_tree(path), None)
+    return sites
 
 
-def test_no_new_import_of_a_command():
-    commands = bench_commands()
-    pairs = set()
-    for p in _in("bench"):
+def test_tiny_models_only_on_tiny_paths():
+    bad = []
+    for p in FILES:
         name = _module_name(p)
-        pairs |= {(name, c) for c in commands if c != name and c in imports_of(p)}
-    new = pairs - set(COMMAND_IMPORTS_TO_REMOVE)
-    assert not new, f"a module imports a command script (move the code into a library): {new}"
-    gone = set(COMMAND_IMPORTS_TO_REMOVE) - pairs
-    assert not gone, f"no longer imported, delete from COMMAND_IMPORTS_TO_REMOVE: {gone}"
+        if name == "bench.t2i.tiny":
+            continue
+        for site in tiny_import_sites(p):
+            if site is None or (name, site) not in TINY_ENTRY_POINTS:
+                bad.append(f"{name}:{site or '<module>'}")
+    assert not bad, f"bench.t2i.tiny imported outside the --tiny entry points: {bad}"
+    seen = {(_module_name(p), s) for p in FILES for s in tiny_import_sites(p)}
+    assert TINY_ENTRY_POINTS <= seen, f"stale entries: {TINY_ENTRY_POINTS - seen}"
+
+
+def test_the_tiny_check_sees_a_module_level_import():
+    f = ROOT / "bench" / "t2i" / "backbones.py"
+    assert tiny_import_sites(f) == {"open_backbone"}
+    assert None in tiny_import_sites(ROOT / "tests" / "test_train_t2i.py")
+
+
+def test_the_library_imports_no_command():
+    commands = bench_commands()
+    bad = {
+        (_module_name(p), m)
+        for p in _in("bench")
+        if _module_name(p) not in commands
+        for m in imports_of(p)
+        if m in commands
+    }
+    assert not bad, f"a library module imports a command (move the code into bench.t2i): {bad}"
+
+
+def test_no_command_imports_another():
+    commands = bench_commands()
+    bad = {
+        (_module_name(p), m)
+        for p in _in("bench")
+        if _module_name(p) in commands
+        for m in imports_of(p)
+        if m in commands and m != _module_name(p)
+    }
+    assert not bad, f"a command imports another command: {bad}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "bench").glob("*.py")), ids=lambda p: p.name)
+def test_commands_leave_sys_path_alone(path):
+    assert "sys.path" not in path.read_text(), f"{path.name}: the installed package is the path"

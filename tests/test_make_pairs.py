@@ -10,10 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.make_pairs import _stream, build_pairs, main, partner_index
-from bench.t2i.backbones import prompt_generator, tiny_backbone
+from bench.make_pairs import main
+from bench.t2i.backbones import prompt_generator
 from bench.t2i.pairdata import PairDataset, collate_pairs, read_shard_header, shard_path
+from bench.t2i.pairs import _stream, build_pairs, partner_index
 from bench.t2i.prompts import read_prompts
+from bench.t2i.tiny import tiny_backbone
 from minddspo.perturb import random_removal
 
 PROMPTS = [

@@ -125,8 +125,8 @@ def test_toy_dspo_runs_take_their_own_beta_out(spy_method_loss):
 
 @pytest.fixture(scope="module")
 def t2i():
-    from bench.t2i.backbones import tiny_backbone
     from bench.t2i.reference import Reference
+    from bench.t2i.tiny import tiny_backbone
 
     torch.manual_seed(0)
     bb = tiny_backbone("sd", seed=0)
@@ -139,7 +139,7 @@ def t2i():
 
 
 def _t2i_inputs(bb, guidance=1.0):
-    from bench.train_t2i import encode_step
+    from bench.t2i.step import encode_step
 
     g = torch.Generator().manual_seed(3)
     shape = (2, bb.latent_channels, 8, 8)
@@ -168,7 +168,7 @@ def _t2i_inputs(bb, guidance=1.0):
 def test_trainer_step_is_a_method_table_call_on_the_right_tensors(
     spy_method_loss, t2i, method, guidance, pair, weight
 ):
-    import bench.train_t2i as tr
+    import bench.t2i.step as tr
     from bench.t2i.config import TrainConfig, resolve
     from minddspo.schedules import cfg_combine
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from bench import train_policy_pair, train_t2i
-from bench.make_pairs import build_pairs
-from bench.t2i.backbones import tiny_backbone
+from bench.t2i import step
 from bench.t2i.config import TrainConfig, UsageError, parse_args, resolve
+from bench.t2i.pairs import build_pairs
 from bench.t2i.prompts import DEMO_PROMPTS
+from bench.t2i.tiny import tiny_backbone
 from bench.t2i.weights import LORA_FILE, add_lora
 
 
@@ -57,12 +58,12 @@ def test_sft_branch_regresses_its_side_with_its_prompt(spy_method_loss, branch):
     cfg = resolve(TrainConfig(tiny=True, method="sft", sft_branch=branch))
     assert cfg.uses_neg == (branch == "loser_neg")  # the trainer encodes c- only when needed
     x0_w, x0_l, t, n_w, n_l = _inputs(bb)
-    conds = train_t2i.encode_step(
+    conds = step.encode_step(
         bb, ["a red cube", "two cats"], ["red", "cats"], need_neg=cfg.uses_neg, need_uncond=False
     )
     c, c_neg, _ = conds
-    calls = spy_method_loss(train_t2i)
-    loss, _ = train_t2i.compute_loss(cfg, bb, policy, None, x0_w, x0_l, conds, t, n_w, n_l)
+    calls = spy_method_loss(step)
+    loss, _ = step.compute_loss(cfg, bb, policy, None, x0_w, x0_l, conds, t, n_w, n_l)
     ((method, kw, out),) = calls
     assert method == "sft" and torch.equal(loss, out.loss)
     with torch.no_grad():

@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 from bench import evaluate, sample, train_t2i
-from bench.make_pairs import build_pairs
-from bench.t2i import outdir, weights
-from bench.t2i.backbones import tiny_backbone
+from bench.t2i import outdir, tiny, weights
 from bench.t2i.checkpoint import STATE_FILE, checkpoint_problem, latest_checkpoint
 from bench.t2i.config import RESUME_MAY_CHANGE, epilog
+from bench.t2i.pairs import build_pairs
 from bench.t2i.prompts import DEMO_PROMPTS
+from bench.t2i.tiny import tiny_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -218,7 +218,7 @@ def test_out_is_a_file_or_read_only(data, tmp_path, capsys, monkeypatch, command
     else:  # root ignores permission bits: fail the writability probe itself
         monkeypatch.setattr(outdir, "_probe", _read_only)
     # evaluate must refuse before scoring (scoring first would lose the work)
-    monkeypatch.setattr(evaluate, "tiny_scorer", lambda *a: pytest.fail("scored before checks"))
+    monkeypatch.setattr(tiny, "tiny_scorer", lambda *a: pytest.fail("scored before checks"))
     if command == "train":
         rc = train(data, out, "--method", "dpo", "--max-steps", "1")
     elif command == "sample":

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from bench.sample import load_checkpoint, main, parse_checkpoint, to_uint8
-from bench.t2i.backbones import prompt_generator, tiny_backbone
+from bench.t2i.backbones import prompt_generator
+from bench.t2i.tiny import tiny_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

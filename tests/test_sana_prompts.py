@@ -9,9 +9,9 @@ import torch
 from bench.t2i.backbones import (
     SANA_PROMPT_STYLES,
     official_complex_human_instruction,
-    tiny_backbone,
 )
 from bench.t2i.config import TrainConfig, UsageError, parse_args, resolve
+from bench.t2i.tiny import tiny_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

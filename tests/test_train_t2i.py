@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from bench import train_t2i
-from bench.make_pairs import build_pairs
 from bench.t2i import weights
-from bench.t2i.backbones import tiny_backbone
 from bench.t2i.checkpoint import STATE_FILE, latest_checkpoint, load_state
 from bench.t2i.pairdata import PairDataset, shard_path, write_shard
+from bench.t2i.pairs import build_pairs
 from bench.t2i.prompts import DEMO_PROMPTS
-from bench.t2i.tiny import save_tiny_pipeline, tiny_components
+from bench.t2i.step import drop_prompts
+from bench.t2i.tiny import save_tiny_pipeline, tiny_backbone, tiny_components
 from bench.t2i.weights import LORA_STATE, param_digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def test_backbones_and_options(data_for, tmp_path, backbone, flags):
         if "dspo_cpp" in flags:  # the official outside beta, DDSPO's SANA beta inside
             assert cfg["beta"] == 0.001 and cfg["beta_logit"] == 2000
         else:
-            assert cfg["beta"] == 2000 and cfg["beta_logit"] == 0
+            assert cfg["beta"] == 2000 and cfg["beta_logit"] is None
         assert cfg["lr"] == 2000 / 2.048e8  # from the logit scale
     sub = "lora" if "--lora" in flags else ("transformer" if backbone == "sana" else "unet")
     assert (latest_checkpoint(tmp_path / "checkpoints") / sub).is_dir()
@@ -452,7 +452,7 @@ def test_lora_with_alpha_not_rank_loads_at_the_trained_scale(data, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from bench.sample import load_checkpoint
-    from bench.t2i.backbones import tiny_backbone
+    from bench.t2i.tiny import tiny_backbone
     from bench.t2i.weights import add_lora
 
     flags = ("--method", "dpo", "--lora", "4", "--lora-alpha", "16", "--max-steps", "3")
@@ -517,8 +517,8 @@ def test_proportion_empty_prompts_drops_whole_pairs_reproducibly():
 
     cfg = resolve(TrainConfig(tiny=True, proportion_empty_prompts=0.5))
     prompts, negs = [f"prompt {i}" for i in range(400)], [f"neg {i}" for i in range(400)]
-    p1, n1 = train_t2i.drop_prompts(cfg, torch.Generator().manual_seed(0), prompts, negs)
-    p2, _ = train_t2i.drop_prompts(cfg, torch.Generator().manual_seed(0), prompts, negs)
+    p1, n1 = drop_prompts(cfg, torch.Generator().manual_seed(0), prompts, negs)
+    p2, _ = drop_prompts(cfg, torch.Generator().manual_seed(0), prompts, negs)
     assert p1 == p2  # from the rank's generator: reproducible, and resumable
     dropped = [i for i, p in enumerate(p1) if p == ""]
     assert dropped == [i for i, n in enumerate(n1) if n == ""]  # prompt and c- together
@@ -528,7 +528,7 @@ def test_proportion_empty_prompts_drops_whole_pairs_reproducibly():
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
     none = resolve(TrainConfig(tiny=True))
-    assert train_t2i.drop_prompts(none, g, prompts, negs) == (prompts, negs)
+    assert drop_prompts(none, g, prompts, negs) == (prompts, negs)
     assert torch.equal(g.get_state(), state)
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(UsageError, match="proportion-empty-prompts"):

@@ -12,12 +12,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bench import train_t2i
-from bench.make_pairs import build_pairs
 from bench.sample import sample_models
 from bench.t2i import validation
-from bench.t2i.backbones import tiny_backbone
 from bench.t2i.config import TrainConfig, resolve, resume_mismatches
+from bench.t2i.pairs import build_pairs
 from bench.t2i.prompts import DEMO_PROMPTS
+from bench.t2i.tiny import tiny_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -202,8 +202,14 @@ def test_tensorboard_real_writer(data, tmp_path):
 @pytest.mark.parametrize(
     "flags, msg",
     [
-        (("--validation-every", "-1"), "--validation-every and --validation-steps must be >= 0"),
-        (("--validation-steps", "-2"), "--validation-every and --validation-steps must be >= 0"),
+        (
+            ("--validation-every", "-1"),
+            "--validation-every must be >= 0 and --validation-steps >= 1",
+        ),
+        (
+            ("--validation-steps", "-2"),
+            "--validation-every must be >= 0 and --validation-steps >= 1",
+        ),
         (("--validation-every", "2", "--validation-prompts", "nope.txt"), "prompts file not found"),
     ],
 )

@@ -40,7 +40,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning Adam steps")
     p.add_argument("--batch", type=int, default=d.batch, help="preference pairs per step")
     p.add_argument("--lr", type=float, default=d.lr, help="lr at beta = 400 (see --lr-rule)")
-    p.add_argument("--lr-rule", choices=("scaled", "constant"), default=d.lr_rule)
+    p.add_argument("--lr-rule", choices=("scaled", "constant"), default=d.lr_rule,
+                   help="scaled: lr x beta / 400 (the paper's lr ∝ beta); constant: --lr")  # fmt: skip
     p.add_argument(
         "--beta-out",
         type=float,
@@ -50,11 +51,16 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--pairs", choices=PAIR_SOURCES, default=d.pairs, help="preference data source")
     p.add_argument("--n-eval", type=int, default=256, help="evaluation samples per class")
-    p.add_argument("--ref-update", choices=REF_UPDATES, default=s.ref_update)
-    p.add_argument("--ref-tau", type=int, default=s.ref_tau)
-    p.add_argument("--ref-delta", type=float, default=s.ref_delta)
-    p.add_argument("--timestep-sampler", choices=TS_SAMPLERS, default=s.timestep_sampler)
-    p.add_argument("--timestep-weight", choices=WEIGHTS, default=s.timestep_weight)
+    p.add_argument("--ref-update", choices=REF_UPDATES, default=s.ref_update,
+                   help="frozen reference, or periodic copies (Kang et al.)")  # fmt: skip
+    p.add_argument("--ref-tau", type=int, default=s.ref_tau,
+                   help="periodic: copy the policy into the reference every tau steps")  # fmt: skip
+    p.add_argument("--ref-delta", type=float, default=s.ref_delta,
+                   help="periodic: freeze once the divergence estimate exceeds delta")  # fmt: skip
+    p.add_argument("--timestep-sampler", choices=TS_SAMPLERS, default=s.timestep_sampler,
+                   help="training timestep distribution")  # fmt: skip
+    p.add_argument("--timestep-weight", choices=WEIGHTS, default=s.timestep_weight,
+                   help="none, lambda (logit weight) or linear (loss weight)")  # fmt: skip
 
 
 def check_training_args(args: argparse.Namespace) -> None:

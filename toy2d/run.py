@@ -41,10 +41,10 @@ PROG = "python -m toy2d.run"
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=METHODS, help="training method")
     p.add_argument("--n-pairs", type=int, default=12, help="preference pairs per class (N)")
-    p.add_argument("--beta", type=float, default=400.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--beta", type=float, default=400.0, help="beta (the logit scale)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, reference and run")
     p.add_argument(
         "--out", type=Path, default=None, help="default: runs/toy2d/<method>_N<n>_b<beta>_s<seed>"
     )

@@ -86,7 +86,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="recompute every seed, even those finished under OUT/cells by the same config",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_training_args(p)
     return p.parse_args(argv)
 

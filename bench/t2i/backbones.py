@@ -30,14 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from minddspo.sampling import ddim_sample, ddpm_sample, flow_sample, guided
+from minddspo.process import DDPMProcess, DiffusionProcess, FlowProcess
+from minddspo.sampling import guided
 from minddspo.schedules import DDPMSchedule, FlowSchedule, ddpm_schedule
-from minddspo.timesteps import (
-    flow_lambda,
-    sample_flow_u,
-    sample_timesteps,
-    timestep_weight,
-)
 
 BACKBONES = ("sd", "sdxl", "sana")
 SANA_PROMPT_STYLES = ("official", "plain")  # SanaBackbone.prompt_style
@@ -128,6 +123,7 @@ class Backbone:
     """Base adapter. Subclasses set the class attributes and the text/denoiser glue."""
 
     name: str = ""
+    pipeline_class: str = ""  # the diffusers pipeline this backbone loads and saves as
     denoiser_subfolder: str = "unet"
     default_guidance: float = 7.5
     default_steps: int = 25
@@ -148,32 +144,41 @@ class Backbone:
             components[key].eval().requires_grad_(False)
         self.scheduler = components["scheduler"]
         self.scheduler_config = dict(self.scheduler.config)
-        self._setup_schedule(prediction_type)
+        self.process = self._make_process(prediction_type)
+        self.schedule = self.process.schedule  # DDPMSchedule or FlowSchedule
+        self.prediction_type = self.process.prediction_type
         self.latent_channels = int(self.denoiser.config.in_channels)
         self.vae_scale_factor = self._vae_scale_factor()
         self.default_resolution = int(self.denoiser.config.sample_size) * self.vae_scale_factor
         self._uncond_cache: dict[tuple, Cond] = {}
 
     # --- construction helpers
-    def _setup_schedule(self, prediction_type: str | None) -> None:
+    def _make_process(self, prediction_type: str | None) -> DiffusionProcess:
+        """The DDPM process of the scheduler config (SD, SDXL); flow backbones override."""
         cfg = self.scheduler_config
         pt = prediction_type or cfg.get("prediction_type") or "epsilon"
         if pt not in ("epsilon", "v_prediction"):
             raise ValueError(
                 f"{self.name}: prediction_type must be epsilon or v_prediction, got {pt!r}"
             )
-        self.prediction_type = pt
         if cfg.get("trained_betas") is not None:
             betas = torch.as_tensor(cfg["trained_betas"], dtype=torch.float64)
-            self.schedule = DDPMSchedule(betas, torch.cumprod(1 - betas, 0))
+            schedule = DDPMSchedule(betas, torch.cumprod(1 - betas, 0))
         else:
-            self.schedule = ddpm_schedule(
+            schedule = ddpm_schedule(
                 num_train_timesteps=cfg.get("num_train_timesteps", 1000),
                 beta_schedule=cfg.get("beta_schedule", "scaled_linear"),
                 beta_start=cfg.get("beta_start", 0.00085),
                 beta_end=cfg.get("beta_end", 0.012),
                 rescale_betas_zero_snr=cfg.get("rescale_betas_zero_snr", False),
             )
+        return DDPMProcess(
+            schedule,
+            prediction_type=pt,
+            spacing=cfg.get("timestep_spacing", "leading"),
+            steps_offset=cfg.get("steps_offset", 1),
+            set_alpha_to_one=cfg.get("set_alpha_to_one", False),
+        )
 
     def _vae_scale_factor(self) -> int:
         cfg = self.vae.config
@@ -243,11 +248,11 @@ class Backbone:
 
     def noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """Forward process ``x_t`` for network timesteps ``t``."""
-        return self.schedule.add_noise(x0, noise, t)
+        return self.process.add_noise(x0, noise, t)
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """Regression target of the denoiser (eps or v)."""
-        return self.schedule.target(x0, noise, t, self.prediction_type)
+        """Regression target of the denoiser (eps, v or the flow velocity)."""
+        return self.process.target(x0, noise, t)
 
     def sample_t(
         self,
@@ -256,12 +261,12 @@ class Backbone:
         sampler: str = "uniform",
         gamma: float = 0.9,
     ) -> Tensor:
-        """Training timesteps ``(batch,)`` from ``minddspo.timesteps`` (on the generator's device)."""
-        return sample_timesteps(sampler, batch, self.num_train_timesteps, generator, gamma=gamma)
+        """Training timesteps ``(batch,)`` (on the generator's device)."""
+        return self.process.sample_t(batch, generator, sampler, gamma)
 
     def t_weight(self, kind: str, t: Tensor) -> Tensor | None:
         """Per-sample weights ``(B,)`` for ``kind`` in none/lambda/linear (Kang et al. 2025)."""
-        return timestep_weight(kind, t, self.num_train_timesteps, snr=self.schedule.snr())
+        return self.process.weight(kind, t)
 
     # --- VAE
     def _vae_in(self, x: Tensor) -> Tensor:
@@ -355,42 +360,20 @@ class Backbone:
         return cond
 
     def _sample(self, denoise, x, steps, progress, sampler, generator) -> Tensor:
-        cfg = self.scheduler_config
+        gen = None
         if sampler == "ddpm":
             # Step noise comes from one generator on x's device, seeded by a draw from the
             # (first) given generator: deterministic per batch, not per prompt.
             first = generator[0] if isinstance(generator, Sequence) else generator
             seed = int(torch.randint(0, 2**62, (1,), generator=first))
             gen = torch.Generator(x.device).manual_seed(seed)
-            return ddpm_sample(
-                denoise,
-                x,
-                self.schedule,
-                steps,
-                prediction_type=self.prediction_type,
-                spacing=cfg.get("timestep_spacing", "leading"),
-                generator=gen,
-                progress=progress,
-            )
-        if sampler != "ddim":
-            raise ValueError(f"sampler must be ddim or ddpm for {self.name}, got {sampler!r}")
-        return ddim_sample(
-            denoise,
-            x,
-            self.schedule,
-            steps,
-            prediction_type=self.prediction_type,
-            spacing=cfg.get("timestep_spacing", "leading"),
-            steps_offset=cfg.get("steps_offset", 1),
-            set_alpha_to_one=cfg.get("set_alpha_to_one", False),
-            progress=progress,
+        return self.process.sample(
+            denoise, x, steps, sampler=sampler, generator=gen, progress=progress
         )
 
     # --- files
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write the full pipeline in diffusers layout (``model_index.json`` + subfolders)."""
-        from bench.t2i.tiny import save_components
-
         return save_components(self.name, self.components, out_dir, self.pipeline_config)
 
     def load_denoiser(self, path: str | Path) -> torch.nn.Module:
@@ -408,6 +391,7 @@ class SDBackbone(Backbone):
     """Stable Diffusion 1.x/2.x: one CLIP text encoder, epsilon or v-prediction UNet."""
 
     name = "sd"
+    pipeline_class = "StableDiffusionPipeline"
     default_guidance = 7.5
     default_steps = 25
 
@@ -432,6 +416,7 @@ class SDXLBackbone(Backbone):
     second) and the micro-conditioning ``time_ids = (H, W, 0, 0, H, W)`` per sample."""
 
     name = "sdxl"
+    pipeline_class = "StableDiffusionXLPipeline"
     default_guidance = 5.0
     default_steps = 25
     text_keys = ("text_encoder", "text_encoder_2")
@@ -506,6 +491,7 @@ class SanaBackbone(Backbone):
     """
 
     name = "sana"
+    pipeline_class = "SanaPipeline"
     denoiser_subfolder = "transformer"
     default_guidance = 4.5
     default_steps = 20
@@ -513,7 +499,7 @@ class SanaBackbone(Backbone):
     #: the "official" style's prefix lines; None = :func:`official_complex_human_instruction`
     complex_human_instruction: tuple[str, ...] | None = None
 
-    def _setup_schedule(self, prediction_type):
+    def _make_process(self, prediction_type):
         if prediction_type not in (None, "flow"):
             raise ValueError(
                 f"sana is a flow model; prediction_type {prediction_type!r} is invalid"
@@ -521,11 +507,9 @@ class SanaBackbone(Backbone):
         cfg = self.scheduler_config
         # FlowMatchEulerDiscreteScheduler calls it ``shift``; SANA's DPM-Solver config ``flow_shift``
         shift = cfg.get("shift") if "shift" in cfg else cfg.get("flow_shift", 1.0)
-        self.prediction_type = "flow"
-        self.schedule = FlowSchedule(
-            shift=float(shift or 1.0), num_train_timesteps=int(cfg.get("num_train_timesteps", 1000))
-        )
+        T = int(cfg.get("num_train_timesteps", 1000))
         self.max_sequence_length = min(300, int(self.components["tokenizer"].model_max_length))
+        return FlowProcess(FlowSchedule(shift=float(shift or 1.0), num_train_timesteps=T))
 
     def _encode(self, prompts: list[str]) -> Cond:
         if self.prompt_style not in SANA_PROMPT_STYLES:
@@ -600,31 +584,6 @@ class SanaBackbone(Backbone):
             out = out[:, : x_t.shape[1]]
         return out
 
-    def _sigma(self, t: Tensor) -> Tensor:
-        return t.float() / self.num_train_timesteps
-
-    def noise(self, x0, noise, t):
-        return self.schedule.add_noise(x0, noise, self._sigma(t).to(x0.device))
-
-    def target(self, x0, noise, t):
-        return self.schedule.velocity(x0, noise)
-
-    def sample_t(self, batch, generator, sampler="uniform", gamma=0.9):
-        """``sigma * T`` (float32) with ``sigma`` the shifted draw of ``u`` (uniform grid,
-        geometric or logit-normal; see ``minddspo.timesteps.sample_flow_u``)."""
-        T = self.num_train_timesteps
-        u = sample_flow_u(sampler, batch, generator, T=T, gamma=gamma)
-        return self.schedule.timestep(self.schedule.train_sigmas(u)).float()
-
-    def t_weight(self, kind, t):
-        if kind == "none":
-            return None
-        if kind == "lambda":
-            return flow_lambda(self._sigma(t), self.num_train_timesteps).to(t.device)
-        if kind == "linear":
-            return self._sigma(t)
-        raise ValueError(f"timestep weight must be one of none/lambda/linear, got {kind!r}")
-
     @torch.no_grad()
     def encode_images(self, images):
         z = self.vae.encode(self._vae_in(images)).latent
@@ -634,11 +593,6 @@ class SanaBackbone(Backbone):
     def decode_latents(self, latents):
         x = self.vae.decode(self._vae_in(latents / self.vae.config.scaling_factor)).sample
         return x.float().clamp(-1, 1)
-
-    def _sample(self, denoise, x, steps, progress, sampler, generator):
-        if sampler not in ("ddim", "euler", "flow"):
-            raise ValueError(f"sana samples with the flow Euler sampler, got {sampler!r}")
-        return flow_sample(denoise, x, self.schedule, steps, progress=progress)
 
 
 ADAPTERS: dict[str, type[Backbone]] = {"sd": SDBackbone, "sdxl": SDXLBackbone, "sana": SanaBackbone}
@@ -733,15 +687,57 @@ def load_backbone(
     return adapter(components, prediction_type=prediction_type, pipeline_config=extra)
 
 
-def tiny_backbone(name: str, seed: int = 0, prediction_type: str | None = None) -> Backbone:
-    """A backbone of tiny random models built from configs (:mod:`bench.t2i.tiny`), CPU-fast."""
-    from bench.t2i.tiny import tiny_components
+def model_index(name: str, components: dict[str, Any], extra: dict | None = None) -> dict:
+    """A diffusers ``model_index.json`` dict for ``components`` (library, class per entry)."""
+    import diffusers
 
-    if name not in ADAPTERS:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
-    extra = {"force_zeros_for_empty_prompt": True} if name == "sdxl" else {}
-    return ADAPTERS[name](
-        tiny_components(name, seed, prediction_type),
-        prediction_type=prediction_type,
-        pipeline_config=extra,
+    index: dict[str, Any] = {
+        "_class_name": ADAPTERS[name].pipeline_class,
+        "_diffusers_version": diffusers.__version__,
+    }
+    for key, obj in sorted(components.items()):
+        lib = type(obj).__module__.split(".")[0]
+        index[key] = [lib, type(obj).__name__]
+    if name == "sd":
+        index.update(
+            safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None]
+        )
+        index["requires_safety_checker"] = False
+    if name == "sdxl":
+        index.update(image_encoder=[None, None], feature_extractor=[None, None])
+        index["force_zeros_for_empty_prompt"] = True
+    index.update(extra or {})
+    return index
+
+
+def save_components(
+    name: str, components: dict[str, Any], out_dir: str | Path, extra: dict | None = None
+) -> Path:
+    """Write ``components`` as a diffusers pipeline directory (``model_index.json`` + subfolders)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for key, obj in components.items():
+        obj.save_pretrained(out / key)
+    (out / "model_index.json").write_text(
+        json.dumps(model_index(name, components, extra), indent=2) + "\n"
     )
+    return out
+
+
+def open_backbone(
+    pretrained: str | Path | None = None,
+    tiny: str | None = None,
+    *,
+    backbone: str | None = None,
+    prediction_type: str | None = None,
+    seed: int = 0,
+) -> Backbone:
+    """The backbone a command runs on: ``--tiny NAME`` (random tiny models built from configs,
+    :mod:`bench.t2i.tiny`, imported only here and only then) or ``--pretrained DIR``."""
+    if tiny:
+        from bench.t2i.tiny import tiny_backbone
+
+        return tiny_backbone(tiny, seed=seed, prediction_type=prediction_type)
+    if not pretrained:
+        raise ValueError("give --pretrained DIR (a local diffusers pipeline) or --tiny NAME")
+    return load_backbone(pretrained, backbone, prediction_type)

@@ -9,19 +9,16 @@ with the one saved in a checkpoint: only the fields in :data:`RESUME_MAY_CHANGE`
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
-import re
 import textwrap
-import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from bench.t2i.cli import DTYPES, UsageError, dtype_name, flag, opt, parse
 from bench.t2i.outdir import write_text_atomic
 from minddspo.methods import CPP_METHODS, METHODS, SCORE_MATCHING_METHODS, method_spec
 from minddspo.refupdate import REF_UPDATES
@@ -30,7 +27,6 @@ from minddspo.timesteps import SAMPLERS, WEIGHTS
 BACKBONES = ("sd", "sdxl", "sana")
 SANA_PROMPT_STYLES = ("official", "plain")  # bench.t2i.backbones.SanaBackbone.prompt_style
 OPTIMIZERS = ("adamw", "adafactor")
-DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 SFT_BRANCHES = ("winner", "loser", "loser_neg")  # sft: which side of each pair is regressed
 LR_PER_BETA = 1 / 2.048e8  # DDSPO App. E, after Diffusion-DPO: lr = beta / 2.048e8
@@ -67,10 +63,10 @@ _PATH_FIELDS = ("data", "pretrained", "winner_policy", "loser_policy")  # compar
 FLOAT32_MAX = 3.4028234663852886e38  # a larger lr overflows the optimizer's float32 math
 #: allowed ranges of the float fields (all must also be finite)
 _RANGES = {
-    "beta": (lambda v: v >= 0, ">= 0 (0 = the method's default)"),
-    "beta_logit": (lambda v: v >= 0, ">= 0 (0 = the default)"),
-    "lr": (lambda v: v >= 0, ">= 0 (0 = the default)"),
-    "lora_alpha": (lambda v: v >= 0, ">= 0 (0 = the rank)"),
+    "beta": (lambda v: v > 0, "> 0 (leave it unset for the method's default)"),
+    "beta_logit": (lambda v: v > 0, "> 0 (leave it unset for the default)"),
+    "lr": (lambda v: v > 0, "> 0 (leave it unset for the default)"),
+    "lora_alpha": (lambda v: v > 0, "> 0 (leave it unset for the rank)"),
     "timestep_gamma": (lambda v: v > 0, "> 0"),
     "ref_delta": (lambda v: v > 0, "> 0"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
@@ -81,81 +77,143 @@ _RANGES = {
 }
 
 
-class UsageError(ValueError):
-    """Bad input from the user: reported as one ``error:`` line and exit code 2."""
-
-
 @dataclass
 class TrainConfig:
     # --- run
-    out: str = "runs/t2i"  # run directory: config.json, metrics.jsonl, checkpoints/, final/
-    resume: str = ""  # checkpoint dir to continue from, or "latest" (newest in OUT/checkpoints)
-    seed: int = 0  # rank r of world w seeds its noise with seed * w + r
+    out: str = opt("runs/t2i", "run directory: config.json, metrics.jsonl, checkpoints/, final/")
+    resume: str | None = opt(
+        None,
+        'checkpoint dir to continue from, or "latest" (newest in OUT/checkpoints)',
+    )
+    seed: int = opt(0, "rank r of world w seeds its noise with seed * w + r")
     # --- model
-    tiny: bool = False  # tiny random backbone built from configs (CPU-fast); no weights needed
-    backbone: str = ""  # sd | sdxl | sana; "" = "sd" with --tiny, auto-detected with --pretrained
-    pretrained: str = ""  # local diffusers pipeline dir (model_index.json + subfolders)
-    prediction_type: str = ""  # override the scheduler's: epsilon | v_prediction ("" = as saved)
-    sana_prompt_style: str = "official"  # sana: official = the pipeline's text preprocessing + complex-human-instruction prefix (SanaPipeline.encode_prompt), as the official DDSPO SANA trainer | plain = the raw prompt
-    lora: int = 0  # LoRA rank on the denoiser's attention projections; 0 = full fine-tune
-    lora_alpha: float = 0.0  # LoRA alpha; 0 = same as the rank
-    gradient_checkpointing: bool = False  # trade compute for activation memory
+    tiny: bool = opt(False, "tiny random backbone built from configs (CPU-fast); no weights needed")
+    backbone: str | None = opt(
+        None,
+        'sd | sdxl | sana; unset: "sd" with --tiny, auto-detected with --pretrained',
+    )
+    pretrained: str | None = opt(
+        None,
+        "local diffusers pipeline dir (model_index.json + subfolders)",
+    )
+    prediction_type: str | None = opt(
+        None,
+        "override the scheduler's: epsilon | v_prediction (unset: as saved)",
+    )
+    sana_prompt_style: str = opt(
+        "official",
+        "sana: official = the pipeline's text preprocessing + complex-human-instruction prefix (SanaPipeline.encode_prompt), as the official DDSPO SANA trainer | plain = the raw prompt",
+    )
+    lora: int = opt(0, "LoRA rank on the denoiser's attention projections; 0 = full fine-tune")
+    lora_alpha: float | None = opt(None, "LoRA alpha; unset: same as the rank")
+    gradient_checkpointing: bool = opt(False, "trade compute for activation memory")
     # --- method (SPEC §2-§4)
-    method: str = "ddspo"  # sft | dpo | dspo | dspo_cpp | ddspo
-    sft_branch: str = "winner"  # sft: winner (x0_w, c) | loser (x0_l, c: DD-CPP's losing model, as the official code) | loser_neg (x0_l, c-)
-    beta: float = 0.0  # 0 = default: dpo 8000, ddspo 16000 (8000 with a policy pair; 2000 on sana); dspo/dspo_cpp: the OUTSIDE beta, official scale, 0.001
-    beta_logit: float = 0.0  # dspo/dspo_cpp: beta inside the sigmoid; 0 = dpo's default beta for dspo, ddspo's for dspo_cpp (8000 with a policy pair)
-    target_guidance: float = 1.0  # ddspo/dspo_cpp: CFG-combined reference targets with scale W (a variant the official DDSPO code removed as 'not DDSPO'; SPEC §2)
-    winner_policy: str = (
-        ""  # ddspo/dspo_cpp: denoiser dir or LoRA output (final/) giving y_w = f_win(x_t^w, c)
+    method: str = opt("ddspo", "sft | dpo | dspo | dspo_cpp | ddspo")
+    sft_branch: str = opt(
+        "winner",
+        "sft: winner (x0_w, c) | loser (x0_l, c: DD-CPP's losing model, as the official code) | loser_neg (x0_l, c-)",
     )
-    loser_policy: str = (
-        ""  # ddspo/dspo_cpp: denoiser dir or LoRA output (final/) giving y_l = f_lose(x_t^l, c)
+    beta: float | None = opt(
+        None,
+        "unset: the method's default: dpo 8000, ddspo 16000 (8000 with a policy pair; 2000 on sana); dspo/dspo_cpp: the OUTSIDE beta, official scale, 0.001",
     )
-    independent_noise: bool = False  # draw separate forward noise for the loser branch
-    proportion_empty_prompts: float = 0.0  # share of pairs trained on the empty prompt (Diffusion-DPO/DSPO use 0.2; DDSPO's official code 0)
-    timestep_sampler: str = ""  # uniform | geometric | logit_normal; "" = uniform (official DDSPO and paper, also on sana)
-    timestep_gamma: float = (
-        0.9  # geometric sampler: decay per 1 percent of the schedule, P(t) ∝ gamma^(100 (T-1-t)/T)
+    beta_logit: float | None = opt(
+        None,
+        "dspo/dspo_cpp: beta inside the sigmoid; unset: dpo's default beta for dspo, ddspo's for dspo_cpp (8000 with a policy pair)",
     )
-    timestep_weight: str = "none"  # none | lambda (logit weight) | linear (loss weight)
-    ref_update: str = "frozen"  # frozen | periodic (Kang et al. stable reference update)
-    ref_tau: int = 32  # periodic: copy the policy into the reference every tau optimizer steps
-    ref_delta: float = 0.005  # periodic: freeze once the divergence estimate exceeds delta
-    ref_probe: int = 4  # periodic: fixed winner samples for the divergence estimate
+    target_guidance: float = opt(
+        1.0,
+        "ddspo/dspo_cpp: CFG-combined reference targets with scale W (a variant the official DDSPO code removed as 'not DDSPO'; SPEC §2)",
+    )
+    winner_policy: str | None = opt(
+        None,
+        "ddspo/dspo_cpp: denoiser dir or LoRA output (final/) giving y_w = f_win(x_t^w, c)",
+    )
+    loser_policy: str | None = opt(
+        None,
+        "ddspo/dspo_cpp: denoiser dir or LoRA output (final/) giving y_l = f_lose(x_t^l, c)",
+    )
+    independent_noise: bool = opt(False, "draw separate forward noise for the loser branch")
+    proportion_empty_prompts: float = opt(
+        0.0,
+        "share of pairs trained on the empty prompt (Diffusion-DPO/DSPO use 0.2; DDSPO's official code 0)",
+    )
+    timestep_sampler: str | None = opt(
+        None,
+        "uniform | geometric | logit_normal; unset: uniform (official DDSPO and paper, also on sana)",
+    )
+    timestep_gamma: float = opt(
+        0.9,
+        "geometric sampler: decay per 1 percent of the schedule, P(t) ∝ gamma^(100 (T-1-t)/T)",
+    )
+    timestep_weight: str = opt("none", "none | lambda (logit weight) | linear (loss weight)")
+    ref_update: str = opt("frozen", "frozen | periodic (Kang et al. stable reference update)")
+    ref_tau: int = opt(32, "periodic: copy the policy into the reference every tau optimizer steps")
+    ref_delta: float = opt(0.005, "periodic: freeze once the divergence estimate exceeds delta")
+    ref_probe: int = opt(4, "periodic: fixed winner samples for the divergence estimate")
     # --- data
-    data: str = ""  # pair dataset dir (bench/make_pairs.py); "" with --tiny builds OUT/data
-    tiny_pairs: int = 16  # --tiny without --data: number of pairs to build
-    batch_size: int = 2  # pairs per rank per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step (no_sync on all but the last)
-    # --- optimisation
-    max_steps: int = 100  # optimizer steps (skipped non-finite steps count too)
-    optimizer: str = "adamw"  # adamw | adafactor
-    lr: float = (
-        0.0  # 0 = beta / 2.048e8 (DDSPO App. E; dspo/dspo_cpp: beta_logit / 2.048e8), 1e-5 for sft
+    data: str | None = opt(
+        None,
+        "pair dataset dir (bench/make_pairs.py); unset with --tiny: built into OUT/data",
     )
-    warmup_steps: int = 0  # linear warmup; the paper uses 100 on SD/SDXL, 0 on SANA
-    weight_decay: float = 0.01  # AdamW decoupled weight decay
-    adam_beta1: float = 0.9  # AdamW beta1
-    adam_beta2: float = 0.999  # AdamW beta2
-    adam_eps: float = 1e-8  # AdamW epsilon
-    max_grad_norm: float = 1.0  # clip the global grad norm; 0 = no clipping (norm still logged)
+    tiny_pairs: int = opt(16, "--tiny without --data: number of pairs to build")
+    batch_size: int = opt(2, "pairs per rank per micro-step")
+    grad_accum: int = opt(1, "micro-steps per optimizer step (no_sync on all but the last)")
+    # --- optimisation
+    max_steps: int = opt(100, "optimizer steps (skipped non-finite steps count too)")
+    optimizer: str = opt("adamw", "adamw | adafactor")
+    lr: float | None = opt(
+        None,
+        "unset: beta / 2.048e8 (DDSPO App. E; dspo/dspo_cpp: beta_logit / 2.048e8), 1e-5 for sft",
+    )
+    warmup_steps: int = opt(0, "linear warmup; the paper uses 100 on SD/SDXL, 0 on SANA")
+    weight_decay: float = opt(0.01, "AdamW decoupled weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float = opt(
+        1.0,
+        "clip the global grad norm; 0 = no clipping (norm still logged)",
+    )
     # --- precision and device
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "fp32"  # fp32 | bf16 | fp16 autocast compute dtype; the loss is always fp32
+    device: str = opt("auto", "auto | cpu | cuda")
+    dtype: str = opt(
+        "fp32",
+        "autocast compute dtype (float32/bfloat16/float16 accepted); the loss is always fp32",
+        choices=tuple(DTYPES),
+        parse=dtype_name,
+    )
     # --- logging, checkpoints, faults
-    log_every: int = 1  # write a metrics.jsonl line every n steps
-    ckpt_every: int = 0  # checkpoint every n steps (0 = only at the end)
-    keep_last: int = 2  # keep the newest k checkpoints
-    max_nonfinite: int = 5  # abort after this many non-finite steps in a row
-    progress: bool = True  # tqdm bar on rank 0
-    tensorboard: bool = False  # also write the metrics to OUT/tb/ (needs the tensorboard package)
+    log_every: int = opt(1, "write a metrics.jsonl line every n steps")
+    ckpt_every: int = opt(0, "checkpoint every n steps (0 = only at the end)")
+    keep_last: int = opt(2, "keep the newest k checkpoints")
+    max_nonfinite: int = opt(5, "abort after this many non-finite steps in a row")
+    progress: bool = opt(True, "tqdm bar on rank 0")
+    tensorboard: bool = opt(
+        False,
+        "also write the metrics to OUT/tb/ (needs the tensorboard package)",
+    )
     # --- validation images (rank 0; never changes what is trained)
-    validation_prompts: str = ""  # .txt/.jsonl prompts file; "" with --tiny: 4 demo prompts
-    validation_every: int = 0  # every n steps into OUT/samples/step-K/, and at the end; 0 = off
-    validation_steps: int = 0  # sampler steps for validation images (0 = the backbone's default)
-    validation_seed: int = 0  # prompt i starts from the noise of (seed, i), as in bench/sample.py
-    debug_nan_steps: str = ""  # test hook: comma-separated steps whose loss is made NaN on rank 0
+    validation_prompts: str | None = opt(
+        None,
+        ".txt/.jsonl prompts file; unset with --tiny: 4 demo prompts",
+    )
+    validation_every: int = opt(
+        0,
+        "every n steps into OUT/samples/step-K/, and at the end; 0 = off",
+    )
+    validation_steps: int | None = opt(
+        None,
+        "sampler steps for validation images (unset: the backbone's default)",
+    )
+    validation_seed: int = opt(
+        0,
+        "prompt i starts from the noise of (seed, i), as in bench/sample.py",
+    )
+    debug_nan_steps: str | None = opt(
+        None,
+        "test hook: comma-separated steps whose loss is made NaN on rank 0",
+    )
 
     @property
     def uses_neg(self) -> bool:
@@ -169,27 +227,12 @@ class TrainConfig:
         return bool(self.winner_policy or self.loser_policy)
 
     def nan_steps(self) -> set[int]:
-        return {int(s) for s in self.debug_nan_steps.split(",") if s.strip()}
-
-
-def _field_type(f: dataclasses.Field) -> type:
-    hints = typing.get_type_hints(TrainConfig)
-    return hints[f.name]
-
-
-def _field_help() -> dict[str, str]:
-    """The trailing comment of each field is its ``--help`` text (one source of truth)."""
-    src = inspect.getsource(TrainConfig)
-    return {m[1]: m[2] for m in re.finditer(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.+)$", src, re.M)}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+        return {int(s) for s in (self.debug_nan_steps or "").split(",") if s.strip()}
 
 
 def epilog() -> str:
     """The ``--help`` text after the flags: run directory, resume rules, exit codes."""
-    may = ", ".join(_flag(n) for n in RESUME_MAY_CHANGE)
+    may = ", ".join(flag(n) for n in RESUME_MAY_CHANGE)
     paragraphs = [
         "--out must not hold a run (config.json, metrics.jsonl, checkpoints/, final/) unless "
         "--resume is given.",
@@ -206,63 +249,17 @@ def epilog() -> str:
     return "\n\n".join(wrap(p) for p in paragraphs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Flags over ``--config`` over defaults; then :func:`resolve`. Raises :class:`UsageError`."""
+    cfg = parse(
+        TrainConfig,
+        argv,
         prog="train_t2i.py",
         description="Preference fine-tuning of text-to-image diffusion models "
         "(sft, dpo, dspo, dspo_cpp, ddspo).",
         epilog=epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the epilog's paragraphs
     )
-    p.add_argument("--config", default="", help="JSON file of field values (flags override it)")
-    helps = _field_help()
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _field_type(f)
-        text = f"{helps.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            p.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=text)
-    return p
-
-
-def load_json(path: str) -> dict:
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UsageError(f"--config file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--config {path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"--config {path} must hold a JSON object")
-    known = {f.name: f for f in fields(TrainConfig)}
-    out = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise UsageError(f"--config {path}: unknown field {key!r}")
-        kind = _field_type(known[name])
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise UsageError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
-        out[name] = value
-    return out
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Flags over ``--config`` over defaults; then :func:`resolve`. Raises :class:`UsageError`."""
-    parser = build_parser()
-
-    def _error(message: str):  # argparse would exit; we want one line and exit code 2 upstream
-        raise UsageError(message)
-
-    parser.error = _error  # type: ignore[method-assign]
-    ns = parser.parse_args(argv)
-    values = load_json(ns.config) if ns.config else {}
-    values.update({k: v for k, v in vars(ns).items() if k != "config" and v is not None})
-    return resolve(TrainConfig(**values))
+    return resolve(cfg)
 
 
 def _choice(name: str, value: str, allowed) -> None:
@@ -279,7 +276,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     elif cfg.tiny:
         cfg.backbone = "sd"
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    _choice("dtype", cfg.dtype, DTYPES)
+    _choice("dtype", cfg.dtype, tuple(DTYPES))
     _choice("device", cfg.device, DEVICES)
     _choice("ref update", cfg.ref_update, REF_UPDATES)
     _choice("timestep weight", cfg.timestep_weight, WEIGHTS)
@@ -297,8 +294,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(
             f"--proportion-empty-prompts must be in [0, 1), got {cfg.proportion_empty_prompts}"
         )
-    if cfg.validation_every < 0 or cfg.validation_steps < 0:
-        raise UsageError("--validation-every and --validation-steps must be >= 0")
+    if cfg.validation_every < 0 or (cfg.validation_steps is not None and cfg.validation_steps < 1):
+        raise UsageError("--validation-every must be >= 0 and --validation-steps >= 1")
     if cfg.validation_every and not (cfg.validation_prompts or cfg.tiny):
         raise UsageError("--validation-every needs --validation-prompts FILE (with --pretrained)")
     if cfg.ref_tau < 1 or not cfg.ref_delta > 0 or cfg.ref_probe < 1:
@@ -338,10 +335,10 @@ def _check_numbers(cfg: TrainConfig) -> None:
     for f in fields(TrainConfig):
         v = getattr(cfg, f.name)
         if isinstance(v, float) and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX):
-            raise UsageError(f"{_flag(f.name)} must be a finite float32 number, got {v:g}")
+            raise UsageError(f"{flag(f.name)} must be a finite float32 number, got {v:g}")
     for name, (ok, wording) in _RANGES.items():
-        if not ok(getattr(cfg, name)):
-            raise UsageError(f"{_flag(name)} must be {wording}, got {getattr(cfg, name)}")
+        if getattr(cfg, name) is not None and not ok(getattr(cfg, name)):
+            raise UsageError(f"{flag(name)} must be {wording}, got {getattr(cfg, name)}")
 
 
 def resolve_for_backbone(cfg: TrainConfig, backbone: str) -> TrainConfig:
@@ -357,11 +354,11 @@ def resolve_for_backbone(cfg: TrainConfig, backbone: str) -> TrainConfig:
     )
     if cfg.policy_pair and cfg.method in CPP_METHODS and cfg.backbone != "sana":
         logit_beta = PAIR_BETA  # DD-CPP: the official SD-1.x/SDXL pair runs use 8000, not 16000
-    if cfg.beta == 0:
+    if cfg.beta is None:
         cfg.beta = DSPO_BETA if score_matching else logit_beta
-    if score_matching and cfg.beta_logit == 0:
+    if score_matching and cfg.beta_logit is None:
         cfg.beta_logit = logit_beta
-    if cfg.lr == 0:  # from the logit scale: DSPO's tiny outside beta would give lr ~ 5e-12
+    if cfg.lr is None:  # from the logit scale: DSPO's tiny outside beta would give lr ~ 5e-12
         scale = cfg.beta_logit if score_matching else cfg.beta
         cfg.lr = 1e-5 if cfg.method == "sft" else scale * LR_PER_BETA
     return cfg
@@ -384,6 +381,8 @@ def resume_mismatches(
         if f.name in RESUME_MAY_CHANGE or f.name in RESUME_BATCH:
             continue
         new, old = getattr(cfg, f.name), saved.get(f.name, f.default)
+        if old in ("", 0) and new is None and f.default is None:  # saved before None meant unset
+            continue
         if f.name == "data" and same_data is not None:
             if not same_data:
                 out.append(f"--data (another dataset: {old!r} -> {new!r})")
@@ -392,7 +391,7 @@ def resume_mismatches(
             if os.path.realpath(new) == os.path.realpath(old):
                 continue
         if new != old:
-            out.append(f"{_flag(f.name)} {old!r} -> {new!r}")
+            out.append(f"{flag(f.name)} {old!r} -> {new!r}")
     pairs = cfg.batch_size * cfg.grad_accum * world
     saved_pairs = (
         saved.get("batch_size", TrainConfig.batch_size)

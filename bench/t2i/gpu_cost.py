@@ -355,7 +355,7 @@ def memory(built: Built, recipe: Recipe) -> Memory:
     """What the trainer allocates for ``recipe`` on each GPU, from the built meta modules."""
     from bench.t2i.config import TrainConfig, resolve
     from bench.t2i.reference import Reference
-    from bench.train_t2i import build_optimizer
+    from bench.t2i.step import build_optimizer
 
     net, dtype = built.denoiser, DTYPES[recipe.dtype]
     trainable = [p for p in net.parameters() if p.requires_grad]

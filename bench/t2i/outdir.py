@@ -24,10 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.t2i.cli import UsageError
+
 TMP_PREFIX = ".tmp-"
 
 
-class OutputError(ValueError):
+class OutputError(UsageError):
     """An output path that cannot be written; the message names it (one line)."""
 
 

@@ -29,9 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
-class EvalError(ValueError):
-    """Bad evaluation input (a file, folder or scorer directory); the message names it."""
+from bench.t2i.cli import UsageError
 
 
 @dataclass(frozen=True)
@@ -53,16 +51,16 @@ def check_clip_dir(path: str | Path, flag: str) -> Path:
     """Fail early, naming the directory, unless ``path`` holds a transformers CLIP model."""
     p = Path(path)
     if not p.is_dir():
-        raise EvalError(f"{flag}: scorer directory not found: {p}")
+        raise UsageError(f"{flag}: scorer directory not found: {p}")
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
-        raise EvalError(f"{flag}: {p} has no config.json (not a transformers model directory)")
+        raise UsageError(f"{flag}: {p} has no config.json (not a transformers model directory)")
     try:
         model_type = json.loads(cfg_file.read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise EvalError(f"{flag}: unreadable {cfg_file}: {e}") from e
+        raise UsageError(f"{flag}: unreadable {cfg_file}: {e}") from e
     if model_type != "clip":
-        raise EvalError(
+        raise UsageError(
             f"{flag}: {p} is not a CLIP model directory (config.json model_type={model_type!r}, "
             "expected 'clip')"
         )
@@ -79,10 +77,10 @@ def check_processor_dir(path: str | Path, flag: str) -> Path:
     has none."""
     p = Path(path)
     if not p.is_dir():
-        raise EvalError(f"{flag}: directory not found: {p}")
+        raise UsageError(f"{flag}: directory not found: {p}")
     for kind, names in (("tokenizer", TOKENIZER_FILES), ("image processor", IMAGE_PROCESSOR_FILES)):
         if not any((p / n).is_file() for n in names):
-            raise EvalError(
+            raise UsageError(
                 f"{flag}: no {kind} in {p} (none of {', '.join(names)}); pass the processor "
                 "files of the CLIP the model was fine-tuned from with "
                 f"{flag.removesuffix('-processor')}-processor DIR"
@@ -132,17 +130,17 @@ class ClipScorer:
         try:
             model = CLIPModel.from_pretrained(p, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as e:
-            raise EvalError(f"{flag}: cannot load the CLIP model in {p}: {e}") from e
+            raise UsageError(f"{flag}: cannot load the CLIP model in {p}: {e}") from e
         try:
             tokenizer = AutoTokenizer.from_pretrained(proc, local_files_only=True)
             image_processor = AutoImageProcessor.from_pretrained(proc, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
-            raise EvalError(
+            raise UsageError(
                 f"{flag}: no usable tokenizer/image processor in {proc} ({e}); pass the processor "
                 f"files of the CLIP the model was fine-tuned from with {flag}-processor DIR"
             ) from e
         if len(tokenizer) > model.config.text_config.vocab_size:
-            raise EvalError(
+            raise UsageError(
                 f"{flag}: the tokenizer in {proc} has {len(tokenizer)} tokens but the model in "
                 f"{p} only {model.config.text_config.vocab_size}: processor of another model?"
             )
@@ -181,59 +179,6 @@ class ClipScorer:
             cos = cos.clamp(min=0.0)
         scale = self.model.logit_scale.float().exp() if self.rule.use_logit_scale else 100.0
         return (scale * cos).float().cpu()
-
-
-# ----------------------------------------------------------------------- tiny scorers
-
-#: ``evaluate.py --tiny``: random tiny CLIPs standing in for the real scorers (seed, learned
-#: logit scale or None) -- for smoke runs on CPU, never for numbers anyone should read
-TINY_SCORERS = {"clip": (0, None), "pickscore": (1, 50.0)}
-
-
-def tiny_clip(seed: int = 0, logit_scale: float | None = None):
-    """A random tiny ``CLIPModel`` (hidden 32, 32x32 images) with an offline byte-level
-    ``CLIPTokenizer`` and a ``CLIPImageProcessor``: ``(model, tokenizer, image_processor)``."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from bench.t2i.tiny import clip_tokenizer
-
-    tok = clip_tokenizer(max_length=32)
-    ids = {"bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513}
-    layers = {"intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
-    cfg = CLIPConfig(
-        text_config={
-            "vocab_size": len(tok),
-            "hidden_size": 32,
-            "max_position_embeddings": 32,
-            **ids,
-            **layers,
-        },
-        vision_config={"hidden_size": 32, "image_size": 32, "patch_size": 8, **layers},
-        projection_dim=16,
-    )
-    torch.manual_seed(seed)
-    model = CLIPModel(cfg).eval()
-    if logit_scale is not None:
-        model.logit_scale.data.fill_(math.log(logit_scale))
-    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return model, tok, proc
-
-
-def save_tiny_clip(path: str | Path, seed: int = 0, logit_scale: float | None = None) -> Path:
-    """:func:`tiny_clip` saved as a local transformers directory (what ``--clip`` reads)."""
-    from transformers import CLIPProcessor
-
-    model, tok, proc = tiny_clip(seed, logit_scale)
-    model.save_pretrained(path)
-    CLIPProcessor(image_processor=proc, tokenizer=tok).save_pretrained(path)
-    return Path(path)
-
-
-def tiny_scorer(kind: str, device="cpu") -> ClipScorer:
-    """A :data:`TINY_SCORERS` scorer, built in memory (nothing downloaded or written)."""
-    seed, scale = TINY_SCORERS[kind]
-    model, tok, proc = tiny_clip(seed, scale)
-    return ClipScorer(kind, model.to(device), tok, proc, device)
 
 
 def mean_sem(scores: Sequence[float] | np.ndarray) -> tuple[float, float]:

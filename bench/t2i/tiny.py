@@ -20,20 +20,18 @@ forward at batch 8 takes about 40 ms, the SANA transformer's about 6 ms.
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.t2i.backbones import ADAPTERS, BACKBONES, Backbone, save_components
+from bench.t2i.scorers import ClipScorer
+
 TINY_LATENT = 16  # latent side
 TINY_CHANNELS = 4  # latent channels
 TINY_TEXT_LEN = 24  # tokenizer max length (CLIP pads to it; SANA uses it as max_sequence_length)
-PIPELINE_CLASSES = {
-    "sd": "StableDiffusionPipeline",
-    "sdxl": "StableDiffusionXLPipeline",
-    "sana": "SanaPipeline",
-}
 
 
 def _byte_chars() -> list[str]:
@@ -170,8 +168,8 @@ def tiny_components(name: str, seed: int = 0, prediction_type: str | None = None
     """
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    if name not in PIPELINE_CLASSES:
-        raise ValueError(f"tiny backbone must be one of {tuple(PIPELINE_CLASSES)}, got {name!r}")
+    if name not in ADAPTERS:
+        raise ValueError(f"tiny backbone must be one of {tuple(ADAPTERS)}, got {name!r}")
     if name == "sana" and prediction_type not in (None, "flow"):
         raise ValueError(f"sana is a flow model; prediction_type {prediction_type!r} is invalid")
     state = torch.random.get_rng_state()
@@ -263,43 +261,6 @@ def tiny_components(name: str, seed: int = 0, prediction_type: str | None = None
         torch.random.set_rng_state(state)
 
 
-def model_index(name: str, components: dict[str, Any], extra: dict | None = None) -> dict:
-    """A diffusers ``model_index.json`` dict for ``components`` (library, class per entry)."""
-    import diffusers
-
-    index: dict[str, Any] = {
-        "_class_name": PIPELINE_CLASSES[name],
-        "_diffusers_version": diffusers.__version__,
-    }
-    for key, obj in sorted(components.items()):
-        lib = type(obj).__module__.split(".")[0]
-        index[key] = [lib, type(obj).__name__]
-    if name == "sd":
-        index.update(
-            safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None]
-        )
-        index["requires_safety_checker"] = False
-    if name == "sdxl":
-        index.update(image_encoder=[None, None], feature_extractor=[None, None])
-        index["force_zeros_for_empty_prompt"] = True
-    index.update(extra or {})
-    return index
-
-
-def save_components(
-    name: str, components: dict[str, Any], out_dir: str | Path, extra: dict | None = None
-) -> Path:
-    """Write ``components`` as a diffusers pipeline directory (``model_index.json`` + subfolders)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for key, obj in components.items():
-        obj.save_pretrained(out / key)
-    (out / "model_index.json").write_text(
-        json.dumps(model_index(name, components, extra), indent=2) + "\n"
-    )
-    return out
-
-
 def save_tiny_pipeline(
     name: str, out_dir: str | Path, seed: int = 0, prediction_type: str | None = None
 ) -> Path:
@@ -335,3 +296,66 @@ def save_tiny_causal_lm(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def tiny_backbone(name: str, seed: int = 0, prediction_type: str | None = None) -> Backbone:
+    """A backbone of tiny random models built from configs (this module), CPU-fast."""
+    if name not in ADAPTERS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    extra = {"force_zeros_for_empty_prompt": True} if name == "sdxl" else {}
+    return ADAPTERS[name](
+        tiny_components(name, seed, prediction_type),
+        prediction_type=prediction_type,
+        pipeline_config=extra,
+    )
+
+
+# ----------------------------------------------------------------------- tiny scorers
+
+#: ``evaluate.py --tiny``: random tiny CLIPs standing in for the real scorers (seed, learned
+#: logit scale or None) -- for smoke runs on CPU, never for numbers anyone should read
+TINY_SCORERS = {"clip": (0, None), "pickscore": (1, 50.0)}
+
+
+def tiny_clip(seed: int = 0, logit_scale: float | None = None):
+    """A random tiny ``CLIPModel`` (hidden 32, 32x32 images) with an offline byte-level
+    ``CLIPTokenizer`` and a ``CLIPImageProcessor``: ``(model, tokenizer, image_processor)``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tok = clip_tokenizer(max_length=32)
+    ids = {"bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513}
+    layers = {"intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    cfg = CLIPConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 32,
+            "max_position_embeddings": 32,
+            **ids,
+            **layers,
+        },
+        vision_config={"hidden_size": 32, "image_size": 32, "patch_size": 8, **layers},
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(cfg).eval()
+    if logit_scale is not None:
+        model.logit_scale.data.fill_(math.log(logit_scale))
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, tok, proc
+
+
+def save_tiny_clip(path: str | Path, seed: int = 0, logit_scale: float | None = None) -> Path:
+    """:func:`tiny_clip` saved as a local transformers directory (what ``--clip`` reads)."""
+    from transformers import CLIPProcessor
+
+    model, tok, proc = tiny_clip(seed, logit_scale)
+    model.save_pretrained(path)
+    CLIPProcessor(image_processor=proc, tokenizer=tok).save_pretrained(path)
+    return Path(path)
+
+
+def tiny_scorer(kind: str, device="cpu") -> ClipScorer:
+    """A :data:`TINY_SCORERS` scorer, built in memory (nothing downloaded or written)."""
+    seed, scale = TINY_SCORERS[kind]
+    model, tok, proc = tiny_clip(seed, scale)
+    return ClipScorer(kind, model.to(device), tok, proc, device)

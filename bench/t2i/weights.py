@@ -47,7 +47,7 @@ def save_policy(backbone, policy: torch.nn.Module, out: Path, lora: bool) -> Non
 def save_lora(backbone, policy: torch.nn.Module, out: Path) -> None:
     """``pytorch_lora_weights.safetensors`` (diffusers' format, for ``pipe.load_lora_weights``)
     plus the raw trainable tensors (:data:`LORA_STATE`, for an exact ``--resume``)."""
-    from diffusers import SanaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -58,11 +58,8 @@ def save_lora(backbone, policy: torch.nn.Module, out: Path) -> None:
     layers = fold_lora_scale(
         convert_state_dict_to_diffusers(get_peft_model_state_dict(policy)), policy
     )
-    if backbone.name == "sana":
-        SanaPipeline.save_lora_weights(out, transformer_lora_layers=layers)
-    else:
-        cls = StableDiffusionXLPipeline if backbone.name == "sdxl" else StableDiffusionPipeline
-        cls.save_lora_weights(out, unet_lora_layers=layers)
+    pipeline = getattr(diffusers, backbone.pipeline_class)
+    pipeline.save_lora_weights(out, **{f"{backbone.denoiser_subfolder}_lora_layers": layers})
 
 
 def fold_lora_scale(layers: dict[str, torch.Tensor], policy: torch.nn.Module) -> dict:

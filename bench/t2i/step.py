@@ -1,0 +1,177 @@
+"""One training step's math, shared by the trainer and the step benchmark.
+
+:func:`encode_step` encodes a batch's prompts in one text-encoder call, :func:`compute_loss`
+runs the policy and the reference rows the method needs (``minddspo.methods``) and returns
+the method's loss and diagnostics, :func:`draw_noise` and :func:`drop_prompts` draw the
+step's randomness from the rank's generator, and :func:`build_optimizer` builds AdamW or
+Adafactor with the linear warmup.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.t2i.backbones import Backbone, Cond
+from bench.t2i.config import TrainConfig
+from bench.t2i.reference import Reference
+from minddspo.methods import method_loss, method_spec
+from minddspo.schedules import cfg_combine
+
+DIAG_KEYS = ("implicit_acc", "gap_w", "gap_l", "err_w", "err_l")
+
+
+def encode_step(
+    backbone: Backbone, prompts: list[str], neg_prompts: list[str], *, need_neg, need_uncond
+) -> tuple[Cond, Cond | None, Cond | None]:
+    """Encode the step's unique prompts in ONE text-encoder call -> ``(c, c-, ∅)`` per row."""
+    texts = list(prompts)
+    if need_neg:
+        texts += neg_prompts
+    if need_uncond:
+        texts.append("")
+    texts = list(dict.fromkeys(texts))  # unique, in order
+    row = {p: i for i, p in enumerate(texts)}
+    enc = backbone.encode_prompts(texts)
+
+    def pick(ps: list[str]) -> Cond:
+        return enc.index(torch.tensor([row[p] for p in ps]))
+
+    c_neg = pick(neg_prompts) if need_neg else None
+    c_uncond = pick([""] * len(prompts)) if need_uncond else None
+    return pick(prompts), c_neg, c_uncond
+
+
+def compute_loss(
+    cfg: TrainConfig,
+    backbone: Backbone,
+    policy: torch.nn.Module,
+    reference: Reference | None,
+    x0_w: torch.Tensor,  # (B, C, h, w) winner latents
+    x0_l: torch.Tensor,  # (B, C, h, w) loser latents
+    conds: tuple[Cond, Cond | None, Cond | None],  # c, c- (CPP methods), ∅ (target guidance)
+    t: torch.Tensor,  # (B,) network timesteps, shared by both branches (SPEC §1)
+    noise_w: torch.Tensor,  # (B, C, h, w)
+    noise_l: torch.Tensor,  # (B, C, h, w); the same tensor unless --independent-noise
+    pair: tuple[torch.nn.Module, torch.nn.Module] | None = None,  # (f_win, f_lose)
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-sample loss ``(B,)`` of ``cfg.method`` and detached diagnostics.
+
+    One policy forward on ``[x_t^w; x_t^l]`` and one reference forward on the rows the
+    method table asks for (:meth:`minddspo.methods.MethodSpec.ref_rows`): ``[x_t^w|c,
+    x_t^l|c]``, ``+ [x_t^l|c-]`` (ddspo, dspo_cpp), ``+ [x_t^w|∅, x_t^l|∅]`` (target
+    guidance W != 1, SPEC §2). The reference runs first (no grad). Which tensors the loss
+    compares and where the timestep weight goes is :func:`minddspo.methods.method_loss`'s.
+    """
+    c, c_neg, c_uncond = conds
+    spec = method_spec(cfg.method)
+    x_w, x_l = backbone.noise(x0_w, noise_w, t), backbone.noise(x0_l, noise_l, t)
+    y_w, y_l = backbone.target(x0_w, noise_w, t), backbone.target(x0_l, noise_l, t)
+    w = backbone.t_weight(cfg.timestep_weight, t)
+    beta, beta_logit = (cfg.beta, cfg.beta_logit) if spec.score_matching else (cfg.beta, None)
+    if not spec.preference:  # sft: one side only, forward-process targets
+        if cfg.sft_branch == "loser":  # DD-CPP's losing model (official): x0_l with c
+            pred, target = backbone.forward(policy, x_l, t, c), y_l
+        elif cfg.sft_branch == "loser_neg":  # variant: x0_l with the loser's prompt c-
+            pred, target = backbone.forward(policy, x_l, t, c_neg), y_l
+        else:  # the winners with c (also DD-CPP's winning model)
+            pred, target = backbone.forward(policy, x_w, t, c), y_w
+        out = method_loss(
+            cfg.method, pred_w=pred, target_w=target, weight=w, weight_kind=cfg.timestep_weight
+        )
+        return out.loss, {}
+
+    rows = {"w": (x_w, c), "l": (x_l, c), "l_neg": (x_l, c_neg)}
+    names = list(spec.ref_rows(policy_pair=pair is not None))
+    if c_uncond is not None:  # guided targets also need f_ref(., ∅)
+        rows |= {"w_uncond": (x_w, c_uncond), "l_uncond": (x_l, c_uncond)}
+        names += ["w_uncond", "l_uncond"]
+    xs, cs = [rows[n][0] for n in names], [rows[n][1] for n in names]
+    k = len(names)
+    ref = dict(
+        zip(names, reference(torch.cat(xs), t.repeat(k), cs[0].cat(*cs[1:])).chunk(k), strict=True)
+    )
+    pred_w, pred_l = backbone.forward(policy, torch.cat([x_w, x_l]), t.repeat(2), c.cat(c)).chunk(2)
+
+    pair_w = pair_l = None
+    if pair is not None:  # any contrastive policy pair (paper Sec. 3.2)
+        with torch.no_grad():
+            pair_w, pair_l = (
+                backbone.forward(pair[0], x_w, t, c),
+                backbone.forward(pair[1], x_l, t, c),
+            )
+    elif c_uncond is not None:  # guided reference targets (SPEC §2), a variant, not DDSPO
+        pair_w = cfg_combine(ref["w_uncond"], ref["w"], cfg.target_guidance)
+        pair_l = cfg_combine(ref["l_uncond"], ref["l_neg"], cfg.target_guidance)
+    out = method_loss(
+        cfg.method,
+        pred_w=pred_w,
+        pred_l=pred_l,
+        ref_w=ref["w"],
+        ref_l=ref["l"],
+        ref_l_neg=ref.get("l_neg"),
+        target_w=y_w,
+        target_l=y_l,
+        pair_w=pair_w,
+        pair_l=pair_l,
+        beta=beta,
+        beta_logit=beta_logit,
+        weight=w,
+        weight_kind=cfg.timestep_weight,
+    )
+    return out.loss, _diag(out)
+
+
+def drop_prompts(
+    cfg: TrainConfig, gen: torch.Generator, prompts: list[str], negs: list[str]
+) -> tuple[list[str], list[str]]:
+    """``--proportion-empty-prompts p``: each pair's prompt (and its degraded prompt) becomes
+    "" with probability p, as the Diffusion-DPO and DSPO trainers do (their default 0.2), so
+    the model keeps an unconditional branch for CFG. p = 0 draws nothing from ``gen``."""
+    p = cfg.proportion_empty_prompts
+    if p <= 0:
+        return list(prompts), list(negs)
+    drop = (torch.rand(len(prompts), generator=gen) < p).tolist()
+    return (
+        ["" if d else c for c, d in zip(prompts, drop, strict=True)],
+        ["" if d else c for c, d in zip(negs, drop, strict=True)],
+    )
+
+
+def draw_noise(cfg: TrainConfig, backbone: Backbone, gen: torch.Generator, x0: torch.Tensor):
+    """Timesteps and forward noise from this rank's generator (drawn on the CPU, so a run
+    does not depend on the device). Winner and loser share both unless --independent-noise."""
+    t = backbone.sample_t(x0.shape[0], gen, cfg.timestep_sampler, cfg.timestep_gamma)  # (B,)
+    noise_w = torch.randn(x0.shape, generator=gen)  # (B, C, h, w)
+    noise_l = torch.randn(x0.shape, generator=gen) if cfg.independent_noise else noise_w
+    return t.to(x0.device), noise_w.to(x0.device), noise_l.to(x0.device)
+
+
+def _diag(out) -> dict[str, torch.Tensor]:
+    return {k: getattr(out, k) for k in DIAG_KEYS}
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
+    if cfg.optimizer == "adafactor":  # Diffusion-DPO's SDXL setting: fixed lr, no relative step
+        from transformers.optimization import Adafactor
+
+        opt = Adafactor(
+            params,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
+    else:
+        opt = torch.optim.AdamW(
+            params,
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+        )
+    warmup = cfg.warmup_steps  # linear warmup from lr/warmup to lr, then constant
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
+    return opt, sched

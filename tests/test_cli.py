@@ -1,0 +1,149 @@
+"""The one flag mechanism (bench/t2i/cli.py) and a walk over every command's --help."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from bench.t2i.cli import (
+    DeviceArgs,
+    ModelArgs,
+    OutputArgs,
+    UsageError,
+    build_parser,
+    dtype_name,
+    opt,
+    parse,
+    parse_known,
+)
+
+
+@dataclass
+class Demo(OutputArgs, DeviceArgs, ModelArgs):
+    steps: int | None = opt(None, "steps")
+    scale: float = opt(1.5, "a float")
+    names: list[str] = opt([], "repeatable", metavar="NAME")
+    pair: list[str] = opt([], "two values", nargs=2, metavar=("A", "B"), flag="--two")
+    kind: str = opt("a", "a choice", choices=("a", "b"))
+
+
+def p(argv, **kw):
+    return parse(Demo, argv, prog="demo", description="demo", **kw)
+
+
+def test_defaults_none_and_flags():
+    cfg = p(["--out", "o", "--tiny", "sd"])
+    assert (cfg.out, cfg.tiny, cfg.pretrained, cfg.steps, cfg.scale) == ("o", "sd", None, None, 1.5)
+    assert cfg.dtype == "fp32" and cfg.progress is True and cfg.names == []
+    cfg = p(["--out", "o", "--steps", "3", "--names", "x", "--names", "y", "--two", "u", "v",
+             "--no-progress", "--dtype", "bfloat16"])  # fmt: skip
+    assert cfg.steps == 3 and cfg.names == ["x", "y"] and cfg.pair == ["u", "v"]
+    assert cfg.progress is False and cfg.dtype == "bf16"  # one vocabulary, aliases accepted
+
+
+def test_config_file_then_flags(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"out": "from-file", "steps": 7, "scale": 2, "dtype": "float16"}))
+    cfg = p(["--config", str(f), "--steps", "9"])
+    assert (cfg.out, cfg.steps, cfg.scale, cfg.dtype) == ("from-file", 9, 2.0, "fp16")
+    assert isinstance(cfg.scale, float)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"nope": 1}', "unknown field 'nope'"),
+        ('{"steps": "3"}', "steps must be int"),
+        ('{"steps": true}', "steps must be int"),
+        ('{"kind": "c"}', "kind must be one of a, b"),
+        ('{"dtype": "int8"}', "unknown dtype"),
+        ("[1]", "must hold a JSON object"),
+        ("{", "not valid JSON"),
+    ],
+)
+def test_bad_config_file_is_one_usage_error(tmp_path, content, match):
+    f = tmp_path / "c.json"
+    f.write_text(content)
+    with pytest.raises(UsageError, match=match):
+        p(["--config", str(f), "--out", "o"])
+
+
+def test_usage_errors():
+    with pytest.raises(UsageError, match="required: --out"):
+        p([])
+    with pytest.raises(UsageError, match="invalid choice"):
+        p(["--out", "o", "--kind", "c"])
+    with pytest.raises(UsageError, match="exactly one of --pretrained | --tiny"):
+        p(["--out", "o"], one_of=[("pretrained", "tiny")])
+    with pytest.raises(UsageError, match="got 2"):
+        p(["--out", "o", "--tiny", "sd", "--pretrained", "d"], one_of=[("pretrained", "tiny")])
+    with pytest.raises(UsageError, match="unrecognized"):
+        p(["--out", "o", "--bogus"])
+    with pytest.raises(UsageError, match="--config file not found"):
+        p(["--config", "/nonexistent.json"])
+
+
+def test_parse_known_passes_the_rest_on():
+    cfg, rest = parse_known(Demo, ["--out", "o", "--lr", "3", "--steps", "2"], prog="d",
+                            description="d")  # fmt: skip
+    assert cfg.steps == 2 and rest == ["--lr", "3"]
+
+
+def test_dtype_name():
+    assert [dtype_name(x) for x in ("fp32", "float32", "bfloat16", "fp16")] == [
+        "fp32", "fp32", "bf16", "fp16",
+    ]  # fmt: skip
+    with pytest.raises(argparse.ArgumentTypeError):
+        dtype_name("half")
+
+
+def test_help_shows_defaults_and_renamed_flags():
+    text = build_parser(Demo, prog="demo", description="d").format_help()
+    assert "--two A B" in text and "(default: 1.5)" in text and "(required)" in text
+
+
+# --------------------------------------------------------------------- every --help
+
+COMMANDS = [
+    "bench.make_pairs",
+    "bench.train_t2i",
+    "bench.sample",
+    "bench.evaluate",
+    "bench.bench_step",
+    "bench.import_pairs",
+    "bench.train_policy_pair",
+    "toy2d.run",
+    "toy2d.sweep",
+    "toy2d.bench",
+    "toy2d.beta_search",
+    "paper_figures.toy_figures",
+]
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_every_help_works_and_explains_every_flag(module, monkeypatch, capsys):
+    parsers = []
+    for meth in ("parse_args", "parse_known_args"):
+        real = getattr(argparse.ArgumentParser, meth)
+
+        def spy(self, *a, _real=real, **k):
+            parsers.append(self)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(argparse.ArgumentParser, meth, spy)
+    main = importlib.import_module(module).main
+    try:
+        rc = main(["--help"])
+    except SystemExit as e:
+        rc = e.code
+    assert rc in (0, None)
+    assert "usage:" in capsys.readouterr().out
+    assert parsers, f"{module} built no argparse parser"
+    args = [a for a in parsers[0]._actions if a.dest != "help"]
+    assert args
+    missing = [(a.option_strings or [a.dest])[0] for a in args if not (a.help or "").strip()]
+    assert not missing, f"{module}: flags without a help string: {missing}"
