@@ -74,6 +74,7 @@ from bench.t2i.outdir import (
     writing,
 )
 from bench.t2i.pairdata import PairDataset, collate_pairs
+from bench.t2i.randcond import mix_rows, read_extra_prompts
 from bench.t2i.reference import DivergenceProbe, Reference
 from bench.t2i.step import (
     DIAG_KEYS,
@@ -413,6 +414,11 @@ class Trainer:
         self.dataset = dataset or open_data(cfg, env, backbone)
         check_data(self.dataset, backbone)
         self.fingerprint = dataset_fingerprint(self.dataset.root)
+        self.extra: list = []  # --rand-cond-prompts, read by every rank
+        if cfg.rand_cond_prompts:
+            train_prompts = {r["prompt"] for r in self.dataset.records}
+            read = functools.partial(read_extra_prompts, cfg.rand_cond_prompts, train_prompts)
+            agree(lambda: _usage(lambda: self.extra.extend(read())))
         return find_checkpoint(cfg, env, self.ckpt_root, self.fingerprint)
 
     def _build_training(self) -> None:
@@ -527,6 +533,8 @@ class Trainer:
         rec = {"step": st.step, "loss": stats[0], "grad_norm": grad_norm, "lr": lr}
         if cfg.method != "sft":
             rec.update({key: stats[1 + j] for j, key in enumerate(DIAG_KEYS)})
+        if self.extra:
+            rec["rand_cond_share"] = stats[-1]  # share of rows swapped to extra prompts
         pairs = cfg.batch_size * cfg.grad_accum * self.env.world
         rec["samples_per_s"] = pairs / (time.perf_counter() - t0)
         rec["nonfinite_total"] = st.nonfinite_total
@@ -557,7 +565,7 @@ class Trainer:
         """Loss and diagnostics averaged over the micro-steps and the ranks; gradients
         all-reduced on the last micro-step only."""
         cfg, env, bb, device = self.cfg, self.env, self.backbone, self.device
-        sums = torch.zeros(1 + len(DIAG_KEYS), dtype=torch.float64)  # loss, diagnostics
+        sums = torch.zeros(2 + len(DIAG_KEYS), dtype=torch.float64)  # loss, diag., swapped
         for micro in range(cfg.grad_accum):
             idx = batch_indices(
                 len(self.dataset), seed=cfg.seed, step=self.st.step, micro=micro,
@@ -566,7 +574,14 @@ class Trainer:
             batch = collate_pairs([self.dataset[i] for i in idx])
             x0_w, x0_l = batch["x0_w"].to(device), batch["x0_l"].to(device)  # (B, C, h, w)
             t, noise_w, noise_l = draw_noise(cfg, bb, self.gen, x0_w)
-            prompts, negs = drop_prompts(cfg, self.gen, batch["prompt"], batch["neg_prompt"])
+            prompts, negs, swapped = batch["prompt"], batch["neg_prompt"], None
+            if self.extra:  # random-condition mixing: rows swapped by their noise level
+                prompts, negs, swapped = mix_rows(
+                    prompts, negs, t, bb.num_train_timesteps, self.gen, self.extra,
+                    cfg.rand_cond_schedule, cfg.rand_cond_lambda,
+                )  # fmt: skip
+                sums[-1] += swapped.double().mean().item()
+            prompts, negs = drop_prompts(cfg, self.gen, prompts, negs)
             conds = encode_step(
                 bb, prompts, negs, need_neg=cfg.uses_neg, need_uncond=cfg.target_guidance != 1.0
             )
@@ -574,7 +589,7 @@ class Trainer:
                 with self.autocast():
                     loss_vec, diag = compute_loss(
                         cfg, bb, self.ddp, self.reference, x0_w, x0_l, conds, t, noise_w,
-                        noise_l, self.pair,
+                        noise_l, self.pair, swapped,
                     )  # fmt: skip
                 loss = loss_vec.mean()
                 if env.is_main and self.st.step + 1 in self.nan_steps:  # test hook

@@ -22,7 +22,7 @@ from bench.t2i.cli import DTYPES, UsageError, dtype_name, flag, opt, parse
 from bench.t2i.outdir import write_text_atomic
 from minddspo.methods import CPP_METHODS, METHODS, SCORE_MATCHING_METHODS, method_spec
 from minddspo.refupdate import REF_UPDATES
-from minddspo.timesteps import SAMPLERS, WEIGHTS
+from minddspo.timesteps import RAND_COND_SCHEDULES, SAMPLERS, WEIGHTS
 
 BACKBONES = ("sd", "sdxl", "sana")
 SANA_PROMPT_STYLES = ("official", "plain")  # bench.t2i.backbones.SanaBackbone.prompt_style
@@ -74,6 +74,7 @@ _RANGES = {
     "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "adam_eps": (lambda v: v > 0, "> 0"),
     "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+    "rand_cond_lambda": (lambda v: v > 0, "> 0"),
 }
 
 
@@ -138,6 +139,21 @@ class TrainConfig:
         0.0,
         "share of pairs trained on the empty prompt (Diffusion-DPO/DSPO use 0.2; DDSPO's official code 0)",
     )
+    rand_cond_prompts: list[str] = opt(
+        [],
+        "random-condition mixing (official --rand_cond --extra_text_path; ddspo, dspo_cpp): "
+        "extra prompt file, .jsonl {prompt, neg_prompts: [...]} or .txt (c- by random word "
+        "removal); repeatable. A row swapped at its noise level trains on an extra prompt with "
+        "the contrastive targets; the other rows use the forward-process targets (Diffusion-DPO "
+        "/ DSPO). See bench/t2i/randcond.py",
+        metavar="FILE",
+    )
+    rand_cond_schedule: str = opt(
+        "sigmoid",
+        "swap probability over the noise level t/T: sigmoid (1/2 at 0.7) | exponential | constant",
+        choices=RAND_COND_SCHEDULES,
+    )
+    rand_cond_lambda: float = opt(20.0, "steepness of the sigmoid/exponential swap schedule")
     timestep_sampler: str | None = opt(
         None,
         "uniform | geometric | logit_normal; unset: uniform (official DDSPO and paper, also on sana)",
@@ -314,6 +330,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise UsageError(
                 "--target-guidance and a --winner/--loser-policy pair exclude each other"
             )
+    if cfg.rand_cond_prompts and cfg.method not in CPP_METHODS:
+        raise UsageError("--rand-cond-prompts applies to ddspo and dspo_cpp only")
+    _choice("rand-cond schedule", cfg.rand_cond_schedule, RAND_COND_SCHEDULES)
     if cfg.beta_logit and cfg.method not in SCORE_MATCHING_METHODS:
         raise UsageError("--beta-logit applies to dspo and dspo_cpp only")
     if cfg.dtype == "fp16" and cfg.device == "cpu":
@@ -380,7 +399,8 @@ def resume_mismatches(
     for f in fields(TrainConfig):
         if f.name in RESUME_MAY_CHANGE or f.name in RESUME_BATCH:
             continue
-        new, old = getattr(cfg, f.name), saved.get(f.name, f.default)
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        new, old = getattr(cfg, f.name), saved.get(f.name, default)
         if old in ("", 0) and new is None and f.default is None:  # saved before None meant unset
             continue
         if f.name == "data" and same_data is not None:

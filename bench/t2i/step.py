@@ -15,7 +15,7 @@ from bench.t2i.backbones import Backbone, Cond
 from bench.t2i.config import TrainConfig
 from bench.t2i.reference import Reference
 from minddspo.methods import method_loss, method_spec
-from minddspo.schedules import cfg_combine
+from minddspo.schedules import append_dims, cfg_combine
 
 DIAG_KEYS = ("implicit_acc", "gap_w", "gap_l", "err_w", "err_l")
 
@@ -53,6 +53,7 @@ def compute_loss(
     noise_w: torch.Tensor,  # (B, C, h, w)
     noise_l: torch.Tensor,  # (B, C, h, w); the same tensor unless --independent-noise
     pair: tuple[torch.nn.Module, torch.nn.Module] | None = None,  # (f_win, f_lose)
+    swapped: torch.Tensor | None = None,  # (B,) bool: rows swapped by --rand-cond-prompts
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample loss ``(B,)`` of ``cfg.method`` and detached diagnostics.
 
@@ -61,6 +62,8 @@ def compute_loss(
     x_t^l|c]``, ``+ [x_t^l|c-]`` (ddspo, dspo_cpp), ``+ [x_t^w|∅, x_t^l|∅]`` (target
     guidance W != 1, SPEC §2). The reference runs first (no grad). Which tensors the loss
     compares and where the timestep weight goes is :func:`minddspo.methods.method_loss`'s.
+    With ``swapped`` (random-condition mixing, :mod:`bench.t2i.randcond`) the contrastive
+    targets are used on the swapped rows only, the forward-process targets on the others.
     """
     c, c_neg, c_uncond = conds
     spec = method_spec(cfg.method)
@@ -80,28 +83,14 @@ def compute_loss(
         )
         return out.loss, {}
 
-    rows = {"w": (x_w, c), "l": (x_l, c), "l_neg": (x_l, c_neg)}
-    names = list(spec.ref_rows(policy_pair=pair is not None))
-    if c_uncond is not None:  # guided targets also need f_ref(., ∅)
-        rows |= {"w_uncond": (x_w, c_uncond), "l_uncond": (x_l, c_uncond)}
-        names += ["w_uncond", "l_uncond"]
-    xs, cs = [rows[n][0] for n in names], [rows[n][1] for n in names]
-    k = len(names)
-    ref = dict(
-        zip(names, reference(torch.cat(xs), t.repeat(k), cs[0].cat(*cs[1:])).chunk(k), strict=True)
-    )
+    ref = _reference_rows(cfg, backbone, reference, spec, (x_w, x_l), conds, t, pair, swapped)
     pred_w, pred_l = backbone.forward(policy, torch.cat([x_w, x_l]), t.repeat(2), c.cat(c)).chunk(2)
-
-    pair_w = pair_l = None
-    if pair is not None:  # any contrastive policy pair (paper Sec. 3.2)
-        with torch.no_grad():
-            pair_w, pair_l = (
-                backbone.forward(pair[0], x_w, t, c),
-                backbone.forward(pair[1], x_l, t, c),
-            )
-    elif c_uncond is not None:  # guided reference targets (SPEC §2), a variant, not DDSPO
-        pair_w = cfg_combine(ref["w_uncond"], ref["w"], cfg.target_guidance)
-        pair_l = cfg_combine(ref["l_uncond"], ref["l_neg"], cfg.target_guidance)
+    pair_w, pair_l = _contrastive_targets(cfg, backbone, ref, (x_w, x_l), c, t, pair)
+    if swapped is not None:  # rand-cond: the contrastive targets on the swapped rows only
+        if pair_w is None:
+            pair_w, pair_l = ref["w"], ref["l_neg"]
+        swap = append_dims(swapped, y_w.ndim)
+        pair_w, pair_l = torch.where(swap, pair_w, y_w), torch.where(swap, pair_l, y_l)
     out = method_loss(
         cfg.method,
         pred_w=pred_w,
@@ -119,6 +108,37 @@ def compute_loss(
         weight_kind=cfg.timestep_weight,
     )
     return out.loss, _diag(out)
+
+
+def _reference_rows(cfg, backbone, reference, spec, xs, conds, t, pair, swapped) -> dict:
+    """One batched reference forward over the rows the loss needs, by name."""
+    (x_w, x_l), (c, c_neg, c_uncond) = xs, conds
+    rows = {"w": (x_w, c), "l": (x_l, c), "l_neg": (x_l, c_neg)}
+    names = list(spec.ref_rows(policy_pair=pair is not None))
+    if swapped is not None and pair is None and c_uncond is None and "l_neg" not in names:
+        names.append("l_neg")  # the swapped rows' contrastive loser target
+    if c_uncond is not None:  # guided targets also need f_ref(., ∅)
+        rows |= {"w_uncond": (x_w, c_uncond), "l_uncond": (x_l, c_uncond)}
+        names += ["w_uncond", "l_uncond"]
+    xs_, cs = [rows[n][0] for n in names], [rows[n][1] for n in names]
+    k = len(names)
+    out = reference(torch.cat(xs_), t.repeat(k), cs[0].cat(*cs[1:])).chunk(k)
+    return dict(zip(names, out, strict=True))
+
+
+def _contrastive_targets(cfg, backbone, ref, xs, c, t, pair):
+    """A policy pair's predictions, or the guided reference targets; (None, None) when the
+    method's own reference rows are the targets."""
+    x_w, x_l = xs
+    if pair is not None:  # any contrastive policy pair (paper Sec. 3.2)
+        with torch.no_grad():
+            return backbone.forward(pair[0], x_w, t, c), backbone.forward(pair[1], x_l, t, c)
+    if "w_uncond" in ref:  # guided reference targets (SPEC §2), a variant, not DDSPO
+        return (
+            cfg_combine(ref["w_uncond"], ref["w"], cfg.target_guidance),
+            cfg_combine(ref["l_uncond"], ref["l_neg"], cfg.target_guidance),
+        )
+    return None, None
 
 
 def drop_prompts(

@@ -1,0 +1,121 @@
+"""Random-condition mixing: unpaired TF-CPP supervision from extra prompts (``--rand-cond-prompts``).
+
+The official DDSPO trainer's ``--rand_cond --extra_text_path`` (KU-MIIL/DDSPO,
+``ddspo/data.py`` and ``ddspo/adapters/sd.py``), re-derived: every training row draws its
+timestep first; with probability ``p(t / T)`` (:func:`minddspo.timesteps.rand_cond_probability`,
+by default a sigmoid that is 1/2 at 70 % noise) its prompt pair ``(c, c-)`` is swapped for an
+extra prompt and one of its degraded prompts, while its images ``(x0_w, x0_l)`` stay. A
+swapped row trains towards the reference's contrastive targets on the new prompts,
+``f_ref(x_t^w, c')`` and ``f_ref(x_t^l, c'-)`` (a policy pair's or guided targets when those
+are on); a kept row towards the forward-process targets, which is Diffusion-DPO's loss for
+``ddspo`` and DSPO's for ``dspo_cpp``. So at high noise the model learns the prompt
+contrast on prompts it has no images for, at low noise it learns from its own pairs.
+
+How it differs from the pair variants of ``make_pairs`` (SPEC §5): ``not_paired`` and
+``rand_positive`` change which *images* form a pair when the data are made; this changes a
+row's *prompts and targets* at training time, per step, depending on its noise level.
+
+Extra prompt files: ``.jsonl`` lines ``{"prompt": ..., "neg_prompts": [...]}`` (the official
+format; ``"neg_prompt": "..."`` also works) or ``.txt`` (one prompt per line; ``c'-`` is
+then made by random word removal at draw time). Prompts that are in the training set and
+entries without a usable degraded prompt are left out, as the official loader does.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from minddspo.perturb import random_removal
+from minddspo.timesteps import rand_cond_probability
+
+
+@dataclass(frozen=True)
+class ExtraPrompt:
+    prompt: str
+    negs: tuple[str, ...]  # empty: c- by random word removal when drawn
+
+
+def _jsonl_item(path: Path, n: int, line: str) -> ExtraPrompt | None:
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+        raise ValueError(f'{path}:{n}: expected an object with a "prompt" string')
+    negs = item.get("neg_prompts", item.get("neg_prompt", []))
+    negs = [negs] if isinstance(negs, str) else negs
+    if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
+        raise ValueError(f'{path}:{n}: "neg_prompts" must be a list of strings')
+    negs = [x for x in negs if x.strip() and x.strip() != item["prompt"].strip()]
+    return ExtraPrompt(item["prompt"], tuple(negs)) if negs else None
+
+
+def read_extra_prompts(
+    paths: Sequence[str | Path], exclude: Iterable[str] = ()
+) -> list[ExtraPrompt]:
+    """The usable extra prompts of ``paths`` (see the module docstring); ``exclude``: the
+    training set's prompts. Raises a one-line ``ValueError`` naming the file (and line)."""
+    exclude = set(exclude)
+    out: list[ExtraPrompt] = []
+    for path in map(Path, paths):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise ValueError(f"{path}: extra prompt file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot read ({e})") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                item = _jsonl_item(path, n, line)
+            else:
+                item = ExtraPrompt(line.strip(), ()) if len(line.split()) > 1 else None
+            if item is not None and item.prompt not in exclude:
+                out.append(item)
+    if not out:
+        raise ValueError(
+            f"no usable extra prompt in {', '.join(map(str, paths))} (each needs a degraded "
+            "prompt that differs from it, or two words for random removal; prompts of the "
+            "training set are left out)"
+        )
+    return out
+
+
+def mix_rows(
+    prompts: Sequence[str],
+    negs: Sequence[str],
+    t: Tensor,
+    num_train_timesteps: int,
+    gen: torch.Generator,
+    extra: Sequence[ExtraPrompt],
+    schedule: str = "sigmoid",
+    lam: float = 20.0,
+) -> tuple[list[str], list[str], Tensor]:
+    """Swap rows to extra prompts with probability ``p(t / T)``; returns the new prompts,
+    degraded prompts and the swap mask ``(B,)`` (bool, on ``t``'s device). The same number
+    of draws is taken from ``gen`` whatever is swapped, so the stream stays aligned."""
+    n = len(prompts)
+    p = rand_cond_probability(schedule, t.detach().float().cpu() / num_train_timesteps, lam)
+    swap = torch.rand(n, generator=gen) < p
+    pick = torch.randint(len(extra), (n,), generator=gen).tolist()
+    which = torch.rand(n, generator=gen).tolist()
+    seeds = torch.randint(0, 2**62, (n,), generator=gen).tolist()  # random removal, per row
+    out_p, out_n = list(prompts), list(negs)
+    for i in range(n):
+        if not swap[i]:
+            continue
+        item = extra[pick[i]]
+        out_p[i] = item.prompt
+        if item.negs:
+            out_n[i] = item.negs[min(int(which[i] * len(item.negs)), len(item.negs) - 1)]
+        else:
+            out_n[i] = random_removal(item.prompt, random.Random(seeds[i]))
+    return out_p, out_n, swap.to(t.device)

@@ -1,0 +1,153 @@
+"""Random-condition mixing (--rand-cond-prompts): schedule, prompt files, row swaps, loss."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import train_t2i
+from bench.t2i.config import TrainConfig, UsageError, resolve
+from bench.t2i.pairs import build_pairs
+from bench.t2i.prompts import DEMO_PROMPTS
+from bench.t2i.randcond import ExtraPrompt, mix_rows, read_extra_prompts
+from bench.t2i.reference import Reference
+from bench.t2i.step import compute_loss, encode_step
+from bench.t2i.tiny import tiny_backbone
+from minddspo.timesteps import rand_cond_probability
+
+
+def test_schedules():
+    f = torch.tensor([0.0, 0.5, 0.7, 0.9, 1.0])
+    sig = rand_cond_probability("sigmoid", f, 20.0)
+    assert sig[2] == pytest.approx(0.5) and sig[0] < 1e-5 and sig[4] > 0.997
+    assert torch.all(sig[1:] > sig[:-1])
+    exp = rand_cond_probability("exponential", f, 5.0)
+    assert exp[4] == 1 and exp[0] == pytest.approx(math.exp(-5))
+    assert torch.equal(rand_cond_probability("constant", f), torch.ones(5))
+    with pytest.raises(ValueError, match="schedule"):
+        rand_cond_probability("constant_1", f)
+
+
+def test_read_extra_prompts(tmp_path):
+    j = tmp_path / "x.jsonl"
+    j.write_text(
+        "\n".join(
+            json.dumps(x)
+            for x in [
+                {"prompt": "a red cube on a table", "neg_prompts": ["a cube", "red table"]},
+                {"prompt": "in the training set", "neg_prompts": ["training"]},
+                {"prompt": "single", "neg_prompt": "singular"},
+                {"prompt": "no usable neg", "neg_prompts": ["no usable neg", " "]},
+            ]
+        )
+        + "\n\n"
+    )
+    t = tmp_path / "x.txt"
+    t.write_text("two words here\nlonely\n")
+    got = read_extra_prompts([j, t], exclude={"in the training set"})
+    assert got == [
+        ExtraPrompt("a red cube on a table", ("a cube", "red table")),
+        ExtraPrompt("single", ("singular",)),
+        ExtraPrompt("two words here", ()),
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok", "neg_prompts": ["o"]}\n{oops\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        read_extra_prompts([bad])
+    with pytest.raises(ValueError, match="not found"):
+        read_extra_prompts([tmp_path / "nope.jsonl"])
+    with pytest.raises(ValueError, match="no usable extra prompt"):
+        read_extra_prompts([t], exclude={"two words here"})
+
+
+EXTRA = [ExtraPrompt("a blue ball", ("a ball",)), ExtraPrompt("three small dogs", ())]
+
+
+def test_mix_rows_follows_the_noise_level():
+    prompts, negs = ["p0", "p1", "p2", "p3"], ["n0", "n1", "n2", "n3"]
+    t = torch.tensor([0, 999, 0, 999])
+    g = torch.Generator().manual_seed(0)
+    p, n, swapped = mix_rows(prompts, negs, t, 1000, g, EXTRA, "sigmoid", 20.0)
+    assert swapped.tolist() == [False, True, False, True]  # p(0) ~ 1e-6, p(1) ~ 0.998
+    assert p[0] == "p0" and n[2] == "n2"
+    for i in (1, 3):
+        item = next(e for e in EXTRA if e.prompt == p[i])
+        assert n[i] in item.negs or (not item.negs and set(n[i].split()) < set(p[i].split()))
+    # the stream advances alike whatever is swapped
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    mix_rows(prompts, negs, t, 1000, g1, EXTRA, "constant")
+    mix_rows(prompts, negs, torch.zeros(4, dtype=torch.long), 1000, g2, EXTRA, "exponential")
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+
+
+@pytest.fixture(scope="module")
+def step_inputs():
+    torch.manual_seed(0)
+    bb = tiny_backbone("sd", seed=0)
+    policy = bb.denoiser
+    ref = Reference(bb, policy, lora=False, periodic=False)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(3)
+    shape = (3, bb.latent_channels, 8, 8)
+    x0_w, x0_l, noise = (torch.randn(shape, generator=g) for _ in range(3))
+    conds = encode_step(bb, ["a red cube", "two cats", "a dog"], ["red", "cats", "dog"],
+                        need_neg=True, need_uncond=False)  # fmt: skip
+    return bb, policy, ref, (x0_w, x0_l, conds, torch.tensor([100, 500, 900]), noise, noise)
+
+
+@pytest.mark.parametrize("method", ["ddspo", "dspo_cpp"])
+def test_kept_rows_train_like_the_forward_target_method(step_inputs, method):
+    bb, policy, ref, args = step_inputs
+    cfg = resolve(TrainConfig(tiny=True, method=method, beta=5.0))
+    base = {"ddspo": "dpo", "dspo_cpp": "dspo"}[method]
+    cfg_base = resolve(TrainConfig(tiny=True, method=base, beta=5.0, beta_logit=cfg.beta_logit))
+    with torch.no_grad():
+        none = torch.zeros(3, dtype=torch.bool)
+        kept, _ = compute_loss(cfg, bb, policy, ref, *args, swapped=none)
+        forward, _ = compute_loss(cfg_base, bb, policy, ref, *args)
+        swapped, _ = compute_loss(cfg, bb, policy, ref, *args, swapped=~none)
+        contrastive, _ = compute_loss(cfg, bb, policy, ref, *args)
+        mask = torch.tensor([True, False, True])
+        mixed, _ = compute_loss(cfg, bb, policy, ref, *args, swapped=mask)
+    torch.testing.assert_close(kept, forward)  # Diffusion-DPO / DSPO on kept rows
+    torch.testing.assert_close(swapped, contrastive)  # TF-CPP on swapped rows
+    assert not torch.allclose(kept, contrastive)
+    torch.testing.assert_close(mixed, torch.where(mask, contrastive, forward))  # row by row
+
+
+def test_config_checks():
+    with pytest.raises(UsageError, match="ddspo and dspo_cpp only"):
+        resolve(TrainConfig(tiny=True, method="dpo", rand_cond_prompts=["x.jsonl"]))
+    with pytest.raises(UsageError, match="rand-cond schedule"):
+        resolve(TrainConfig(tiny=True, rand_cond_prompts=["x"], rand_cond_schedule="linear"))
+    with pytest.raises(UsageError, match="rand-cond-lambda"):
+        resolve(TrainConfig(tiny=True, rand_cond_prompts=["x"], rand_cond_lambda=0.0))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pairs")
+    build_pairs(tiny_backbone("sd"), DEMO_PROMPTS[:4], out, steps=2, progress=False)
+    return out
+
+
+def test_trainer_mixes_and_logs_the_share(data, tmp_path):
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"prompt": "a green tree", "neg_prompts": ["a tree"]}) + "\n")
+    base = ["--tiny", "--data", str(data), "--no-progress", "--batch-size", "2", "--max-steps", "2"]
+    flags = ["--rand-cond-prompts", str(extra), "--rand-cond-schedule", "constant"]
+    assert train_t2i.main([*base, "--out", str(tmp_path / "a"), *flags]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rand_cond_share"] for r in recs if "loss" in r] == [1.0, 1.0]
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["rand_cond_prompts"] == [str(extra)] and cfg["rand_cond_schedule"] == "constant"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    rc = train_t2i.main([*base, "--out", str(tmp_path / "b"), "--rand-cond-prompts", str(bad)])
+    assert rc == 2 and not (tmp_path / "b" / "config.json").exists()
