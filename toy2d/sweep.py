@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -362,32 +362,93 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+@dataclass
+class SweepPlan:
+    """Everything a sweep run needs, validated before any work."""
+
+    args: argparse.Namespace
+    argv: list[str]
+    setup: ToySetup
+    ft: FinetuneConfig
+    methods: list[str]
+    ns: list[int]
+    betas: list[float]
+    strategies: list
+    seeds: list[int]
+    panel: object
+    spec: dict
+    out: Path
+
+
+def plan(args: argparse.Namespace, argv: list[str]) -> SweepPlan:
+    """Validate the flags and fix what runs (raises UsageError)."""
+    methods, ns, betas = validate(args)
+    panel = panel_cell(args, ns, betas)
+    out = args.out or Path("runs/ablation" if args.ablation else "runs/sweep")
+    setup, ft = ToySetup(), finetune_config(args)
+    base = strategy(args)
+    strategies = ablation_strategies(base) if args.ablation else [base]
+    if not args.ablation and "ref" not in methods:
+        methods = ["ref", *methods]  # the untuned reference is always reported
+    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+    spec = {
+        "setup": asdict(setup),
+        "finetune": asdict(ft),
+        "methods": methods,
+        "n_pairs": ns,
+        "betas": betas,
+        "strategies": [asdict(s) for s in strategies],
+        "sampler": args.sampler,
+        "n_eval_per_class": args.n_eval,
+    }
+    return SweepPlan(args, argv, setup, ft, methods, ns, betas, strategies, seeds, panel, spec, out)
+
+
+def write_outputs(
+    pl: SweepPlan, stage: Staging, store: CellStore, rows, samples, times, t0
+) -> None:
+    """results.csv, samples.npz, the tables and figures, config.json, into the staging dir."""
+    from .data import sample_train
+    from .metrics import gt_eval_set
+    from .report import render
+
+    args, spec = pl.args, pl.spec
+    write_csv(stage.path("results.csv"), rows)
+    gx, gl = gt_eval_set(pl.setup.toy, args.n_eval)
+    tx, tl = sample_train(pl.setup.toy, pl.seeds[0])
+    np.savez_compressed(
+        stage.path("samples.npz"), gt_x=gx.numpy(), gt_labels=gl.numpy(), train_x=tx.numpy(),
+        train_labels=tl.numpy(), **samples,
+    )  # fmt: skip
+    config = {
+        "command": " ".join(["python -m toy2d.sweep", *pl.argv]),
+        **{k: spec[k] for k in ("methods", "n_pairs", "betas")},
+        "seeds": pl.seeds,
+        "ablation": args.ablation,
+        "strategies": spec["strategies"],
+        "panel": pl.panel,
+        "sampler": args.sampler,
+        "n_eval_per_class": args.n_eval,
+        "setup": spec["setup"],
+        "finetune": spec["finetune"],
+        "cells": str(store.root),
+    }
+    render(stage.tmp, config)
+    times["total"] = time.perf_counter() - t0
+    config["time_s"] = times
+    with open(stage.path("config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     stage = None
     try:
-        methods, ns, betas = validate(args)
-        panel = panel_cell(args, ns, betas)
-        out = args.out or Path("runs/ablation" if args.ablation else "runs/sweep")
-        setup, ft = ToySetup(), finetune_config(args)
-        base = strategy(args)
-        strategies = ablation_strategies(base) if args.ablation else [base]
-        if not args.ablation and "ref" not in methods:
-            methods = ["ref", *methods]  # the untuned reference is always reported
-        seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
-        spec = {
-            "setup": asdict(setup),
-            "finetune": asdict(ft),
-            "methods": methods,
-            "n_pairs": ns,
-            "betas": betas,
-            "strategies": [asdict(s) for s in strategies],
-            "sampler": args.sampler,
-            "n_eval_per_class": args.n_eval,
-        }
-        store = CellStore(out / "cells", spec, resume=not args.no_resume)
-        stage = Staging(out)
-        check_reference_cache(setup, [s for s in seeds if not store.has(s)])
+        pl = plan(args, argv)
+        store = CellStore(pl.out / "cells", pl.spec, resume=not args.no_resume)
+        stage = Staging(pl.out)
+        check_reference_cache(pl.setup, [s for s in pl.seeds if not store.has(s)])
     except (UsageError, CacheError) as e:
         if stage is not None:
             stage.abort()
@@ -395,55 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         rows, samples, times = run_sweep(
-            setup,
-            ft,
-            methods,
-            ns,
-            betas,
-            seeds,
-            strategies,
-            args.n_eval,
-            args.sampler,
-            progress=not args.no_progress,
-            store=store,
-        )
-        write_csv(stage.path("results.csv"), rows)
-        from .data import sample_train
-        from .metrics import gt_eval_set
-
-        s0 = seeds[0]
-        gx, gl = gt_eval_set(setup.toy, args.n_eval)
-        tx, tl = sample_train(setup.toy, s0)
-        np.savez_compressed(
-            stage.path("samples.npz"),
-            gt_x=gx.numpy(),
-            gt_labels=gl.numpy(),
-            train_x=tx.numpy(),
-            train_labels=tl.numpy(),
-            **samples,
-        )
-        config = {
-            "command": " ".join(
-                ["python -m toy2d.sweep", *(argv if argv is not None else sys.argv[1:])]
-            ),
-            **{k: spec[k] for k in ("methods", "n_pairs", "betas")},
-            "seeds": seeds,
-            "ablation": args.ablation,
-            "strategies": spec["strategies"],
-            "panel": panel,
-            "sampler": args.sampler,
-            "n_eval_per_class": args.n_eval,
-            "setup": spec["setup"],
-            "finetune": spec["finetune"],
-            "cells": str(store.root),
-        }
-        from .report import render
-
-        render(stage.tmp, config)
-        times["total"] = time.perf_counter() - t0
-        config["time_s"] = times
-        with open(stage.path("config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+            pl.setup, pl.ft, pl.methods, pl.ns, pl.betas, pl.seeds, pl.strategies, args.n_eval,
+            args.sampler, progress=not args.no_progress, store=store,
+        )  # fmt: skip
+        write_outputs(pl, stage, store, rows, samples, times, t0)
         stage.commit()
         store.prune()
     except BaseException:
@@ -451,10 +467,10 @@ def main(argv: list[str] | None = None) -> int:
         raise
     resumed = times["n_resumed_seeds"]
     print(
-        f"{times['n_finetunes']} fine-tunes, {len(seeds)} seeds ({resumed} resumed from "
+        f"{times['n_finetunes']} fine-tunes, {len(pl.seeds)} seeds ({resumed} resumed from "
         f"{store.root}): total {times['total']:.1f} s "
         f"(references {times['references']:.1f} s, fine-tuning {times['finetune']:.1f} s, "
-        f"sampling+metrics {times['sample_and_metrics']:.1f} s) -> {out}"
+        f"sampling+metrics {times['sample_and_metrics']:.1f} s) -> {pl.out}"
     )
     return 0
 
