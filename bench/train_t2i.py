@@ -425,7 +425,7 @@ class Trainer:
         """LoRA, the reference and its probe, the policy pair, the optimizer, the generator."""
         cfg, env, backbone, policy = self.cfg, self.env, self.backbone, self.policy
         if cfg.lora:
-            add_lora(policy, cfg.lora, cfg.lora_alpha)
+            _usage(lambda: add_lora(policy, cfg.lora, cfg.lora_alpha, cfg.lora_target_list()))
         if cfg.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
         policy.train()

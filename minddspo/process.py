@@ -6,7 +6,8 @@ in the *network's* timestep ``t`` (an int index for DDPM, ``sigma * T`` for flow
 trainer and the samplers never ask which one they have:
 
     x_t    = process.add_noise(x0, noise, t)
-    target = process.target(x0, noise, t)             # what the network regresses
+    target = process.target(x0, noise, t)             # what the loss compares predictions with
+    pred   = process.output(net(x_t, t), x_t, t)      # the prediction in the target's space
     t      = process.sample_t(batch, generator, sampler, gamma)   # training timesteps
     w      = process.weight(kind, t)                  # none | lambda | linear (Kang et al.)
     x0     = process.sample(denoise, x_T, steps, ...) # DDIM / DDPM / Euler, minddspo.sampling
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .sampling import Denoise, Progress, ddim_sample, ddpm_sample, flow_sample
-from .schedules import DDPMSchedule, FlowSchedule
+from .schedules import DDPMSchedule, FlowSchedule, append_dims
 from .timesteps import WEIGHTS, flow_lambda, sample_flow_u, sample_timesteps, timestep_weight
 
 
@@ -38,6 +39,8 @@ class DiffusionProcess(Protocol):
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor: ...
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor: ...
+
+    def output(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor: ...
 
     def sample_t(
         self, batch: int, generator: torch.Generator | None, sampler: str, gamma: float
@@ -85,6 +88,10 @@ class DDPMProcess:
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         return self.schedule.target(x0, noise, t, self.prediction_type)
 
+    def output(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The network's prediction is already in the target's space (eps or v)."""
+        return pred
+
     def sample_t(self, batch, generator, sampler: str = "uniform", gamma: float = 0.9) -> Tensor:
         """Discrete training timesteps, int64 ``(batch,)`` (on the generator's device)."""
         return sample_timesteps(sampler, batch, self.num_train_timesteps, generator, gamma=gamma)
@@ -112,11 +119,17 @@ class DDPMProcess:
 @dataclass(frozen=True)
 class FlowProcess:
     """Rectified flow ``x_t = (1 - sigma) x0 + sigma eps`` with target ``eps - x0``; the
-    network's timestep is ``sigma * T`` (float)."""
+    network's timestep is ``sigma * T`` (float).
+
+    ``precondition_outputs`` (SD3's option, after EDM's output preconditioning): the loss
+    compares data predictions ``x0 = x_t - sigma v`` with the target ``x0`` instead of
+    velocities; the network and the sampler still speak velocity.
+    """
 
     schedule: FlowSchedule
     prediction_type: str = "flow"
     samplers: tuple[str, ...] = ("euler",)
+    precondition_outputs: bool = False
 
     @property
     def num_train_timesteps(self) -> int:
@@ -129,7 +142,15 @@ class FlowProcess:
         return self.schedule.add_noise(x0, noise, self.sigma(t).to(x0.device))
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        return self.schedule.velocity(x0, noise)
+        return x0 if self.precondition_outputs else self.schedule.velocity(x0, noise)
+
+    def output(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The velocity ``pred``, or with ``precondition_outputs`` its data prediction
+        ``x_t - sigma v`` (exact: ``x_t - sigma (eps - x0) = x0``)."""
+        if not self.precondition_outputs:
+            return pred
+        sigma = self.sigma(t).to(device=pred.device, dtype=pred.dtype)
+        return x_t.to(pred.dtype) - append_dims(sigma, pred.ndim) * pred
 
     def sample_t(self, batch, generator, sampler: str = "uniform", gamma: float = 0.9) -> Tensor:
         """``sigma * T`` (float32) with ``sigma`` the shifted draw of ``u`` (uniform grid,

@@ -58,7 +58,8 @@ def test_prompt_generator():
 @pytest.mark.parametrize("name", BACKBONES)
 def test_backbone_shapes_and_hooks(backbones, name):
     bb = backbones[name]
-    assert bb.name == name and bb.latent_channels == 4 and bb.default_resolution == 32
+    C = bb.latent_channels  # 16 for sd3, 4 for the others
+    assert bb.name == name and C == (16 if name == "sd3" else 4) and bb.default_resolution == 32
     cond = bb.encode_prompts(PROMPTS)
     assert len(cond) == 3
     for t in cond.tensors.values():
@@ -66,9 +67,9 @@ def test_backbone_shapes_and_hooks(backbones, name):
     g = torch.Generator().manual_seed(0)
     t = bb.sample_t(3, g)
     assert t.shape == (3,)
-    x0, eps = torch.randn(3, 4, 16, 16), torch.randn(3, 4, 16, 16)
+    x0, eps = torch.randn(3, C, 16, 16), torch.randn(3, C, 16, 16)
     x_t, y = bb.noise(x0, eps, t), bb.target(x0, eps, t)
-    if name == "sana":
+    if bb.prediction_type == "flow":  # sana, sd3
         assert t.dtype == torch.float32 and ((t > 0) & (t <= 1000)).all()
         sigma = (t / 1000).view(-1, 1, 1, 1)
         torch.testing.assert_close(x_t, (1 - sigma) * x0 + sigma * eps)
@@ -85,13 +86,13 @@ def test_backbone_shapes_and_hooks(backbones, name):
         w = bb.t_weight(kind, t)
         assert w.shape == (3,) and torch.isfinite(w).all()
     lat = bb.generate(PROMPTS, [prompt_generator(0, i) for i in range(3)], steps=2)
-    assert lat.shape == (3, 4, 16, 16) and torch.isfinite(lat).all()
+    assert lat.shape == (3, C, 16, 16) and torch.isfinite(lat).all()
     # per-prompt generators: a prompt's sample does not depend on its batch (up to rounding)
     alone = bb.generate(PROMPTS[2:], [prompt_generator(0, 2)], steps=2)
     torch.testing.assert_close(alone, lat[2:], rtol=1e-4, atol=1e-4)
     img = bb.decode_latents(lat)
     assert img.shape == (3, 3, 32, 32) and img.abs().max() <= 1
-    assert bb.encode_images(img).shape == (3, 4, 16, 16)
+    assert bb.encode_images(img).shape == (3, C, 16, 16)
 
 
 def test_v_prediction_and_override(tmp_path):
@@ -133,7 +134,7 @@ def test_load_backbone_roundtrip(tiny_pipeline_dir, backbones, name, tmp_path):
     bb = load_backbone(path)
     ref = backbones[name]
     assert type(bb) is type(ref) and bb.name == name
-    if name == "sana":
+    if ref.prediction_type == "flow":
         assert bb.schedule == ref.schedule  # FlowSchedule(shift=3.0)
     else:
         assert torch.equal(bb.schedule.alphas_cumprod, ref.schedule.alphas_cumprod)

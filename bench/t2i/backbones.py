@@ -1,4 +1,4 @@
-"""One small adapter per text-to-image backbone: SD-1.x, SDXL and SANA.
+"""One small adapter per text-to-image backbone: SD-1.x, SDXL, SANA and SD3.
 
 An adapter hides what differs between backbones (text encoders, extra conditioning,
 parameterisation, VAE) behind one interface the trainer, ``make_pairs`` and ``sample``
@@ -8,7 +8,7 @@ from :mod:`minddspo.sampling`); diffusers supplies only the networks and their c
 Conventions:
 
 * ``t`` is always the *network's* timestep input, shape ``(B,)``: an int64 index in
-  ``[0, T)`` for DDPM backbones (SD, SDXL), ``sigma * T`` as float32 for flow (SANA).
+  ``[0, T)`` for DDPM backbones (SD, SDXL), ``sigma * T`` as float32 for flow (SANA, SD3).
 * :class:`Cond` holds batch-first conditioning tensors; ``encode_prompts([""])`` is the
   unconditional branch (zeros for SDXL when its ``model_index.json`` asks for
   ``force_zeros_for_empty_prompt``, as diffusers does).
@@ -34,7 +34,7 @@ from minddspo.process import DDPMProcess, DiffusionProcess, FlowProcess
 from minddspo.sampling import guided
 from minddspo.schedules import DDPMSchedule, FlowSchedule, ddpm_schedule
 
-BACKBONES = ("sd", "sdxl", "sana")
+BACKBONES = ("sd", "sdxl", "sana", "sd3")
 SANA_PROMPT_STYLES = ("official", "plain")  # SanaBackbone.prompt_style
 
 
@@ -595,7 +595,90 @@ class SanaBackbone(Backbone):
         return x.float().clamp(-1, 1)
 
 
-ADAPTERS: dict[str, type[Backbone]] = {"sd": SDBackbone, "sdxl": SDXLBackbone, "sana": SanaBackbone}
+class SD3Backbone(Backbone):
+    """Stable Diffusion 3: MMDiT (``SD3Transformer2DModel``) on 16-channel KL latents,
+    rectified flow with the scheduler's ``shift`` (3.0 for SD3-medium), three text encoders.
+
+    Prompts are encoded as ``StableDiffusion3Pipeline.encode_prompt`` (and the official DDSPO
+    SD3 adapter) do: the penultimate hidden states of CLIP-L and CLIP-G, concatenated on
+    features and zero-padded to T5's width, then concatenated with the T5 sequence on tokens;
+    the pooled projection is the concatenation of both CLIPs' ``text_embeds``. The empty
+    prompt goes through the same path, as the pipeline encodes its default negative prompt,
+    so CFG sampling matches the pipeline. The T5 sequence is :attr:`max_sequence_length`
+    tokens: 77 as the official DDSPO SD3 trainer (``ddspo/args.py``), not the pipeline's
+    default 256 (pass ``max_sequence_length=77`` to the pipeline for the same samples).
+
+    Sampling defaults (28 steps, guidance 7.0) are ``StableDiffusion3Pipeline.__call__``'s,
+    the settings of the SD3-medium release.
+    """
+
+    name = "sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
+    denoiser_subfolder = "transformer"
+    default_guidance = 7.0
+    default_steps = 28
+    text_keys = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    max_sequence_length: int = 77  # T5 tokens (official DDSPO SD3 trainer)
+
+    def _make_process(self, prediction_type):
+        if prediction_type not in (None, "flow"):
+            raise ValueError(f"sd3 is a flow model; prediction_type {prediction_type!r} is invalid")
+        cfg = self.scheduler_config
+        T = int(cfg.get("num_train_timesteps", 1000))
+        self.max_sequence_length = min(
+            type(self).max_sequence_length, int(self.components["tokenizer_3"].model_max_length)
+        )
+        return FlowProcess(
+            FlowSchedule(shift=float(cfg.get("shift") or 1.0), num_train_timesteps=T)
+        )
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        # both CLIPs pad to the first tokenizer's length, as the pipeline's tokenizer_max_length
+        clip_len = self.components["tokenizer"].model_max_length
+        hs, pooled = [], []
+        for tk, ek in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+            tok, enc = self.components[tk], self.components[ek]
+            ids = tok(
+                prompts,
+                padding="max_length",
+                max_length=clip_len,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            out = enc(ids.to(enc.device), output_hidden_states=True)
+            hs.append(out.hidden_states[-2])  # (B, L, D_i)
+            pooled.append(out[0])  # text_embeds, (B, P_i)
+        tok, enc = self.components["tokenizer_3"], self.components["text_encoder_3"]
+        ids = tok(
+            prompts,
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
+        t5 = enc(ids.to(enc.device))[0]  # (B, S, D_T5)
+        clip = torch.cat(hs, dim=-1).to(t5)  # (B, L, D_1 + D_2)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (B, L, D_T5)
+        h = torch.cat([clip, t5], dim=-2)  # (B, L + S, D_T5)
+        return Cond({"encoder_hidden_states": h, "pooled_projections": torch.cat(pooled, -1)})
+
+    def _forward(self, net, x_t, t, cond):
+        c = cond.tensors
+        return net(
+            hidden_states=x_t,
+            timestep=t.float(),
+            encoder_hidden_states=c["encoder_hidden_states"],
+            pooled_projections=c["pooled_projections"],
+        ).sample
+
+
+ADAPTERS: dict[str, type[Backbone]] = {
+    "sd": SDBackbone,
+    "sdxl": SDXLBackbone,
+    "sana": SanaBackbone,
+    "sd3": SD3Backbone,
+}
 
 
 # ---------------------------------------------------------------------------- loading
@@ -609,12 +692,16 @@ def _detect(index: dict, path: Path) -> str:
         return "sd"
     if cls.startswith("Sana"):
         return "sana"
+    if cls.startswith("StableDiffusion3"):
+        return "sd3"
     if "text_encoder_2" in index and "unet" in index:
         return "sdxl"
     if "unet" in index and "text_encoder" in index:
         return "sd"
     if "transformer" in index and "Sana" in str(index["transformer"]):
         return "sana"
+    if "transformer" in index and "SD3" in str(index["transformer"]):
+        return "sd3"
     raise ValueError(f"{path}: unsupported pipeline class {cls!r} (supported: {BACKBONES})")
 
 
@@ -706,6 +793,8 @@ def model_index(name: str, components: dict[str, Any], extra: dict | None = None
     if name == "sdxl":
         index.update(image_encoder=[None, None], feature_extractor=[None, None])
         index["force_zeros_for_empty_prompt"] = True
+    if name == "sd3":  # the pipeline's optional IP-adapter components, not loaded
+        index.update(image_encoder=[None, None], feature_extractor=[None, None])
     index.update(extra or {})
     return index
 

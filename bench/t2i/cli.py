@@ -29,7 +29,7 @@ import torch
 
 T = TypeVar("T")
 
-BACKBONES = ("sd", "sdxl", "sana")
+BACKBONES = ("sd", "sdxl", "sana", "sd3")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}

@@ -24,7 +24,8 @@ from minddspo.methods import CPP_METHODS, METHODS, SCORE_MATCHING_METHODS, metho
 from minddspo.refupdate import REF_UPDATES
 from minddspo.timesteps import RAND_COND_SCHEDULES, SAMPLERS, WEIGHTS
 
-BACKBONES = ("sd", "sdxl", "sana")
+BACKBONES = ("sd", "sdxl", "sana", "sd3")
+FLOW_BACKBONES = ("sana", "sd3")  # rectified flow: --precondition-outputs applies
 SANA_PROMPT_STYLES = ("official", "plain")  # bench.t2i.backbones.SanaBackbone.prompt_style
 OPTIMIZERS = ("adamw", "adafactor")
 DEVICES = ("auto", "cpu", "cuda")
@@ -91,7 +92,7 @@ class TrainConfig:
     tiny: bool = opt(False, "tiny random backbone built from configs (CPU-fast); no weights needed")
     backbone: str | None = opt(
         None,
-        'sd | sdxl | sana; unset: "sd" with --tiny, auto-detected with --pretrained',
+        'sd | sdxl | sana | sd3; unset: "sd" with --tiny, auto-detected with --pretrained',
     )
     pretrained: str | None = opt(
         None,
@@ -107,6 +108,10 @@ class TrainConfig:
     )
     lora: int = opt(0, "LoRA rank on the denoiser's attention projections; 0 = full fine-tune")
     lora_alpha: float | None = opt(None, "LoRA alpha; unset: same as the rank")
+    lora_targets: str | None = opt(
+        None,
+        "comma-separated module names LoRA adapts; unset: to_q,to_k,to_v,to_out.0 plus the joint-attention add_q/k/v_proj,to_add_out where the denoiser has them (sd3). The official DDSPO SANA trainer uses to_k,to_q,to_v",
+    )
     gradient_checkpointing: bool = opt(False, "trade compute for activation memory")
     # --- method (SPEC §2-§4)
     method: str = opt("ddspo", "sft | dpo | dspo | dspo_cpp | ddspo")
@@ -116,7 +121,7 @@ class TrainConfig:
     )
     beta: float | None = opt(
         None,
-        "unset: the method's default: dpo 8000, ddspo 16000 (8000 with a policy pair; 2000 on sana); dspo/dspo_cpp: the OUTSIDE beta, official scale, 0.001",
+        "unset: the method's default: dpo 8000, ddspo 16000 (8000 with a policy pair; 2000 on sana and sd3); dspo/dspo_cpp: the OUTSIDE beta, official scale, 0.001",
     )
     beta_logit: float | None = opt(
         None,
@@ -156,13 +161,17 @@ class TrainConfig:
     rand_cond_lambda: float = opt(20.0, "steepness of the sigmoid/exponential swap schedule")
     timestep_sampler: str | None = opt(
         None,
-        "uniform | geometric | logit_normal; unset: uniform (official DDSPO and paper, also on sana)",
+        "uniform | geometric | logit_normal; unset: uniform (official DDSPO and paper, also on sana), logit_normal on sd3 (SD3's and the official DDSPO SD3 script's)",
     )
     timestep_gamma: float = opt(
         0.9,
         "geometric sampler: decay per 1 percent of the schedule, P(t) ∝ gamma^(100 (T-1-t)/T)",
     )
     timestep_weight: str = opt("none", "none | lambda (logit weight) | linear (loss weight)")
+    precondition_outputs: bool | None = opt(
+        None,
+        "flow backbones (sana, sd3): compare x0 = x_t - sigma * v predictions with x0 targets instead of velocities (SD3's 'precondition outputs'); unset: on for sd3 (the official DDSPO SD3 trainer's default and script), off elsewhere",
+    )
     ref_update: str = opt("frozen", "frozen | periodic (Kang et al. stable reference update)")
     ref_tau: int = opt(32, "periodic: copy the policy into the reference every tau optimizer steps")
     ref_delta: float = opt(0.005, "periodic: freeze once the divergence estimate exceeds delta")
@@ -241,6 +250,11 @@ class TrainConfig:
     @property
     def policy_pair(self) -> bool:
         return bool(self.winner_policy or self.loser_policy)
+
+    def lora_target_list(self) -> list[str] | None:
+        if self.lora_targets is None:
+            return None
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     def nan_steps(self) -> set[int]:
         return {int(s) for s in (self.debug_nan_steps or "").split(",") if s.strip()}
@@ -330,6 +344,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise UsageError(
                 "--target-guidance and a --winner/--loser-policy pair exclude each other"
             )
+    if cfg.lora_targets is not None and not (cfg.lora and cfg.lora_target_list()):
+        raise UsageError("--lora-targets needs --lora R and at least one module name")
     if cfg.rand_cond_prompts and cfg.method not in CPP_METHODS:
         raise UsageError("--rand-cond-prompts applies to ddspo and dspo_cpp only")
     _choice("rand-cond schedule", cfg.rand_cond_schedule, RAND_COND_SCHEDULES)
@@ -363,15 +379,21 @@ def _check_numbers(cfg: TrainConfig) -> None:
 def resolve_for_backbone(cfg: TrainConfig, backbone: str) -> TrainConfig:
     """Fill the defaults that depend on the backbone (known after loading with --pretrained)."""
     cfg = dataclasses.replace(cfg, backbone=backbone)
-    if not cfg.timestep_sampler:
-        cfg.timestep_sampler = "uniform"  # the paper and the official SANA script too
+    if cfg.precondition_outputs and backbone not in FLOW_BACKBONES:
+        raise UsageError(f"--precondition-outputs applies to flow backbones only, not {backbone}")
+    if cfg.precondition_outputs is None:
+        cfg.precondition_outputs = backbone == "sd3"
+    if not cfg.timestep_sampler:  # the paper and the official SANA script; SD3: its own
+        cfg.timestep_sampler = "logit_normal" if backbone == "sd3" else "uniform"
     _choice("timestep sampler", cfg.timestep_sampler, SAMPLERS)
     score_matching = cfg.method in SCORE_MATCHING_METHODS
     # the logistic methods' default beta; DSPO's logit is D-DPO's, DSPO+CPP's is DDSPO's
     logit_beta = (
-        (2000.0 if cfg.backbone == "sana" else 16000.0) if cfg.method in CPP_METHODS else DPO_BETA
+        (2000.0 if cfg.backbone in FLOW_BACKBONES else 16000.0)  # DDSPO paper: SANA, SD3 2000
+        if cfg.method in CPP_METHODS
+        else DPO_BETA
     )
-    if cfg.policy_pair and cfg.method in CPP_METHODS and cfg.backbone != "sana":
+    if cfg.policy_pair and cfg.method in CPP_METHODS and cfg.backbone not in FLOW_BACKBONES:
         logit_beta = PAIR_BETA  # DD-CPP: the official SD-1.x/SDXL pair runs use 8000, not 16000
     if cfg.beta is None:
         cfg.beta = DSPO_BETA if score_matching else logit_beta

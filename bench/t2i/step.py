@@ -9,6 +9,8 @@ Adafactor with the linear warmup.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from bench.t2i.backbones import Backbone, Cond
@@ -68,23 +70,26 @@ def compute_loss(
     c, c_neg, c_uncond = conds
     spec = method_spec(cfg.method)
     x_w, x_l = backbone.noise(x0_w, noise_w, t), backbone.noise(x0_l, noise_l, t)
-    y_w, y_l = backbone.target(x0_w, noise_w, t), backbone.target(x0_l, noise_l, t)
+    proc = loss_process(cfg, backbone)  # targets, and every prediction through proc.output
+    y_w, y_l = proc.target(x0_w, noise_w, t), proc.target(x0_l, noise_l, t)
     w = backbone.t_weight(cfg.timestep_weight, t)
     beta, beta_logit = (cfg.beta, cfg.beta_logit) if spec.score_matching else (cfg.beta, None)
     if not spec.preference:  # sft: one side only, forward-process targets
         if cfg.sft_branch == "loser":  # DD-CPP's losing model (official): x0_l with c
-            pred, target = backbone.forward(policy, x_l, t, c), y_l
+            x, cc, target = x_l, c, y_l
         elif cfg.sft_branch == "loser_neg":  # variant: x0_l with the loser's prompt c-
-            pred, target = backbone.forward(policy, x_l, t, c_neg), y_l
+            x, cc, target = x_l, c_neg, y_l
         else:  # the winners with c (also DD-CPP's winning model)
-            pred, target = backbone.forward(policy, x_w, t, c), y_w
+            x, cc, target = x_w, c, y_w
+        pred = proc.output(backbone.forward(policy, x, t, cc), x, t)
         out = method_loss(
             cfg.method, pred_w=pred, target_w=target, weight=w, weight_kind=cfg.timestep_weight
         )
         return out.loss, {}
 
     ref = _reference_rows(cfg, backbone, reference, spec, (x_w, x_l), conds, t, pair, swapped)
-    pred_w, pred_l = backbone.forward(policy, torch.cat([x_w, x_l]), t.repeat(2), c.cat(c)).chunk(2)
+    x_wl, t2 = torch.cat([x_w, x_l]), t.repeat(2)
+    pred_w, pred_l = proc.output(backbone.forward(policy, x_wl, t2, c.cat(c)), x_wl, t2).chunk(2)
     pair_w, pair_l = _contrastive_targets(cfg, backbone, ref, (x_w, x_l), c, t, pair)
     if swapped is not None:  # rand-cond: the contrastive targets on the swapped rows only
         if pair_w is None:
@@ -122,8 +127,9 @@ def _reference_rows(cfg, backbone, reference, spec, xs, conds, t, pair, swapped)
         names += ["w_uncond", "l_uncond"]
     xs_, cs = [rows[n][0] for n in names], [rows[n][1] for n in names]
     k = len(names)
-    out = reference(torch.cat(xs_), t.repeat(k), cs[0].cat(*cs[1:])).chunk(k)
-    return dict(zip(names, out, strict=True))
+    x_k, t_k = torch.cat(xs_), t.repeat(k)
+    out = loss_process(cfg, backbone).output(reference(x_k, t_k, cs[0].cat(*cs[1:])), x_k, t_k)
+    return dict(zip(names, out.chunk(k), strict=True))
 
 
 def _contrastive_targets(cfg, backbone, ref, xs, c, t, pair):
@@ -131,14 +137,30 @@ def _contrastive_targets(cfg, backbone, ref, xs, c, t, pair):
     method's own reference rows are the targets."""
     x_w, x_l = xs
     if pair is not None:  # any contrastive policy pair (paper Sec. 3.2)
+        out = loss_process(cfg, backbone).output
         with torch.no_grad():
-            return backbone.forward(pair[0], x_w, t, c), backbone.forward(pair[1], x_l, t, c)
+            return (
+                out(backbone.forward(pair[0], x_w, t, c), x_w, t),
+                out(backbone.forward(pair[1], x_l, t, c), x_l, t),
+            )
     if "w_uncond" in ref:  # guided reference targets (SPEC §2), a variant, not DDSPO
         return (
             cfg_combine(ref["w_uncond"], ref["w"], cfg.target_guidance),
             cfg_combine(ref["l_uncond"], ref["l_neg"], cfg.target_guidance),
         )
     return None, None
+
+
+def loss_process(cfg: TrainConfig, backbone: Backbone):
+    """The process whose ``target``/``output`` the loss compares: the backbone's, or with
+    ``--precondition-outputs`` (flow backbones) the x0-space one (x0 targets, predictions
+    ``x_t - sigma v``) for the policy, reference and policy-pair predictions alike. The guided
+    targets (``cfg_combine``) commute with it: the map is affine in the prediction."""
+    if not cfg.precondition_outputs:
+        return backbone.process
+    if not hasattr(backbone.process, "precondition_outputs"):
+        raise ValueError(f"--precondition-outputs needs a flow backbone, not {backbone.name}")
+    return dataclasses.replace(backbone.process, precondition_outputs=True)
 
 
 def drop_prompts(

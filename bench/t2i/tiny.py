@@ -13,9 +13,15 @@ so that the adapters in :mod:`bench.t2i.backbones` run the same code paths on th
 * ``sana`` – SANA: ``SanaTransformer2DModel`` (2 layers), ``AutoencoderDC`` (2 levels,
   factor 2; it builds and runs on CPU), a tiny ``Gemma2Model`` (SANA's real encoder family)
   with a byte-fallback ``GemmaTokenizer``, ``FlowMatchEulerDiscreteScheduler(shift=3.0)``.
+* ``sd3``  – SD3: ``SD3Transformer2DModel`` (2 joint blocks, patch 2) on 16-channel latents,
+  an ``AutoencoderKL`` with SD3's ``shift_factor`` and no quant convs, two
+  ``CLIPTextModelWithProjection`` (hidden 32 and 48, the CLIP-L/CLIP-G pair) with the
+  byte-level ``CLIPTokenizer``, a ``T5EncoderModel`` (d_model 96, wider than the CLIPs'
+  80 so the zero padding runs) with a ``T5Tokenizer`` built from an in-memory unigram
+  vocabulary, ``FlowMatchEulerDiscreteScheduler(shift=3.0)`` (SD3-medium's).
 
-Latents are 4 x 16 x 16 and images 32 x 32 for all three. On an idle 2-core CPU a UNet
-forward at batch 8 takes about 40 ms, the SANA transformer's about 6 ms.
+Latents are 16 x 16 with 4 channels (16 for sd3) and images 32 x 32 for all. On an idle
+2-core CPU a UNet forward at batch 8 takes about 40 ms, the SANA transformer's about 6 ms.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from bench.t2i.scorers import ClipScorer
 TINY_LATENT = 16  # latent side
 TINY_CHANNELS = 4  # latent channels
 TINY_TEXT_LEN = 24  # tokenizer max length (CLIP pads to it; SANA uses it as max_sequence_length)
+TINY_SD3_CHANNELS = 16  # SD3's latent channels
 
 
 def _byte_chars() -> list[str]:
@@ -79,13 +86,24 @@ def gemma_tokenizer(max_length: int = TINY_TEXT_LEN):
     )
 
 
-def _clip_text_config(with_projection: bool = False):
+def t5_tokenizer(max_length: int = TINY_TEXT_LEN):
+    """A ``T5Tokenizer`` (unigram) over letters, digits, punctuation and the ``▁`` word marker,
+    built from an in-memory vocabulary; other characters map to ``<unk>``."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-"
+    pieces += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def _clip_text_config(with_projection: bool = False, hidden: int = 32):
     from transformers import CLIPTextConfig
 
     kw = dict(
         vocab_size=514,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=TINY_TEXT_LEN,
@@ -94,7 +112,7 @@ def _clip_text_config(with_projection: bool = False):
         pad_token_id=513,
     )
     if with_projection:
-        kw["projection_dim"] = 32
+        kw["projection_dim"] = hidden
     return CLIPTextConfig(**kw)
 
 
@@ -138,6 +156,76 @@ def _vae_kl():
         norm_num_groups=8,
         sample_size=TINY_LATENT * 2,
         scaling_factor=0.18215,
+    )
+
+
+def _vae_sd3():
+    """SD3's VAE layout: 16 latent channels, a shift factor, no quant convs."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=TINY_SD3_CHANNELS,
+        norm_num_groups=8,
+        sample_size=TINY_LATENT * 2,
+        scaling_factor=1.5305,  # SD3-medium's
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _sd3_components(build, prediction_type: str | None) -> dict[str, Any]:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    if prediction_type not in (None, "flow"):
+        raise ValueError(f"sd3 is a flow model; prediction_type {prediction_type!r} is invalid")
+    tok3 = t5_tokenizer()
+    t5_cfg = T5Config(
+        vocab_size=len(tok3),
+        d_model=96,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    clip_l, clip_g = _clip_text_config(True, hidden=32), _clip_text_config(True, hidden=48)
+    return dict(
+        transformer=build(
+            0,
+            lambda: SD3Transformer2DModel(
+                sample_size=TINY_LATENT,
+                patch_size=2,
+                in_channels=TINY_SD3_CHANNELS,
+                out_channels=TINY_SD3_CHANNELS,
+                num_layers=2,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=t5_cfg.d_model,
+                caption_projection_dim=32,
+                pooled_projection_dim=clip_l.projection_dim + clip_g.projection_dim,
+                pos_embed_max_size=TINY_LATENT,
+            ),
+        ),
+        vae=_frozen(build(1, _vae_sd3)),
+        text_encoder=_frozen(build(2, lambda: CLIPTextModelWithProjection(clip_l))),
+        text_encoder_2=_frozen(build(3, lambda: CLIPTextModelWithProjection(clip_g))),
+        text_encoder_3=_frozen(build(4, lambda: T5EncoderModel(t5_cfg))),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        tokenizer_3=tok3,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
     )
 
 
@@ -199,6 +287,8 @@ def tiny_components(name: str, seed: int = 0, prediction_type: str | None = None
                 tokenizer_2=clip_tokenizer(),
                 scheduler=_ddim(prediction_type or "epsilon"),
             )
+        if name == "sd3":
+            return _sd3_components(build, prediction_type)
         from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
         from transformers import Gemma2Config, Gemma2Model
 

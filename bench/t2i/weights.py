@@ -17,21 +17,42 @@ from bench.t2i.checkpoint import FILES_KEY, STATE_FILE, file_sizes
 from bench.t2i.reference import Reference, trainable_state
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (UNet and SANA)
+#: the text stream's projections of joint (MMDiT) attention, targeted where the network has
+#: them (SD3), as the official DDSPO SD3 adapter and diffusers' SD3 LoRA script do
+JOINT_LORA_TARGETS = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 LORA_STATE = "lora_state.safetensors"  # exact trainable tensors, for --resume
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file (load_lora_weights)
 
 
-def add_lora(net: torch.nn.Module, rank: int, alpha: float) -> None:
-    """peft LoRA through diffusers' adapter API; only the adapters train."""
+def lora_targets(net: torch.nn.Module) -> list[str]:
+    """:data:`LORA_TARGETS`, plus the :data:`JOINT_LORA_TARGETS` that ``net`` has."""
+    names = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+    joint = [t for t in JOINT_LORA_TARGETS if any(n.rsplit(".", 1)[-1] == t for n in names)]
+    return LORA_TARGETS + joint
+
+
+def add_lora(
+    net: torch.nn.Module, rank: int, alpha: float | None, targets: list[str] | None = None
+) -> None:
+    """peft LoRA through diffusers' adapter API on ``targets`` (default :func:`lora_targets`);
+    only the adapters train. A target no module of ``net`` has is a ``ValueError``."""
     from peft import LoraConfig
 
+    if targets is not None:
+        names = {n.rsplit(".", 1)[-1] for n, _ in net.named_modules()}
+        names |= {".".join(n.rsplit(".", 2)[-2:]) for n, _ in net.named_modules()}  # to_out.0
+        missing = [t for t in targets if t not in names]
+        if missing or not targets:
+            raise ValueError(
+                f"--lora-targets: no module named {missing or targets} in the denoiser"
+            )
     net.requires_grad_(False)
     net.add_adapter(
         LoraConfig(
             r=rank,
             lora_alpha=alpha or rank,
             init_lora_weights="gaussian",
-            target_modules=LORA_TARGETS,
+            target_modules=list(targets) if targets is not None else lora_targets(net),
         )
     )
 
@@ -55,9 +76,14 @@ def save_lora(backbone, policy: torch.nn.Module, out: Path) -> None:
     save_file(
         {n: p.detach().contiguous() for n, p in trainable_state(policy).items()}, out / LORA_STATE
     )
-    layers = fold_lora_scale(
-        convert_state_dict_to_diffusers(get_peft_model_state_dict(policy)), policy
-    )
+    peft_layers = get_peft_model_state_dict(policy)
+    layers = convert_state_dict_to_diffusers(peft_layers)
+    if any(".lora_A." in k for k in layers):
+        # the legacy names cover to_q/k/v/out only; diffusers' loader picks the format from
+        # the first key, so a mixed file (SD3's joint-attention targets) loses keys: keep
+        # peft's names throughout, as diffusers' own SD3 LoRA script writes them
+        layers = peft_layers
+    layers = fold_lora_scale(layers, policy)
     pipeline = getattr(diffusers, backbone.pipeline_class)
     pipeline.save_lora_weights(out, **{f"{backbone.denoiser_subfolder}_lora_layers": layers})
 
