@@ -1,23 +1,7 @@
 """Build a label-free preference-pair dataset with prompt perturbation (DDSPO Sec. 3.3, 4.4).
 
-For each prompt ``c`` a degraded prompt ``c-`` is made (random word removal or a local
-LLM rewrite, :mod:`minddspo.perturb`), images are sampled with the backbone's own sampler
-(batched classifier-free guidance), and their latents are stored in the format of
-:mod:`bench.t2i.pairdata`. Variants (SPEC §5):
-
-* ``paired``        x0_w from c, x0_l from c- (both from the *same* initial noise, so the
-                    pair differs only through the prompt); loser prompt c-.
-* ``not_paired``    x0_l is the winner image of another random prompt c_j; loser prompt c-
-                    (the degraded *original* prompt).
-* ``rand_positive`` x0_l is the winner image x0_+ of another random prompt c+ = c_j; loser
-                    prompt c+.
-
-Every image, degraded prompt and partner is a function of ``(seed, prompt index)`` only
-(:func:`bench.t2i.backbones.prompt_generator`; the partner's winner is regenerated from its own
-seed), so shards can be made in any order, on any rank, and skipped when already on disk:
-a shard is written to a temporary name and renamed, and a rerun skips finished shards.
-Under ``torchrun`` rank r makes shards k with ``k % world == r``; after a barrier rank 0
-merges the shard headers into ``metadata.jsonl`` and ``info.json``.
+The command over :func:`bench.t2i.pairs.build_pairs` (variants, seeding and resuming are
+described there). Under ``torchrun`` rank r makes shards k with ``k % world == r``.
 
     python bench/make_pairs.py --tiny sd --out runs/pairs-tiny
     python bench/make_pairs.py --pretrained /models/sd15 --prompts prompts.txt --out data/sd15

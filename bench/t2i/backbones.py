@@ -103,6 +103,17 @@ def prompt_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
 
 
+def token_ids(tok, prompts: list[str], max_length: int | None = None) -> Tensor:
+    """``prompts`` padded (right) and truncated to ``max_length`` (default: the tokenizer's)."""
+    return tok(
+        prompts,
+        padding="max_length",
+        max_length=max_length or tok.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 def _param_dtype(net: torch.nn.Module) -> torch.dtype:
     return next(net.parameters()).dtype
 
@@ -397,14 +408,7 @@ class SDBackbone(Backbone):
 
     def _encode(self, prompts: list[str]) -> Cond:
         tok, enc = self.components["tokenizer"], self.components["text_encoder"]
-        ids = tok(
-            prompts,
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        h = enc(ids.to(enc.device))[0]  # (B, L, D)
+        h = enc(token_ids(tok, prompts).to(enc.device))[0]  # (B, L, D)
         return Cond({"encoder_hidden_states": h})
 
     def _forward(self, net, x_t, t, cond):
@@ -439,14 +443,7 @@ class SDXLBackbone(Backbone):
         hs, pooled = [], None
         for tk, ek in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
             tok, enc = self.components[tk], self.components[ek]
-            ids = tok(
-                prompts,
-                padding="max_length",
-                max_length=tok.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            out = enc(ids.to(enc.device), output_hidden_states=True)
+            out = enc(token_ids(tok, prompts).to(enc.device), output_hidden_states=True)
             hs.append(out.hidden_states[-2])
             pooled = out[0]  # text_embeds of the projection model, (B, P)
         h = torch.cat(hs, dim=-1)  # (B, L, D1 + D2)
@@ -638,13 +635,7 @@ class SD3Backbone(Backbone):
         hs, pooled = [], []
         for tk, ek in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
             tok, enc = self.components[tk], self.components[ek]
-            ids = tok(
-                prompts,
-                padding="max_length",
-                max_length=clip_len,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
+            ids = token_ids(tok, prompts, clip_len)
             out = enc(ids.to(enc.device), output_hidden_states=True)
             hs.append(out.hidden_states[-2])  # (B, L, D_i)
             pooled.append(out[0])  # text_embeds, (B, P_i)

@@ -142,10 +142,11 @@ def _unet(cross_attention_dim: int, sdxl: bool):
     )
 
 
-def _vae_kl():
+def _vae_kl(**overrides):
+    """SD's tiny VAE (4 latent channels); ``overrides`` change its config (SD3's layout)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    config = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 2,
@@ -157,22 +158,13 @@ def _vae_kl():
         sample_size=TINY_LATENT * 2,
         scaling_factor=0.18215,
     )
+    return AutoencoderKL(**(config | overrides))
 
 
 def _vae_sd3():
     """SD3's VAE layout: 16 latent channels, a shift factor, no quant convs."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
+    return _vae_kl(
         latent_channels=TINY_SD3_CHANNELS,
-        norm_num_groups=8,
-        sample_size=TINY_LATENT * 2,
         scaling_factor=1.5305,  # SD3-medium's
         shift_factor=0.0609,
         use_quant_conv=False,
