@@ -116,6 +116,7 @@ COMMANDS = [
     "bench.bench_step",
     "bench.import_pairs",
     "bench.train_policy_pair",
+    "bench.digits.__main__",
     "toy2d.run",
     "toy2d.sweep",
     "toy2d.bench",

@@ -1,15 +1,27 @@
-"""Batched vs one-model-at-a-time toy sweep, timed side by side in one process.
+"""Toy sweep speed, old and new batched path side by side in one process.
 
-    python -m toy2d.bench [--seeds 3] [--naive-subset 0]    (or: python bench/bench_toy.py ...)
+    python -m toy2d.bench [--seeds 3] [--steps 400] [--repeats 1]   (or: python bench/bench_toy.py)
 
-1. the single-run path (``toy2d.run`` with a cached reference, timed in-process);
-2. the default sweep (dpo, dspo, ddspo x N {12,120,1200} x beta {200,400,800} x seeds),
-   batched: every fine-tune is a member of one stacked model (``toy2d.train.finetune``);
-3. the same fine-tunes one at a time (``finetune([run])`` in a plain loop, M = 1).
+The workload is the issue-14 one: dpo, dspo, ddspo x N {12,120,1200} x beta {200,400,800} x
+seeds (81 fine-tunes for 3 seeds) as one stacked model, pair generation included, then 256
+DDIM samples per class for every run. It is timed twice, alternately:
 
-Both paths share the references (cached first, not timed) and run the same code, so the
-ratio isolates the batching. With ``--naive-subset K > 0`` only K naive fine-tunes are
-timed and the full naive time is *extrapolated* (the output says so).
+* ``old``: the autograd path (``toy2d.train._finetune_autograd``, ``sample(_fast=False)``);
+* ``new``: the default path (``toy2d.train.finetune``, ``sample``) -- hand-written backward,
+  fused bias matmuls, reused buffers, one flat Adam; the same float32 numbers, bit for bit
+  (the script checks it on the parameters and samples).
+
+FLOPs are counted, not estimated: every matrix product the path dispatches (``bmm``,
+``baddbmm``, ``mm``, ``addmm``; ``matmul`` lowers to them) is logged by a
+``TorchDispatchMode`` as ``2 b m k n``, on 1- and 2-step runs (extrapolated linearly to
+``--steps``) and on the sampling call. Elementwise work is not counted. The "bmm floor" replays
+the logged shapes of one new-path step as plain ``torch.bmm`` calls on random data: its
+GFLOP/s is what the matmuls alone reach, so ``FLOPs / floor rate`` is the time the sweep would
+take if nothing but its matmuls ran.
+
+With ``--naive`` the same fine-tunes also run one at a time (M = 1, new path), as before
+issue 14 (``--naive-subset K``: time K of them and extrapolate). ``--single-run`` also times
+one ``toy2d.run`` in-process (cached reference).
 """
 
 from __future__ import annotations
@@ -18,66 +30,195 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from .train import (
-    FinetuneConfig,
-    Run,
-    ToySetup,
-    finetune,
-    load_references,
-    sample,
-)
+from . import train as tt
+from .train import FinetuneConfig, Run, ToySetup, finetune, load_references, sample
+
+aten = torch.ops.aten
+_MATMULS = {aten.bmm: (0, 1), aten.mm: (0, 1), aten.baddbmm: (1, 2), aten.addmm: (1, 2)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--naive-subset", type=int, default=0, help="0: time every naive fine-tune")
-    args = p.parse_args(argv)
-    setup, ft = ToySetup(), FinetuneConfig()
-    seeds = list(range(args.seeds))
-    runs = [
+class MatmulLog(TorchDispatchMode):
+    """Logs ``(b, m, k, n)`` of every matrix product dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, int, int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        pos = _MATMULS.get(func.overloadpacket)
+        if pos is not None:
+            a, b = args[pos[0]], args[pos[1]]
+            if a.dim() == 2:
+                self.shapes.append((1, a.shape[0], a.shape[1], b.shape[1]))
+            else:
+                self.shapes.append((a.shape[0], a.shape[1], a.shape[2], b.shape[2]))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def flops(self) -> int:
+        return sum(2 * b * m * k * n for b, m, k, n in self.shapes)
+
+
+def workload(seeds: list[int]) -> list[Run]:
+    return [
         Run(m, n, b, s)
         for s in seeds
         for m in ("dpo", "dspo", "ddspo")
         for n in (12, 120, 1200)
         for b in (200.0, 400.0, 800.0)
     ]
+
+
+def _paths():
+    old = (tt._finetune_autograd, lambda *a: sample(*a, _fast=False))
+    return {"old": old, "new": (finetune, sample)}
+
+
+def count_flops(setup, ft, runs, refs, path) -> tuple[int, int, list]:
+    """``(fine-tune FLOPs at ft.steps, sampling FLOPs, one step's matmul shapes)``."""
+    fine, samp = path
+    logs = []
+    for steps in (1, 2):
+        with MatmulLog() as log:
+            params, _ = fine(setup, replace(ft, steps=steps), runs, refs)
+        logs.append(log)
+    per_step = logs[1].shapes[len(logs[0].shapes) :]
+    total = logs[0].flops + (ft.steps - 1) * (logs[1].flops - logs[0].flops)
+    with MatmulLog() as slog:
+        samp(setup, params, [r.seed for r in runs], 256)
+    return total, slog.flops, per_step
+
+
+def bmm_rate(shapes: list[tuple[int, int, int, int]], repeats: int = 5) -> float:
+    """GFLOP/s of plain float32 ``torch.bmm`` over these shapes (best of ``repeats``)."""
+    ops = [(torch.randn(b, m, k), torch.randn(b, k, n)) for b, m, k, n in shapes]
+    flops = sum(2 * b * m * k * n for b, m, k, n in shapes)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for a, w in ops:
+            torch.bmm(a, w)
+        best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m toy2d.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 (27 fine-tunes each)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=FinetuneConfig().steps,
+        help="Adam steps per fine-tune (default: the sweep's; fewer for a quick look)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="time old and new this many times, alternately"
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
+    )
+    p.add_argument("--no-check", action="store_true", help="skip the old == new check")
+    p.add_argument("--no-flops", action="store_true", help="skip FLOP counting and the bmm floor")
+    p.add_argument(
+        "--naive", action="store_true", help="also time the fine-tunes one at a time (M = 1)"
+    )
+    p.add_argument(
+        "--naive-subset",
+        type=int,
+        default=0,
+        help="with --naive: time only this many one-at-a-time fine-tunes and extrapolate "
+        "(0: time every one)",
+    )
+    p.add_argument("--single-run", action="store_true", help="also time one toy2d.run in-process")
+    args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    setup, ft = ToySetup(), FinetuneConfig(steps=args.steps)
+    seeds = list(range(args.seeds))
+    runs = workload(seeds)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(f"workload: {len(runs)} fine-tunes x {ft.steps} steps (+ pairs) + sampling 256/class")
     t0 = time.perf_counter()
     refs = load_references(setup, seeds)
     print(f"references (cache or train, not counted below): {time.perf_counter() - t0:.1f} s")
 
-    from .run import main as run_main
+    paths, times, out = _paths(), {"old": [], "new": []}, {}
+    for _ in range(max(1, args.repeats)):
+        for name in ("old", "new"):
+            fine, samp = paths[name]
+            t0 = time.perf_counter()
+            params, _ = fine(setup, ft, runs, refs)
+            x, _ = samp(setup, params, [r.seed for r in runs], 256)
+            times[name].append(time.perf_counter() - t0)
+            out[name] = (params, x)
+    t_old, t_new = min(times["old"]), min(times["new"])
+    if not args.no_check:
+        (po, xo), (pn, xn) = out["old"], out["new"]
+        same = all(torch.equal(po[k], pn[k]) for k in po) and torch.equal(xo, xn)
+        note = (
+            ""
+            if torch.get_num_threads() == 1
+            else " (with > 1 thread the old path is not reproducible itself: torch's parallel "
+            "index_put_ accumulates in a varying order; bitwise equality holds at --threads 1)"
+        )
+        print(f"old == new (parameters and samples, bitwise): {same}{note}")
+    print(f"old batched path (autograd)      : {t_old:7.1f} s  {_all(times['old'])}")
+    print(f"new batched path (manual backward): {t_new:7.1f} s  {_all(times['new'])}")
+    print(f"speed-up old / new               : {t_old / t_new:7.2f}x")
 
-    t0 = time.perf_counter()
-    run_main(["--method", "ddspo", "--out", "runs/bench_toy_run"])
-    t_run = time.perf_counter() - t0
+    if not args.no_flops:
+        fo, so, _ = count_flops(setup, ft, runs, refs, paths["old"])
+        fn, sn, step_shapes = count_flops(setup, ft, runs, refs, paths["new"])
+        rate = bmm_rate(step_shapes)
+        print("matmul FLOPs counted by dispatch (fine-tune incl. pairs + sampling):")
+        print(
+            f"  old: {(fo + so) / 1e9:7.1f} GFLOP -> {(fo + so) / t_old / 1e9:6.1f} GFLOP/s achieved"
+        )
+        print(
+            f"  new: {(fn + sn) / 1e9:7.1f} GFLOP -> {(fn + sn) / t_new / 1e9:6.1f} GFLOP/s achieved"
+        )
+        print(
+            f"  bmm of one new step's shapes alone: {rate:6.1f} GFLOP/s "
+            f"-> matmul floor of the new path {(fn + sn) / rate / 1e9:.1f} s"
+        )
 
-    t0 = time.perf_counter()
-    params, _ = finetune(setup, ft, runs, refs)
-    sample(setup, params, [r.seed for r in runs], 256)
-    t_batched = time.perf_counter() - t0
+    if args.single_run:
+        from .run import main as run_main
 
-    todo = runs if args.naive_subset <= 0 else runs[:: max(1, len(runs) // args.naive_subset)]
-    t0 = time.perf_counter()
-    for r in todo:
-        one, _ = finetune(setup, ft, [r], refs)
-        sample(setup, one, [r.seed], 256)
-    t_naive_measured = time.perf_counter() - t0
-    t_naive = t_naive_measured * len(runs) / len(todo)
-    note = (
-        "measured"
-        if len(todo) == len(runs)
-        else (f"EXTRAPOLATED from {len(todo)} of {len(runs)} fine-tunes ({t_naive_measured:.1f} s)")
-    )
-    print(f"single toy2d.run (cached reference, in-process): {t_run:.1f} s")
-    print(f"{len(runs)} fine-tunes + sampling, batched   : {t_batched:7.1f} s")
-    print(f"{len(runs)} fine-tunes + sampling, one-by-one: {t_naive:7.1f} s  ({note})")
-    print(f"speed-up naive / batched: {t_naive / t_batched:.1f}x")
+        t0 = time.perf_counter()
+        run_main(["--method", "ddspo", "--out", "runs/bench_toy_run"])
+        print(f"single toy2d.run (cached reference, in-process): {time.perf_counter() - t0:.1f} s")
+
+    if args.naive:
+        k = args.naive_subset
+        todo = runs if k <= 0 else runs[:: max(1, len(runs) // k)]
+        t0 = time.perf_counter()
+        for r in todo:
+            one, _ = finetune(setup, ft, [r], refs)
+            sample(setup, one, [r.seed], 256)
+        measured = time.perf_counter() - t0
+        t_naive = measured * len(runs) / len(todo)
+        note = (
+            "measured"
+            if len(todo) == len(runs)
+            else f"EXTRAPOLATED from {len(todo)} of {len(runs)} fine-tunes ({measured:.1f} s)"
+        )
+        print(f"{len(runs)} fine-tunes + sampling, one-by-one: {t_naive:7.1f} s  ({note})")
+        print(f"speed-up one-by-one / new batched: {t_naive / t_new:.1f}x")
     return 0
+
+
+def _all(ts: list[float]) -> str:
+    return "" if len(ts) < 2 else "(runs: " + ", ".join(f"{t:.1f}" for t in ts) + ")"
 
 
 if __name__ == "__main__":

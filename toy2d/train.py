@@ -9,6 +9,13 @@ the same computation.
 
 Losses, schedules, timestep samplers/weights and the reference-update rule all come from
 :mod:`minddspo`; nothing here re-derives them.
+
+Speed (issue 14): :func:`train_references`, :func:`finetune` and :func:`sample` run the
+network through :mod:`toy2d.model`'s fast path (hand-written backward, fused bias matmuls,
+reused buffers, one flat Adam buffer) and autograd only through the loss; they give the same
+float32 numbers as the autograd implementations kept as :func:`_train_references_autograd`,
+:func:`_finetune_autograd` and ``sample(..., _fast=False)``, bit for bit
+(tests/test_toy_fast.py; ``python -m toy2d.bench`` times both side by side).
 """
 
 from __future__ import annotations
@@ -38,7 +45,22 @@ from .data import (
     run_seed,
     sample_train,
 )
-from .model import MLPConfig, Params, StackedAdam, forward, init_params, select
+from .model import (
+    FlatAdam,
+    FlatParams,
+    MLPConfig,
+    Params,
+    StackedAdam,
+    Workspace,
+    backward_train,
+    forward,
+    forward_fast,
+    forward_train,
+    init_params,
+    joint_table,
+    select,
+    step_denoiser,
+)
 
 PAIR_SOURCES = ("ref", "gt")
 # DSPO/DSPO+CPP's outside beta on the toy, fixed by `python -m toy2d.beta_search` on seeds
@@ -160,13 +182,106 @@ def _gather_stack(tensors: list[Tensor], idx: list[Tensor]) -> Tensor:
     return torch.stack([x[i] for x, i in zip(tensors, idx, strict=True)])
 
 
+class _Rows:
+    """Per-member data sets concatenated once, so that ``_gather_stack(sets, idx)`` is one
+    gather per step: ``take(X, idx) == _gather_stack([X_0, X_1, ...], idx)``."""
+
+    def __init__(self, sets: list[object]):
+        unique: dict[int, int] = {}  # id(set) -> its first row in the concatenation
+        self.sets, starts, n = [], [], 0
+        for s in sets:
+            if id(s) not in unique:
+                unique[id(s)] = n
+                self.sets.append(s)
+                n += _length(s)
+            starts.append(unique[id(s)])
+        self.start = torch.tensor(starts).unsqueeze(1)
+
+    def cat(self, get: Callable[[object], Tensor]) -> Tensor:
+        return torch.cat([get(s) for s in self.sets])
+
+    def rows(self, idx: list[Tensor]) -> Tensor:
+        return (torch.stack(idx) + self.start).reshape(-1)
+
+    @staticmethod
+    def take(table: Tensor, rows: Tensor, M: int) -> Tensor:
+        return table.index_select(0, rows).view(M, -1, *table.shape[1:])
+
+
+def _length(s: object) -> int:
+    return len(s.c) if isinstance(s, Pairs) else len(s[0])
+
+
+class _Noiser:
+    """``sched.add_noise(x0, eps, t)`` for float32 data with the ``a_t, s_t`` tables cast once:
+    the same values, without re-deriving the tables in float64 at every call."""
+
+    def __init__(self, sched: DDPMSchedule):
+        self.a = sched.alphas_cumprod.sqrt().float()
+        self.s = (1 - sched.alphas_cumprod).sqrt().float()
+
+    def __call__(self, t: Tensor, *x0s: Tensor, eps: Tensor) -> list[Tensor]:
+        a, s = self.a[t].unsqueeze(-1), self.s[t].unsqueeze(-1)
+        s_eps = s * eps
+        return [a * x0 + s_eps for x0 in x0s]
+
+
+def _output_grad(out: Tensor, loss_of: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """``(loss, d loss / d out)``, by autograd through the loss alone (the network's part
+    of the backward is :func:`toy2d.model.backward_train`)."""
+    leaf = out.detach().requires_grad_(True)
+    loss = loss_of(leaf)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), grad
+
+
 # ----------------------------------------------------------------- reference model
 
 
 def train_references(
     setup: ToySetup, seeds: list[int], progress: Callable[[int], None] | None = None
 ) -> Params:
-    """Train one reference per seed on its noisy set, all seeds in one batched loop."""
+    """Train one reference per seed on its noisy set, all seeds in one batched loop.
+
+    Hand-written backward and one flat Adam buffer; the same arithmetic as
+    :func:`_train_references_autograd`, so the cached entries do not depend on the path.
+    """
+    sched, T, rc, mlp = (
+        setup.schedule.build(),
+        setup.schedule.num_train_timesteps,
+        setup.ref,
+        setup.mlp,
+    )
+    gens = [generator("ref", s, cache_key(setup, s)) for s in seeds]
+    fp = FlatParams(init_params(mlp, gens))
+    data = [sample_train(setup.toy, s) for s in seeds]
+    src = _Rows(data)
+    X, Y, M = src.cat(lambda d: d[0]), src.cat(lambda d: d[1]), len(seeds)
+    opt, ws, noiser = FlatAdam(fp, torch.full((M,), rc.lr)), Workspace(), _Noiser(sched)
+    for _ in range(rc.steps):
+        idx = [
+            torch.randint(0, len(x), (rc.batch,), generator=g)
+            for (x, _), g in zip(data, gens, strict=False)
+        ]
+        t = torch.stack([torch.randint(0, T, (rc.batch,), generator=g) for g in gens])
+        eps = torch.stack([torch.randn(rc.batch, 2, generator=g) for g in gens])
+        rows = src.rows(idx)
+        x0, c = src.take(X, rows, M), src.take(Y, rows, M)
+        (xt,) = noiser(t, x0, eps=eps)
+        pred, saved = forward_train(fp.params, xt, t, c, mlp, ws)
+        _, g_out = _output_grad(pred, lambda p, eps=eps: _mean_error(p, eps).mean(1).sum())
+        backward_train(fp.params, saved, g_out, mlp, ws, fp.grads)
+        opt.step()
+        if progress:
+            progress(1)
+    return fp.detached_copy()
+
+
+def _train_references_autograd(
+    setup: ToySetup, seeds: list[int], progress: Callable[[int], None] | None = None
+) -> Params:
+    """The autograd implementation of :func:`train_references` (kept for the benchmark and
+    the equality tests)."""
     sched, T, rc = setup.schedule.build(), setup.schedule.num_train_timesteps, setup.ref
     gens = [generator("ref", s, cache_key(setup, s)) for s in seeds]
     params = init_params(setup.mlp, gens)
@@ -332,6 +447,37 @@ class FinetuneLog:
     final_implicit_acc: list[float]
 
 
+class _RefBlock:
+    """The reference forward of a subset of members, with its layer-1 table built once and
+    rebuilt only after one of them was copied from the policy (a frozen reference never)."""
+
+    def __init__(self, members: list[int], M: int):
+        self.members, self.whole = members, members == list(range(M))
+        self.params: Params | None = None
+        self.joint: Tensor | None = None
+        self.ws = Workspace()
+
+    def invalidate(self, due: list[int]) -> None:
+        if set(due) & set(self.members):
+            self.params = self.joint = None
+
+    def __call__(self, ref: Params, x: Tensor, t: Tensor, c: Tensor, mlp: MLPConfig) -> Tensor:
+        if self.params is None:
+            self.params = ref if self.whole else select(ref, self.members)
+            self.joint = joint_table(self.params, mlp)
+        if not self.whole:
+            x, t, c = x[self.members], t[self.members], c[self.members]
+        return forward_fast(self.params, x, t, c, mlp, self.joint, self.ws)
+
+
+def _scatter_members(out: Tensor, members: list[int], M: int) -> Tensor:
+    if len(members) == M:
+        return out
+    full = out.new_zeros(M, *out.shape[1:])  # rows of members that do not use them
+    full[members] = out
+    return full
+
+
 def finetune(
     setup: ToySetup,
     ft: FinetuneConfig,
@@ -339,7 +485,162 @@ def finetune(
     refs: dict[int, Params],
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Params, FinetuneLog]:
-    """Fine-tune one member per run from its seed's reference; returns stacked params."""
+    """Fine-tune one member per run from its seed's reference; returns stacked params.
+
+    The same computation as :func:`_finetune_autograd` (same draws, same float32 ops, so
+    the same parameters), with the network's backward written by hand
+    (:func:`toy2d.model.backward_train`), one flat Adam buffer, one gather per data tensor
+    per step, and the reference evaluated only on the rows a member's loss reads: none for
+    ``sft``, ``(x_t^w, c), (x_t^l, c)`` for all others and ``(x_t^l, c-)`` for the CPP
+    methods only, with its layer-1 table built once while the reference is frozen.
+    """
+    if any(r.method == "ref" for r in runs):
+        raise ValueError("'ref' is not fine-tuned")
+    sched, T, mlp = setup.schedule.build(), setup.schedule.num_train_timesteps, setup.mlp
+    snr = sched.snr()
+    M, B = len(runs), ft.batch
+    init = {k: torch.cat([refs[r.seed][k] for r in runs]) for k in refs[runs[0].seed]}
+    fp = FlatParams(init)
+    params = fp.params
+    ref = {k: v.clone() for k, v in init.items()}  # per-member reference (periodic updates)
+    opt = FlatAdam(fp, torch.tensor([ft.lr_for(r.beta) for r in runs]))
+    ws = Workspace()  # the policy's activations and gradients, reused every step
+    noiser = _Noiser(sched)
+    cache: dict[tuple[int, int], Pairs] = {}
+    for r in runs:  # one data set per (seed, N), shared by every method and beta
+        if (r.seed, r.n_pairs) not in cache:
+            cache[r.seed, r.n_pairs] = make_preference_pairs(
+                setup, ft.pairs, r.n_pairs, r.seed, refs[r.seed]
+            )
+    pairs = [cache[r.seed, r.n_pairs] for r in runs]
+    gens = [generator("finetune", *r.key()) for r in runs]
+    rules = [r.strategy.rule() for r in runs]
+    specs = [method_spec(r.method) for r in runs]
+    src = _Rows(pairs)
+    XW, XL = src.cat(lambda p: p.x_w), src.cat(lambda p: p.x_l)
+    C, CN = src.cat(lambda p: p.c), src.cat(lambda p: p.c_neg)
+    # ATen multiplies matrices of < 400 multiply-adds with its own loop instead of BLAS, and
+    # the two round differently; evaluating fewer rows than the autograd path's 3B is exact
+    # only when no product crosses that line (always at the toy's sizes, B=128, H=64)
+    split = 2 * mlp.hidden * B >= 400
+    ref_wl = _RefBlock([m for m in range(M) if specs[m].preference or not split], M)
+    ref_neg = _RefBlock([m for m in range(M) if specs[m].cpp and split], M)
+
+    # fixed probe set per member for the divergence estimate: winners, t ~ U, forward noise
+    pg = [generator("probe", *r.key()) for r in runs]
+    pidx = [
+        torch.randint(0, len(p.c), (ft.n_probe,), generator=g)
+        for p, g in zip(pairs, pg, strict=False)
+    ]
+    probe_t = torch.stack([torch.randint(0, T, (ft.n_probe,), generator=g) for g in pg])
+    probe_eps = torch.stack([torch.randn(ft.n_probe, 2, generator=g) for g in pg])
+    probe_x0 = _gather_stack([p.x_w for p in pairs], pidx)
+    probe_c = _gather_stack([p.c for p in pairs], pidx)
+    probe_xt = sched.add_noise(probe_x0, probe_eps, probe_t)
+    init_probe = forward_fast(init, probe_xt, probe_t, probe_c, mlp)
+
+    log = FinetuneLog([[] for _ in runs], [None] * M, [[] for _ in runs], [0.0] * M, [0.0] * M)
+    frozen = [False] * M
+    groups: dict[tuple, list[int]] = {}
+    for m, r in enumerate(runs):
+        groups.setdefault((r.method, r.beta, r.beta_out, r.strategy.timestep_weight), []).append(m)
+    group_idx = {key: torch.tensor(members) for key, members in groups.items()}
+    tail = max(1, ft.steps // 10)
+    loss_acc, iacc_acc = torch.zeros(M), torch.zeros(M)
+    for step in range(1, ft.steps + 1):
+        # per-member randomness, in a fixed order: batch indices, timesteps, noise
+        idx, ts, eps = [], [], []
+        for r, p, g in zip(runs, pairs, gens, strict=True):
+            idx.append(torch.randint(0, len(p.c), (B,), generator=g))
+            ts.append(sample_timesteps(r.strategy.timestep_sampler, B, T, g))
+            eps.append(torch.randn(B, 2, generator=g))
+        t, eps = torch.stack(ts), torch.stack(eps)  # (M, B), (M, B, 2)
+        rows = src.rows(idx)
+        x_w, x_l = src.take(XW, rows, M), src.take(XL, rows, M)
+        c, c_neg = src.take(C, rows, M), src.take(CN, rows, M)
+        xt_w, xt_l = noiser(t, x_w, x_l, eps=eps)  # winner and loser share t and eps
+        x2, t2, c2 = torch.cat([xt_w, xt_l], 1), t.repeat(1, 2), torch.cat([c, c], 1)
+        # f_ref(x_t^w, c), f_ref(x_t^l, c) where a loss reads them; f_ref(x_t^l, c-) for CPP
+        r_w = r_l = r_l_neg = eps.new_zeros(M, B, 2)
+        if not split:  # the autograd path's layout: all members, rows (w, l, l-)
+            x3, c3 = torch.cat([x2, xt_l], 1), torch.cat([c2, c_neg], 1)
+            r_w, r_l, r_l_neg = ref_wl(ref, x3, t.repeat(1, 3), c3, mlp).split(B, dim=1)
+        elif ref_wl.members:
+            r_w, r_l = _scatter_members(ref_wl(ref, x2, t2, c2, mlp), ref_wl.members, M).split(
+                B, dim=1
+            )
+        if ref_neg.members:
+            r_l_neg = _scatter_members(ref_neg(ref, xt_l, t, c_neg, mlp), ref_neg.members, M)
+        p_all, saved = forward_train(params, x2, t2, c2, mlp, ws)
+
+        p_all.requires_grad_(True)  # a leaf: autograd runs through the losses only
+        p_w, p_l = p_all.split(B, dim=1)
+        total = p_all.new_zeros(())
+        for key, members in groups.items():  # one loss call per (method, beta, weight)
+            g_idx, g = group_idx[key], len(members)
+            r0 = runs[members[0]]
+
+            def flat(z: Tensor, g_idx: Tensor = g_idx) -> Tensor:
+                return z[g_idx].reshape(-1, *z.shape[2:])  # (G B, ...)
+
+            kind = r0.strategy.timestep_weight
+            beta, beta_logit = r0.loss_scales(ft.beta_out)
+            out = method_loss(
+                r0.method,
+                pred_w=flat(p_w),
+                pred_l=flat(p_l),
+                ref_w=flat(r_w),
+                ref_l=flat(r_l),
+                ref_l_neg=flat(r_l_neg),
+                target_w=flat(eps),  # winner and loser share the forward noise
+                target_l=flat(eps),
+                beta=beta,
+                beta_logit=beta_logit,
+                weight=timestep_weight(kind, flat(t), T, snr),
+                weight_kind=kind,
+            )
+            per_member = out.loss.reshape(g, B).mean(1)  # (G,)
+            total = total + per_member.sum()  # members are independent
+            if step > ft.steps - tail:
+                loss_acc[g_idx] += per_member.detach() / tail
+                if method_spec(r0.method).preference:
+                    iacc_acc[g_idx] += out.implicit_acc.reshape(g, B).mean(1) / tail
+        (g_out,) = torch.autograd.grad(total, p_all)
+        backward_train(params, saved, g_out, mlp, ws, fp.grads)
+        opt.step()
+        due = [m for m in range(M) if rules[m].copy_due(step, frozen[m])]
+        if due:
+            with torch.no_grad():
+                for k in ref:
+                    ref[k][due] = params[k][due]
+                d_ref = forward_fast(
+                    select(ref, due), probe_xt[due], probe_t[due], probe_c[due], mlp
+                )
+            ref_wl.invalidate(due)
+            ref_neg.invalidate(due)
+            for j, m in enumerate(due):
+                D = float(divergence_estimate(d_ref[j], init_probe[m]))
+                log.copy_steps[m].append(step)
+                log.divergences[m].append((step, D))
+                if rules[m].freezes(D):
+                    frozen[m] = True
+                    log.freeze_step[m] = step
+        if progress:
+            progress(1)
+    log.final_loss = loss_acc.tolist()
+    log.final_implicit_acc = iacc_acc.tolist()
+    return fp.detached_copy(), log
+
+
+def _finetune_autograd(
+    setup: ToySetup,
+    ft: FinetuneConfig,
+    runs: list[Run],
+    refs: dict[int, Params],
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Params, FinetuneLog]:
+    """The autograd implementation of :func:`finetune` (kept for the benchmark and the
+    equality tests)."""
     if any(r.method == "ref" for r in runs):
         raise ValueError("'ref' is not fine-tuned")
     sched, T, mlp = setup.schedule.build(), setup.schedule.num_train_timesteps, setup.mlp
@@ -353,7 +654,7 @@ def finetune(
     for r in runs:  # one data set per (seed, N), shared by every method and beta
         if (r.seed, r.n_pairs) not in cache:
             cache[r.seed, r.n_pairs] = make_preference_pairs(
-                setup, ft.pairs, r.n_pairs, r.seed, refs[r.seed]
+                setup, ft.pairs, r.n_pairs, r.seed, refs[r.seed], _fast=False
             )
     pairs = [cache[r.seed, r.n_pairs] for r in runs]
     gens = [generator("finetune", *r.key()) for r in runs]
@@ -471,6 +772,8 @@ def denoise(
     gens: list[torch.Generator],
     sampler: str = "ddim",
     ddim_steps: int = 50,
+    *,
+    _fast: bool = True,
 ) -> Tensor:
     """Run the reverse process from noise ``x (M, n, 2)`` with classes ``c (M, n)``.
 
@@ -482,6 +785,9 @@ def denoise(
 
     def eps(x: Tensor, t: Tensor) -> Tensor:  # t (M,): one step for all members
         return forward(params, x, t[:, None].expand(M, n), c, mlp)
+
+    if _fast:  # the same values, with the tables built once for all steps
+        eps = step_denoiser(params, c, mlp)  # noqa: F811
 
     if sampler == "ddim":
         return ddim_sample(
@@ -510,6 +816,8 @@ def sample(
     n_per_class: int,
     sampler: str = "ddim",
     ddim_steps: int = 50,
+    *,
+    _fast: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Samples ``(M, K n, 2)`` and labels ``(K n,)``; member m's noise comes from its seed.
 
@@ -520,11 +828,11 @@ def sample(
     gens = [generator("sample", s, sampler) for s in seeds]
     x = torch.stack([torch.randn(len(labels), 2, generator=g) for g in gens])  # (M, n, 2)
     c = labels.expand(len(seeds), len(labels))
-    return denoise(setup, params, x, c, gens, sampler, ddim_steps), labels
+    return denoise(setup, params, x, c, gens, sampler, ddim_steps, _fast=_fast), labels
 
 
 def make_preference_pairs(
-    setup: ToySetup, source: str, n_pairs: int, seed: int, ref: Params
+    setup: ToySetup, source: str, n_pairs: int, seed: int, ref: Params, *, _fast: bool = True
 ) -> Pairs:
     """``N`` pairs per class: winner of class ``c``, loser of a neighbouring class ``c-``.
 
@@ -541,5 +849,5 @@ def make_preference_pairs(
     c = class_labels(setup.toy, n_pairs)
     c_neg = neighbour(c, setup.toy, g)
     z = torch.randn(1, 2 * len(c), 2, generator=g)
-    x = denoise(setup, ref, z, torch.cat([c, c_neg]).unsqueeze(0), [g])[0]
+    x = denoise(setup, ref, z, torch.cat([c, c_neg]).unsqueeze(0), [g], _fast=_fast)[0]
     return Pairs(x_w=x[: len(c)], x_l=x[len(c) :], c=c, c_neg=c_neg)

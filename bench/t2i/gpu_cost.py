@@ -457,8 +457,9 @@ def _notes(rows: Sequence[Row]) -> list[str]:
             )
         if rc.lora and arch.kind == "sd3":
             notes.append(
-                f"- {arch.label}: LoRA on the trainer's targets (to_q, to_k, to_v, to_out.0), "
-                "i.e. the image stream's attention projections only."
+                f"- {arch.label}: LoRA on the trainer's targets: to_q, to_k, to_v, to_out.0 and "
+                "the joint-attention add_q/k/v_proj, to_add_out (both streams), as the official "
+                "DDSPO SD3 adapter."
             )
         if mem.base_cast:
             notes.append(

@@ -1,0 +1,202 @@
+"""Issue 14: the fast toy path (hand-written backward, fused matmuls, reused buffers, flat
+Adam, cached tables) computes exactly what the autograd path computes -- bit for bit."""
+
+from functools import partial
+
+import pytest
+import torch
+from toy_helpers import TINY
+
+import toy2d.sweep as sweep_cli
+import toy2d.train as tt
+from toy2d.bench import MatmulLog, bmm_rate
+from toy2d.model import (
+    FlatAdam,
+    FlatParams,
+    MLPConfig,
+    StackedAdam,
+    StackedMLP,
+    Workspace,
+    backward_train,
+    forward,
+    forward_fast,
+    forward_train,
+    init_params,
+    joint_table,
+    param_names,
+    step_denoiser,
+)
+from toy2d.train import FinetuneConfig, Run, Strategy
+
+CFG = TINY.mlp  # hidden 16, temb 8, cemb 8, T 20, K 8
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes; a busy 2-core machine
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINDDSPO_CACHE", str(tmp_path / "cache"))
+
+
+def _inputs(cfg: MLPConfig, M: int, N: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    params = init_params(cfg, [torch.Generator().manual_seed(seed + m) for m in range(M)])
+    x = torch.randn(M, N, 2, generator=g)
+    t = torch.randint(0, cfg.num_train_timesteps, (M, N), generator=g)
+    c = torch.randint(0, cfg.num_classes, (M, N), generator=g)
+    return params, x, t, c
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fast_forwards_equal_forward_bitwise():
+    params, x, t, c = _inputs(CFG, 3, 37)
+    want = forward(params, x, t, c, CFG)
+    ws = Workspace()
+    assert torch.equal(forward_fast(params, x, t, c, CFG), want)
+    assert torch.equal(forward_fast(params, x, t, c, CFG, joint_table(params, CFG), ws), want)
+    assert torch.equal(forward_fast(params, x, t, c, CFG, ws=ws), want)  # buffers reused
+    assert torch.equal(forward_train(params, x, t, c, CFG, ws)[0], want)
+    # the sampler's denoiser: one timestep per member, fixed classes
+    ts = torch.tensor([0, 7, 19])
+    eps = step_denoiser(params, c, CFG)
+    assert torch.equal(eps(x, ts), forward(params, x, ts[:, None].expand(3, 37), c, CFG))
+
+
+@pytest.mark.parametrize("M, N", [(1, 5), (3, 37)])
+def test_backward_train_equals_autograd_bitwise(M, N):
+    params, x, t, c = _inputs(CFG, M, N, seed=M)
+    g_out = torch.randn(M, N, 2, generator=torch.Generator().manual_seed(9))
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    out = forward(leaves, x, t, c, CFG)
+    want = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), g_out), strict=True))
+    ws = Workspace()
+    for _ in range(2):  # the second pass reuses every buffer
+        pred, saved = forward_train(params, x, t, c, CFG, ws)
+        assert torch.equal(pred, out.detach())
+        assert _equal(backward_train(params, saved, g_out, CFG, ws), want)
+    fp = FlatParams(params)
+    pred, saved = forward_train(fp.params, x, t, c, CFG, ws)
+    backward_train(fp.params, saved, g_out, CFG, ws, fp.grads)  # into the flat buffer
+    assert _equal(fp.grads, want)
+
+
+def test_stacked_mlp_gradcheck_float64():
+    cfg = MLPConfig(num_classes=3, hidden=4, temb=4, cemb=2, num_train_timesteps=5)
+    params, x, t, c = _inputs(cfg, 2, 4)
+    values = tuple(params[k].double().requires_grad_(True) for k in param_names(cfg))
+    x = x.double()
+    assert torch.autograd.gradcheck(
+        lambda *v: StackedMLP.apply(x, t, c, cfg, *v), values, eps=1e-6, atol=1e-6
+    )
+
+
+def test_flat_adam_equals_stacked_adam_bitwise():
+    params, x, t, c = _inputs(CFG, 3, 16)
+    lr = torch.tensor([1e-3, 3e-2, 5e-4])
+    plain = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt_a, fp = StackedAdam(plain, lr), FlatParams(params)
+    opt_b = FlatAdam(fp, lr)
+    for _ in range(4):
+        la = forward(plain, x, t, c, CFG).pow(2).sum()
+        opt_a.step(dict(zip(plain, torch.autograd.grad(la, list(plain.values())), strict=True)))
+        pred, saved = forward_train(fp.params, x, t, c, CFG)
+        backward_train(fp.params, saved, 2 * pred, CFG, out=fp.grads)  # d sum(p^2) / dp
+        opt_b.step()
+    assert _equal({k: v.detach() for k, v in plain.items()}, fp.params)
+
+
+RUNS = [
+    Run("dpo", 3, 400.0, 0),
+    Run("ddspo", 5, 200.0, 1),
+    Run("dspo", 3, 800.0, 0),
+    Run("sft", 2, 400.0, 1),
+    Run("dspo_cpp", 2, 400.0, 0, Strategy(timestep_sampler="geometric", timestep_weight="lambda")),
+    Run("ddspo", 3, 400.0, 1, Strategy(ref_update="periodic", ref_tau=2, timestep_weight="linear")),
+    Run("dspo", 3, 400.0, 1, Strategy(ref_update="periodic", ref_tau=3), beta_out=0.1),
+]
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [RUNS, [RUNS[1], RUNS[5]], [RUNS[3]], [RUNS[0]]],
+    ids=["all-methods", "cpp-only", "sft-only", "dpo-only"],
+)
+@pytest.mark.parametrize("batch", [16, 8])  # 8: below ATen's small-matrix line, 3B rows
+def test_finetune_equals_autograd_path_bitwise(runs, batch):
+    refs = tt.load_references(TINY, [0, 1])
+    ft = FinetuneConfig(steps=7, batch=batch, n_probe=16, lr=3e-3)
+    new, nlog = tt.finetune(TINY, ft, runs, refs)
+    old, olog = tt._finetune_autograd(TINY, ft, runs, refs)
+    assert _equal(new, old)
+    assert nlog == olog  # losses, implicit accuracies, copies, divergences, freezes
+    assert not _equal(new, {k: torch.cat([refs[r.seed][k] for r in runs]) for k in new})
+
+
+def test_references_equal_autograd_path_bitwise():
+    assert _equal(tt.train_references(TINY, [0, 2]), tt._train_references_autograd(TINY, [0, 2]))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_and_pairs_equal_old_path_bitwise(sampler):
+    params = init_params(CFG, [torch.Generator().manual_seed(s) for s in range(3)])
+    new, labels = tt.sample(TINY, params, [0, 1, 0], 3, sampler, ddim_steps=7)
+    old, labels_old = tt.sample(TINY, params, [0, 1, 0], 3, sampler, ddim_steps=7, _fast=False)
+    assert torch.equal(new, old) and torch.equal(labels, labels_old)
+    one = {k: v[:1] for k, v in params.items()}
+    a = tt.make_preference_pairs(TINY, "ref", 4, 0, one)
+    b = tt.make_preference_pairs(TINY, "ref", 4, 0, one, _fast=False)
+    assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("x_w", "x_l", "c", "c_neg"))
+
+
+def test_sweep_results_equal_old_path(monkeypatch):
+    """The sweep's CSV rows (every metric, loss, accuracy, divergence) on a reduced grid."""
+
+    def rows():
+        ft = FinetuneConfig(steps=4, batch=8, n_probe=8)
+        args = (["ref", "sft", "dpo", "dspo", "dspo_cpp", "ddspo"], [2, 3], [200.0, 400.0])
+        strategies = [Strategy(), Strategy(ref_update="periodic", ref_tau=2)]
+        out, samples, _ = sweep_cli.run_sweep(
+            TINY, ft, *args, [0, 1], strategies, 6, "ddim", progress=False
+        )
+        return out, samples
+
+    new_rows, new_samples = rows()
+    monkeypatch.setattr(sweep_cli, "finetune", tt._finetune_autograd)
+    monkeypatch.setattr(tt, "sample", partial(tt.sample, _fast=False))
+    old_rows, old_samples = rows()
+    assert new_rows == old_rows
+    assert new_samples.keys() == old_samples.keys()
+    assert all((new_samples[k] == old_samples[k]).all() for k in new_samples)
+
+
+def test_matmul_log_counts_products():
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    with MatmulLog() as log:
+        torch.bmm(a, b)
+        torch.baddbmm(torch.zeros(2, 1, 5), a, b)
+        torch.matmul(torch.randn(3, 4), b)  # lowers to bmm/mm
+        a.sum()
+    assert log.shapes[:2] == [(2, 3, 4, 5), (2, 3, 4, 5)] and len(log.shapes) == 3
+    assert log.flops == 3 * 2 * 2 * 3 * 4 * 5
+    assert bmm_rate(log.shapes, repeats=1) > 0
+
+
+def test_backward_train_reproducible_with_threads():
+    """torch's parallel index_put_(accumulate=True) adds colliding rows in a varying order;
+    the layer-1 table gradients are accumulated serially, so two threads give the one-thread
+    result, every time (full-size widths, where the kernel does go parallel)."""
+    cfg, threads = MLPConfig(), torch.get_num_threads()
+    params, x, t, c = _inputs(cfg, 81, 128)
+    g = torch.randn(81, 128, 2, generator=torch.Generator().manual_seed(3))
+    try:
+        torch.set_num_threads(1)
+        want = backward_train(params, forward_train(params, x, t, c, cfg)[1], g, cfg)
+        torch.set_num_threads(2)
+        for _ in range(3):
+            got = backward_train(params, forward_train(params, x, t, c, cfg)[1], g, cfg)
+            assert _equal(got, want)
+            assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(threads)
