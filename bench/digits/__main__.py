@@ -2,66 +2,55 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from bench.t2i.cli import opt, parse
 
 from . import experiment, report, scenes
 from .util import StageError, write_json
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="python -m bench.digits",
-        description="Table 1 on a laptop: train (once, cached) a tiny Stable Diffusion on "
-        "scenes of real handwritten digits, build Rand-removal preference pairs, fine-tune "
-        "with each method, sample held-out prompts and score them exactly with DigitEval. "
-        "Resumable: rerun the same command to continue.",
+@dataclass
+class DigitsArgs:
+    seeds: int = opt(3, "number of evaluation seeds (first-seed .. first-seed + N - 1)")
+    first_seed: int = opt(0, "first evaluation seed")
+    out: str = opt("runs/digits", "run directory", metavar="DIR")
+    cache: str | None = opt(
+        None, "cache of base models and scorer (default: OUT/cache)", metavar="DIR"
     )
-    p.add_argument("--seeds", type=int, default=3, help="number of evaluation seeds (0..N-1)")
-    p.add_argument("--first-seed", type=int, default=0, help="first evaluation seed")
-    p.add_argument("--out", type=Path, default=Path("runs/digits"), help="run directory")
-    p.add_argument(
-        "--cache",
-        type=Path,
-        default=None,
-        help="cache of base models and scorer (default OUT/cache)",
+    preset: str = opt("full", "full benchmark or smoke test", choices=("full", "smoke"))
+    methods: str | None = opt(
+        None, f"comma-separated subset of {','.join(experiment.METHODS)} (default: the preset's)"
     )
-    p.add_argument(
-        "--preset", choices=("full", "smoke"), default="full", help="full benchmark or smoke test"
+    publish: str | None = opt(
+        None, "also copy table1.md, grid.png, results.json here", metavar="DIR"
     )
-    p.add_argument(
-        "--methods",
-        default=None,
-        help=f"comma-separated subset of {','.join(experiment.METHODS)} (default: the preset's)",
+    threads: int = opt(1, "torch threads per process (1 is fastest on a busy CPU)")
+    lr_scale: float | None = opt(
+        None, "fine-tune lr = trainer default x this (default: the preset's rule, base lr / 1e-4)"
     )
-    p.add_argument(
-        "--publish",
-        type=Path,
-        default=None,
-        help="also copy table1.md, grid.png, results.json here",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads per process (1 is fastest on a busy CPU)",
-    )
-    p.add_argument(
-        "--lr-scale",
-        type=float,
-        default=None,
-        help="fine-tune lr = trainer default x this (default: the preset's rule, base lr / 1e-4)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    progress: bool = opt(True, "progress bars (--no-progress: none)")
 
 
-def check_args(a) -> experiment.RunConfig:
+DESCRIPTION = (
+    "Table 1 on a laptop: train (once, cached) a tiny Stable Diffusion on scenes of real "
+    "handwritten digits, build Rand-removal preference pairs, fine-tune with each method, "
+    "sample held-out prompts and score them exactly with DigitEval. Resumable: rerun the same "
+    "command to continue."
+)
+
+
+def parse_args(argv) -> DigitsArgs:
+    return parse(DigitsArgs, argv, prog="python -m bench.digits", description=DESCRIPTION)
+
+
+def check_args(a: DigitsArgs) -> experiment.RunConfig:
     """The run config; ValueError (one line) on bad input."""
     if a.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {a.seeds}")
@@ -79,7 +68,7 @@ def check_args(a) -> experiment.RunConfig:
         if not a.lr_scale > 0:
             raise ValueError(f"--lr-scale must be > 0, got {a.lr_scale}")
         cfg = dataclasses.replace(cfg, lr_scale=a.lr_scale)
-    experiment.check_out_config(cfg, a.out)
+    experiment.check_out_config(cfg, Path(a.out))
     return cfg
 
 
@@ -114,27 +103,29 @@ def write_report(out: Path, cfg, seeds: list[int], info: dict, publish: Path | N
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
     try:
+        a = parse_args(argv)
         cfg = check_args(a)
-    except ValueError as e:
+    except ValueError as e:  # UsageError included
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.environ["OMP_NUM_THREADS"] = str(a.threads)  # inherited by the project's commands
     import torch
 
     torch.set_num_threads(a.threads)
+    out = Path(a.out)
     seeds = list(range(a.first_seed, a.first_seed + a.seeds))
-    runner = experiment.Runner(cfg, a.out, a.cache or a.out / "cache", not a.no_progress)
+    runner = experiment.Runner(cfg, out, Path(a.cache) if a.cache else out / "cache", a.progress)
     t0 = time.perf_counter()
     try:
         info = runner.run(seeds)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    table = write_report(a.out, cfg, seeds, info, a.publish)
+    publish = Path(a.publish) if a.publish else None
+    table = write_report(out, cfg, seeds, info, publish)
     print(table.read_text())
-    print(f"done in {time.perf_counter() - t0:.0f} s; {a.out / 'results.json'}")
+    print(f"done in {time.perf_counter() - t0:.0f} s; {out / 'results.json'}")
     return 0
 
 
