@@ -107,7 +107,7 @@ def bmm_rate(shapes: list[tuple[int, int, int, int]], repeats: int = 5) -> float
     return flops / best / 1e9
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m toy2d.bench",
         description=__doc__,
@@ -139,20 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         "(0: time every one)",
     )
     p.add_argument("--single-run", action="store_true", help="also time one toy2d.run in-process")
-    args = p.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    setup, ft = ToySetup(), FinetuneConfig(steps=args.steps)
-    seeds = list(range(args.seeds))
-    runs = workload(seeds)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    print(f"workload: {len(runs)} fine-tunes x {ft.steps} steps (+ pairs) + sampling 256/class")
-    t0 = time.perf_counter()
-    refs = load_references(setup, seeds)
-    print(f"references (cache or train, not counted below): {time.perf_counter() - t0:.1f} s")
+    return p.parse_args(argv)
 
+
+def time_paths(setup, ft, runs, refs, repeats: int, check: bool) -> tuple[float, float]:
+    """Old and new path, alternately, best of ``repeats``; prints the times and the ratio."""
     paths, times, out = _paths(), {"old": [], "new": []}, {}
-    for _ in range(max(1, args.repeats)):
+    for _ in range(max(1, repeats)):
         for name in ("old", "new"):
             fine, samp = paths[name]
             t0 = time.perf_counter()
@@ -161,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(time.perf_counter() - t0)
             out[name] = (params, x)
     t_old, t_new = min(times["old"]), min(times["new"])
-    if not args.no_check:
+    if check:
         (po, xo), (pn, xn) = out["old"], out["new"]
         same = all(torch.equal(po[k], pn[k]) for k in po) and torch.equal(xo, xn)
         note = (
@@ -174,46 +167,65 @@ def main(argv: list[str] | None = None) -> int:
     print(f"old batched path (autograd)      : {t_old:7.1f} s  {_all(times['old'])}")
     print(f"new batched path (manual backward): {t_new:7.1f} s  {_all(times['new'])}")
     print(f"speed-up old / new               : {t_old / t_new:7.2f}x")
+    return t_old, t_new
 
+
+def report_flops(setup, ft, runs, refs, t_old: float, t_new: float) -> None:
+    """Matmul FLOPs of both paths, their achieved rate and the bmm-only floor."""
+    paths = _paths()
+    fo, so, _ = count_flops(setup, ft, runs, refs, paths["old"])
+    fn, sn, step_shapes = count_flops(setup, ft, runs, refs, paths["new"])
+    rate = bmm_rate(step_shapes)
+    print("matmul FLOPs counted by dispatch (fine-tune incl. pairs + sampling):")
+    print(f"  old: {(fo + so) / 1e9:7.1f} GFLOP -> {(fo + so) / t_old / 1e9:6.1f} GFLOP/s achieved")
+    print(f"  new: {(fn + sn) / 1e9:7.1f} GFLOP -> {(fn + sn) / t_new / 1e9:6.1f} GFLOP/s achieved")
+    print(
+        f"  bmm of one new step's shapes alone: {rate:6.1f} GFLOP/s "
+        f"-> matmul floor of the new path {(fn + sn) / rate / 1e9:.1f} s"
+    )
+
+
+def time_naive(setup, ft, runs, refs, subset: int, t_new: float) -> None:
+    """The same fine-tunes one at a time (M = 1), measured or extrapolated from ``subset``."""
+    todo = runs if subset <= 0 else runs[:: max(1, len(runs) // subset)]
+    t0 = time.perf_counter()
+    for r in todo:
+        one, _ = finetune(setup, ft, [r], refs)
+        sample(setup, one, [r.seed], 256)
+    measured = time.perf_counter() - t0
+    t_naive = measured * len(runs) / len(todo)
+    note = (
+        "measured"
+        if len(todo) == len(runs)
+        else f"EXTRAPOLATED from {len(todo)} of {len(runs)} fine-tunes ({measured:.1f} s)"
+    )
+    print(f"{len(runs)} fine-tunes + sampling, one-by-one: {t_naive:7.1f} s  ({note})")
+    print(f"speed-up one-by-one / new batched: {t_naive / t_new:.1f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    setup, ft = ToySetup(), FinetuneConfig(steps=args.steps)
+    seeds = list(range(args.seeds))
+    runs = workload(seeds)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(f"workload: {len(runs)} fine-tunes x {ft.steps} steps (+ pairs) + sampling 256/class")
+    t0 = time.perf_counter()
+    refs = load_references(setup, seeds)
+    print(f"references (cache or train, not counted below): {time.perf_counter() - t0:.1f} s")
+    t_old, t_new = time_paths(setup, ft, runs, refs, args.repeats, not args.no_check)
     if not args.no_flops:
-        fo, so, _ = count_flops(setup, ft, runs, refs, paths["old"])
-        fn, sn, step_shapes = count_flops(setup, ft, runs, refs, paths["new"])
-        rate = bmm_rate(step_shapes)
-        print("matmul FLOPs counted by dispatch (fine-tune incl. pairs + sampling):")
-        print(
-            f"  old: {(fo + so) / 1e9:7.1f} GFLOP -> {(fo + so) / t_old / 1e9:6.1f} GFLOP/s achieved"
-        )
-        print(
-            f"  new: {(fn + sn) / 1e9:7.1f} GFLOP -> {(fn + sn) / t_new / 1e9:6.1f} GFLOP/s achieved"
-        )
-        print(
-            f"  bmm of one new step's shapes alone: {rate:6.1f} GFLOP/s "
-            f"-> matmul floor of the new path {(fn + sn) / rate / 1e9:.1f} s"
-        )
-
+        report_flops(setup, ft, runs, refs, t_old, t_new)
     if args.single_run:
         from .run import main as run_main
 
         t0 = time.perf_counter()
         run_main(["--method", "ddspo", "--out", "runs/bench_toy_run"])
         print(f"single toy2d.run (cached reference, in-process): {time.perf_counter() - t0:.1f} s")
-
     if args.naive:
-        k = args.naive_subset
-        todo = runs if k <= 0 else runs[:: max(1, len(runs) // k)]
-        t0 = time.perf_counter()
-        for r in todo:
-            one, _ = finetune(setup, ft, [r], refs)
-            sample(setup, one, [r.seed], 256)
-        measured = time.perf_counter() - t0
-        t_naive = measured * len(runs) / len(todo)
-        note = (
-            "measured"
-            if len(todo) == len(runs)
-            else f"EXTRAPOLATED from {len(todo)} of {len(runs)} fine-tunes ({measured:.1f} s)"
-        )
-        print(f"{len(runs)} fine-tunes + sampling, one-by-one: {t_naive:7.1f} s  ({note})")
-        print(f"speed-up one-by-one / new batched: {t_naive / t_new:.1f}x")
+        time_naive(setup, ft, runs, refs, args.naive_subset, t_new)
     return 0
 
 
