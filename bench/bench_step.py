@@ -192,14 +192,14 @@ class BenchStepConfig:
     sd15_config: bool = opt(False, "SD-1.5-sized UNet and text encoder, random weights")
     backbone: str = opt("sd", "tiny backbone", choices=BACKBONES)
     batch: int = opt(8, "pairs per micro-step")
-    latent: int | None = opt(None, "latent side (default: the backbone's)")
+    latent: int | None = opt(None, "latent side (unset or 0: the backbone's)")
     methods: str = opt("dpo,ddspo,dspo,dspo_cpp,sft", "comma-separated methods to time")
     reps: int = opt(10, "timed steps per method (median reported)")
     warmup: int = opt(2, "untimed steps per method first")
     device: str = opt("cpu", "torch device")
     dtype: str = opt("fp32", "autocast dtype of the step", choices=tuple(DTYPES), parse=dtype_name)
     with_optimizer: bool = opt(False, "include an AdamW step")
-    threads: int | None = opt(None, "torch CPU threads (default: torch's)")
+    threads: int | None = opt(None, "torch CPU threads (unset or 0: torch's)")
     sampling_reps: int = opt(3, "--tiny: make_pairs CFG batched vs unbatched repetitions (0: skip)")
     sampling_steps: int | None = opt(
         None, "sampler steps of that comparison (default: the backbone's paper setting)"
@@ -213,6 +213,9 @@ class BenchStepConfig:
 
 def parse_args(argv: list[str] | None = None) -> BenchStepConfig:
     cfg = parse(BenchStepConfig, argv, prog="bench_step.py", description=__doc__.splitlines()[0])
+    for name in ("latent", "threads", "sampling_steps"):  # 0 meant "the default" before None
+        if getattr(cfg, name) == 0:
+            setattr(cfg, name, None)
     for k in cfg.gpu_models.split(","):
         if k.strip() and k.strip() not in gpu_cost.ARCHS:
             raise UsageError(f"unknown model {k!r}; choose from {', '.join(gpu_cost.ARCHS)}")

@@ -85,7 +85,7 @@ class EvalConfig:
     )
     out: str | None = opt(None, "write results.json and results.md here", metavar="DIR")
     batch_size: int = opt(32, "images per scorer forward")
-    device: str | None = opt(None, "default: cuda if available, else cpu")
+    device: str | None = opt(None, "cpu | cuda | cuda:N | auto (the default: cuda if available)")
     dtype: str = opt("fp32", "scorer weights dtype", choices=tuple(DTYPES), parse=dtype_name)
     progress: bool = opt(True, "progress bar on stderr (--no-progress: none)")
 
@@ -316,7 +316,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     for p in tqdm(all_paths, unit="img", desc="checking", disable=not cfg.progress):
         verify_image(p)
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = cfg.device if cfg.device not in (None, "auto") else None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.tiny:
         from bench.t2i.tiny import tiny_scorer
 

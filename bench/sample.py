@@ -267,21 +267,29 @@ def _run(cfg: SampleConfig) -> int:
     backbone = open_backbone(cfg.pretrained, cfg.tiny, prediction_type=cfg.prediction_type)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone.for_inference(device, torch_dtype(cfg.dtype))
-    try:
-        grid = sample_models(
-            backbone, prompts, checkpoints, cfg.out, seed=cfg.seed, steps=cfg.steps,
-            guidance=cfg.guidance, batch_size=cfg.batch_size, resolution=cfg.resolution,
-            sampler=cfg.sampler, negative_prompt=cfg.negative_prompt, progress=cfg.progress,
-        )  # fmt: skip
-    except KeyboardInterrupt:
-        print(f"interrupted; nothing written to {cfg.out}", file=sys.stderr)
-        return 130
+    grid = sample_models(
+        backbone, prompts, checkpoints, cfg.out, seed=cfg.seed, steps=cfg.steps,
+        guidance=cfg.guidance, batch_size=cfg.batch_size, resolution=cfg.resolution,
+        sampler=cfg.sampler, negative_prompt=cfg.negative_prompt, progress=cfg.progress,
+    )  # fmt: skip
     print(f"wrote {len(prompts)} x {1 + len(checkpoints)} images and {grid}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(lambda: _run(parse_args(argv)))
+    out = "--out"
+
+    def body() -> int:
+        nonlocal out
+        cfg = parse_args(argv)
+        out = cfg.out
+        return _run(cfg)
+
+    try:
+        return run_command(body)
+    except KeyboardInterrupt:  # while loading or sampling: OUT is staged, nothing half-written
+        print(f"interrupted; nothing written to {out}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

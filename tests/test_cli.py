@@ -148,3 +148,79 @@ def test_every_help_works_and_explains_every_flag(module, monkeypatch, capsys):
     assert args
     missing = [(a.option_strings or [a.dest])[0] for a in args if not (a.help or "").strip()]
     assert not missing, f"{module}: flags without a help string: {missing}"
+
+
+# ------------------------------------------------------------- compatibility with older runs
+
+
+def test_zero_and_empty_still_mean_the_default():
+    from bench.t2i.config import TrainConfig, resolve
+
+    old = resolve(TrainConfig(tiny=True, beta=0.0, lr=0.0, lora_alpha=0.0, validation_steps=0,
+                              backbone="", data="", resume=""))  # fmt: skip
+    new = resolve(TrainConfig(tiny=True))
+    assert old == new and new.beta == 16000.0 and new.lora_alpha is None
+    with pytest.raises(UsageError, match="beta must be > 0"):
+        resolve(TrainConfig(tiny=True, beta=-1.0))
+
+
+def test_a_checkpoint_config_from_before_the_new_fields_resumes():
+    from dataclasses import asdict
+
+    from bench.t2i.config import TrainConfig, resolve, resume_mismatches
+
+    cfg = resolve(TrainConfig(tiny=True, method="dpo"))
+    saved = asdict(cfg)
+    for name in ("precondition_outputs", "rand_cond_prompts", "rand_cond_schedule",
+                 "rand_cond_lambda", "lora_targets"):  # fmt: skip
+        saved.pop(name)
+    saved.update(lora_alpha=0.0, validation_steps=0, resume="", data="", pretrained="")
+    assert resume_mismatches(cfg, saved, world=1, saved_world=1) == []
+    saved["method"] = "ddspo"
+    assert resume_mismatches(cfg, saved, world=1, saved_world=1) == ["--method 'ddspo' -> 'dpo'"]
+    pre = resolve(TrainConfig(tiny=True, backbone="sd3", method="dpo"))  # on by default: differs
+    assert "--precondition-outputs" in " ".join(
+        resume_mismatches(
+            pre, {**asdict(pre), "precondition_outputs": False}, world=1, saved_world=1
+        )  # fmt: skip
+    )
+
+
+def test_rand_cond_files_compare_as_paths(tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from bench.t2i.config import TrainConfig, resolve, resume_mismatches
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve(TrainConfig(tiny=True, rand_cond_prompts=["x.jsonl"]))
+    saved = {**asdict(cfg), "rand_cond_prompts": [str(tmp_path / "x.jsonl")]}
+    assert resume_mismatches(cfg, saved, world=1, saved_world=1) == []
+    saved["rand_cond_prompts"] = [str(tmp_path / "y.jsonl")]
+    assert resume_mismatches(cfg, saved, world=1, saved_world=1)
+
+
+def test_config_keys_by_flag_name_and_nargs_length(tmp_path):
+    from bench.import_pairs import parse_args
+
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"from": ["ddspo", "somewhere"], "out": "o"}))
+    assert parse_args(["--config", str(f)]).source == ["ddspo", "somewhere"]
+    f.write_text(json.dumps({"source": ["ddspo"], "out": "o"}))
+    with pytest.raises(UsageError, match="list of 2 values"):
+        parse_args(["--config", str(f)])
+
+
+def test_policy_pair_passes_config_and_unknown_flags_on(tmp_path):
+    from bench import train_policy_pair
+
+    ns, runs = train_policy_pair.plan(["--config", "t.json", "--tiny", "--max-steps", "3"])
+    assert ns.max_steps == 3
+    for _, args in runs:
+        assert args[args.index("--config") + 1] == "t.json" and "--tiny" in args
+
+
+def test_abbreviations_work_where_nothing_is_passed_on():
+    cfg = p(["--out", "o", "--ste", "4"])  # argparse's unique-prefix matching, as before
+    assert cfg.steps == 4
+    cfg, rest = parse_known(Demo, ["--out", "o", "--ste", "4"], prog="d", description="d")
+    assert cfg.steps is None and rest == ["--ste", "4"]  # passed on, not swallowed

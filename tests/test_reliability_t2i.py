@@ -433,7 +433,7 @@ def test_evaluate_tiny_scorers(tmp_path, capsys):
         (images / "ft" / f.name).write_bytes(f.read_bytes())
     out = tmp_path / "eval"
     assert evaluate.main(["--images", str(images), "--tiny", "--out", str(out),
-                          "--no-progress"]) == 0  # fmt: skip
+                          "--no-progress", "--device", "auto"]) == 0  # fmt: skip
     res = json.loads((out / "results.json").read_text())
     assert set(res["scorers"]) == {"clip", "pickscore"} and res["n_prompts"] == 3
     assert res["models"]["ft"]["win_rate"] == {"clip": 0.5, "pickscore": 0.5}  # same images

@@ -167,18 +167,25 @@ def _help(f: dataclasses.Field) -> str:
 
 
 def build_parser(
-    cls: type, *, prog: str, description: str, epilog: str | None = None
+    cls: type,
+    *,
+    prog: str,
+    description: str,
+    epilog: str | None = None,
+    with_config: bool = True,
 ) -> argparse.ArgumentParser:
-    """``--config`` plus one flag per field of ``cls`` (defaults ``None``: unset)."""
+    """``--config`` (unless ``with_config`` is false) plus one flag per field of ``cls``
+    (defaults ``None``: unset)."""
     p = argparse.ArgumentParser(
         prog=prog,
         description=description,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--config", metavar="FILE", help="JSON object of field values (flags override it)"
-    )
+    if with_config:
+        p.add_argument(
+            "--config", metavar="FILE", help="JSON object of field values (flags override it)"
+        )
     hints = _hints(cls)
     for f in fields(cls):
         kind, many = _base_type(hints[f.name])
@@ -210,9 +217,12 @@ def load_config(path: str, cls: type) -> dict[str, Any]:
         raise UsageError(f"--config {path} must hold a JSON object")
     hints = _hints(cls)
     known = {f.name: f for f in fields(cls)}
+    renamed = {
+        f.metadata["flag"].lstrip("-"): f.name for f in fields(cls) if f.metadata.get("flag")
+    }
     out = {}
     for key, value in raw.items():
-        name = key.replace("-", "_")
+        name = renamed.get(key.lstrip("-"), key.replace("-", "_"))
         if name not in known:
             raise UsageError(f"--config {path}: unknown field {key!r}")
         out[name] = _checked(path, key, value, hints[name], known[name])
@@ -224,6 +234,9 @@ def _checked(path: str, key: str, value: Any, hint: Any, f: dataclasses.Field) -
     optional = type(None) in typing.get_args(hint)
     if value is None and optional:
         return None
+    nargs = f.metadata.get("nargs")
+    if nargs and not (isinstance(value, list) and len(value) == nargs):
+        raise UsageError(f"--config {path}: {key} must be a list of {nargs} values, got {value!r}")
     items = value if many and isinstance(value, list) else [value]
     out = []
     for v in items:
@@ -262,13 +275,16 @@ def parse_known(
     cls: type[T], argv: Sequence[str] | None, *, prog: str, description: str
 ) -> tuple[T, list[str]]:
     """:func:`parse`, but flags ``cls`` does not know are returned (to pass on to another
-    command) instead of refused."""
+    command, ``--config`` included) instead of refused; no abbreviations, which would
+    swallow a flag meant for that command."""
     return _parse(cls, argv, prog, description, None, (), known_only=True)
 
 
 def _parse(cls, argv, prog, description, epilog, one_of, *, known_only: bool):
-    parser = build_parser(cls, prog=prog, description=description, epilog=epilog)
-    parser.allow_abbrev = False  # an abbreviation would swallow a flag meant for another command
+    parser = build_parser(
+        cls, prog=prog, description=description, epilog=epilog, with_config=not known_only
+    )
+    parser.allow_abbrev = not known_only
 
     def _error(message: str):  # argparse would print usage and exit; we want one line
         raise UsageError(message)
@@ -276,7 +292,8 @@ def _parse(cls, argv, prog, description, epilog, one_of, *, known_only: bool):
     parser.error = _error  # type: ignore[method-assign]
     args = list(sys.argv[1:] if argv is None else argv)
     ns, rest = parser.parse_known_args(args) if known_only else (parser.parse_args(args), [])
-    values = load_config(ns.config, cls) if ns.config else {}
+    config = getattr(ns, "config", None)
+    values = load_config(config, cls) if config else {}
     values.update({k: v for k, v in vars(ns).items() if k != "config" and v is not None})
     for f in fields(cls):
         if f.metadata.get("required") and values.get(f.name) is None:

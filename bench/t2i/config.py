@@ -60,14 +60,23 @@ RESUME_MAY_CHANGE = (
 #: step) stays: every step then reads the same pairs (bench/t2i/data.py)
 RESUME_BATCH = ("batch_size", "grad_accum")
 _PATH_FIELDS = ("data", "pretrained", "winner_policy", "loser_policy")  # compared as real paths
+#: what a field added since meant for a checkpoint saved before it existed (the old behaviour)
+_LEGACY_MISSING = {"precondition_outputs": False}
+#: fields whose unset value was written 0 or "" before it became None (older flags, --config
+#: files and saved config.json files keep working: 0 / "" still mean "the default")
+_LEGACY_UNSET = (
+    "beta", "beta_logit", "lr", "lora_alpha", "validation_steps", "resume", "backbone",
+    "pretrained", "prediction_type", "winner_policy", "loser_policy", "timestep_sampler", "data",
+    "validation_prompts", "debug_nan_steps",
+)  # fmt: skip
 
 FLOAT32_MAX = 3.4028234663852886e38  # a larger lr overflows the optimizer's float32 math
 #: allowed ranges of the float fields (all must also be finite)
 _RANGES = {
-    "beta": (lambda v: v > 0, "> 0 (leave it unset for the method's default)"),
-    "beta_logit": (lambda v: v > 0, "> 0 (leave it unset for the default)"),
-    "lr": (lambda v: v > 0, "> 0 (leave it unset for the default)"),
-    "lora_alpha": (lambda v: v > 0, "> 0 (leave it unset for the rank)"),
+    "beta": (lambda v: v > 0, "> 0 (unset or 0: the method's default)"),
+    "beta_logit": (lambda v: v > 0, "> 0 (unset or 0: the default)"),
+    "lr": (lambda v: v > 0, "> 0 (unset or 0: the default)"),
+    "lora_alpha": (lambda v: v > 0, "> 0 (unset or 0: the rank)"),
     "timestep_gamma": (lambda v: v > 0, "> 0"),
     "ref_delta": (lambda v: v > 0, "> 0"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
@@ -300,6 +309,9 @@ def _choice(name: str, value: str, allowed) -> None:
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Validate and fill method/backbone-dependent defaults; returns a new config."""
     cfg = dataclasses.replace(cfg)
+    for name in _LEGACY_UNSET:  # 0 / "" meant "the default" before None did
+        if getattr(cfg, name) in (0, ""):
+            setattr(cfg, name, None)
     _choice("method", cfg.method, METHODS)
     if cfg.backbone:
         _choice("backbone", cfg.backbone, BACKBONES)
@@ -422,8 +434,10 @@ def resume_mismatches(
         if f.name in RESUME_MAY_CHANGE or f.name in RESUME_BATCH:
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        new, old = getattr(cfg, f.name), saved.get(f.name, default)
-        if old in ("", 0) and new is None and f.default is None:  # saved before None meant unset
+        new, old = getattr(cfg, f.name), saved.get(f.name, _LEGACY_MISSING.get(f.name, default))
+        if old in ("", 0) and new is None and f.name in _LEGACY_UNSET:  # saved before None
+            continue
+        if f.name == "rand_cond_prompts" and _same_paths(new, old):
             continue
         if f.name == "data" and same_data is not None:
             if not same_data:
@@ -443,6 +457,12 @@ def resume_mismatches(
     if pairs != saved_pairs:
         out.append(f"pairs per step (--batch-size x --grad-accum x ranks) {saved_pairs} -> {pairs}")
     return out
+
+
+def _same_paths(a, b) -> bool:
+    if not (isinstance(a, list) and isinstance(b, list)) or len(a) != len(b):
+        return False
+    return all(os.path.realpath(x) == os.path.realpath(y) for x, y in zip(a, b, strict=True))
 
 
 def to_dict(cfg: TrainConfig) -> dict:
