@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bench.t2i.tokens import byte_chars
+
 from . import scenes
 from .util import atomic_dir, done, mark_done
 
@@ -61,24 +63,12 @@ class BaseConfig:
 # ------------------------------------------------------------------------ tokenizer
 
 
-def _byte_chars() -> list[str]:
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    out, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + extra))
-            extra += 1
-    return out
-
-
 def build_tokenizer():
     """A ``CLIPTokenizer`` in which every caption word is one token (unknown text still
     tokenizes, character by character). Merges are added until each word is whole."""
     from transformers import CLIPTokenizer
 
-    chars = _byte_chars()
+    chars = byte_chars()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
     merges: list[tuple[str, str]] = []

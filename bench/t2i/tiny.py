@@ -34,6 +34,7 @@ import torch
 
 from bench.t2i.backbones import ADAPTERS, BACKBONES, Backbone, save_components
 from bench.t2i.scorers import ClipScorer
+from bench.t2i.tokens import byte_chars
 
 TINY_LATENT = 16  # latent side
 TINY_CHANNELS = 4  # latent channels
@@ -41,26 +42,11 @@ TINY_TEXT_LEN = 24  # tokenizer max length (CLIP pads to it; SANA uses it as max
 TINY_SD3_CHANNELS = 16  # SD3's latent channels
 
 
-def _byte_chars() -> list[str]:
-    """One printable unicode character per byte, the byte-level BPE convention (GPT-2/CLIP)."""
-    printable = (
-        set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    )
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
 def clip_tokenizer(max_length: int = TINY_TEXT_LEN):
     """A byte-level ``CLIPTokenizer`` with no merges: one token per character (PITFALLS.md)."""
     from transformers import CLIPTokenizer
 
-    chars = _byte_chars()
+    chars = byte_chars()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = 512
