@@ -640,14 +640,7 @@ class SD3Backbone(Backbone):
             hs.append(out.hidden_states[-2])  # (B, L, D_i)
             pooled.append(out[0])  # text_embeds, (B, P_i)
         tok, enc = self.components["tokenizer_3"], self.components["text_encoder_3"]
-        ids = tok(
-            prompts,
-            padding="max_length",
-            max_length=self.max_sequence_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = token_ids(tok, prompts, self.max_sequence_length)
         t5 = enc(ids.to(enc.device))[0]  # (B, S, D_T5)
         clip = torch.cat(hs, dim=-1).to(t5)  # (B, L, D_1 + D_2)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (B, L, D_T5)
