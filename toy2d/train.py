@@ -478,6 +478,50 @@ def _scatter_members(out: Tensor, members: list[int], M: int) -> Tensor:
     return full
 
 
+def loss_groups(runs: list[Run]) -> list[tuple[list[int], Tensor]]:
+    """Members that share one loss call: same (method, beta, beta_out, weight kind)."""
+    groups: dict[tuple, list[int]] = {}
+    for m, r in enumerate(runs):
+        groups.setdefault((r.method, r.beta, r.beta_out, r.strategy.timestep_weight), []).append(m)
+    return [(members, torch.tensor(members)) for members in groups.values()]
+
+
+def group_losses(runs, groups, ft, preds, eps, t, T, snr, acc, tail: int) -> Tensor:
+    """Sum over members of each one's mean loss: one :func:`method_loss` call per group of
+    ``(M, B, ...)`` tensors. ``acc = (loss_acc, iacc_acc)`` adds the last steps' averages."""
+    p_w, p_l, r_w, r_l, r_l_neg = preds
+    total = p_w.new_zeros(())
+    for members, g_idx in groups:
+        g, r0 = len(members), runs[members[0]]
+
+        def flat(z: Tensor, g_idx: Tensor = g_idx) -> Tensor:
+            return z[g_idx].reshape(-1, *z.shape[2:])  # (G B, ...)
+
+        kind = r0.strategy.timestep_weight
+        beta, beta_logit = r0.loss_scales(ft.beta_out)
+        out = method_loss(
+            r0.method,
+            pred_w=flat(p_w),
+            pred_l=flat(p_l),
+            ref_w=flat(r_w),
+            ref_l=flat(r_l),
+            ref_l_neg=flat(r_l_neg),
+            target_w=flat(eps),  # winner and loser share the forward noise
+            target_l=flat(eps),
+            beta=beta,
+            beta_logit=beta_logit,
+            weight=timestep_weight(kind, flat(t), T, snr),
+            weight_kind=kind,
+        )
+        per_member = out.loss.reshape(g, -1).mean(1)  # (G,)
+        total = total + per_member.sum()  # members are independent
+        if acc is not None:
+            acc[0][g_idx] += per_member.detach() / tail
+            if method_spec(r0.method).preference:
+                acc[1][g_idx] += out.implicit_acc.reshape(g, -1).mean(1) / tail
+    return total
+
+
 def finetune(
     setup: ToySetup,
     ft: FinetuneConfig,
@@ -541,10 +585,7 @@ def finetune(
 
     log = FinetuneLog([[] for _ in runs], [None] * M, [[] for _ in runs], [0.0] * M, [0.0] * M)
     frozen = [False] * M
-    groups: dict[tuple, list[int]] = {}
-    for m, r in enumerate(runs):
-        groups.setdefault((r.method, r.beta, r.beta_out, r.strategy.timestep_weight), []).append(m)
-    group_idx = {key: torch.tensor(members) for key, members in groups.items()}
+    groups = loss_groups(runs)
     tail = max(1, ft.steps // 10)
     loss_acc, iacc_acc = torch.zeros(M), torch.zeros(M)
     for step in range(1, ft.steps + 1):
@@ -575,36 +616,10 @@ def finetune(
 
         p_all.requires_grad_(True)  # a leaf: autograd runs through the losses only
         p_w, p_l = p_all.split(B, dim=1)
-        total = p_all.new_zeros(())
-        for key, members in groups.items():  # one loss call per (method, beta, weight)
-            g_idx, g = group_idx[key], len(members)
-            r0 = runs[members[0]]
-
-            def flat(z: Tensor, g_idx: Tensor = g_idx) -> Tensor:
-                return z[g_idx].reshape(-1, *z.shape[2:])  # (G B, ...)
-
-            kind = r0.strategy.timestep_weight
-            beta, beta_logit = r0.loss_scales(ft.beta_out)
-            out = method_loss(
-                r0.method,
-                pred_w=flat(p_w),
-                pred_l=flat(p_l),
-                ref_w=flat(r_w),
-                ref_l=flat(r_l),
-                ref_l_neg=flat(r_l_neg),
-                target_w=flat(eps),  # winner and loser share the forward noise
-                target_l=flat(eps),
-                beta=beta,
-                beta_logit=beta_logit,
-                weight=timestep_weight(kind, flat(t), T, snr),
-                weight_kind=kind,
-            )
-            per_member = out.loss.reshape(g, B).mean(1)  # (G,)
-            total = total + per_member.sum()  # members are independent
-            if step > ft.steps - tail:
-                loss_acc[g_idx] += per_member.detach() / tail
-                if method_spec(r0.method).preference:
-                    iacc_acc[g_idx] += out.implicit_acc.reshape(g, B).mean(1) / tail
+        total = group_losses(
+            runs, groups, ft, (p_w, p_l, r_w, r_l, r_l_neg), eps, t, T, snr,
+            (loss_acc, iacc_acc) if step > ft.steps - tail else None, tail,
+        )  # fmt: skip
         (g_out,) = torch.autograd.grad(total, p_all)
         backward_train(params, saved, g_out, mlp, ws, fp.grads)
         opt.step()
@@ -676,9 +691,7 @@ def _finetune_autograd(
 
     log = FinetuneLog([[] for _ in runs], [None] * M, [[] for _ in runs], [0.0] * M, [0.0] * M)
     frozen = [False] * M
-    groups: dict[tuple, list[int]] = {}
-    for m, r in enumerate(runs):
-        groups.setdefault((r.method, r.beta, r.beta_out, r.strategy.timestep_weight), []).append(m)
+    groups = loss_groups(runs)
     tail = max(1, ft.steps // 10)
     loss_acc, iacc_acc = torch.zeros(M), torch.zeros(M)
     for step in range(1, ft.steps + 1):
@@ -708,36 +721,10 @@ def _finetune_autograd(
             params, torch.cat([xt_w, xt_l], 1), t.repeat(1, 2), torch.cat([c, c], 1), mlp
         )
         p_w, p_l = p_all.split(B, dim=1)
-        total = p_all.new_zeros(())
-        for members in groups.values():  # one loss call per (method, beta, weight kind)
-            g_idx, g = torch.tensor(members), len(members)
-            r0 = runs[members[0]]
-
-            def flat(z: Tensor, g_idx: Tensor = g_idx) -> Tensor:
-                return z[g_idx].reshape(-1, *z.shape[2:])  # (G B, ...)
-
-            kind = r0.strategy.timestep_weight
-            beta, beta_logit = r0.loss_scales(ft.beta_out)
-            out = method_loss(
-                r0.method,
-                pred_w=flat(p_w),
-                pred_l=flat(p_l),
-                ref_w=flat(r_w),
-                ref_l=flat(r_l),
-                ref_l_neg=flat(r_l_neg),
-                target_w=flat(eps),  # winner and loser share the forward noise
-                target_l=flat(eps),
-                beta=beta,
-                beta_logit=beta_logit,
-                weight=timestep_weight(kind, flat(t), T, snr),
-                weight_kind=kind,
-            )
-            per_member = out.loss.reshape(g, B).mean(1)  # (G,)
-            total = total + per_member.sum()  # members are independent
-            if step > ft.steps - tail:
-                loss_acc[g_idx] += per_member.detach() / tail
-                if method_spec(r0.method).preference:
-                    iacc_acc[g_idx] += out.implicit_acc.reshape(g, B).mean(1) / tail
+        total = group_losses(
+            runs, groups, ft, (p_w, p_l, r_w, r_l, r_l_neg), eps, t, T, snr,
+            (loss_acc, iacc_acc) if step > ft.steps - tail else None, tail,
+        )  # fmt: skip
         grads = torch.autograd.grad(total, list(params.values()))
         opt.step(dict(zip(params, grads, strict=True)))
         due = [m for m in range(M) if rules[m].copy_due(step, frozen[m])]
