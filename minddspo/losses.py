@@ -10,6 +10,10 @@ Shapes (``...`` = any number of non-batch dims, identical across all tensors):
     target_w/_l      (B, ...)  what the winner / loser branch is scored against
     ref_l_neg        (B, ...)  f_ref(x_t^l, t, c-)  (DDSPO's losing-policy target)
     logit_weight, loss_weight  (B,)
+
+``beta`` (and DSPO's ``beta_logit``) is a float, or a ``(B,)`` tensor with one value per
+sample: a batched sweep can then put runs of different strengths in one call, and each
+sample gets exactly the arithmetic of a call with its value as a float.
 """
 
 from __future__ import annotations
@@ -37,7 +41,20 @@ class PreferenceLoss(NamedTuple):
 # ------------------------------------------------------------------ validation
 
 
-def _check_beta(name: str, value: float) -> float:
+def _check_beta(name: str, value: float | Tensor, batch: int) -> float | Tensor:
+    """A positive finite number, or a ``(B,)`` float tensor of them (one per sample: a
+    batched sweep puts runs with different strengths in one call; each sample's arithmetic
+    is then exactly that of a call with its value as a float)."""
+    if isinstance(value, Tensor):
+        if not value.is_floating_point() or value.shape != (batch,):
+            raise ValueError(
+                f"{name} as a tensor must be floating point of shape ({batch},), "
+                f"got {value.dtype} {tuple(value.shape)}"
+            )
+        v = value.detach().float()
+        if not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
+            raise ValueError(f"{name} must be finite and > 0 in every sample")
+        return v
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -103,7 +120,7 @@ def _validated_core(pred_w, pred_l, ref_w, ref_l, target_w, target_l, beta, logi
     batch = _check_tensors(
         dict(zip(names, (pred_w, pred_l, ref_w, ref_l, target_w, target_l), strict=True))
     )
-    beta = _check_beta("beta", beta)
+    beta = _check_beta("beta", beta, batch)
     logit_weight = _check_weight("logit_weight", logit_weight, batch)
     return batch, _core(pred_w, pred_l, ref_w, ref_l, target_w, target_l, beta, logit_weight)
 
@@ -219,12 +236,12 @@ def _score_matching_loss(
     pred_w, pred_l, ref_w, ref_l, reward_w, reward_l, target_w, beta, beta_logit, loss_weight, names
 ) -> PreferenceLoss:
     """DSPO's regression (SPEC §3): reward targets in the logit, ``target_w`` in the residual."""
-    beta = _check_beta("beta", beta)
-    beta_logit = beta if beta_logit is None else _check_beta("beta_logit", beta_logit)
+    batch = _check_tensors({names[0]: pred_w, names[6]: target_w})
+    beta = _check_beta("beta", beta, batch)
+    beta_logit = beta if beta_logit is None else _check_beta("beta_logit", beta_logit, batch)
     batch, (s, gap_w, gap_l, err_w, err_l) = _validated_core(
         pred_w, pred_l, ref_w, ref_l, reward_w, reward_l, beta_logit, None, names[:6]
     )
-    _check_tensors({names[0]: pred_w, names[6]: target_w})
     loss_weight = _check_weight("loss_weight", loss_weight, batch)
     p_w = pred_w.float()
     # (1 - sigma(s)) is not detached, as in the official DSPO code (SPEC §3).

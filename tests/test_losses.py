@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -1010,3 +1011,55 @@ def test_sft_loss_is_the_per_sample_mse_in_a_preference_loss(shape, dtype, seed,
     gtol = {F64: 1e-5, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
     atol = gtol * expect.abs().max().item()
     torch.testing.assert_close(pred.grad.double(), expect, rtol=gtol, atol=atol)
+
+
+# ------------------------------------------------------------ per-sample strengths
+
+
+@PROPS
+@given(
+    method=st.sampled_from(METHODS),
+    b=st.integers(1, 6),
+    betas_=st.lists(betas, min_size=6, max_size=6),
+    logits_=st.lists(betas, min_size=6, max_size=6),
+    seed=seeds,
+)
+def test_a_beta_tensor_is_one_call_per_sample_bitwise(method, b, betas_, logits_, seed):
+    """``beta`` (and DSPO's ``beta_logit``) as a ``(B,)`` tensor: every sample's loss,
+    logit and gradient equal, bit for bit, those of a call with its value as a float --
+    what lets a batched sweep put runs of different strengths in one call."""
+    batch = make_batch((b, 3), seed=seed)
+    beta_f = [float(torch.tensor(v, dtype=torch.float32)) for v in betas_[:b]]
+    logit_f = [float(torch.tensor(v, dtype=torch.float32)) for v in logits_[:b]]
+    kw_t = {"beta": torch.tensor(beta_f)}
+    if method in ("dspo", "dspo_cpp"):
+        kw_t["beta_logit"] = torch.tensor(logit_f)
+    pw = batch.pred_w.clone().requires_grad_(True)
+    out = run(method, batch, pred_w=pw, **kw_t)
+    (grad,) = torch.autograd.grad(out.loss.sum(), pw)
+    for i in range(b):
+        kw = {"beta": beta_f[i]}
+        if "beta_logit" in kw_t:
+            kw["beta_logit"] = logit_f[i]
+        one = Batch(*(x[i : i + 1] for x in vars(batch).values()))
+        pw1 = one.pred_w.clone().requires_grad_(True)
+        ref = run(method, one, pred_w=pw1, **kw)
+        (g1,) = torch.autograd.grad(ref.loss.sum(), pw1)
+        assert torch.equal(out.loss[i : i + 1].detach(), ref.loss.detach())
+        assert torch.equal(out.logits[i : i + 1], ref.logits)
+        assert torch.equal(grad[i : i + 1], g1)
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (torch.tensor([1.0, 2.0]), "shape (3,)"),
+        (torch.tensor([1, 2, 3]), "floating point"),
+        (torch.tensor([1.0, 0.0, 2.0]), "> 0 in every sample"),
+        (torch.tensor([1.0, float("inf"), 2.0]), "> 0 in every sample"),
+    ],
+)
+@pytest.mark.parametrize("method", METHODS)
+def test_a_bad_beta_tensor_is_refused(method, bad, why):
+    with pytest.raises(ValueError, match=re.escape(why)):
+        run(method, make_batch((3, 2)), beta=bad)

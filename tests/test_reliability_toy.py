@@ -117,14 +117,14 @@ def test_a_finished_sweep_is_resumed_not_retrained(tmp_path, monkeypatch, capsys
     assert calls == [] and (out / "results.csv").read_bytes() == first
     # another config (one more step) does not reuse the finished seeds
     assert sweep_cli.main([*argv, "--steps", "4"]) == 0
-    assert len(calls) == 2  # one batched fine-tune per seed
+    assert len(calls) == 1  # both seeds in one batched fine-tune (a chunk of seeds)
     # a damaged stored seed is recomputed, with one line naming it
     cells = sorted((out / "cells").glob("seed*.npz"))
     assert len(cells) == 2
     cells[0].write_bytes(b"broken")
     capsys.readouterr()
     assert sweep_cli.main([*argv, "--steps", "4"]) == 0
-    assert "damaged cell" in capsys.readouterr().err and len(calls) == 3
+    assert "damaged cell" in capsys.readouterr().err and len(calls) == 2
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {r["seed"] for r in rows} == {"0", "1"}
 

@@ -185,8 +185,9 @@ def test_matmul_log_counts_products():
 
 def test_backward_train_reproducible_with_threads():
     """torch's parallel index_put_(accumulate=True) adds colliding rows in a varying order;
-    the layer-1 table gradients are accumulated serially, so two threads give the one-thread
-    result, every time (full-size widths, where the kernel does go parallel)."""
+    the layer-1 table gradients go through index_add_, which adds them in index order at
+    any thread count, so two threads give the one-thread result, every time (full-size
+    widths, where the kernels do go parallel)."""
     cfg, threads = MLPConfig(), torch.get_num_threads()
     params, x, t, c = _inputs(cfg, 81, 128)
     g = torch.randn(81, 128, 2, generator=torch.Generator().manual_seed(3))
@@ -200,3 +201,42 @@ def test_backward_train_reproducible_with_threads():
             assert torch.get_num_threads() == 2  # restored
     finally:
         torch.set_num_threads(threads)
+
+
+def test_accumulate_rows_is_serial_index_put():
+    """index_add_ adds the rows autograd's index_put_(accumulate=True) adds, in the same
+    (index) order: equal bit for bit to the one-thread index_put_, with colliding rows of
+    very different magnitudes (where the order shows)."""
+    from toy2d.model import _accumulate_rows
+
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randint(0, 7, (4000,), generator=g)
+    src = torch.randn(4000, 64, generator=g) * torch.rand(4000, 1, generator=g).pow(8) * 1e6
+    want = torch.zeros(7, 64).index_put_((rows,), src, accumulate=True)
+    got = _accumulate_rows(torch.zeros(7, 64), rows, src)
+    assert torch.equal(got, want)
+    sums = torch.zeros(7, 64, dtype=torch.float64).index_add_(0, rows, src.double())
+    assert not torch.equal(got.double(), sums)  # float32 order matters here: the test can see it
+
+
+def test_seed_chunks():
+    assert sweep_cli.seed_chunks([0, 1, 2], 27, 160) == [[0, 1, 2]]
+    assert sweep_cli.seed_chunks([0, 1, 2], 45, 100) == [[0, 1], [2]]
+    assert sweep_cli.seed_chunks([3, 4], 144, 100) == [[3], [4]]  # a seed is never split
+    assert sweep_cli.seed_chunks([], 10, 100) == []
+
+
+def test_sweep_chunking_does_not_change_a_number():
+    """Seeds batched together or one by one: the same rows and samples, bit for bit."""
+    ft = FinetuneConfig(steps=4, batch=8, n_probe=8)
+    args = (["ref", "dpo", "dspo_cpp", "ddspo"], [2, 3], [200.0, 400.0])
+
+    def rows(max_members):
+        return sweep_cli.run_sweep(
+            TINY, ft, *args, [0, 1, 2], [Strategy()], 6, "ddim", progress=False,
+            max_members=max_members,
+        )[:2]  # fmt: skip
+
+    (a, sa), (b, sb) = rows(1000), rows(1)
+    assert a == b and sa.keys() == sb.keys()
+    assert all((sa[k] == sb[k]).all() for k in sa)

@@ -1,8 +1,8 @@
-"""The DDSPO paper's 2D toy (Sec. 4.1, Fig. 1, Appendix B) on the minddspo core."""
+"""The DDSPO paper's 2D toy (Sec. 4.1, Fig. 1, Appendix B) on the minddspo core.
 
-import os
-
-# torch's OpenMP threads spin-wait by default; on a shared 2-core machine one busy
-# neighbour then makes every small bmm ~10x slower (measured). Sleeping waiters avoid that
-# collapse and cost nothing measurable when the machine is idle. Must precede `import torch`.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+Threads: torch's OpenMP workers spin briefly while they wait for the next op. On a quiet
+machine that is the fastest setting (the references train 2x faster than with
+``OMP_WAIT_POLICY=PASSIVE``, measured); on a machine where another process holds a core it
+is the slowest (~3x). There, run the toy with ``OMP_NUM_THREADS=1`` or
+``OMP_WAIT_POLICY=PASSIVE`` (toy2d/README.md, "Speed").
+"""

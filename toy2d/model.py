@@ -303,8 +303,8 @@ def backward_train(
         _, w_t, w_c = params["l1.w"].split([2, cfg.temb, cfg.cemb], dim=1)
         g_wx = x.transpose(1, 2).bmm(g)
         flat_g = g.reshape(-1, H)
-        # autograd's IndexBackward: index_put_(accumulate=True) into zeros -- run on one
-        # thread, where it adds the rows in index order (see _accumulate_rows)
+        # autograd's IndexBackward: index_put_(accumulate=True) into zeros, rows added in
+        # index order (see _accumulate_rows)
         g_tt = _accumulate_rows(_buf(ws, "g_tt", (M * T, H), g).zero_(), _rows(t, T), flat_g)
         g_tc = _accumulate_rows(_buf(ws, "g_tc", (M * K, H), g).zero_(), _rows(c, K), flat_g)
         g_tt, g_tc = g_tt.view(M, T, H), g_tc.view(M, K, H)
@@ -317,20 +317,12 @@ def backward_train(
 
 
 def _accumulate_rows(out: Tensor, rows: Tensor, src: Tensor) -> Tensor:
-    """``out.index_put_((rows,), src, accumulate=True)`` on one intra-op thread.
-
-    With more threads torch 2.x's CPU kernel adds colliding rows in a varying order (the
-    autograd path is then not reproducible from run to run) and, on this toy's shapes, is
-    also ~10x slower; serial, the rows are added in index order, as with one thread.
+    """``out.index_put_((rows,), src, accumulate=True)``, the op autograd runs for a gather,
+    as ``index_add_``: the same sums in the same order (row by row, in index order, at any
+    thread count; tests/test_toy_fast.py), 2-3x faster on this toy's shapes, and
+    reproducible with several threads, where torch 2.x's parallel ``index_put_`` is not.
     """
-    n = torch.get_num_threads()
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        return out.index_put_((rows,), src, accumulate=True)
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
+    return out.index_add_(0, rows, src)
 
 
 def param_names(cfg: MLPConfig) -> list[str]:

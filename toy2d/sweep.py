@@ -1,7 +1,7 @@
 """The paper's toy grid: ``python -m toy2d.sweep [--seeds 3] [--methods dpo,dspo,ddspo]``.
 
-A seed is the unit of work: all its (method, N, beta) fine-tunes are one batched loop
-(:func:`toy2d.train.finetune`), then sampled and measured together; references for all
+All fine-tunes of a chunk of seeds (at most :data:`MAX_MEMBERS` runs) are one batched loop
+(:func:`toy2d.train.finetune`); each seed is then sampled and measured; references for all
 seeds train in one batched loop. Each finished seed is stored under ``OUT/cells/`` keyed by
 the whole config, so a killed or repeated sweep resumes (``--no-resume`` recomputes).
 Writes ``results.csv``, ``samples.npz``, ``config.json`` and, via
@@ -49,6 +49,9 @@ from .train import (
 )
 
 PROG = "python -m toy2d.sweep"
+# fine-tunes batched into one stacked model: the per-run cost falls up to ~150 (the
+# per-step Python work is shared) and rises again beyond a few hundred (memory traffic)
+MAX_MEMBERS = 160
 PAPER_METHODS = ("sft", "dpo", "dspo", "dspo_cpp", "ddspo")  # sft: a baseline row
 ABLATION_METHODS = ("dpo", "dspo", "dspo_cpp", "ddspo")
 CELL_FORMAT = 1
@@ -226,9 +229,12 @@ def run_sweep(
     progress: bool = True,
     beta_outs: list[float] | None = None,
     store: CellStore | None = None,
+    max_members: int = MAX_MEMBERS,
 ) -> tuple[list[dict], dict[str, np.ndarray], dict]:
-    """Train seed by seed (each seed's runs batched); return CSV rows, samples by run name
-    and timings.
+    """Train the seeds in chunks of whole seeds, each chunk's runs batched as one stacked
+    model of at most ``max_members`` runs (one seed at least); return CSV rows, samples by
+    run name and timings. A run's numbers do not depend on the chunking (members are
+    independent, bit for bit).
 
     ``beta_outs`` (dspo/dspo_cpp only): a grid of outside betas, one run per value
     (None: ``ft.beta_out`` alone) -- the beta_out search uses it. ``store``: seeds it
@@ -271,18 +277,24 @@ def run_sweep(
     t_ft = t_eval = 0.0
     n_ft = 0
     gt = gt_eval_set(setup.toy, n_eval)
-    for s in todo:
-        runs, ta = runs_of(s), time.perf_counter()
+    for chunk in seed_chunks(todo, len(runs_of(todo[0])) if todo else 0, max_members):
+        runs, ta = [r for s in chunk for r in runs_of(s)], time.perf_counter()
         params = log = None
         if runs:
-            _grow(bar, ft.steps, f"seed {s}: fine-tunes x{len(runs)}", tick)
+            label = f"seed {chunk[0]}" if len(chunk) == 1 else f"seeds {chunk[0]}-{chunk[-1]}"
+            _grow(bar, ft.steps, f"{label}: fine-tunes x{len(runs)}", tick)
             params, log = finetune(setup, ft, runs, refs, tick)
         tb = time.perf_counter()
-        bar.set_description(f"seed {s}: sampling")
-        done[s] = _evaluate_seed(setup, ft, s, "ref" in methods, runs, refs[s], params, log, gt,
-                                 n_eval, sampler)  # fmt: skip
-        if store is not None:
-            store.save(s, *done[s])
+        bar.set_description(f"{label if runs else 'seeds'}: sampling")
+        for s in chunk:  # each seed is sampled, measured and stored on its own
+            mine = [i for i, r in enumerate(runs) if r.seed == s]
+            done[s] = _evaluate_seed(
+                setup, ft, s, "ref" in methods, [runs[i] for i in mine], refs[s],
+                None if params is None else {k: v[mine] for k, v in params.items()},
+                None if log is None else log.select(mine), gt, n_eval, sampler,
+            )  # fmt: skip
+            if store is not None:
+                store.save(s, *done[s])
         t_ft, t_eval, n_ft = t_ft + tb - ta, t_eval + time.perf_counter() - tb, n_ft + len(runs)
     bar.close()
     rows = [r for s in seeds for r in done[s][0]]
@@ -298,6 +310,18 @@ def run_sweep(
         "n_resumed_seeds": len(seeds) - len(todo),
     }
     return rows, samples, times
+
+
+def seed_chunks(seeds: list[int], per_seed: int, max_members: int) -> list[list[int]]:
+    """Consecutive seeds grouped so that a group holds at most ``max_members`` runs (a seed
+    with more runs than that is a group of its own)."""
+    chunks: list[list[int]] = []
+    for s in seeds:
+        if chunks and (len(chunks[-1]) + 1) * per_seed <= max_members:
+            chunks[-1].append(s)
+        else:
+            chunks.append([s])
+    return chunks
 
 
 def _evaluate_seed(setup, ft, seed, with_ref, runs, ref, params, log, gt, n_eval, sampler):

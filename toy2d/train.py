@@ -226,6 +226,15 @@ class _Noiser:
         return [a * x0 + s_eps for x0 in x0s]
 
 
+def _mean_error_grad(pred: Tensor, target: Tensor) -> Tensor:
+    """``d/d pred`` of ``_mean_error(pred, target).mean(1).sum()`` (members independent),
+    with autograd's arithmetic: ``(pred - target) * 2 / (D B)`` is ``pred - target`` times a
+    power of two at the toy's shapes (D = 2, B a power of two), exact either way."""
+    _, B, D = pred.shape
+    scale = torch.tensor(1.0 / B, dtype=pred.dtype).div_(D).mul_(2)  # MeanBackward x2, PowBackward
+    return torch.sub(pred, target).mul_(scale)
+
+
 def _output_grad(out: Tensor, loss_of: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
     """``(loss, d loss / d out)``, by autograd through the loss alone (the network's part
     of the backward is :func:`toy2d.model.backward_train`)."""
@@ -269,7 +278,7 @@ def train_references(
         x0, c = src.take(X, rows, M), src.take(Y, rows, M)
         (xt,) = noiser(t, x0, eps=eps)
         pred, saved = forward_train(fp.params, xt, t, c, mlp, ws)
-        _, g_out = _output_grad(pred, lambda p, eps=eps: _mean_error(p, eps).mean(1).sum())
+        g_out = _mean_error_grad(pred, eps)
         backward_train(fp.params, saved, g_out, mlp, ws, fp.grads)
         opt.step()
         if progress:
@@ -446,6 +455,12 @@ class FinetuneLog:
     final_loss: list[float]  # per member: mean loss over the last 10% of steps
     final_implicit_acc: list[float]
 
+    def select(self, members: list[int]) -> FinetuneLog:
+        """The log of these members, in this order."""
+        return FinetuneLog(
+            *([getattr(self, f)[m] for m in members] for f in self.__dataclass_fields__)
+        )
+
 
 class _RefBlock:
     """The reference forward of a subset of members, with its layer-1 table built once and
@@ -478,29 +493,59 @@ def _scatter_members(out: Tensor, members: list[int], M: int) -> Tensor:
     return full
 
 
-def loss_groups(runs: list[Run]) -> list[tuple[list[int], Tensor]]:
-    """Members that share one loss call: same (method, beta, beta_out, weight kind)."""
-    groups: dict[tuple, list[int]] = {}
+@dataclass
+class LossGroup:
+    """Members that share one :func:`minddspo.methods.method_loss` call: the same method and
+    timestep-weight kind. Their strengths differ, so ``beta``/``beta_logit`` are per-row
+    tensors ``(G B,)`` (each row's arithmetic is that of a call with its float)."""
+
+    members: list[int]
+    index: Tensor  # the members as a tensor, to gather their rows
+    method: str
+    weight_kind: str
+    beta: Tensor
+    beta_logit: Tensor | None
+
+
+def loss_groups(runs: list[Run], ft: FinetuneConfig, batch: int) -> list[LossGroup]:
+    """One :class:`LossGroup` per (method, timestep-weight kind), members in run order."""
+    by_key: dict[tuple[str, str], list[int]] = {}
     for m, r in enumerate(runs):
-        groups.setdefault((r.method, r.beta, r.beta_out, r.strategy.timestep_weight), []).append(m)
-    return [(members, torch.tensor(members)) for members in groups.values()]
+        by_key.setdefault((r.method, r.strategy.timestep_weight), []).append(m)
+    groups = []
+    for (method, kind), members in by_key.items():
+        scales = [runs[m].loss_scales(ft.beta_out) for m in members]
+
+        def rows(values: list[float]) -> Tensor:
+            return torch.tensor(values, dtype=torch.float32).repeat_interleave(batch)
+
+        beta_logit = None if scales[0][1] is None else rows([b for _, b in scales])
+        groups.append(
+            LossGroup(
+                members,
+                torch.tensor(members),
+                method,
+                kind,
+                rows([b for b, _ in scales]),
+                beta_logit,
+            )  # fmt: skip
+        )
+    return groups
 
 
-def group_losses(runs, groups, ft, preds, eps, t, T, snr, acc, tail: int) -> Tensor:
+def group_losses(groups, ft, preds, eps, t, T, snr, acc, tail: int) -> Tensor:
     """Sum over members of each one's mean loss: one :func:`method_loss` call per group of
     ``(M, B, ...)`` tensors. ``acc = (loss_acc, iacc_acc)`` adds the last steps' averages."""
     p_w, p_l, r_w, r_l, r_l_neg = preds
     total = p_w.new_zeros(())
-    for members, g_idx in groups:
-        g, r0 = len(members), runs[members[0]]
+    for grp in groups:
+        g, g_idx = len(grp.members), grp.index
 
         def flat(z: Tensor, g_idx: Tensor = g_idx) -> Tensor:
             return z[g_idx].reshape(-1, *z.shape[2:])  # (G B, ...)
 
-        kind = r0.strategy.timestep_weight
-        beta, beta_logit = r0.loss_scales(ft.beta_out)
         out = method_loss(
-            r0.method,
+            grp.method,
             pred_w=flat(p_w),
             pred_l=flat(p_l),
             ref_w=flat(r_w),
@@ -508,16 +553,16 @@ def group_losses(runs, groups, ft, preds, eps, t, T, snr, acc, tail: int) -> Ten
             ref_l_neg=flat(r_l_neg),
             target_w=flat(eps),  # winner and loser share the forward noise
             target_l=flat(eps),
-            beta=beta,
-            beta_logit=beta_logit,
-            weight=timestep_weight(kind, flat(t), T, snr),
-            weight_kind=kind,
+            beta=grp.beta,
+            beta_logit=grp.beta_logit,
+            weight=timestep_weight(grp.weight_kind, flat(t), T, snr),
+            weight_kind=grp.weight_kind,
         )
         per_member = out.loss.reshape(g, -1).mean(1)  # (G,)
         total = total + per_member.sum()  # members are independent
         if acc is not None:
             acc[0][g_idx] += per_member.detach() / tail
-            if method_spec(r0.method).preference:
+            if method_spec(grp.method).preference:
                 acc[1][g_idx] += out.implicit_acc.reshape(g, -1).mean(1) / tail
     return total
 
@@ -585,7 +630,7 @@ def finetune(
 
     log = FinetuneLog([[] for _ in runs], [None] * M, [[] for _ in runs], [0.0] * M, [0.0] * M)
     frozen = [False] * M
-    groups = loss_groups(runs)
+    groups = loss_groups(runs, ft, B)
     tail = max(1, ft.steps // 10)
     loss_acc, iacc_acc = torch.zeros(M), torch.zeros(M)
     for step in range(1, ft.steps + 1):
@@ -617,7 +662,7 @@ def finetune(
         p_all.requires_grad_(True)  # a leaf: autograd runs through the losses only
         p_w, p_l = p_all.split(B, dim=1)
         total = group_losses(
-            runs, groups, ft, (p_w, p_l, r_w, r_l, r_l_neg), eps, t, T, snr,
+            groups, ft, (p_w, p_l, r_w, r_l, r_l_neg), eps, t, T, snr,
             (loss_acc, iacc_acc) if step > ft.steps - tail else None, tail,
         )  # fmt: skip
         (g_out,) = torch.autograd.grad(total, p_all)
@@ -691,7 +736,7 @@ def _finetune_autograd(
 
     log = FinetuneLog([[] for _ in runs], [None] * M, [[] for _ in runs], [0.0] * M, [0.0] * M)
     frozen = [False] * M
-    groups = loss_groups(runs)
+    groups = loss_groups(runs, ft, B)
     tail = max(1, ft.steps // 10)
     loss_acc, iacc_acc = torch.zeros(M), torch.zeros(M)
     for step in range(1, ft.steps + 1):
@@ -722,7 +767,7 @@ def _finetune_autograd(
         )
         p_w, p_l = p_all.split(B, dim=1)
         total = group_losses(
-            runs, groups, ft, (p_w, p_l, r_w, r_l, r_l_neg), eps, t, T, snr,
+            groups, ft, (p_w, p_l, r_w, r_l, r_l_neg), eps, t, T, snr,
             (loss_acc, iacc_acc) if step > ft.steps - tail else None, tail,
         )  # fmt: skip
         grads = torch.autograd.grad(total, list(params.values()))
