@@ -240,3 +240,21 @@ def test_sweep_chunking_does_not_change_a_number():
     (a, sa), (b, sb) = rows(1000), rows(1)
     assert a == b and sa.keys() == sb.keys()
     assert all((sa[k] == sb[k]).all() for k in sa)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_in_member_chunks_is_exact(monkeypatch, sampler):
+    """The fast sampler runs at most SAMPLE_ROWS rows per call (whole members): the same
+    samples, bit for bit, as one call over every member (each draws from its own seed)."""
+    params = init_params(TINY.mlp, [torch.Generator().manual_seed(i) for i in range(5)])
+    seeds = [0, 1, 1, 2, 0]
+    whole, labels = tt.sample(TINY, params, seeds, 6, sampler, ddim_steps=5)
+    monkeypatch.setattr(tt, "SAMPLE_ROWS", 2 * len(labels))  # chunks of 2 members
+    calls = []
+    real = tt.step_denoiser
+    monkeypatch.setattr(
+        tt, "step_denoiser", lambda p, c, cfg: calls.append(len(c)) or real(p, c, cfg)
+    )
+    chunked, _ = tt.sample(TINY, params, seeds, 6, sampler, ddim_steps=5)
+    assert calls == [2, 2, 1]
+    assert torch.equal(chunked, whole)

@@ -35,21 +35,32 @@ def nearest_mode(x: Tensor, means: Tensor) -> Tensor:
     return torch.cdist(x.double(), means.double()).argmin(1)
 
 
+def _directions(n_proj: int) -> Tensor:
+    ang = math.pi * torch.arange(n_proj, dtype=torch.float64) / n_proj
+    return torch.stack([ang.cos(), ang.sin()], 1)  # (P, 2)
+
+
+def _sorted_projections(x: Tensor, n_proj: int) -> Tensor:
+    """``x (..., n, 2)`` projected on the directions and sorted along ``n``: ``(..., n, P)``."""
+    return (x.double() @ _directions(n_proj).T).sort(-2).values
+
+
+def _sw(qa: Tensor, qb: Tensor) -> float:
+    return float((qa - qb).pow(2).mean().sqrt())
+
+
 def sliced_wasserstein(a: Tensor, b: Tensor, n_proj: int = 64, n_quantiles: int = 128) -> float:
     """SW2 between two 2D point sets on fixed, evenly spaced directions.
 
     Equal sizes: exact (sorted projections matched one to one); otherwise the two
     empirical quantile functions are compared on ``n_quantiles`` levels.
     """
-    ang = math.pi * torch.arange(n_proj, dtype=torch.float64) / n_proj
-    dirs = torch.stack([ang.cos(), ang.sin()], 1)  # (P, 2)
-    pa, pb = a.double() @ dirs.T, b.double() @ dirs.T  # (n, P)
     if len(a) == len(b):
-        qa, qb = pa.sort(0).values, pb.sort(0).values
-    else:
-        q = (torch.arange(n_quantiles, dtype=torch.float64) + 0.5) / n_quantiles
-        qa, qb = torch.quantile(pa, q, dim=0), torch.quantile(pb, q, dim=0)
-    return float((qa - qb).pow(2).mean().sqrt())
+        return _sw(_sorted_projections(a, n_proj), _sorted_projections(b, n_proj))
+    dirs = _directions(n_proj)
+    pa, pb = a.double() @ dirs.T, b.double() @ dirs.T  # (n, P)
+    q = (torch.arange(n_quantiles, dtype=torch.float64) + 0.5) / n_quantiles
+    return _sw(torch.quantile(pa, q, dim=0), torch.quantile(pb, q, dim=0))
 
 
 def _gauss(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,20 +91,43 @@ def compute_metrics(
     x: Tensor, labels: Tensor, cfg: ToyConfig, gt: tuple[Tensor, Tensor] | None = None
 ) -> dict:
     """All metrics of samples ``x (n, 2)`` generated with conditions ``labels (n,)``."""
-    K, means = cfg.num_classes, gt_means(cfg).double()
-    x = x.double()
+    return compute_metrics_many(x.unsqueeze(0), labels, cfg, gt)[0]
+
+
+def compute_metrics_many(
+    xs: Tensor, labels: Tensor, cfg: ToyConfig, gt: tuple[Tensor, Tensor] | None = None
+) -> list[dict]:
+    """:func:`compute_metrics` of every run ``xs[r] (n, 2)`` (same labels), with the GT side
+    of the sliced Wasserstein distance and the projections' sort done once for all runs
+    (the same numbers as one call per run)."""
+    K = cfg.num_classes
+    xs = xs.double()
     if gt is None:
-        gt = gt_eval_set(cfg, max(1, len(x) // K))
+        gt = gt_eval_set(cfg, max(1, xs.shape[1] // K))
     gx, gl = gt[0].double(), gt[1]
+    sw_per_class = []  # (R,) per class
+    for c in range(K):
+        xc, gc = xs[:, labels == c], gx[gl == c]
+        if xc.shape[1] == len(gc):
+            qa, qb = _sorted_projections(xc, 64), _sorted_projections(gc, 64)
+            sw_per_class.append([_sw(qa[r], qb) for r in range(len(xs))])
+        else:
+            sw_per_class.append([sliced_wasserstein(xc[r], gc) for r in range(len(xs))])
+    return [
+        _metrics(x, labels, cfg, [sw[r] for sw in sw_per_class]) for r, x in enumerate(xs)
+    ]
+
+
+def _metrics(x: Tensor, labels: Tensor, cfg: ToyConfig, per_sw: list[float]) -> dict:
+    K, means = cfg.num_classes, gt_means(cfg).double()
     near = nearest_mode(x, means)
-    per_acc, per_conf, per_sw, per_shift, per_rad, fits = [], [], [], [], [], []
+    per_acc, per_conf, per_shift, per_rad, fits = [], [], [], [], []
     for c in range(K):
         sel = labels == c
         xc, nc = x[sel], near[sel]
         per_acc.append(float((nc == c).double().mean()))
         nb = torch.tensor([(c - 1) % K, (c + 1) % K])
         per_conf.append(float(torch.isin(nc, nb).double().mean()))
-        per_sw.append(sliced_wasserstein(xc, gx[gl == c]))
         mu, cov = _gauss(xc)
         fits.append((mu, cov))
         per_shift.append(float((mu - means[c]).norm()))

@@ -286,13 +286,11 @@ def run_sweep(
             params, log = finetune(setup, ft, runs, refs, tick)
         tb = time.perf_counter()
         bar.set_description(f"{label if runs else 'seeds'}: sampling")
-        for s in chunk:  # each seed is sampled, measured and stored on its own
-            mine = [i for i, r in enumerate(runs) if r.seed == s]
-            done[s] = _evaluate_seed(
-                setup, ft, s, "ref" in methods, [runs[i] for i in mine], refs[s],
-                None if params is None else {k: v[mine] for k, v in params.items()},
-                None if log is None else log.select(mine), gt, n_eval, sampler,
-            )  # fmt: skip
+        evaluated = _evaluate_chunk(
+            setup, ft, chunk, "ref" in methods, runs, refs, params, log, gt, n_eval, sampler
+        )
+        for s in chunk:  # each seed is stored on its own
+            done[s] = evaluated[s]
             if store is not None:
                 store.save(s, *done[s])
         t_ft, t_eval, n_ft = t_ft + tb - ta, t_eval + time.perf_counter() - tb, n_ft + len(runs)
@@ -324,24 +322,44 @@ def seed_chunks(seeds: list[int], per_seed: int, max_members: int) -> list[list[
     return chunks
 
 
-def _evaluate_seed(setup, ft, seed, with_ref, runs, ref, params, log, gt, n_eval, sampler):
-    """CSV rows and samples of one seed: its reference (if asked) and its fine-tuned runs."""
+def _evaluate_chunk(setup, ft, chunk, with_ref, runs, refs, params, log, gt, n_eval, sampler):
+    """``{seed: (CSV rows, samples)}`` for a chunk of seeds: each seed's reference (if asked)
+    and its fine-tuned runs, sampled in one batched call (every member from its own seed's
+    noise, so the same samples as one call per seed) and measured seed by seed."""
     import torch
 
-    from minddspo.methods import method_spec
-
-    from .metrics import SUMMARY_KEYS, compute_metrics
+    from .metrics import compute_metrics_many
     from .train import sample
 
-    members = ([None] if with_ref else []) + list(runs)
+    members = [(s, None) for s in chunk if with_ref] + [(r.seed, r) for r in runs]
+    if not members:
+        return {s: ([], {}) for s in chunk}
     stacked = {
-        k: torch.cat(([ref[k]] if with_ref else []) + ([params[k]] if params is not None else []))
-        for k in ref
+        k: torch.cat([refs[s][k] for s in chunk if with_ref] + ([params[k]] if runs else []))
+        for k in refs[chunk[0]]
     }
-    x, labels = sample(setup, stacked, [seed] * len(members), n_eval, sampler)
+    x, labels = sample(setup, stacked, [s for s, _ in members], n_eval, sampler)
+    out = {}
+    for s in chunk:
+        idx = [i for i, (seed, _) in enumerate(members) if seed == s]
+        mine = [i for i, r in enumerate(runs) if r.seed == s]
+        metrics = compute_metrics_many(x[idx], labels, setup.toy, gt)
+        out[s] = _seed_rows(
+            ft, s, [members[i][1] for i in idx], x[idx], labels, metrics,
+            [runs[i] for i in mine], None if log is None else log.select(mine),
+        )  # fmt: skip
+    return out
+
+
+def _seed_rows(ft, seed, members, x, labels, metrics, runs, log):
+    """CSV rows and samples (by run name) of one seed's members (None: the reference)."""
+    from minddspo.methods import method_spec
+
+    from .metrics import SUMMARY_KEYS
+
     rows, samples = [], {"labels": labels.numpy().astype(np.int8)}
     for i, r in enumerate(members):
-        m = compute_metrics(x[i], labels, setup.toy, gt)
+        m = metrics[i]
         row = {
             "method": r.method if r else "ref",
             "strategy": r.strategy.label() if r else "-",
