@@ -113,9 +113,7 @@ def compute_metrics_many(
             sw_per_class.append([_sw(qa[r], qb) for r in range(len(xs))])
         else:
             sw_per_class.append([sliced_wasserstein(xc[r], gc) for r in range(len(xs))])
-    return [
-        _metrics(x, labels, cfg, [sw[r] for sw in sw_per_class]) for r, x in enumerate(xs)
-    ]
+    return [_metrics(x, labels, cfg, [sw[r] for sw in sw_per_class]) for r, x in enumerate(xs)]
 
 
 def _metrics(x: Tensor, labels: Tensor, cfg: ToyConfig, per_sw: list[float]) -> dict:

@@ -488,6 +488,32 @@ class _RefBlock:
         return forward_fast(self.params, x, t, c, mlp, self.joint, self.ws)
 
 
+class _PolicyBlock:
+    """The policy's forward/backward for members ``[lo, hi)`` on the first ``halves``
+    halves of the ``(M, 2B)`` rows, with parameters and gradients as slices of the flat
+    buffer and its own reused workspace."""
+
+    def __init__(self, fp: FlatParams, lo: int, hi: int, halves: int):
+        self.lo, self.hi, self.halves = lo, hi, halves
+        self.params = {k: v[lo:hi] for k, v in fp.params.items()}
+        self.grads = {k: v[lo:hi] for k, v in fp.grads.items()}
+        self.ws, self.saved = Workspace(), None
+
+    def __bool__(self) -> bool:
+        return self.hi > self.lo
+
+    def forward(self, x: Tensor, t: Tensor, c: Tensor, mlp: MLPConfig, B: int) -> Tensor:
+        n = self.halves * B
+        x, t, c = (z[self.lo : self.hi, :n] for z in (x, t, c))
+        if self.halves == 1:  # a contiguous copy of the winner rows
+            x, t, c = x.contiguous(), t.contiguous(), c.contiguous()
+        out, self.saved = forward_train(self.params, x, t, c, mlp, self.ws)
+        return out.requires_grad_(True)
+
+    def backward(self, g_out: Tensor, mlp: MLPConfig) -> None:
+        backward_train(self.params, self.saved, g_out, mlp, self.ws, self.grads)
+
+
 def _scatter_members(out: Tensor, members: list[int], M: int) -> Tensor:
     if len(members) == M:
         return out
@@ -588,6 +614,14 @@ def finetune(
     """
     if any(r.method == "ref" for r in runs):
         raise ValueError("'ref' is not fine-tuned")
+    # members whose loss reads the loser rows first, the others (sft) last: each block is
+    # then a contiguous slice of the flat buffer (members are independent, so the order
+    # changes no number)
+    order = sorted(range(len(runs)), key=lambda m: not method_spec(runs[m].method).preference)
+    if order != list(range(len(runs))):
+        params, log = finetune(setup, ft, [runs[m] for m in order], refs, progress)
+        back = sorted(range(len(order)), key=order.__getitem__)
+        return {k: v[back] for k, v in params.items()}, log.select(back)
     sched, T, mlp = setup.schedule.build(), setup.schedule.num_train_timesteps, setup.mlp
     snr = sched.snr()
     M, B = len(runs), ft.batch
@@ -596,7 +630,6 @@ def finetune(
     params = fp.params
     ref = {k: v.clone() for k, v in init.items()}  # per-member reference (periodic updates)
     opt = FlatAdam(fp, torch.tensor([ft.lr_for(r.beta) for r in runs]))
-    ws = Workspace()  # the policy's activations and gradients, reused every step
     noiser = _Noiser(sched)
     cache: dict[tuple[int, int], Pairs] = {}
     for r in runs:  # one data set per (seed, N), shared by every method and beta
@@ -617,6 +650,10 @@ def finetune(
     split = 2 * mlp.hidden * B >= 400
     ref_wl = _RefBlock([m for m in range(M) if specs[m].preference or not split], M)
     ref_neg = _RefBlock([m for m in range(M) if specs[m].cpp and split], M)
+    # the policy on (x_t^w, c), (x_t^l, c) for members [0, n_wl); on (x_t^w, c) alone for
+    # the others (sft reads no loser row)
+    n_wl = sum(s.preference for s in specs) if split else M
+    blocks = [_PolicyBlock(fp, 0, n_wl, 2), _PolicyBlock(fp, n_wl, M, 1)]
 
     # fixed probe set per member for the divergence estimate: winners, t ~ U, forward noise
     pg = [generator("probe", *r.key()) for r in runs]
@@ -660,16 +697,17 @@ def finetune(
             )
         if ref_neg.members:
             r_l_neg = _scatter_members(ref_neg(ref, xt_l, t, c_neg, mlp), ref_neg.members, M)
-        p_all, saved = forward_train(params, x2, t2, c2, mlp, ws)
-
-        p_all.requires_grad_(True)  # a leaf: autograd runs through the losses only
-        p_w, p_l = p_all.split(B, dim=1)
+        outs = [b.forward(x2, t2, c2, mlp, B) for b in blocks if b]
+        # leaves: autograd runs through the losses only
+        p_w = torch.cat([o[:, :B] for o in outs])
+        p_l = torch.cat([o[:, B:] if o.shape[1] > B else torch.zeros_like(o) for o in outs])
         total = group_losses(
             groups, ft, (p_w, p_l, r_w, r_l, r_l_neg), eps, t, T, snr,
             (loss_acc, iacc_acc) if step > ft.steps - tail else None, tail,
         )  # fmt: skip
-        (g_out,) = torch.autograd.grad(total, p_all)
-        backward_train(params, saved, g_out, mlp, ws, fp.grads)
+        g_outs = torch.autograd.grad(total, outs)
+        for b, g_out in zip([b for b in blocks if b], g_outs, strict=True):
+            b.backward(g_out, mlp)
         opt.step()
         due = [m for m in range(M) if rules[m].copy_due(step, frozen[m])]
         if due:
