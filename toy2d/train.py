@@ -529,11 +529,25 @@ class LossGroup:
     tensors ``(G B,)`` (each row's arithmetic is that of a call with its float)."""
 
     members: list[int]
-    index: Tensor  # the members as a tensor, to gather their rows
+    index: Tensor | slice  # the members: a slice when they are consecutive, else a tensor
     method: str
     weight_kind: str
     beta: Tensor
     beta_logit: Tensor | None
+
+
+def _member_order(runs: list[Run]) -> Callable[[int], tuple]:
+    """Sort key of :func:`finetune`'s internal member order: runs whose loss reads the
+    loser rows first, then by loss group (in order of first appearance), then as given."""
+    first: dict[tuple[str, str], int] = {}
+    for r in runs:
+        first.setdefault((r.method, r.strategy.timestep_weight), len(first))
+
+    def key(m: int) -> tuple:
+        r = runs[m]
+        return (not method_spec(r.method).preference, first[r.method, r.strategy.timestep_weight])
+
+    return key
 
 
 def loss_groups(runs: list[Run], ft: FinetuneConfig, batch: int) -> list[LossGroup]:
@@ -549,15 +563,10 @@ def loss_groups(runs: list[Run], ft: FinetuneConfig, batch: int) -> list[LossGro
             return torch.tensor(values, dtype=torch.float32).repeat_interleave(batch)
 
         beta_logit = None if scales[0][1] is None else rows([b for _, b in scales])
+        consecutive = members == list(range(members[0], members[-1] + 1))
+        index = slice(members[0], members[-1] + 1) if consecutive else torch.tensor(members)
         groups.append(
-            LossGroup(
-                members,
-                torch.tensor(members),
-                method,
-                kind,
-                rows([b for b, _ in scales]),
-                beta_logit,
-            )  # fmt: skip
+            LossGroup(members, index, method, kind, rows([b for b, _ in scales]), beta_logit)
         )
     return groups
 
@@ -570,7 +579,7 @@ def group_losses(groups, ft, preds, eps, t, T, snr, acc, tail: int) -> Tensor:
     for grp in groups:
         g, g_idx = len(grp.members), grp.index
 
-        def flat(z: Tensor, g_idx: Tensor = g_idx) -> Tensor:
+        def flat(z: Tensor, g_idx: Tensor | slice = g_idx) -> Tensor:
             return z[g_idx].reshape(-1, *z.shape[2:])  # (G B, ...)
 
         out = method_loss(
@@ -614,10 +623,10 @@ def finetune(
     """
     if any(r.method == "ref" for r in runs):
         raise ValueError("'ref' is not fine-tuned")
-    # members whose loss reads the loser rows first, the others (sft) last: each block is
-    # then a contiguous slice of the flat buffer (members are independent, so the order
-    # changes no number)
-    order = sorted(range(len(runs)), key=lambda m: not method_spec(runs[m].method).preference)
+    # members whose loss reads the loser rows first, the others (sft) last, and the members
+    # of a loss group next to each other: each policy block and each group is then a slice,
+    # not a gather (members are independent, so the order changes no number)
+    order = sorted(range(len(runs)), key=_member_order(runs))
     if order != list(range(len(runs))):
         params, log = finetune(setup, ft, [runs[m] for m in order], refs, progress)
         back = sorted(range(len(order)), key=order.__getitem__)
