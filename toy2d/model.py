@@ -181,30 +181,40 @@ def joint_table(params: Params, cfg: MLPConfig) -> Tensor:
     return (tab_t.unsqueeze(2) + tab_c.unsqueeze(1)).reshape(M, T * cfg.num_classes, H)
 
 
+_OFFSETS: dict[tuple[int, int], Tensor] = {}
+
+
 def _rows(idx: Tensor, n_rows: int) -> Tensor:
     """Flat row indices ``m * n_rows + idx[m, b]`` into a ``(M n_rows, H)`` table."""
-    return (idx + torch.arange(idx.shape[0]).unsqueeze(1) * n_rows).reshape(-1)
+    key = (idx.shape[0], n_rows)
+    if key not in _OFFSETS:  # m * n_rows, built once per shape
+        _OFFSETS[key] = torch.arange(idx.shape[0]).unsqueeze(1) * n_rows
+    return (idx + _OFFSETS[key]).reshape(-1)
 
 
-def _gather(table: Tensor, idx: Tensor, out: Tensor) -> Tensor:
-    """``out[m, b] = table[m, idx[m, b]]`` for ``table (M, R, H)``, ``idx (M, B)``."""
+def _gather(table: Tensor, idx: Tensor, out: Tensor, rows: Tensor | None = None) -> Tensor:
+    """``out[m, b] = table[m, idx[m, b]]`` for ``table (M, R, H)``, ``idx (M, B)``
+    (``rows``: ``_rows(idx, R)`` if the caller has it)."""
     M, R, H = table.shape
-    torch.index_select(table.reshape(M * R, H), 0, _rows(idx, R), out=out.view(-1, H))
+    rows = _rows(idx, R) if rows is None else rows
+    torch.index_select(table.reshape(M * R, H), 0, rows, out=out.view(-1, H))
     return out
 
 
 def _layer1(params, x, t, c, cfg, ws, joint=None, tag=""):
     """Layer 1's pre-activation ``bmm(x, w_x) + (tab_t[t] + tab_c[c])`` in a workspace buffer;
-    also returns the tables (None with ``joint``)."""
+    also returns the flat table rows of ``t`` and ``c`` (None with ``joint``)."""
     M, N, _ = x.shape
     h = _buf(ws, tag + "h1", (M, N, cfg.hidden), x)
     if joint is not None:
         _gather(joint, t * cfg.num_classes + c, h)
-        tabs = None
+        rows = None
     else:
-        tabs = layer1_tables(params, cfg)
-        _gather(tabs[0], t, h).add_(_gather(tabs[1], c, _buf(ws, tag + "a1", h.shape, x)))
-    return h.baddbmm_(x, params["l1.w"][:, :2]), tabs
+        tab_t, tab_c = layer1_tables(params, cfg)
+        rows = _rows(t, tab_t.shape[1]), _rows(c, tab_c.shape[1])
+        _gather(tab_t, t, h, rows[0])
+        h.add_(_gather(tab_c, c, _buf(ws, tag + "a1", h.shape, x), rows[1]))
+    return h.baddbmm_(x, params["l1.w"][:, :2]), rows
 
 
 def _trunk(params: Params, h: Tensor, ws: Workspace | None, tag: str = "") -> Tensor:
@@ -259,7 +269,7 @@ def forward_train(
     """:func:`forward` (same values) and what :func:`backward_train` needs; no autograd.
     With ``ws`` the activations live in its buffers until the next call."""
     with torch.no_grad():
-        h, tabs = _layer1(params, x, t, c, cfg, ws)
+        h, rows = _layer1(params, x, t, c, cfg, ws)
         hs, acts = [h], []
         for i, name in enumerate(("l2", "l3", "l4")):
             a = _silu(h, out=_buf(ws, f"a{i + 1}", h.shape, h))
@@ -270,7 +280,7 @@ def forward_train(
                 out = _buf(ws, f"h{i + 2}", h.shape, h)
                 h = torch.baddbmm(params[name + ".b"], a, params[name + ".w"], out=out)
                 hs.append(h)
-    return h, (x, t, c, hs, acts)
+    return h, (x, rows, hs, acts)
 
 
 def backward_train(
@@ -284,7 +294,7 @@ def backward_train(
     """Gradients of ``sum(grad_out * forward(params, x, t, c))`` w.r.t. every parameter,
     op for op what autograd computes for :func:`forward`; written into ``out`` if given
     (e.g. :attr:`FlatParams.grads`)."""
-    x, t, c, hs, acts = saved
+    x, (rows_t, rows_c), hs, acts = saved
     T, K, H = cfg.num_train_timesteps, cfg.num_classes, cfg.hidden
     M = x.shape[0]
 
@@ -305,8 +315,8 @@ def backward_train(
         flat_g = g.reshape(-1, H)
         # autograd's IndexBackward: index_put_(accumulate=True) into zeros, rows added in
         # index order (see _accumulate_rows)
-        g_tt = _accumulate_rows(_buf(ws, "g_tt", (M * T, H), g).zero_(), _rows(t, T), flat_g)
-        g_tc = _accumulate_rows(_buf(ws, "g_tc", (M * K, H), g).zero_(), _rows(c, K), flat_g)
+        g_tt = _accumulate_rows(_buf(ws, "g_tt", (M * T, H), g).zero_(), rows_t, flat_g)
+        g_tc = _accumulate_rows(_buf(ws, "g_tc", (M * K, H), g).zero_(), rows_c, flat_g)
         g_tt, g_tc = g_tt.view(M, T, H), g_tc.view(M, K, H)
         g_wt = torch.matmul(_grid(cfg, w_t).t(), g_tt)
         g_wc = params["cemb"].transpose(1, 2).bmm(g_tc)

@@ -234,8 +234,13 @@ def _mean_error_grad(pred: Tensor, target: Tensor) -> Tensor:
     with autograd's arithmetic: ``(pred - target) * 2 / (D B)`` is ``pred - target`` times a
     power of two at the toy's shapes (D = 2, B a power of two), exact either way."""
     _, B, D = pred.shape
-    scale = torch.tensor(1.0 / B, dtype=pred.dtype).div_(D).mul_(2)  # MeanBackward x2, PowBackward
-    return torch.sub(pred, target).mul_(scale)
+    key = (B, D, pred.dtype)
+    if key not in _GRAD_SCALES:  # MeanBackward x2, PowBackward
+        _GRAD_SCALES[key] = torch.tensor(1.0 / B, dtype=pred.dtype).div_(D).mul_(2)
+    return torch.sub(pred, target).mul_(_GRAD_SCALES[key])
+
+
+_GRAD_SCALES: dict[tuple, Tensor] = {}
 
 
 def _output_grad(out: Tensor, loss_of: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
