@@ -85,11 +85,17 @@ def test_one_toy_step_is_a_method_table_call_on_the_right_tensors(
     )
     for name in names:
         torch.testing.assert_close(kw[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
     # scales: the cell's beta is the logit scale; DSPO-family runs take beta_out outside
+    # (one value per row: a batched sweep puts several strengths in one call)
+    def rows(value: float) -> torch.Tensor:
+        return torch.full((kw["pred_w"].shape[0],), value, dtype=torch.float32)
+
     if method in ("dspo", "dspo_cpp"):
-        assert (kw["beta"], kw["beta_logit"]) == (FT.beta_out, beta)
+        assert torch.equal(kw["beta"], rows(FT.beta_out))
+        assert torch.equal(kw["beta_logit"], rows(beta))
     else:
-        assert (kw["beta"], kw["beta_logit"]) == (beta, None)
+        assert torch.equal(kw["beta"], rows(beta)) and kw["beta_logit"] is None
     assert kw["weight_kind"] == weight
     if weight == "lambda":
         torch.testing.assert_close(kw["weight"], lambda_table(want["snr"])[want["t"]].float())
@@ -115,7 +121,11 @@ def test_toy_dspo_runs_take_their_own_beta_out(spy_method_loss):
     calls = spy_method_loss(tt)
     runs = [tt.Run("dspo", 3, 400.0, 0, beta_out=0.5), tt.Run("dspo", 3, 400.0, 0, beta_out=0.01)]
     tt.finetune(TINY, replace(FT, steps=1), runs, refs)
-    assert sorted(kw["beta"] for _, kw, _ in calls) == [0.01, 0.5]
+    ((_, kw, _),) = calls  # one call for the group, each member's rows with its own beta_out
+    per_member = kw["beta"].reshape(2, FT.batch)
+    want = torch.tensor([[0.5], [0.01]], dtype=torch.float32).expand(2, FT.batch)
+    assert torch.equal(per_member, want)
+    assert torch.equal(kw["beta_logit"], torch.full((2 * FT.batch,), 400.0))
     with pytest.raises(ValueError, match="beta_out applies to"):
         tt.Run("dpo", 3, 400.0, 0, beta_out=0.5)
 
