@@ -12,8 +12,10 @@ Shapes (``...`` = any number of non-batch dims, identical across all tensors):
     logit_weight, loss_weight  (B,)
 
 ``beta`` (and DSPO's ``beta_logit``) is a float, or a ``(B,)`` tensor with one value per
-sample: a batched sweep can then put runs of different strengths in one call, and each
-sample gets exactly the arithmetic of a call with its value as a float.
+sample, so that a batched sweep can put runs of different strengths in one call: every
+sample's result equals, bit for bit, what a call on the same batch with its value as a
+float gives for it. (Across *different* batches a sample's last bit can move: torch's CPU
+exp/log kernels round a vectorised block and a leftover tail differently.)
 """
 
 from __future__ import annotations
@@ -41,17 +43,25 @@ class PreferenceLoss(NamedTuple):
 # ------------------------------------------------------------------ validation
 
 
-def _check_beta(name: str, value: float | Tensor, batch: int) -> float | Tensor:
-    """A positive finite number, or a ``(B,)`` float tensor of them (one per sample: a
-    batched sweep puts runs with different strengths in one call; each sample's arithmetic
-    is then exactly that of a call with its value as a float)."""
-    if isinstance(value, Tensor):
+def _per_sample(value: object) -> bool:
+    return isinstance(value, Tensor) and value.ndim > 0
+
+
+def _check_beta(
+    name: str, value: float | Tensor, batch: int | None = None, device=None
+) -> float | Tensor:
+    """A positive finite number (a 0-dim tensor counts as one), or a ``(B,)`` float tensor of
+    them, one per sample. A per-sample tensor is checked once ``batch`` is known (until then
+    it is returned as given) and moved to ``device``."""
+    if _per_sample(value):
+        if batch is None:
+            return value
         if not value.is_floating_point() or value.shape != (batch,):
             raise ValueError(
                 f"{name} as a tensor must be floating point of shape ({batch},), "
                 f"got {value.dtype} {tuple(value.shape)}"
             )
-        v = value.detach().float()
+        v = value.detach().to(device=device, dtype=torch.float32)
         if not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
             raise ValueError(f"{name} must be finite and > 0 in every sample")
         return v
@@ -120,7 +130,7 @@ def _validated_core(pred_w, pred_l, ref_w, ref_l, target_w, target_l, beta, logi
     batch = _check_tensors(
         dict(zip(names, (pred_w, pred_l, ref_w, ref_l, target_w, target_l), strict=True))
     )
-    beta = _check_beta("beta", beta, batch)
+    beta = _check_beta("beta", _check_beta("beta", beta), batch, pred_w.device)
     logit_weight = _check_weight("logit_weight", logit_weight, batch)
     return batch, _core(pred_w, pred_l, ref_w, ref_l, target_w, target_l, beta, logit_weight)
 
@@ -152,7 +162,7 @@ def preference_logits(
     target_w: Tensor,
     target_l: Tensor,
     *,
-    beta: float,
+    beta: float | Tensor,
     logit_weight: Tensor | None = None,
 ) -> Tensor:
     """The preference logit of SPEC §2, with gradient, ``(B,)`` float32::
@@ -186,7 +196,7 @@ def dpo_loss(
     target_w: Tensor,
     target_l: Tensor,
     *,
-    beta: float,
+    beta: float | Tensor,
     logit_weight: Tensor | None = None,
     loss_weight: Tensor | None = None,
 ) -> PreferenceLoss:
@@ -216,7 +226,7 @@ def ddspo_loss(
     ref_l: Tensor,
     ref_l_neg: Tensor,
     *,
-    beta: float,
+    beta: float | Tensor,
     logit_weight: Tensor | None = None,
     loss_weight: Tensor | None = None,
 ) -> PreferenceLoss:
@@ -236,12 +246,13 @@ def _score_matching_loss(
     pred_w, pred_l, ref_w, ref_l, reward_w, reward_l, target_w, beta, beta_logit, loss_weight, names
 ) -> PreferenceLoss:
     """DSPO's regression (SPEC §3): reward targets in the logit, ``target_w`` in the residual."""
-    batch = _check_tensors({names[0]: pred_w, names[6]: target_w})
-    beta = _check_beta("beta", beta, batch)
-    beta_logit = beta if beta_logit is None else _check_beta("beta_logit", beta_logit, batch)
+    beta = _check_beta("beta", beta)  # a number now; a per-sample tensor once B is known
+    beta_logit = beta if beta_logit is None else _check_beta("beta_logit", beta_logit)
     batch, (s, gap_w, gap_l, err_w, err_l) = _validated_core(
         pred_w, pred_l, ref_w, ref_l, reward_w, reward_l, beta_logit, None, names[:6]
     )
+    _check_tensors({names[0]: pred_w, names[6]: target_w})
+    beta = _check_beta("beta", beta, batch, pred_w.device)
     loss_weight = _check_weight("loss_weight", loss_weight, batch)
     p_w = pred_w.float()
     # (1 - sigma(s)) is not detached, as in the official DSPO code (SPEC §3).
@@ -275,8 +286,8 @@ def dspo_loss(
     target_w: Tensor,
     target_l: Tensor,
     *,
-    beta: float,
-    beta_logit: float | None = None,
+    beta: float | Tensor,
+    beta_logit: float | Tensor | None = None,
     loss_weight: Tensor | None = None,
 ) -> PreferenceLoss:
     """DSPO (Zhu et al., ICLR 2025; DDSPO paper Eq. 6 / Eq. 33), official SD-1.5 form::
@@ -311,8 +322,8 @@ def dspo_cpp_loss(
     ref_l_neg: Tensor,
     target_w: Tensor,
     *,
-    beta: float,
-    beta_logit: float | None = None,
+    beta: float | Tensor,
+    beta_logit: float | Tensor | None = None,
     loss_weight: Tensor | None = None,
 ) -> PreferenceLoss:
     """DSPO+CPP (DDSPO paper Sec. 3.4, Eq. 33 with the redefined reward ``r_theta``)::
@@ -354,8 +365,8 @@ def dspo_pair_loss(
     reward_target_l: Tensor,
     target_w: Tensor,
     *,
-    beta: float,
-    beta_logit: float | None = None,
+    beta: float | Tensor,
+    beta_logit: float | Tensor | None = None,
     loss_weight: Tensor | None = None,
 ) -> PreferenceLoss:
     """DSPO with any contrastive policy pair ``(q_w, q_l)`` as reward targets (paper Sec. 3.2).

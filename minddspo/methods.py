@@ -111,13 +111,13 @@ def method_loss(
 ) -> PreferenceLoss:
     """The per-sample loss of ``method`` for one step's tensors (all ``(B, ...)``).
 
-        ``target_w/target_l`` are the forward-process targets; ``pair_w/pair_l`` an optional
-        contrastive policy pair for the CPP methods (both or neither). ``beta`` is the method's
-        strength (for dspo/dspo_cpp the *outside* scale; ``beta_logit`` the inside one, which
-        only they take); either may be a ``(B,)`` tensor, one value per sample (see
+    ``target_w/target_l`` are the forward-process targets; ``pair_w/pair_l`` an optional
+    contrastive policy pair for the CPP methods (both or neither). ``beta`` is the method's
+    strength (for dspo/dspo_cpp the *outside* scale; ``beta_logit`` the inside one, which
+    only they take); either may be a ``(B,)`` tensor, one value per sample (see
     :mod:`minddspo.losses`). ``weight`` ``(B,)`` is a timestep weight of kind ``weight_kind``.
-        Unused inputs may be None (``ddspo`` needs no forward-process target); a needed one
-        that is None raises ``ValueError`` naming it.
+    Unused inputs may be None (``ddspo`` needs no forward-process target); a needed one
+    that is None raises ``ValueError`` naming it.
     """
     spec = method_spec(method)
     if (pair_w is None) != (pair_l is None):

@@ -2,8 +2,9 @@
 
 All fine-tunes of a chunk of seeds (at most :data:`MAX_MEMBERS` runs) are one batched loop
 (:func:`toy2d.train.finetune`); each seed is then sampled and measured; references for all
-seeds train in one batched loop. Each finished seed is stored under ``OUT/cells/`` keyed by
-the whole config, so a killed or repeated sweep resumes (``--no-resume`` recomputes).
+seeds train in one batched loop. Each seed is stored under ``OUT/cells/`` keyed by the whole
+config once its chunk is done, so a killed or repeated sweep resumes the finished chunks
+(``--no-resume`` recomputes); the default grid is one chunk of ~30 s.
 Writes ``results.csv``, ``samples.npz``, ``config.json`` and, via
 :mod:`toy2d.report`, ``table.md``, ``fig_grid.png`` and ``fig_panel.png``.
 ``--ablation`` runs each method x {frozen, periodic} reference x {uniform, geometric+lambda}
@@ -233,8 +234,9 @@ def run_sweep(
 ) -> tuple[list[dict], dict[str, np.ndarray], dict]:
     """Train the seeds in chunks of whole seeds, each chunk's runs batched as one stacked
     model of at most ``max_members`` runs (one seed at least); return CSV rows, samples by
-    run name and timings. A run's numbers do not depend on the chunking (members are
-    independent, bit for bit).
+    run name and timings. A run's numbers do not depend on the chunking: bit for bit when
+    ``ft.batch`` is a multiple of 32 (the default 128), to float rounding otherwise (see
+    :class:`toy2d.train.LossGroup`).
 
     ``beta_outs`` (dspo/dspo_cpp only): a grid of outside betas, one run per value
     (None: ``ft.beta_out`` alone) -- the beta_out search uses it. ``store``: seeds it

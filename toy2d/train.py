@@ -231,8 +231,8 @@ class _Noiser:
 
 def _mean_error_grad(pred: Tensor, target: Tensor) -> Tensor:
     """``d/d pred`` of ``_mean_error(pred, target).mean(1).sum()`` (members independent),
-    with autograd's arithmetic: ``(pred - target) * 2 / (D B)`` is ``pred - target`` times a
-    power of two at the toy's shapes (D = 2, B a power of two), exact either way."""
+    with autograd's arithmetic: ``(pred - target) * fl(1/B) / D * 2``, where ``/D * 2`` is
+    exact for the toy's D = 2, so the result is autograd's bit for bit."""
     _, B, D = pred.shape
     key = (B, D, pred.dtype)
     if key not in _GRAD_SCALES:  # MeanBackward x2, PowBackward
@@ -531,7 +531,9 @@ def _scatter_members(out: Tensor, members: list[int], M: int) -> Tensor:
 class LossGroup:
     """Members that share one :func:`minddspo.methods.method_loss` call: the same method and
     timestep-weight kind. Their strengths differ, so ``beta``/``beta_logit`` are per-row
-    tensors ``(G B,)`` (each row's arithmetic is that of a call with its float)."""
+    tensors ``(G B,)``. A member's numbers do not depend on the group it is in when the batch
+    B is a multiple of 32 (its rows then fall in the same lanes of torch's vectorised
+    exp/log kernels); otherwise its last bits can (the scalar tail rounds differently)."""
 
     members: list[int]
     index: Tensor | slice  # the members: a slice when they are consecutive, else a tensor
