@@ -208,3 +208,34 @@ def test_full_size_ddspo_beats_the_untuned_reference(tmp_path, monkeypatch):
         acc[method] = json.loads((out / "metrics.json").read_text())["class_accuracy"]
     assert 0.55 < acc["ref"] < 0.67  # the noisy training set itself: 0.67
     assert acc["ddspo"] > acc["ref"] + 0.1
+
+
+def test_toy_bench_sweeps_times_both_checkouts_and_compares_results(monkeypatch, capsys, tmp_path):
+    """``--sweeps``: each sweep in a fresh process from each checkout, alternately, its
+    printed times parsed, and the results.csv of every run compared (here a one-seed,
+    two-step grid, with this checkout as its own baseline)."""
+    import toy2d.bench as tb
+
+    root = Path(__file__).resolve().parent.parent
+    tiny = ["--seeds", "1", "--steps", "2", "--n-pairs", "2", "--betas", "400",
+            "--methods", "dpo", "--n-eval", "4"]  # fmt: skip
+    monkeypatch.setattr(tb, "SWEEPS", (("tiny grid, cold", tiny, True, 999),))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert tb.main(["--sweeps", "--repeats", "1", "--baseline", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny grid, cold  (target <= 999 s)" in out
+    assert out.count("this ") >= 1 and "baseline" in out
+    assert "target met, baseline / this =" in out
+    assert "results.csv identical across runs and checkouts: True" in out
+    assert len(list(tmp_path.glob("toy2d-bench-*/sweep0-*/results.csv"))) == 2
+
+
+def test_toy_bench_baseline_must_be_a_checkout(tmp_path, capsys):
+    import toy2d.bench as tb
+
+    with pytest.raises(SystemExit) as e:
+        tb.main(["--sweeps", "--baseline", str(tmp_path)])
+    assert e.value.code == 2 and "not a checkout" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Toy sweep speed, old and new batched path side by side in one process.
 
     python -m toy2d.bench [--seeds 3] [--steps 400] [--repeats 1]   (or: python bench/bench_toy.py)
+    python -m toy2d.bench --sweeps [--repeats 2] [--baseline DIR] [--ablation]
 
 The workload is the issue-14 one: dpo, dspo, ddspo x N {12,120,1200} x beta {200,400,800} x
 seeds (81 fine-tunes for 3 seeds) as one stacked model, pair generation included, then 256
@@ -19,6 +20,13 @@ the logged shapes of one new-path step as plain ``torch.bmm`` calls on random da
 GFLOP/s is what the matmuls alone reach, so ``FLOPs / floor rate`` is the time the sweep would
 take if nothing but its matmuls ran.
 
+With ``--sweeps`` it instead times the commands issue 14 sets targets for, each in a fresh
+process: the cold sweep of issue 14's workload (``--methods dpo,dspo,ddspo``: 3 references,
+81 fine-tunes), the cold default sweep (135 fine-tunes) and, with ``--ablation``, the ablation
+(cached references). ``--baseline DIR`` (another checkout, e.g. ``git worktree add DIR REV``)
+runs the same commands from DIR, alternating with this checkout, prints the ratios and
+checks that both wrote the same ``results.csv``.
+
 With ``--naive`` the same fine-tunes also run one at a time (M = 1, new path), as before
 issue 14 (``--naive-subset K``: time K of them and extrapolate). ``--single-run`` also times
 one ``toy2d.run`` in-process (cached reference).
@@ -28,9 +36,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -139,7 +150,91 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(0: time every one)",
     )
     p.add_argument("--single-run", action="store_true", help="also time one toy2d.run in-process")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--sweeps",
+        action="store_true",
+        help="time the cold sweeps in fresh processes instead (issue 14's targets; see above)",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="with --sweeps: another checkout to run the same sweeps from, alternately",
+    )
+    p.add_argument(
+        "--ablation", action="store_true", help="with --sweeps: also time the ablation sweep"
+    )
+    args = p.parse_args(argv)
+    if args.baseline is not None and not (args.baseline / "toy2d" / "sweep.py").is_file():
+        p.error(f"--baseline {args.baseline}: not a checkout (no toy2d/sweep.py)")
+    return args
+
+
+# (label, sweep flags, cold reference cache, target seconds) -- issue 14's figures
+SWEEPS = (
+    ("issue-14 workload, cold (3 refs + 81 fine-tunes)", ["--methods", "dpo,dspo,ddspo"], True, 20),
+    ("default sweep, cold (3 refs + 135 fine-tunes)", [], True, 30),
+    ("ablation, cached refs (432 fine-tunes)", ["--ablation"], False, 100),
+)
+_SUMMARY = re.compile(
+    r"total ([\d.]+) s \(references ([\d.]+) s, fine-tuning ([\d.]+) s, "
+    r"sampling\+metrics ([\d.]+) s\)"
+)
+
+
+def run_sweep_process(cwd: Path, flags: list[str], out: Path, cache: Path) -> list[float]:
+    """``python -m toy2d.sweep FLAGS`` from ``cwd`` (its packages first on the path) with the
+    reference cache ``cache``: ``[total, references, fine-tuning, sampling+metrics]`` as the
+    sweep prints them."""
+    env = {**os.environ, "MINDDSPO_CACHE": str(cache), "PYTHONPATH": str(cwd)}
+    cmd = [sys.executable, "-m", "toy2d.sweep", *flags, "--out", str(out), "--no-progress"]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    m = _SUMMARY.search(done.stdout)
+    if done.returncode != 0 or m is None:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"sweep from {cwd} failed (rc {done.returncode}): {tail[0]}")
+    return [float(v) for v in m.groups()]
+
+
+def time_sweeps(repeats: int, baseline: Path | None, ablation: bool) -> int:
+    """The cold sweeps of :data:`SWEEPS`, this checkout (and ``baseline``) alternately."""
+    import tempfile
+
+    here = Path(__file__).resolve().parent.parent
+    sides = [("this", here)] + ([("baseline", baseline.resolve())] if baseline else [])
+    work = Path(tempfile.mkdtemp(prefix="toy2d-bench-"))
+    warm = work / "warm-cache"  # the ablation's cached references, trained once per side
+    same = True
+    for k, (label, flags, cold, target) in enumerate(SWEEPS):
+        if "--ablation" in flags and not ablation:
+            continue
+        times: dict[str, list[list[float]]] = {name: [] for name, _ in sides}
+        for r in range(max(1, repeats)):
+            for name, root in sides[:: 1 if r % 2 == 0 else -1]:
+                cache = Path(tempfile.mkdtemp(dir=work)) if cold else warm / name
+                if not cold and not cache.exists():  # fill the cache, untimed
+                    run_sweep_process(root, ["--n-pairs", "12", "--betas", "400", "--methods",
+                                             "dpo"], work / f"fill-{name}", cache)  # fmt: skip
+                out = work / f"sweep{k}-{name}-{len(times[name])}"
+                times[name].append(run_sweep_process(root, flags, out, cache))
+                csvs = sorted(work.glob(f"sweep{k}-*/results.csv"))
+                same &= len({c.read_bytes() for c in csvs}) <= 1
+        print(f"\n{label}  (target <= {target} s)")
+        print(f"  {'checkout':10s} {'total s (each run)':28s} {'refs':>6s} {'fine-tune':>10s} "
+              f"{'sampling':>9s}")  # fmt: skip
+        best = {}
+        for name, _ in sides:
+            runs = times[name]
+            i = min(range(len(runs)), key=lambda k: runs[k][0])
+            best[name] = runs[i][0]
+            each = ", ".join(f"{t[0]:.1f}" for t in runs)
+            print(f"  {name:10s} {each:28s} {runs[i][1]:6.1f} {runs[i][2]:10.1f} {runs[i][3]:9.1f}")
+        verdict = "met" if best["this"] <= target else "NOT met"
+        ratio = f", baseline / this = {best['baseline'] / best['this']:.2f}x" if baseline else ""
+        print(f"  best of {max(1, repeats)}: {best['this']:.1f} s -> target {verdict}{ratio}")
+    print(f"\nresults.csv identical across runs and checkouts: {same}")
+    print(f"(outputs under {work})")
+    return 0 if same else 1
 
 
 def time_paths(setup, ft, runs, refs, repeats: int, check: bool) -> tuple[float, float]:
@@ -205,6 +300,8 @@ def time_naive(setup, ft, runs, refs, subset: int, t_new: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.sweeps:
+        return time_sweeps(args.repeats, args.baseline, args.ablation)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     setup, ft = ToySetup(), FinetuneConfig(steps=args.steps)
