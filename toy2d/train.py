@@ -612,6 +612,32 @@ def group_losses(groups, ft, preds, eps, t, T, snr, acc, tail: int) -> Tensor:
     return total
 
 
+def _probe_set(runs: list[Run], pairs: list[Pairs], n_probe: int, sched: DDPMSchedule):
+    """Each member's fixed probe set for the divergence estimate: ``n_probe`` of its winners,
+    ``t ~ U``, forward noise -- ``(x_t, t, c)``, each ``(M, n_probe, ...)``."""
+    T = sched.num_train_timesteps
+    pg = [generator("probe", *r.key()) for r in runs]
+    pidx = [
+        torch.randint(0, len(p.c), (n_probe,), generator=g) for p, g in zip(pairs, pg, strict=True)
+    ]
+    probe_t = torch.stack([torch.randint(0, T, (n_probe,), generator=g) for g in pg])
+    probe_eps = torch.stack([torch.randn(n_probe, 2, generator=g) for g in pg])
+    probe_x0 = _gather_stack([p.x_w for p in pairs], pidx)
+    probe_c = _gather_stack([p.c for p in pairs], pidx)
+    return sched.add_noise(probe_x0, probe_eps, probe_t), probe_t, probe_c
+
+
+def _draw_step(runs, pairs, gens, B: int, T: int) -> tuple[list[Tensor], Tensor, Tensor]:
+    """One step's randomness, each member from its own generator in a fixed order: batch
+    indices, timesteps, noise -- ``(idx per member, t (M, B), eps (M, B, 2))``."""
+    idx, ts, eps = [], [], []
+    for r, p, g in zip(runs, pairs, gens, strict=True):
+        idx.append(torch.randint(0, len(p.c), (B,), generator=g))
+        ts.append(sample_timesteps(r.strategy.timestep_sampler, B, T, g))
+        eps.append(torch.randn(B, 2, generator=g))
+    return idx, torch.stack(ts), torch.stack(eps)
+
+
 def finetune(
     setup: ToySetup,
     ft: FinetuneConfig,
@@ -671,17 +697,7 @@ def finetune(
     n_wl = sum(s.preference for s in specs) if split else M
     blocks = [_PolicyBlock(fp, 0, n_wl, 2), _PolicyBlock(fp, n_wl, M, 1)]
 
-    # fixed probe set per member for the divergence estimate: winners, t ~ U, forward noise
-    pg = [generator("probe", *r.key()) for r in runs]
-    pidx = [
-        torch.randint(0, len(p.c), (ft.n_probe,), generator=g)
-        for p, g in zip(pairs, pg, strict=False)
-    ]
-    probe_t = torch.stack([torch.randint(0, T, (ft.n_probe,), generator=g) for g in pg])
-    probe_eps = torch.stack([torch.randn(ft.n_probe, 2, generator=g) for g in pg])
-    probe_x0 = _gather_stack([p.x_w for p in pairs], pidx)
-    probe_c = _gather_stack([p.c for p in pairs], pidx)
-    probe_xt = sched.add_noise(probe_x0, probe_eps, probe_t)
+    probe_xt, probe_t, probe_c = _probe_set(runs, pairs, ft.n_probe, sched)
     init_probe = forward_fast(init, probe_xt, probe_t, probe_c, mlp)
 
     log = FinetuneLog([[] for _ in runs], [None] * M, [[] for _ in runs], [0.0] * M, [0.0] * M)
@@ -690,13 +706,7 @@ def finetune(
     tail = max(1, ft.steps // 10)
     loss_acc, iacc_acc = torch.zeros(M), torch.zeros(M)
     for step in range(1, ft.steps + 1):
-        # per-member randomness, in a fixed order: batch indices, timesteps, noise
-        idx, ts, eps = [], [], []
-        for r, p, g in zip(runs, pairs, gens, strict=True):
-            idx.append(torch.randint(0, len(p.c), (B,), generator=g))
-            ts.append(sample_timesteps(r.strategy.timestep_sampler, B, T, g))
-            eps.append(torch.randn(B, 2, generator=g))
-        t, eps = torch.stack(ts), torch.stack(eps)  # (M, B), (M, B, 2)
+        idx, t, eps = _draw_step(runs, pairs, gens, B, T)
         rows = src.rows(idx)
         x_w, x_l = src.take(XW, rows, M), src.take(XL, rows, M)
         c, c_neg = src.take(C, rows, M), src.take(CN, rows, M)
@@ -777,17 +787,7 @@ def _finetune_autograd(
     gens = [generator("finetune", *r.key()) for r in runs]
     rules = [r.strategy.rule() for r in runs]
 
-    # fixed probe set per member for the divergence estimate: winners, t ~ U, forward noise
-    pg = [generator("probe", *r.key()) for r in runs]
-    pidx = [
-        torch.randint(0, len(p.c), (ft.n_probe,), generator=g)
-        for p, g in zip(pairs, pg, strict=False)
-    ]
-    probe_t = torch.stack([torch.randint(0, T, (ft.n_probe,), generator=g) for g in pg])
-    probe_eps = torch.stack([torch.randn(ft.n_probe, 2, generator=g) for g in pg])
-    probe_x0 = _gather_stack([p.x_w for p in pairs], pidx)
-    probe_c = _gather_stack([p.c for p in pairs], pidx)
-    probe_xt = sched.add_noise(probe_x0, probe_eps, probe_t)
+    probe_xt, probe_t, probe_c = _probe_set(runs, pairs, ft.n_probe, sched)
     with torch.no_grad():
         init_probe = forward(init, probe_xt, probe_t, probe_c, mlp)
 
@@ -797,13 +797,7 @@ def _finetune_autograd(
     tail = max(1, ft.steps // 10)
     loss_acc, iacc_acc = torch.zeros(M), torch.zeros(M)
     for step in range(1, ft.steps + 1):
-        # per-member randomness, in a fixed order: batch indices, timesteps, noise
-        idx, ts, eps = [], [], []
-        for r, p, g in zip(runs, pairs, gens, strict=True):
-            idx.append(torch.randint(0, len(p.c), (B,), generator=g))
-            ts.append(sample_timesteps(r.strategy.timestep_sampler, B, T, g))
-            eps.append(torch.randn(B, 2, generator=g))
-        t, eps = torch.stack(ts), torch.stack(eps)  # (M, B), (M, B, 2)
+        idx, t, eps = _draw_step(runs, pairs, gens, B, T)
         x_w = _gather_stack([p.x_w for p in pairs], idx)
         x_l = _gather_stack([p.x_l for p in pairs], idx)
         c = _gather_stack([p.c for p in pairs], idx)
