@@ -463,6 +463,18 @@ class FinetuneLog:
     final_loss: list[float]  # per member: mean loss over the last 10% of steps
     final_implicit_acc: list[float]
 
+    def record_copies(self, step, due, d_ref, init_probe, rules, frozen) -> None:
+        """After members ``due`` copied policy -> reference at ``step``: log each one's
+        divergence estimate (``d_ref[j]`` vs ``init_probe[m]``) and freeze it (in
+        ``frozen``) once its rule says so."""
+        for j, m in enumerate(due):
+            D = float(divergence_estimate(d_ref[j], init_probe[m]))
+            self.copy_steps[m].append(step)
+            self.divergences[m].append((step, D))
+            if rules[m].freezes(D):
+                frozen[m] = True
+                self.freeze_step[m] = step
+
     def select(self, members: list[int]) -> FinetuneLog:
         """The log of these members, in this order."""
         return FinetuneLog(
@@ -745,13 +757,7 @@ def finetune(
                 )
             ref_wl.invalidate(due)
             ref_neg.invalidate(due)
-            for j, m in enumerate(due):
-                D = float(divergence_estimate(d_ref[j], init_probe[m]))
-                log.copy_steps[m].append(step)
-                log.divergences[m].append((step, D))
-                if rules[m].freezes(D):
-                    frozen[m] = True
-                    log.freeze_step[m] = step
+            log.record_copies(step, due, d_ref, init_probe, rules, frozen)
         if progress:
             progress(1)
     log.final_loss = loss_acc.tolist()
@@ -829,13 +835,7 @@ def _finetune_autograd(
                 for k in ref:
                     ref[k][due] = params[k][due].detach()
                 d_ref = forward(select(ref, due), probe_xt[due], probe_t[due], probe_c[due], mlp)
-            for j, m in enumerate(due):
-                D = float(divergence_estimate(d_ref[j], init_probe[m]))
-                log.copy_steps[m].append(step)
-                log.divergences[m].append((step, D))
-                if rules[m].freezes(D):
-                    frozen[m] = True
-                    log.freeze_step[m] = step
+            log.record_copies(step, due, d_ref, init_probe, rules, frozen)
         if progress:
             progress(1)
     log.final_loss = loss_acc.tolist()
