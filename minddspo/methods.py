@@ -28,6 +28,7 @@ weight multiplies the per-sample loss. That placement is our choice (SPEC §4).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -45,30 +46,81 @@ from .losses import (
 REF_ROWS = ("w", "l", "l_neg")
 
 
+#: the three loss families; the family fixes which scalars a loss takes and where
+#: Kang et al.'s lambda(t) goes (inside the logit of a logistic loss, else on the loss)
+LOGISTIC, SCORE_MATCHING, REGRESSION = "logistic", "score_matching", "regression"
+_SCALARS = {
+    LOGISTIC: ("beta", "logit_weight", "loss_weight"),
+    SCORE_MATCHING: ("beta", "beta_logit", "loss_weight"),
+    REGRESSION: ("loss_weight",),
+}
+_FORWARD = ("pred_w", "pred_l", "ref_w", "ref_l", "target_w", "target_l")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
+    """One row of the method table: a loss and the tensors it reads, in its argument order.
+
+    ``inputs`` name :func:`method_loss`'s keyword tensors; ``pair_loss`` / ``pair_inputs``
+    are the same method fed a contrastive policy pair ``(pair_w, pair_l)`` instead of the
+    reference's ``c-`` row (the CPP methods only). A new method is one row here plus its
+    loss in :mod:`minddspo.losses`.
+    """
+
     name: str
-    preference: bool  # has a logit (and diagnostics); False for sft
-    cpp: bool  # losing target from the contrastive policy pair (f_ref(x_t^l, c-) by default)
-    score_matching: bool  # DSPO family: beta outside, beta_logit inside
-    lambda_in_logit: bool  # Kang et al.'s lambda(t) is a logit weight (else a loss weight)
+    family: str  # LOGISTIC, SCORE_MATCHING or REGRESSION
+    loss: Callable[..., PreferenceLoss]
+    inputs: tuple[str, ...]
+    pair_loss: Callable[..., PreferenceLoss] | None = None
+    pair_inputs: tuple[str, ...] = ()
+
+    @property
+    def preference(self) -> bool:  # has a logit (and diagnostics); False for sft
+        return self.family != REGRESSION
+
+    @property
+    def cpp(self) -> bool:  # losing target from the contrastive policy pair
+        return self.pair_loss is not None
+
+    @property
+    def score_matching(self) -> bool:  # DSPO family: beta outside, beta_logit inside
+        return self.family == SCORE_MATCHING
+
+    @property
+    def lambda_in_logit(self) -> bool:  # lambda(t) weights the logit (else the loss)
+        return self.family == LOGISTIC
+
+    def roles(
+        self, policy_pair: bool = False
+    ) -> tuple[Callable[..., PreferenceLoss], tuple[str, ...]]:
+        """The loss and the tensors it reads, with or without a policy pair."""
+        if policy_pair:
+            return self.pair_loss, self.pair_inputs  # type: ignore[return-value]
+        return self.loss, self.inputs
 
     def ref_rows(self, policy_pair: bool = False) -> tuple[str, ...]:
         """Reference rows this method needs, in :data:`REF_ROWS` order."""
-        if not self.preference:
-            return ()
-        if self.cpp and not policy_pair:
-            return ("w", "l", "l_neg")
-        return ("w", "l")
+        inputs = self.roles(policy_pair and self.cpp)[1]
+        return tuple(r for r in REF_ROWS if f"ref_{r}" in inputs)
 
 
 METHOD_TABLE: dict[str, MethodSpec] = {
-    "sft": MethodSpec("sft", False, False, False, False),
-    "dpo": MethodSpec("dpo", True, False, False, True),
-    "dspo": MethodSpec("dspo", True, False, True, False),
-    "dspo_cpp": MethodSpec("dspo_cpp", True, True, True, False),
-    "ddspo": MethodSpec("ddspo", True, True, False, True),
-}
+    m.name: m
+    for m in (
+        MethodSpec("sft", REGRESSION, sft_loss, ("pred_w", "target_w")),
+        MethodSpec("dpo", LOGISTIC, dpo_loss, _FORWARD),
+        MethodSpec("dspo", SCORE_MATCHING, dspo_loss, _FORWARD),
+        MethodSpec(
+            "dspo_cpp", SCORE_MATCHING, dspo_cpp_loss,
+            ("pred_w", "pred_l", "ref_w", "ref_l", "ref_l_neg", "target_w"),
+            dspo_pair_loss, ("pred_w", "pred_l", "ref_w", "ref_l", "pair_w", "pair_l", "target_w"),
+        ),
+        MethodSpec(
+            "ddspo", LOGISTIC, ddspo_loss, ("pred_w", "pred_l", "ref_w", "ref_l", "ref_l_neg"),
+            dpo_loss, ("pred_w", "pred_l", "ref_w", "ref_l", "pair_w", "pair_l"),
+        ),
+    )
+}  # fmt: skip
 METHODS = tuple(METHOD_TABLE)
 CPP_METHODS = tuple(m for m, s in METHOD_TABLE.items() if s.cpp)
 SCORE_MATCHING_METHODS = tuple(m for m, s in METHOD_TABLE.items() if s.score_matching)
@@ -127,51 +179,23 @@ def method_loss(
         raise ValueError(f"a contrastive policy pair applies to {CPP_METHODS} only, not {method!r}")
     if beta_logit is not None and not spec.score_matching:
         raise ValueError(f"beta_logit applies to {SCORE_MATCHING_METHODS} only, not {method!r}")
-    logit_w, loss_w = route_weight(method, weight, weight_kind)
-    if target_w is None and method != "ddspo":
-        raise ValueError(f"method {method!r} needs target_w")
-    if not spec.preference:
-        return sft_loss(pred_w, target_w, loss_weight=loss_w)
-
-    needed = {"pred_l": pred_l, "ref_w": ref_w, "ref_l": ref_l}
-    if spec.cpp and not policy_pair:
-        needed["ref_l_neg"] = ref_l_neg
-    if not spec.cpp:  # forward-process targets in the logit
-        needed["target_l"] = target_l
-    missing = [k for k, v in needed.items() if v is None]
+    tensors = {
+        "pred_w": pred_w, "pred_l": pred_l, "ref_w": ref_w, "ref_l": ref_l,
+        "ref_l_neg": ref_l_neg, "target_w": target_w, "target_l": target_l,
+        "pair_w": pair_w, "pair_l": pair_l,
+    }  # fmt: skip
+    loss, inputs = spec.roles(policy_pair)
+    missing = [k for k in inputs if tensors[k] is None]
     if missing:
         raise ValueError(f"method {method!r} needs {', '.join(missing)}")
-
-    if method == "dpo":
-        return dpo_loss(
-            pred_w, pred_l, ref_w, ref_l, target_w, target_l,
-            beta=beta, logit_weight=logit_w, loss_weight=loss_w,
-        )  # fmt: skip
-    if method == "dspo":
-        return dspo_loss(
-            pred_w, pred_l, ref_w, ref_l, target_w, target_l,
-            beta=beta, beta_logit=beta_logit, loss_weight=loss_w,
-        )  # fmt: skip
-    if method == "ddspo":
-        if policy_pair:  # any contrastive policy pair: the shared core with those targets
-            return dpo_loss(
-                pred_w, pred_l, ref_w, ref_l, pair_w, pair_l,
-                beta=beta, logit_weight=logit_w, loss_weight=loss_w,
-            )  # fmt: skip
-        return ddspo_loss(
-            pred_w, pred_l, ref_w, ref_l, ref_l_neg,
-            beta=beta, logit_weight=logit_w, loss_weight=loss_w,
-        )  # fmt: skip
-    # dspo_cpp
-    if policy_pair:
-        return dspo_pair_loss(
-            pred_w, pred_l, ref_w, ref_l, pair_w, pair_l, target_w,
-            beta=beta, beta_logit=beta_logit, loss_weight=loss_w,
-        )  # fmt: skip
-    return dspo_cpp_loss(
-        pred_w, pred_l, ref_w, ref_l, ref_l_neg, target_w,
-        beta=beta, beta_logit=beta_logit, loss_weight=loss_w,
-    )  # fmt: skip
+    logit_w, loss_w = route_weight(method, weight, weight_kind)
+    scalars = {
+        "beta": beta,
+        "beta_logit": beta_logit,
+        "logit_weight": logit_w,
+        "loss_weight": loss_w,
+    }
+    return loss(*(tensors[k] for k in inputs), **{k: scalars[k] for k in _SCALARS[spec.family]})
 
 
 #: the outside DSPO beta at or above which the policy is pinned near the reference

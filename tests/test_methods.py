@@ -291,3 +291,31 @@ def test_degenerate_dspo_beta_warning(method, beta, warns):
     assert (w is not None) == warns
     if warns:
         assert "\n" not in w and method in w
+
+
+# ------------------------------------------------------------------ table as data
+
+
+def test_a_new_method_is_one_row(monkeypatch):
+    """A row added to the table is dispatched by method_loss with no other change: its loss
+    gets exactly the tensors its row names, in that order, and its family's scalars; the
+    reference rows and the lambda(t) placement follow from the row."""
+    from minddspo.methods import LOGISTIC, MethodSpec
+
+    seen = {}
+
+    def hinge(pred_w, ref_l, target_l, *, beta, logit_weight, loss_weight):
+        seen.update(args=(pred_w, ref_l, target_l), beta=beta, logit=logit_weight, loss=loss_weight)
+        return method_loss("sft", pred_w=pred_w, target_w=target_l)
+
+    row = MethodSpec("hinge", LOGISTIC, hinge, ("pred_w", "ref_l", "target_l"))
+    monkeypatch.setitem(METHOD_TABLE, "hinge", row)
+    x, w = stubs(11), torch.tensor([1.0, 2.0, 3.0])
+    method_loss("hinge", **{n: x[n] for n in NAMES}, beta=7.0, weight=w, weight_kind="lambda")
+    assert all(
+        a is x[n] for a, n in zip(seen["args"], ("pred_w", "ref_l", "target_l"), strict=True)
+    )
+    assert seen["beta"] == 7.0 and seen["logit"] is w and seen["loss"] is None
+    assert row.ref_rows() == ("l",) and not row.cpp and row.lambda_in_logit
+    with pytest.raises(ValueError, match="needs ref_l"):
+        method_loss("hinge", pred_w=x["pred_w"], target_l=x["target_l"], beta=1.0)
