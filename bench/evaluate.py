@@ -23,6 +23,7 @@ smoke test of the pipeline on CPU with no weights, e.g. on ``sample.py --tiny`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from bench.t2i.cli import DTYPES, UsageError, dtype_name, opt, parse, torch_dtyp
 from bench.t2i.outdir import (
     OutputError,
     check_out_dir,
+    run_lock,
     write_text_atomic,
     writing,
 )
@@ -382,10 +384,11 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
-        results = evaluate(cfg)
-        table = render_markdown(results["models"], cfg.base)
-        if cfg.out is not None:
-            write_results(results, table, cfg.out)
+        with run_lock(cfg.out) if cfg.out is not None else contextlib.nullcontext():
+            results = evaluate(cfg)
+            table = render_markdown(results["models"], cfg.base)
+            if cfg.out is not None:
+                write_results(results, table, cfg.out)
     except UsageError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ from bench.t2i.importers import (
     import_ddspo,
     import_pickapic,
 )
+from bench.t2i.outdir import run_lock
 from bench.t2i.pairs import latent_dtype_name, storage_dtype
 
 SOURCES = ("ddspo", "pickapic")
@@ -154,7 +155,9 @@ def run(cfg: ImportConfig) -> Path:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    out = run(parse_args(argv))
+    cfg = parse_args(argv)
+    with run_lock(cfg.out):  # the only writer of OUT until done
+        out = run(cfg)
     info = json.loads((out / "info.json").read_text())
     extra = ""
     if "dropped" in info:

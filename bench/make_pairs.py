@@ -10,6 +10,7 @@ described there). Under ``torchrun`` rank r makes shards k with ``k % world == r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -31,6 +32,8 @@ from bench.t2i.cli import (
     run_command,
     torch_dtype,
 )
+from bench.t2i.dist import die_with_launcher
+from bench.t2i.outdir import run_lock
 from bench.t2i.pairs import PairConfig, build_pairs
 from bench.t2i.prompts import cli_prompts
 
@@ -68,6 +71,7 @@ def _device(cfg: MakePairsConfig, local_rank: int) -> torch.device:
 
 
 def _run(cfg: MakePairsConfig) -> int:
+    die_with_launcher()  # under torchrun: a rank never outlives its launcher
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     prompts = cli_prompts(cfg.prompts, tiny=bool(cfg.tiny), max_prompts=cfg.max_prompts)
@@ -77,6 +81,7 @@ def _run(cfg: MakePairsConfig) -> int:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.barrier()  # no rank writes into OUT before rank 0 holds its lock
     try:
         backbone.for_inference(device, torch_dtype(cfg.dtype))
         llm = None
@@ -96,8 +101,15 @@ def _run(cfg: MakePairsConfig) -> int:
     return 0
 
 
+def _locked(cfg: MakePairsConfig) -> int:
+    """:func:`_run` with OUT's lock, held by rank 0 for the whole run."""
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with run_lock(cfg.out) if rank0 else contextlib.nullcontext():
+        return _run(cfg)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(lambda: _run(parse_args(argv)))
+    return run_command(lambda: _locked(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from bench.t2i.outdir import (
     OutputError,
     check_out_dir,
     publish_dir,
+    run_lock,
     stage_dir,
     writing,
 )
@@ -283,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         nonlocal out
         cfg = parse_args(argv)
         out = cfg.out
-        return _run(cfg)
+        with run_lock(cfg.out):  # the only writer of OUT until done
+            return _run(cfg)
 
     try:
         return run_command(body)

@@ -70,6 +70,7 @@ from bench.t2i.outdir import (
     check_out_dir,
     no_space,
     remove_stale_tmp,
+    run_lock,
     truncate_jsonl,
     writing,
 )
@@ -318,9 +319,10 @@ def train(cfg: TrainConfig) -> Path:
     state = LoopState()
     ok = False
     try:
-        with handle_signals():  # SIGTERM unwinds like Ctrl-C: temporary folders are removed
+        # SIGTERM unwinds like Ctrl-C: temporary folders are removed; `held`: OUT's lock
+        with handle_signals(), contextlib.ExitStack() as held:
             try:
-                out = Trainer(cfg, env, state).run()
+                out = Trainer(cfg, env, state, held).run()
             except KeyboardInterrupt:
                 raise Interrupted(interrupt_message(cfg, state.step)) from None
         ok = True
@@ -344,8 +346,10 @@ class Trainer:
     """One training run: :meth:`run` = set-up (every check before any write), the loop, the
     final weights. ``state`` is shared with the caller, which reports the step on Ctrl-C."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, state: LoopState):
-        self.cfg, self.env, self.st = cfg, env, state
+    def __init__(
+        self, cfg: TrainConfig, env: DistEnv, state: LoopState, held: contextlib.ExitStack
+    ):
+        self.cfg, self.env, self.st, self.held = cfg, env, state, held
         self.out, self.device, self.dtype = Path(cfg.out), env.device, DTYPES[cfg.dtype]
         self.ckpt_root = self.out / "checkpoints"
         self.log = self.out / "metrics.jsonl"
@@ -393,13 +397,20 @@ class Trainer:
     def _check_inputs(self) -> None:
         """Refused before any work (and before any rank writes into OUT)."""
         cfg, env = self.cfg, self.env
-        agree(lambda: check_run_dir(cfg))
+        agree(self._claim_run_dir)  # no rank writes into OUT before rank 0 holds its lock
         if cfg.tensorboard:
             agree(lambda: _usage(check_tensorboard))
         # read by every rank, so a bad file stops them all alike
         agree(lambda: self.val_prompts.extend(validation_prompts(cfg)))
         if env.is_main:  # left by a kill -9 mid-write
             remove_stale_tmp(self.out, self.ckpt_root, self.out / SAMPLES_DIR)
+
+    def _claim_run_dir(self) -> None:
+        """Rank 0 takes OUT's lock for the whole run (another run on OUT is refused), then
+        every rank checks OUT."""
+        if self.env.is_main:
+            self.held.enter_context(run_lock(self.cfg.out))
+        check_run_dir(self.cfg)
 
     def _open_model_and_data(self):
         """Data and backbone, validated before anything is written into OUT/checkpoints;

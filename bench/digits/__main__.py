@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.t2i.cli import opt, parse
+from bench.t2i.outdir import holds_lock, run_lock
 
 from . import experiment, report, scenes
 from .util import StageError, write_json
@@ -103,12 +105,20 @@ def write_report(out: Path, cfg, seeds: list[int], info: dict, publish: Path | N
 
 
 def main(argv=None) -> int:
-    try:
-        a = parse_args(argv)
-        cfg = check_args(a)
-    except ValueError as e:  # UsageError included
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with contextlib.ExitStack() as held:  # OUT's (and an outside --cache's) lock for the run
+        try:
+            a = parse_args(argv)
+            held.enter_context(run_lock(a.out))
+            if a.cache and not holds_lock(a.cache):
+                held.enter_context(run_lock(a.cache, "--cache"))
+            cfg = check_args(a)
+        except ValueError as e:  # UsageError included
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return _run(a, cfg)
+
+
+def _run(a: DigitsArgs, cfg: experiment.RunConfig) -> int:
     os.environ["OMP_NUM_THREADS"] = str(a.threads)  # inherited by the project's commands
     import torch
 

@@ -2,8 +2,8 @@
 
 Layout: ``OUT/checkpoints/step-000004/`` holds whatever the trainer's ``write`` callback
 puts there (weights in diffusers layout, ``trainer_state.pt``). It is first written to
-``OUT/checkpoints/.tmp-step-000004`` and renamed into place only when complete, so a crash
-mid-write leaves the previous checkpoint as the newest loadable one. A checkpoint counts
+``OUT/checkpoints/.tmp-step-000004-*`` and renamed into place only when complete, so a
+crash mid-write leaves the previous checkpoint as the newest loadable one. A checkpoint counts
 only if its name matches ``step-<digits>`` and it contains :data:`STATE_FILE`.
 
 :data:`STATE_FILE` also lists the size of every other file of the checkpoint
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from bench.t2i.interrupt import critical
+from bench.t2i.outdir import stage_dir, tmp_path_for
 
 STATE_FILE = "trainer_state.pt"
 FILES_KEY = "files"  # in STATE_FILE: {relative path: size in bytes} of the other files
@@ -56,10 +57,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp_dir)`` then rename ``tmp_dir`` to ``final`` (replacing it)."""
     final = Path(final)
-    tmp = final.parent / (TMP_PREFIX + final.name)
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left over from a crash
-    tmp.mkdir(parents=True)
+    tmp = stage_dir(final)  # a name of this process's own: never another writer's folder
     try:
         write(tmp)
     except BaseException:
@@ -67,7 +65,8 @@ def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> Path:
         raise
     with critical():  # a signal waits for both renames: never a missing `final`
         if final.exists():
-            old = final.parent / (TMP_PREFIX + "old-" + final.name)
+            old = tmp_path_for(final, "old")
+            old.unlink()
             os.replace(final, old)
             os.replace(tmp, final)
         else:

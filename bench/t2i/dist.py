@@ -9,13 +9,21 @@ process group; every helper here is then a no-op, so the training loop is the sa
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import gc
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+_PARENT = os.getppid()  # at import: the launcher of a torchrun rank (see die_with_launcher)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -34,8 +42,41 @@ class DistEnv:
         return dist.is_available() and dist.is_initialized()
 
 
+def die_with_launcher() -> None:
+    """Under torchrun, make this rank end when its launcher ends, however that ends.
+
+    torchrun starts every rank in a session of its own: a ``kill -9`` of torchrun would leave
+    the ranks running, reparented, and writing into OUT. On Linux the kernel sends this
+    process SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon
+    thread polls the parent pid once a second. A launcher already gone by now (killed while
+    this rank started) ends the rank at once. A no-op outside torchrun."""
+    if not dist.is_torchelastic_launched():
+        return
+    armed = False
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    if not armed:
+        threading.Thread(target=_watch_parent, name="die-with-launcher", daemon=True).start()
+    if os.getppid() != _PARENT:
+        _die()
+
+
+def _watch_parent() -> None:
+    while os.getppid() == _PARENT:
+        time.sleep(1.0)
+    _die()
+
+
+def _die() -> None:
+    """End now, as a SIGKILL would: no clean-up code runs, so nothing more is written."""
+    os._exit(128 + 9)
+
+
 def init_distributed(device: str = "auto") -> DistEnv:
     """Set up the process group when launched by torchrun; pick this rank's device."""
+    die_with_launcher()  # before any work: a rank never outlives torchrun
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but CUDA is not available")

@@ -8,13 +8,16 @@ Shared by the trainer, ``bench/sample.py`` and ``bench/evaluate.py``:
 * :func:`write_failure` turns a full disk into "no space left on device" whatever library
   was writing (Python ``OSError``, safetensors' ``SafetensorError``, ``torch.save``'s
   ``unexpected pos``);
-* :func:`truncate_jsonl` cuts a step log back to a checkpoint's step on resume.
+* :func:`truncate_jsonl` cuts a step log back to a checkpoint's step on resume;
+* :func:`run_lock` makes a command the only writer of its output folder for its whole run,
+  and :func:`remove_stale_tmp` (leftovers of a killed writer) works only under that lock.
 
 Errors are :class:`OutputError` (a ``ValueError``); each command reports them as one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -27,6 +30,8 @@ from pathlib import Path
 from bench.t2i.cli import UsageError
 
 TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".lock"  # in an output folder while a command writes into it; removed after
+_held: set[Path] = set()  # output folders whose lock this process holds
 
 
 class OutputError(UsageError):
@@ -38,7 +43,8 @@ def _probe(folder: Path) -> None:
     read-only mounts)."""
     fd, name = tempfile.mkstemp(prefix=TMP_PREFIX + "probe-", dir=folder)
     os.close(fd)
-    os.unlink(name)
+    with contextlib.suppress(FileNotFoundError):  # swept by the folder's lock holder
+        os.unlink(name)
 
 
 def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
@@ -112,7 +118,7 @@ def writing(what: str | Path) -> Iterator[None]:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``path`` through a temporary sibling and ``os.replace``."""
     path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    tmp = tmp_path_for(path)
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
@@ -122,11 +128,25 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def tmp_path_for(final: str | Path, kind: str = "") -> Path:
+    """A new, unused hidden name next to ``final`` (``.tmp-[kind-]NAME-PID-RANDOM``): two
+    writers never share a temporary file or folder. Created empty; the caller replaces it."""
+    final = Path(final)
+    fd, name = tempfile.mkstemp(
+        prefix=f"{TMP_PREFIX}{kind + '-' if kind else ''}{final.name}-{os.getpid()}-",
+        dir=final.parent,
+    )
+    os.close(fd)
+    return Path(name)
+
+
 def stage_dir(final: str | Path) -> Path:
     """A fresh hidden staging folder next to ``final`` (same filesystem: renames are atomic)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
+    return Path(
+        tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-{os.getpid()}-", dir=final.parent)
+    )
 
 
 def publish_dir(stage: Path, final: str | Path) -> Path:
@@ -139,7 +159,8 @@ def publish_dir(stage: Path, final: str | Path) -> Path:
     for item in sorted(stage.iterdir()):
         dest = final / item.name
         if dest.is_dir() and not dest.is_symlink():
-            old = final / f"{TMP_PREFIX}old-{item.name}-{os.getpid()}"
+            old = tmp_path_for(dest, "old")
+            old.unlink()
             os.replace(dest, old)
             os.replace(item, dest)
             shutil.rmtree(old, ignore_errors=True)
@@ -150,10 +171,14 @@ def publish_dir(stage: Path, final: str | Path) -> Path:
 
 
 def remove_stale_tmp(*folders: str | Path) -> list[Path]:
-    """Delete hidden ``.tmp-*`` leftovers of a killed writer in ``folders``."""
+    """Delete hidden ``.tmp-*`` leftovers of a killed writer in ``folders``. Only under the
+    :func:`run_lock` of a folder holding them (a ``RuntimeError`` otherwise): a ``.tmp-*`` of
+    a live run is never removed, because that run holds the lock."""
     removed = []
     for folder in folders:
         folder = Path(folder)
+        if not holds_lock(folder):
+            raise RuntimeError(f"remove_stale_tmp({folder}) without holding its run_lock")
         if not folder.is_dir():
             continue
         for p in folder.glob(TMP_PREFIX + "*"):
@@ -186,3 +211,66 @@ def truncate_jsonl(path: str | Path, step: int) -> int:
     if dropped:
         write_text_atomic(path, "".join(line + "\n" for line in kept))
     return dropped
+
+
+def holds_lock(path: str | Path) -> bool:
+    """Is ``path`` inside (or equal to) an output folder whose :func:`run_lock` this
+    process holds?"""
+    path = Path(path).resolve()
+    return any(path == d or d in path.parents for d in _held)
+
+
+def _holder(lock: Path) -> str:
+    """`` (pid N)`` of the process that wrote ``lock``, or ``""`` when unreadable."""
+    try:
+        pid = lock.read_text().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+@contextmanager
+def run_lock(out: str | Path, flag: str = "--out") -> Iterator[Path]:
+    """Hold the lock of the output folder ``out`` for the block: the one process writing
+    into it. Take it before anything else reads or writes ``out``.
+
+    The lock is an operating-system file lock on ``out/.lock`` (``filelock``), freed by the
+    system when its process dies, even by ``kill -9``; the file holds the owner's pid. A
+    second process is refused at once with an :class:`OutputError` naming ``flag``, the
+    folder and that pid, and touches nothing. ``out`` is created if needed; when the block
+    ends the lock file is removed, and so is every folder the call created if it is empty
+    again, so a refused or failed command leaves no trace."""
+    from filelock import FileLock, Timeout
+
+    out = check_out_dir(out, flag)  # a file or an unwritable disk: one line, nothing created
+    made = [d for d in (out, *out.parents) if not d.exists()][::-1]  # outermost first
+    lock_file = out / LOCK_FILE
+    try:
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+        holder = _holder(lock_file)  # before trying: old filelock versions truncate it
+        lock = FileLock(str(lock_file))
+        try:
+            with writing(out):
+                lock.acquire(blocking=False)
+        except Timeout:
+            raise OutputError(
+                f"{flag} {out} is in use by another run{holder or _holder(lock_file)}"
+            ) from None
+        try:
+            with contextlib.suppress(OSError):  # only a hint for the message above
+                lock_file.write_text(f"{os.getpid()}\n")
+            key = out.resolve()
+            _held.add(key)
+            try:
+                yield out
+            finally:
+                _held.discard(key)
+                with contextlib.suppress(OSError):  # while still held: no one waits on it
+                    lock_file.unlink()
+        finally:
+            lock.release()
+    finally:
+        for d in reversed(made):  # innermost first; a folder with anything in it stays
+            with contextlib.suppress(OSError):
+                d.rmdir()

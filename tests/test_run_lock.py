@@ -1,0 +1,299 @@
+"""One writer per run folder: every command that writes an output folder holds its lock
+(``bench.t2i.outdir.run_lock``) for its whole run, a second process on the same folder is
+refused in one line (exit 2) and touches nothing, temporary folders of a live run are never
+swept, and torchrun ranks never outlive their launcher."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+
+from bench import evaluate, import_pairs, make_pairs, sample, train_t2i
+from bench.digits import __main__ as digits
+from bench.t2i import outdir
+from bench.t2i.checkpoint import atomic_write_dir, checkpoint_problem, list_checkpoints
+from bench.t2i.pairs import build_pairs
+from bench.t2i.prompts import DEMO_PROMPTS
+from bench.t2i.tiny import tiny_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# another process holding OUT's lock, with temporary folders of its own (a live writer)
+HOLDER = """import sys
+from bench.t2i.outdir import run_lock
+with run_lock(sys.argv[1]) as out:
+    for name in sys.argv[2:]:
+        (out / name).mkdir(parents=True)
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextmanager
+def held_elsewhere(out: Path, *tmp_dirs: str):
+    """Yield the process that holds ``out``'s lock until the block ends."""
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), *tmp_dirs], env=ENV,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert p.stdout.readline() == "held\n"
+        yield p
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pairs")
+    build_pairs(tiny_backbone("sd"), DEMO_PROMPTS[:8], out, steps=2, shard_size=4, progress=False)
+    return out
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def train_argv(data: Path, out: Path, *flags: str) -> list[str]:
+    return ["--tiny", "--data", str(data), "--out", str(out), "--no-progress", "--batch-size",
+            "2", *flags]  # fmt: skip
+
+
+def command(name: str, data: Path, out: Path, tmp: Path):
+    """``() -> exit code`` of command ``name`` writing into ``out``."""
+    if name == "train_t2i":
+        return lambda: train_t2i.main(train_argv(data, out, "--resume", "latest"))
+    if name == "make_pairs":
+        return lambda: make_pairs.main(["--tiny", "sd", "--out", str(out), "--max-prompts", "2",
+                                        "--steps", "1", "--no-progress"])  # fmt: skip
+    if name == "sample":
+        return lambda: sample.main(["--tiny", "sd", "--out", str(out), "--max-prompts", "1",
+                                    "--steps", "1", "--no-progress"])  # fmt: skip
+    if name == "evaluate":
+        images = tmp / "images"
+        return lambda: evaluate.main(["--images", str(images), "--tiny", "--out", str(out)])
+    if name == "import_pairs":
+        return lambda: import_pairs.main(["--from", "ddspo", str(tmp / "no-such-dir"), "--out",
+                                          str(out)])  # fmt: skip
+    if name == "digits":
+        return lambda: digits.main(["--out", str(out), "--preset", "smoke", "--no-progress"])
+    raise AssertionError(name)
+
+
+COMMANDS = ["train_t2i", "make_pairs", "sample", "evaluate", "import_pairs", "digits"]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_second_writer_is_refused_and_touches_nothing(data, tmp_path, capsys, name):
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # the live run's files
+    with held_elsewhere(out, ".tmp-step-000002-1-x", "checkpoints/.tmp-x") as holder:
+        before = snapshot(out)
+        capsys.readouterr()
+        prefix = "evaluate.py: " if name == "evaluate" else ""
+        assert command(name, data, out, tmp_path)() == 2
+        line = one_line(capsys)
+        assert line == f"{prefix}error: --out {out} is in use by another run (pid {holder.pid})"
+        assert snapshot(out) == before  # its temporary folders too
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_digits_cache_outside_out_is_locked_too(tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    with held_elsewhere(cache) as holder:
+        assert digits.main(["--out", str(out), "--cache", str(cache), "--preset", "smoke"]) == 2
+        assert (
+            one_line(capsys)
+            == f"error: --cache {cache} is in use by another run (pid {holder.pid})"
+        )
+    assert not out.exists()  # made for its lock, removed again
+
+
+def test_two_trainers_on_one_out(data, tmp_path, capsys):
+    """A live trainer (a process of its own) and a second one on the same --out, e.g. the
+    same job restarted with --resume latest: the second is refused at once and writes
+    nothing; the first trains on and, stopped by SIGTERM, exits 143 with its own config, one
+    log of consecutive steps, loadable checkpoints, and no lock or temporary file left."""
+    out = tmp_path / "run"
+    flags = ("--method", "dpo", "--max-steps", "100000", "--ckpt-every", "1", "--keep-last",
+             "2", "--log-every", "1")  # fmt: skip
+    cmd = [sys.executable, str(REPO / "bench" / "train_t2i.py"), *train_argv(data, out, *flags)]
+    first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not list_checkpoints(out / "checkpoints"):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.2)
+        capsys.readouterr()
+        again = train_argv(data, out, *flags[:2], "--max-steps", "1", "--resume", "latest")
+        assert train_t2i.main(again) == 2
+        assert one_line(capsys) == f"error: --out {out} is in use by another run (pid {first.pid})"
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("interrupted at step ")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["method"], config["max_steps"], config["resume"]) == ("dpo", 100000, None)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))  # one run's lines, each step once
+    ckpts = list_checkpoints(out / "checkpoints")
+    assert ckpts and all(checkpoint_problem(c)[1] is None for c in ckpts)
+    assert not (out / "final").exists() and not (out / outdir.LOCK_FILE).exists()
+    assert not list(out.glob(".tmp-*")) and not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_stale_tmp_is_swept_only_under_the_lock(data, tmp_path, capsys):
+    """A killed writer's temporary folders and lock file: the next run takes the lock and
+    sweeps them; without the lock nothing is swept."""
+    out = tmp_path / "run"
+    stale = [out / ".tmp-final-123-abc", out / "checkpoints" / ".tmp-step-000001-123-abc"]
+    with held_elsewhere(out, *(str(d.relative_to(out)) for d in stale)) as holder:
+        with pytest.raises(RuntimeError, match="without holding its run_lock"):
+            outdir.remove_stale_tmp(out)
+        holder.kill()  # kill -9: its lock file and temporary folders stay behind
+        holder.wait(timeout=60)
+    assert (out / outdir.LOCK_FILE).read_text() == f"{holder.pid}\n"
+    assert all(d.is_dir() for d in stale)
+    flags = ("--method", "sft", "--max-steps", "1", "--resume", "latest")
+    assert train_t2i.main(train_argv(data, out, *flags)) == 0
+    assert not any(d.exists() for d in stale)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "final",
+                                                     "metrics.jsonl"]  # fmt: skip
+
+
+def test_lock_leaves_no_trace(tmp_path, capsys):
+    """The lock makes OUT if needed and removes what it made when nothing else landed there;
+    an existing folder keeps its contents, without the lock file."""
+    out = tmp_path / "a" / "b"
+    with outdir.run_lock(out) as held:
+        assert held == out and (out / outdir.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        assert outdir.holds_lock(out / "checkpoints") and not outdir.holds_lock(tmp_path)
+    assert not (tmp_path / "a").exists() and not outdir.holds_lock(out)
+    with outdir.run_lock(out):
+        (out / "x").write_text("kept")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "x"]
+    (tmp_path / "file").write_text("precious")
+    with pytest.raises(outdir.OutputError, match=f"^--cache {tmp_path / 'file'} is a file"):
+        with outdir.run_lock(tmp_path / "file", "--cache"):
+            pass
+    assert (tmp_path / "file").read_text() == "precious"
+
+
+def test_temporary_names_are_per_process(tmp_path):
+    """Another writer's temporary folder next to the target is neither reused nor deleted."""
+    other = tmp_path / ".tmp-final"  # the name every writer used before
+    (other / "unet").mkdir(parents=True)
+    atomic_write_dir(tmp_path / "final", lambda d: (d / "a").write_text("1"))
+    atomic_write_dir(tmp_path / "final", lambda d: (d / "b").write_text("2"))
+    assert other.is_dir() and (other / "unet").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-final", "final"]
+    assert [p.name for p in (tmp_path / "final").iterdir()] == ["b"]
+
+
+# ------------------------------------------------------------------------- torchrun
+
+
+def start_torchrun(out: Path, data: Path, *entry: str, env=ENV) -> subprocess.Popen:
+    cmd = ["timeout", "-s", "KILL", "300", sys.executable, "-m", "torch.distributed.run",
+           "--standalone", "--nproc_per_node=2", *entry, str(REPO / "bench" / "train_t2i.py"),
+           *train_argv(data, out, "--method", "dpo", "--max-steps", "100000", "--ckpt-every",
+                       "1", "--keep-last", "2", "--log-every", "1")]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def ranks_training(p: subprocess.Popen, out: Path) -> tuple[psutil.Process, list[psutil.Process]]:
+    """torchrun and the processes it started, once rank 0 has logged a step."""
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[0][-3000:]
+        time.sleep(0.2)
+    launcher = psutil.Process(p.pid).children()[0]  # timeout -> torchrun
+    return launcher, launcher.children(recursive=True)
+
+
+def gone(procs: list[psutil.Process], within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        alive = [q for q in procs if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_of_torchrun_ends_both_ranks(data, tmp_path):
+    out = tmp_path / "run"
+    p, ranks = start_torchrun(out, data), []
+    try:
+        launcher, ranks = ranks_training(p, out)
+        assert len(ranks) == 2 and all("train_t2i.py" in " ".join(q.cmdline()) for q in ranks)
+        launcher.kill()
+        assert gone(ranks, within=5), [q.cmdline() for q in ranks if q.is_running()]
+        before = snapshot(out)
+        time.sleep(2)
+        assert snapshot(out) == before  # nothing written after the kill
+    finally:
+        stop(p, ranks)
+
+
+def stop(p: subprocess.Popen, procs: list[psutil.Process]) -> None:
+    """Kill what is left of a torchrun launch (its ranks run in sessions of their own)."""
+    for q in procs:
+        with contextlib.suppress(psutil.Error):
+            q.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+    p.communicate(timeout=60)
+
+
+WRAPPER = """import os, signal, subprocess, sys
+signal.signal(signal.SIGTERM, lambda *a: None)  # the rank below gets torchrun's SIGTERM
+rc = subprocess.call([sys.executable, *sys.argv[1:]])
+open(os.path.join(os.environ["RC_DIR"], os.environ["RANK"]), "w").write(str(rc))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_torchrun(data, tmp_path):
+    """torchrun passes SIGTERM to every rank: each stops with its one line and exit 143
+    (recorded by a wrapper between torchrun and the rank); torchrun itself exits 1."""
+    out, rcs = tmp_path / "run", tmp_path / "rc"
+    rcs.mkdir()
+    (tmp_path / "wrap.py").write_text(WRAPPER)
+    p = start_torchrun(out, data, str(tmp_path / "wrap.py"), env={**ENV, "RC_DIR": str(rcs)})
+    ranks = []
+    try:
+        launcher, ranks = ranks_training(p, out)
+        launcher.terminate()
+        output = p.communicate(timeout=120)[0]
+    finally:
+        stop(p, ranks)
+    assert p.returncode == 1, output[-3000:]
+    assert "SignalException" in output and "interrupted at step " in output
+    assert {f.name: f.read_text() for f in rcs.iterdir()} == {"0": "143", "1": "143"}
+    assert all(checkpoint_problem(c)[1] is None for c in list_checkpoints(out / "checkpoints"))
+    assert not (out / outdir.LOCK_FILE).exists() and not list(out.rglob(".tmp-*"))
