@@ -101,20 +101,28 @@ def command(name: str, data: Path, out: Path, tmp: Path):
 COMMANDS = ["train_t2i", "make_pairs", "sample", "evaluate", "import_pairs", "digits"]
 
 
-@pytest.mark.parametrize("name", COMMANDS)
-def test_second_writer_is_refused_and_touches_nothing(data, tmp_path, capsys, name):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def live_run(tmp_path_factory):
+    """``(out, holder)``: a run folder another process is writing (it holds the lock and
+    has temporary folders of its own there)."""
+    out = tmp_path_factory.mktemp("live") / "out"
     (out / "checkpoints").mkdir(parents=True)
-    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # the live run's files
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
     with held_elsewhere(out, ".tmp-step-000002-1-x", "checkpoints/.tmp-x") as holder:
-        before = snapshot(out)
-        capsys.readouterr()
-        prefix = "evaluate.py: " if name == "evaluate" else ""
-        assert command(name, data, out, tmp_path)() == 2
-        line = one_line(capsys)
-        assert line == f"{prefix}error: --out {out} is in use by another run (pid {holder.pid})"
-        assert snapshot(out) == before  # its temporary folders too
-    assert not list(tmp_path.glob(".tmp-*"))
+        yield out, holder
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_second_writer_is_refused_and_touches_nothing(data, live_run, tmp_path, capsys, name):
+    out, holder = live_run
+    before = snapshot(out)
+    capsys.readouterr()
+    prefix = "evaluate.py: " if name == "evaluate" else ""
+    assert command(name, data, out, tmp_path)() == 2
+    line = one_line(capsys)
+    assert line == f"{prefix}error: --out {out} is in use by another run (pid {holder.pid})"
+    assert snapshot(out) == before  # the live run's temporary folders too
+    assert not list(out.parent.glob(".tmp-*"))
 
 
 def test_digits_cache_outside_out_is_locked_too(tmp_path, capsys):
@@ -277,6 +285,7 @@ open(os.path.join(os.environ["RC_DIR"], os.environ["RANK"]), "w").write(str(rc))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_to_torchrun(data, tmp_path):
     """torchrun passes SIGTERM to every rank: each stops with its one line and exit 143
