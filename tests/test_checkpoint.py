@@ -91,7 +91,7 @@ def test_rng_state_roundtrip(tmp_path):
     state = rng_state(gen)
     torch.save(state, tmp_path / "rng.pt")
     a = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=gen))
-    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False), gen)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), gen)
     b = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=gen))
     assert a[:2] == b[:2] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
 
@@ -120,6 +120,39 @@ def test_find_resume_skips_damaged_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="every checkpoint"):
         find_resume("latest", tmp_path)
     assert find_resume("latest", tmp_path / "none") == (None, None, [])
+
+
+class _Touch:
+    """Unpickling this creates ``marker``: what a crafted trainer_state.pt could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def test_find_resume_never_unpickles_objects(tmp_path):
+    """A state file that needs more than tensors and plain data is refused unread, like a
+    damaged one: ``latest`` passes over it, a named one is an error."""
+    marker = tmp_path / "MARKER"
+    root = tmp_path / "ckpts"
+    for step in (1, 2):
+        save_checkpoint(root, step, manifest_writer(step), keep_last=3)
+    bad = root / "step-000002" / STATE_FILE
+    torch.save({"step": 2, "x": _Touch(marker)}, bad)
+    path, state, notes = find_resume("latest", root)
+    assert path.name == "step-000001" and state == {"step": 1, FILES_KEY: {"unet/w.bin": 16}}
+    assert len(notes) == 1 and str(bad.parent) in notes[0]
+    assert "trainer_state.pt refused (" in notes[0] and "it needs posix.system," in notes[0]
+    assert "written by an older version" in notes[0]
+    with pytest.raises(ValueError, match="step-000002: damaged checkpoint: trainer_state.pt ref"):
+        find_resume(str(root / "step-000002"), root)
+    # the state of the format before this one: numpy's RNG state pickled as numpy objects
+    torch.save({"step": 2, "numpy": np.random.get_state()}, bad)
+    path, _, notes = find_resume("latest", root)
+    assert path.name == "step-000001" and "refused" in notes[0] and "numpy" in notes[0]
+    assert not marker.exists()
 
 
 def test_truncate_jsonl(tmp_path):

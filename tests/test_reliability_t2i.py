@@ -254,6 +254,43 @@ def test_truncated_newest_checkpoint(data, tmp_path, capsys):
     assert checkpoint_problem(latest_checkpoint(out / "checkpoints"))[1] is None
 
 
+class _Touch:
+    """Unpickling this creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def test_crafted_trainer_state_is_never_unpickled(data, run1, tmp_path, capsys):
+    """A trainer_state.pt that would run code when unpickled is passed over like a damaged
+    checkpoint: the run resumes from the intact one before it, as the straight run did."""
+    out, marker = tmp_path / "run", tmp_path / "MARKER"
+    shutil.copytree(run1, out)
+    bad = out / "checkpoints" / "step-000002" / STATE_FILE
+    torch.save({**torch.load(bad, weights_only=True), "counters": _Touch(marker)}, bad)
+    capsys.readouterr()
+    assert train(data, out, "--method", "dpo", "--max-steps", "2", "--resume", "latest") == 0
+    captured = capsys.readouterr()
+    assert not marker.exists()
+    [line] = captured.err.strip().splitlines()
+    intact = bad.parent.with_name("step-000001")
+    assert line.startswith(f"warning: {bad.parent} is damaged ({STATE_FILE} refused (it needs ")
+    assert "posix.system" in line and line.endswith(f"resuming from {intact}")
+    assert f"resumed from {intact} at step 1" in captured.out
+    assert steps_logged(out) == [1, 2]
+    # step 2 trained again and checkpointed: the same weights and state as the straight run
+    straight = run1 / "checkpoints" / "step-000002"
+    assert snapshot(bad.parent / "unet") == snapshot(straight / "unet")
+    mine, theirs = (torch.load(f, weights_only=True) for f in (bad, straight / STATE_FILE))
+    assert mine["counters"] == theirs["counters"]
+    assert mine["rng"][0]["python"] == theirs["rng"][0]["python"]
+    for key in ("torch", "generator"):
+        assert torch.equal(mine["rng"][0][key], theirs["rng"][0][key])
+
+
 def _fail_second(kind: str, monkeypatch):
     """Make the second checkpoint's writer hit a full disk, as safetensors or torch.save
     report it (neither raises a plain OSError)."""
@@ -356,7 +393,7 @@ def test_world_size_warning_on_stderr(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert train(data, out, "--method", "dpo", "--max-steps", "1") == 0
     f = latest_checkpoint(out / "checkpoints") / STATE_FILE
-    state = torch.load(f, weights_only=False)
+    state = torch.load(f, weights_only=True)
     state["world"], state["rng"] = 2, state["rng"] * 2  # as rank 0 of a 2-rank run writes it
     torch.save(state, f)
     capsys.readouterr()
