@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from bench import evaluate, sample, train_t2i
-from bench.t2i import outdir, tiny, weights
+from bench.t2i import outdir, pairdata, tiny, weights
 from bench.t2i.checkpoint import STATE_FILE, checkpoint_problem, latest_checkpoint
 from bench.t2i.config import RESUME_MAY_CHANGE, epilog
 from bench.t2i.pairs import build_pairs
@@ -181,6 +182,40 @@ def test_resume_may_change_the_listed_fields(data, run1, tmp_path, capsys):
         train_t2i.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps the epilog
     assert "May change on resume: --out, --resume, --max-steps" in help_text
+
+
+def _flip_fp16_values(shard: Path, n: int) -> None:
+    """Flip one high bit in each of ``n`` float16 latents, as a failing disk or copy would."""
+    blob = bytearray(shard.read_bytes())
+    start = 8 + int.from_bytes(blob[:8], "little")
+    for i in range(n):
+        blob[start + 2 * (7 * i) + 1] ^= 0x20  # an exponent bit: the values stay finite
+    shard.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("damage", ["bit flips", "NaN, checksum fixed"])
+def test_damaged_shard_stops_before_step_1(data, tmp_path, capsys, damage):
+    """A shard whose bytes changed, or that holds a NaN latent (its checksum made to fit),
+    is refused on open: one line naming it, exit 2, nothing trained or written."""
+    d = tmp_path / "data"
+    shutil.copytree(data, d)
+    shard = d / "shards" / "shard-00001.safetensors"
+    if damage == "bit flips":
+        _flip_fp16_values(shard, 200)
+        needle = "checksum mismatch"
+    else:
+        with safe_open(str(shard), framework="pt") as f:
+            meta = {k: v for k, v in f.metadata().items() if k != pairdata.CHECKSUM_KEY}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors["x0_w"][3, 0, 5, 5] = float("nan")
+        shard.write_bytes(pairdata.sealed_shard(tensors, meta))
+        needle = "x0_w row 3 holds non-finite values"
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert train(d, out, "--method", "dpo", "--max-steps", "2", "--ckpt-every", "1") == 2
+    line = one_line(capsys)
+    assert line.startswith(f"error: {shard}: ") and needle in line, line
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
 
 
 def test_data_built_for_another_backbone(data, tmp_path, capsys):
