@@ -122,17 +122,7 @@ def test_find_resume_skips_damaged_checkpoints(tmp_path):
     assert find_resume("latest", tmp_path / "none") == (None, None, [])
 
 
-class _Touch:
-    """Unpickling this creates ``marker``: what a crafted trainer_state.pt could do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
-
-
-def test_find_resume_never_unpickles_objects(tmp_path):
+def test_find_resume_never_unpickles_objects(tmp_path, touch_on_unpickle):
     """A state file that needs more than tensors and plain data is refused unread, like a
     damaged one: ``latest`` passes over it, a named one is an error."""
     marker = tmp_path / "MARKER"
@@ -140,7 +130,7 @@ def test_find_resume_never_unpickles_objects(tmp_path):
     for step in (1, 2):
         save_checkpoint(root, step, manifest_writer(step), keep_last=3)
     bad = root / "step-000002" / STATE_FILE
-    torch.save({"step": 2, "x": _Touch(marker)}, bad)
+    torch.save({"step": 2, "x": touch_on_unpickle(marker)}, bad)
     path, state, notes = find_resume("latest", root)
     assert path.name == "step-000001" and state == {"step": 1, FILES_KEY: {"unet/w.bin": 16}}
     assert len(notes) == 1 and str(bad.parent) in notes[0]

@@ -161,17 +161,9 @@ def test_scorer_file_shapes_are_checked(digits, tmp_path):
         scorer.load_scorer(tmp_path)
 
 
-class _Touch:
-    """Unpickling this creates ``marker``."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
-
-
-def test_old_pickled_scorer_in_the_cache_is_never_read(digits, fitted, tmp_path, monkeypatch):
+def test_old_pickled_scorer_in_the_cache_is_never_read(
+    digits, fitted, tmp_path, monkeypatch, touch_on_unpickle
+):
     """A cache of the pickled format before: the scorer is fitted again, and scoring reads
     the new files only."""
     import pickle
@@ -180,7 +172,7 @@ def test_old_pickled_scorer_in_the_cache_is_never_read(digits, fitted, tmp_path,
     runner = experiment.Runner(cfg, tmp_path / "out", tmp_path / "cache", progress=False)
     marker, old = tmp_path / "MARKER", tmp_path / "cache" / f"scorer-{cfg.scorer_iters}"
     old.mkdir(parents=True)
-    (old / "scorer.pkl").write_bytes(pickle.dumps(_Touch(marker)))
+    (old / "scorer.pkl").write_bytes(pickle.dumps(touch_on_unpickle(marker)))
     (old / MARKER).write_text(json.dumps({"test_accuracy": 0.5}))
     monkeypatch.setattr(scorer, "train_scorer", lambda *a, **k: fitted)
     assert runner.scorer_stage()["test_accuracy"] == fitted.test_accuracy

@@ -289,23 +289,13 @@ def test_truncated_newest_checkpoint(data, tmp_path, capsys):
     assert checkpoint_problem(latest_checkpoint(out / "checkpoints"))[1] is None
 
 
-class _Touch:
-    """Unpickling this creates ``marker``."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
-
-
-def test_crafted_trainer_state_is_never_unpickled(data, run1, tmp_path, capsys):
+def test_crafted_trainer_state_is_never_unpickled(data, run1, tmp_path, capsys, touch_on_unpickle):
     """A trainer_state.pt that would run code when unpickled is passed over like a damaged
     checkpoint: the run resumes from the intact one before it, as the straight run did."""
     out, marker = tmp_path / "run", tmp_path / "MARKER"
     shutil.copytree(run1, out)
     bad = out / "checkpoints" / "step-000002" / STATE_FILE
-    torch.save({**torch.load(bad, weights_only=True), "counters": _Touch(marker)}, bad)
+    torch.save({**torch.load(bad, weights_only=True), "counters": touch_on_unpickle(marker)}, bad)
     capsys.readouterr()
     assert train(data, out, "--method", "dpo", "--max-steps", "2", "--resume", "latest") == 0
     captured = capsys.readouterr()
