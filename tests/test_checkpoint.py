@@ -88,12 +88,18 @@ def test_resolve_resume(tmp_path):
 def test_rng_state_roundtrip(tmp_path):
     gen = torch.Generator().manual_seed(3)
     torch.manual_seed(0)
+    random.gauss(0, 1), np.random.randn()  # each caches a second normal: state to restore
     state = rng_state(gen)
     torch.save(state, tmp_path / "rng.pt")
-    a = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=gen))
+
+    def draws():
+        return (random.gauss(0, 1), random.random(), np.random.randn(), np.random.rand(),
+                torch.rand(2), torch.rand(2, generator=gen))  # fmt: skip
+
+    a = draws()
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), gen)
-    b = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=gen))
-    assert a[:2] == b[:2] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+    b = draws()
+    assert a[:4] == b[:4] and torch.equal(a[4], b[4]) and torch.equal(a[5], b[5])
 
 
 def manifest_writer(step: int):
