@@ -217,6 +217,14 @@ def test_shards_are_checksummed_and_finite(built, tmp_path):
         PairDataset(d)
     rewrite_shard(f, lambda t: t["x0_l"][1, 2].fill_(0.0))
     assert len(PairDataset(d)) == 5
+    rewrite_shard(f, lambda t: t.update(x0_w=t["x0_w"].bfloat16()))
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors: x0_w is torch.bfloat16, not"):
+        PairDataset(d)
+    rewrite_shard(f, lambda t: t.update(x0_w=t["x0_w"].float().flatten(1)))
+    with pytest.raises(
+        ValueError, match=r"shard-00001.safetensors: x0_w has shape \(2, 1024\), not \(N, C, h, w\)"
+    ):
+        PairDataset(d)
 
 
 def test_version_1_datasets_read_without_checksums(built, tmp_path):

@@ -191,8 +191,8 @@ class PairDataset(Dataset):
     """Preference pairs ``(x0_w, x0_l, prompt, neg_prompt)`` from a dataset directory.
 
     Validates the whole directory on open and raises a one-line ``ValueError`` naming the
-    offending file. Every shard is read once then (checksum, finite latents): about one
-    read of the dataset's bytes. Latents are returned as float32;
+    offending file. Every shard is read in full once, on open (checksum, finite latents):
+    about one read of the dataset's bytes. Latents are returned as float32;
     the last ``cache_shards`` shards read are kept in memory.
     """
 
@@ -349,6 +349,8 @@ class PairDataset(Dataset):
             x = tensors[key]
             if x.dtype not in LATENT_DTYPES.values():
                 raise ValueError(f"{path}: {key} is {x.dtype}, not one of {tuple(LATENT_DTYPES)}")
+            if x.dim() != 4:
+                raise ValueError(f"{path}: {key} has shape {tuple(x.shape)}, not (N, C, h, w)")
             finite = np.isfinite(x.numpy())  # numpy's check: several times torch's on float16
             if not finite.all():
                 row = int(np.flatnonzero(~finite.reshape(len(x), -1).all(1))[0])
