@@ -24,6 +24,23 @@ if str(ROOT) not in sys.path:  # `import bench` works whatever the pytest import
     sys.path.insert(0, str(ROOT))
 
 
+class _TouchOnUnpickle:
+    """Pickled, this object is a call of ``os.system``: unpickling it creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+@pytest.fixture
+def touch_on_unpickle():
+    """``make(marker)``: an object whose unpickling creates the file ``marker`` (what a
+    crafted pickle could do); a test asserts the marker never appears."""
+    return _TouchOnUnpickle
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module: tiny models are as fast on one thread, and more

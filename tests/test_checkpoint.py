@@ -88,12 +88,18 @@ def test_resolve_resume(tmp_path):
 def test_rng_state_roundtrip(tmp_path):
     gen = torch.Generator().manual_seed(3)
     torch.manual_seed(0)
+    random.gauss(0, 1), np.random.randn()  # each caches a second normal: state to restore
     state = rng_state(gen)
     torch.save(state, tmp_path / "rng.pt")
-    a = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=gen))
-    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False), gen)
-    b = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=gen))
-    assert a[:2] == b[:2] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+
+    def draws():
+        return (random.gauss(0, 1), random.random(), np.random.randn(), np.random.rand(),
+                torch.rand(2), torch.rand(2, generator=gen))  # fmt: skip
+
+    a = draws()
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), gen)
+    b = draws()
+    assert a[:4] == b[:4] and torch.equal(a[4], b[4]) and torch.equal(a[5], b[5])
 
 
 def manifest_writer(step: int):
@@ -120,6 +126,29 @@ def test_find_resume_skips_damaged_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="every checkpoint"):
         find_resume("latest", tmp_path)
     assert find_resume("latest", tmp_path / "none") == (None, None, [])
+
+
+def test_find_resume_never_unpickles_objects(tmp_path, touch_on_unpickle):
+    """A state file that needs more than tensors and plain data is refused unread, like a
+    damaged one: ``latest`` passes over it, a named one is an error."""
+    marker = tmp_path / "MARKER"
+    root = tmp_path / "ckpts"
+    for step in (1, 2):
+        save_checkpoint(root, step, manifest_writer(step), keep_last=3)
+    bad = root / "step-000002" / STATE_FILE
+    torch.save({"step": 2, "x": touch_on_unpickle(marker)}, bad)
+    path, state, notes = find_resume("latest", root)
+    assert path.name == "step-000001" and state == {"step": 1, FILES_KEY: {"unet/w.bin": 16}}
+    assert len(notes) == 1 and str(bad.parent) in notes[0]
+    assert "trainer_state.pt refused (" in notes[0] and "it needs posix.system," in notes[0]
+    assert "written by an older version" in notes[0]
+    with pytest.raises(ValueError, match="step-000002: damaged checkpoint: trainer_state.pt ref"):
+        find_resume(str(root / "step-000002"), root)
+    # the state of the format before this one: numpy's RNG state pickled as numpy objects
+    torch.save({"step": 2, "numpy": np.random.get_state()}, bad)
+    path, _, notes = find_resume("latest", root)
+    assert path.name == "step-000001" and "refused" in notes[0] and "numpy" in notes[0]
+    assert not marker.exists()
 
 
 def test_truncate_jsonl(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("sklearn")
 
@@ -127,6 +128,65 @@ def test_scorer_sees_blank_and_position(digits, fitted):
     assert labels[0, :3].tolist() == [BLANK] * 3
     assert Prompt("position", (3,), 3).check(labels[0].tolist()) == (labels[0, 3] == 3)
     assert not Prompt("position", (3,), 0).check(labels[0].tolist())
+
+
+def test_saved_scorer_scores_as_the_fitted_classifier(digits, tmp_path):
+    """Written as arrays + JSON and read back without pickle, DigitEval gives the fitted
+    scikit-learn model's probabilities and labels bit for bit (float32 scenes as the
+    benchmark reads them, and float64 input)."""
+    clf = scorer.fit_classifier(digits, seed=1, max_iter=5)
+    scorer.save_scorer(scorer.Scorer.from_classifier(clf, 0.25), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [scorer.SCORER_INFO, scorer.SCORER_FILE]
+    loaded = scorer.load_scorer(tmp_path)
+    assert loaded.test_accuracy == 0.25
+    rng = np.random.default_rng(5)
+    imgs = scenes.make_scenes(scenes.eval_prompts(3), digits.test_x, digits.test_y, rng)
+    crops = scenes.slots_of(imgs.astype(np.float32)).reshape(-1, 8, 8)
+    noise = rng.uniform(0, 1, (50, 8, 8))
+    for x in (crops, noise):
+        expected = clf.predict_proba(x.reshape(len(x), -1))
+        assert np.array_equal(loaded.proba(x), expected)
+    labels, conf = loaded.read(imgs.astype(np.float32))
+    assert np.array_equal(labels.ravel(), clf.predict(crops.reshape(len(crops), -1)))
+    assert np.array_equal(conf.ravel(), clf.predict_proba(crops.reshape(len(crops), -1)).max(1))
+
+
+def test_scorer_file_shapes_are_checked(digits, tmp_path):
+    clf = scorer.fit_classifier(digits, seed=1, max_iter=1)
+    sc = scorer.Scorer.from_classifier(clf, 0.5)
+    scorer.save_scorer(
+        scorer.Scorer(sc.coefs[::-1], sc.intercepts[::-1], sc.classes, 0.5), tmp_path
+    )
+    with pytest.raises(ValueError, match="scorer.npz: layer shapes .* do not chain to 11 classes"):
+        scorer.load_scorer(tmp_path)
+
+
+def test_old_pickled_scorer_in_the_cache_is_never_read(
+    digits, fitted, tmp_path, monkeypatch, touch_on_unpickle
+):
+    """A cache of the pickled format before: the scorer is fitted again, and scoring reads
+    the new files only."""
+    import pickle
+
+    cfg = experiment.preset("smoke")
+    runner = experiment.Runner(cfg, tmp_path / "out", tmp_path / "cache", progress=False)
+    marker, old = tmp_path / "MARKER", tmp_path / "cache" / f"scorer-{cfg.scorer_iters}"
+    old.mkdir(parents=True)
+    (old / "scorer.pkl").write_bytes(pickle.dumps(touch_on_unpickle(marker)))
+    (old / MARKER).write_text(json.dumps({"test_accuracy": 0.5}))
+    monkeypatch.setattr(scorer, "train_scorer", lambda *a, **k: fitted)
+    assert runner.scorer_stage()["test_accuracy"] == fitted.test_accuracy
+    sdir = tmp_path / "out" / "seed-0"
+    for m in ("base", *cfg.methods):  # blank samples: every slot read as BLANK
+        folder = sdir / "samples" / "images" / m
+        folder.mkdir(parents=True)
+        for i in range(len(runner.eval_prompts)):
+            Image.fromarray(np.zeros((16, 16), np.uint8)).save(folder / f"{i:05d}.png")
+    runner.score_stage(sdir, 0)
+    assert not marker.exists()
+    res = json.loads((sdir / "scores" / "scores.json").read_text())
+    assert res["base"]["labels"] == [[BLANK] * 4] * len(runner.eval_prompts)
+    assert res["real"]["overall"] > 0.5
 
 
 def test_frechet_is_zero_for_identical_and_grows_with_shift():

@@ -187,6 +187,38 @@ def test_pickapic_bad_input(pickapic, tmp_path, capsys):
     assert "unknown kind" in _err(capsys)
 
 
+@pytest.mark.parametrize("entry", ["../../outside.parquet", "ABS", "sub/../../outside.parquet"])
+def test_save_to_disk_state_stays_in_its_folder(pickapic, tmp_path, capsys, entry):
+    """A state.json naming a file outside its folder is refused before anything is read,
+    one line naming state.json and the entry; nothing is written."""
+    _, rows = pickapic
+    outside = tmp_path / "outside.parquet"  # a readable table: reading it would succeed
+    pq.write_table(_table(rows), outside)
+    entry = str(outside) if entry == "ABS" else entry
+    d = tmp_path / "saved" / "train"
+    d.mkdir(parents=True)
+    (d / "sub").mkdir()
+    state = {"_data_files": [{"filename": "ok.arrow"}, {"filename": entry}]}
+    (d / "state.json").write_text(json.dumps(state))
+    (tmp_path / "saved" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    out = tmp_path / "o"
+    argv = ["--from", "pickapic", str(tmp_path / "saved"), "--tiny", "sd", "--out", str(out)]
+    assert main([*argv, "--no-progress"]) == 2
+    assert _err(capsys) == f"error: {d / 'state.json'}: _data_files entry {entry!r} is outside {d}"
+    assert not out.exists()
+
+
+def test_save_to_disk_split_stays_in_its_folder(pickapic, tmp_path, capsys):
+    src = tmp_path / "saved"
+    src.mkdir()
+    pq.write_table(_table(pickapic[1]), tmp_path / "x.parquet")
+    (src / "dataset_dict.json").write_text(json.dumps({"splits": ["train", ".."]}))
+    argv = ["--from", "pickapic", str(src), "--split", "..", "--tiny", "sd", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert _err(capsys) == f"error: {src / 'dataset_dict.json'}: split '..' is outside {src}"
+    assert not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------------------ DDSPO
 
 

@@ -8,11 +8,21 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
 
 from bench.make_pairs import main
 from bench.t2i.backbones import prompt_generator
-from bench.t2i.pairdata import PairDataset, collate_pairs, read_shard_header, shard_path
+from bench.t2i.pairdata import (
+    CHECKSUM_KEY,
+    PairDataset,
+    canonical_safetensors,
+    collate_pairs,
+    finalize,
+    read_shard_header,
+    sealed_shard,
+    shard_path,
+)
 from bench.t2i.pairs import _stream, build_pairs, partner_index
 from bench.t2i.prompts import read_prompts
 from bench.t2i.tiny import tiny_backbone
@@ -149,30 +159,17 @@ def test_pair_dataset_validation(built, tmp_path):
     (d / "metadata.jsonl").unlink()
     with pytest.raises(ValueError, match=r"metadata\.jsonl: missing"):
         PairDataset(d)
-    d = copy("count")
+    d = copy("count")  # a pair dropped from metadata.jsonl: the intact shard still holds it
     lines = (d / "metadata.jsonl").read_text().splitlines()
     (d / "metadata.jsonl").write_text("\n".join(lines[:-1]) + "\n")
-    with pytest.raises(ValueError, match="4 pairs but info.json says 5"):
-        PairDataset(d)
-    d = copy("rows")  # metadata and shard disagree on the number of latents
-    info = json.loads((d / "info.json").read_text())
-    (d / "info.json").write_text(json.dumps({**info, "num_pairs": 4}))
-    (d / "metadata.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(
-        ValueError, match="shard-00002.safetensors: x0_w holds 1 latents but metadata lists 0 pairs"
+        ValueError, match=r"count/metadata.jsonl: lists 0 pairs in shard-00002.safetensors, which"
     ):
         PairDataset(d)
-    d = copy("shape")
+    d = copy("shape")  # a foreign file in place of a shard: no checksum
     bad = {"x0_w": torch.zeros(2, 4, 8, 8), "x0_l": torch.zeros(2, 4, 8, 8)}
     save_file(bad, str(shard_path(d, 0)))
-    with pytest.raises(ValueError, match=r"shard-00000.safetensors: x0_w has shape \(2, 4, 8, 8\)"):
-        PairDataset(d)
-    d = copy("count2")
-    save_file(
-        {"x0_w": torch.zeros(1, 4, 16, 16), "x0_l": torch.zeros(1, 4, 16, 16)},
-        str(shard_path(d, 0)),
-    )
-    with pytest.raises(ValueError, match="holds 1 latents but metadata lists 2 pairs"):
+    with pytest.raises(ValueError, match=r"shard-00000.safetensors: no sha256 in its header"):
         PairDataset(d)
     d = copy("gone")
     shard_path(d, 1).unlink()
@@ -186,6 +183,95 @@ def test_pair_dataset_validation(built, tmp_path):
         PairDataset(src, backbone="sana")
     with pytest.raises(ValueError, match="latent shape"):
         PairDataset(src, latent_shape=(4, 32, 32))
+
+
+def rewrite_shard(path, edit=None, seal=True):
+    """Rewrite a shard with ``edit(tensors)`` applied, with a fresh checksum (``seal``) or
+    none (as version 1 wrote it)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != CHECKSUM_KEY}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if edit is not None:
+        edit(tensors)
+    blob = sealed_shard(tensors, meta) if seal else canonical_safetensors(save(tensors, meta))
+    path.write_bytes(blob)
+
+
+def test_shards_are_checksummed_and_finite(built, tmp_path):
+    d = tmp_path / "flip"
+    shutil.copytree(built["paired"], d)
+    assert json.loads((d / "info.json").read_text())["version"] == 2
+    f = shard_path(d, 1)
+    with safe_open(str(f), framework="pt") as sf:
+        assert len(sf.metadata()[CHECKSUM_KEY]) == 64
+    blob = bytearray(f.read_bytes())
+    blob[-40] ^= 0x10  # one bit of one latent value
+    f.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=r"flip/shards/shard-00001.safetensors: checksum mismatch"):
+        PairDataset(d)
+    rewrite_shard(f, lambda t: t["x0_l"][1, 2].fill_(float("nan")))  # checksum made to fit
+    with pytest.raises(
+        ValueError,
+        match=r"shard-00001.safetensors: x0_l row 1 holds non-finite values \(NaN or inf\)",
+    ):
+        PairDataset(d)
+    rewrite_shard(f, lambda t: t["x0_l"][1, 2].fill_(0.0))
+    assert len(PairDataset(d)) == 5
+    rewrite_shard(f, lambda t: t.update(x0_w=t["x0_w"].bfloat16()))
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors: x0_w is torch.bfloat16, not"):
+        PairDataset(d)
+    rewrite_shard(f, lambda t: t.update(x0_w=t["x0_w"].float().flatten(1)))
+    with pytest.raises(
+        ValueError, match=r"shard-00001.safetensors: x0_w has shape \(2, 1024\), not \(N, C, h, w\)"
+    ):
+        PairDataset(d)
+
+
+def test_version_1_datasets_read_without_checksums(built, tmp_path):
+    """Datasets written before shards had a checksum: read (finite latents still checked);
+    a shard without one in a version 2 dataset is refused."""
+    d = tmp_path / "v1"
+    shutil.copytree(built["paired"], d)
+    for k in range(3):
+        rewrite_shard(shard_path(d, k), seal=False)
+    with pytest.raises(ValueError, match=r"shard-00000.safetensors: no sha256 in its header"):
+        PairDataset(d)
+    info = json.loads((d / "info.json").read_text())
+    (d / "info.json").write_text(json.dumps({**info, "version": 1}))
+    a, b = _latents(built["paired"]), _latents(d)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    rewrite_shard(shard_path(d, 2), lambda t: t["x0_w"][0, 0, 0, 0].fill_(float("inf")), False)
+    with pytest.raises(ValueError, match=r"shard-00002.safetensors: x0_w row 0 holds non-finite"):
+        PairDataset(d)
+    # a build finished over such shards stays version 1
+    extras = {k: v for k, v in info.items() if k not in ("format", "version")}
+    finalize(d, extras, 3)
+    assert json.loads((d / "info.json").read_text())["version"] == 1
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("latent_shape", [4, 8, 8], "latent_shape [4, 8, 8], but shard-00000.safetensors "
+         "(checksum intact) holds x0_w of shape (2, 4, 16, 16)"),
+        ("latent_shape", "4x16x16", "latent_shape must be [C, h, w], got '4x16x16'"),
+        ("num_shards", 5, "num_shards 5, but shard-00003.safetensors does not exist and "
+         "metadata.jsonl lists no pair in it"),
+        ("num_shards", 2, "num_shards 2, but metadata.jsonl lists pairs in shard-00002.safetensors"),
+        ("num_shards", "3", "num_shards must be a count, got '3'"),
+        ("num_pairs", 7, "num_pairs 7, but metadata.jsonl and the shards hold 5"),
+        ("version", 3, "version 3; this program reads versions 1, 2"),
+    ],
+)  # fmt: skip
+def test_a_bad_info_json_is_named(built, tmp_path, field, value, message):
+    """Intact shards are not blamed for what info.json gets wrong."""
+    d = tmp_path / "info"
+    shutil.copytree(built["paired"], d)
+    info = json.loads((d / "info.json").read_text())
+    (d / "info.json").write_text(json.dumps({**info, field: value}))
+    with pytest.raises(ValueError) as e:
+        PairDataset(d)
+    assert str(e.value) == f"{d / 'info.json'}: {message}"
 
 
 def test_shard_header_holds_records(built):

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from bench import evaluate, sample, train_t2i
-from bench.t2i import outdir, tiny, weights
+from bench.t2i import outdir, pairdata, tiny, weights
 from bench.t2i.checkpoint import STATE_FILE, checkpoint_problem, latest_checkpoint
 from bench.t2i.config import RESUME_MAY_CHANGE, epilog
 from bench.t2i.pairs import build_pairs
@@ -183,6 +184,40 @@ def test_resume_may_change_the_listed_fields(data, run1, tmp_path, capsys):
     assert "May change on resume: --out, --resume, --max-steps" in help_text
 
 
+def _flip_fp16_values(shard: Path, n: int) -> None:
+    """Flip one high bit in each of ``n`` float16 latents, as a failing disk or copy would."""
+    blob = bytearray(shard.read_bytes())
+    start = 8 + int.from_bytes(blob[:8], "little")
+    for i in range(n):
+        blob[start + 2 * (7 * i) + 1] ^= 0x20  # an exponent bit: the values stay finite
+    shard.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("damage", ["bit flips", "NaN, checksum fixed"])
+def test_damaged_shard_stops_before_step_1(data, tmp_path, capsys, damage):
+    """A shard whose bytes changed, or that holds a NaN latent (its checksum made to fit),
+    is refused on open: one line naming it, exit 2, nothing trained or written."""
+    d = tmp_path / "data"
+    shutil.copytree(data, d)
+    shard = d / "shards" / "shard-00001.safetensors"
+    if damage == "bit flips":
+        _flip_fp16_values(shard, 200)
+        needle = "checksum mismatch"
+    else:
+        with safe_open(str(shard), framework="pt") as f:
+            meta = {k: v for k, v in f.metadata().items() if k != pairdata.CHECKSUM_KEY}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors["x0_w"][3, 0, 5, 5] = float("nan")
+        shard.write_bytes(pairdata.sealed_shard(tensors, meta))
+        needle = "x0_w row 3 holds non-finite values"
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert train(d, out, "--method", "dpo", "--max-steps", "2", "--ckpt-every", "1") == 2
+    line = one_line(capsys)
+    assert line.startswith(f"error: {shard}: ") and needle in line, line
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
 def test_data_built_for_another_backbone(data, tmp_path, capsys):
     xl = relabel(data, tmp_path / "xl", backbone="sdxl")
     out = tmp_path / "run"
@@ -252,6 +287,33 @@ def test_truncated_newest_checkpoint(data, tmp_path, capsys):
     assert line.endswith("resuming from " + str(out / "checkpoints" / "step-000002"))
     assert steps_logged(out) == [1, 2, 3, 4]
     assert checkpoint_problem(latest_checkpoint(out / "checkpoints"))[1] is None
+
+
+def test_crafted_trainer_state_is_never_unpickled(data, run1, tmp_path, capsys, touch_on_unpickle):
+    """A trainer_state.pt that would run code when unpickled is passed over like a damaged
+    checkpoint: the run resumes from the intact one before it, as the straight run did."""
+    out, marker = tmp_path / "run", tmp_path / "MARKER"
+    shutil.copytree(run1, out)
+    bad = out / "checkpoints" / "step-000002" / STATE_FILE
+    torch.save({**torch.load(bad, weights_only=True), "counters": touch_on_unpickle(marker)}, bad)
+    capsys.readouterr()
+    assert train(data, out, "--method", "dpo", "--max-steps", "2", "--resume", "latest") == 0
+    captured = capsys.readouterr()
+    assert not marker.exists()
+    [line] = captured.err.strip().splitlines()
+    intact = bad.parent.with_name("step-000001")
+    assert line.startswith(f"warning: {bad.parent} is damaged ({STATE_FILE} refused (it needs ")
+    assert "posix.system" in line and line.endswith(f"resuming from {intact}")
+    assert f"resumed from {intact} at step 1" in captured.out
+    assert steps_logged(out) == [1, 2]
+    # step 2 trained again and checkpointed: the same weights and state as the straight run
+    straight = run1 / "checkpoints" / "step-000002"
+    assert snapshot(bad.parent / "unet") == snapshot(straight / "unet")
+    mine, theirs = (torch.load(f, weights_only=True) for f in (bad, straight / STATE_FILE))
+    assert mine["counters"] == theirs["counters"]
+    assert mine["rng"][0]["python"] == theirs["rng"][0]["python"]
+    for key in ("torch", "generator"):
+        assert torch.equal(mine["rng"][0][key], theirs["rng"][0][key])
 
 
 def _fail_second(kind: str, monkeypatch):
@@ -356,7 +418,7 @@ def test_world_size_warning_on_stderr(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert train(data, out, "--method", "dpo", "--max-steps", "1") == 0
     f = latest_checkpoint(out / "checkpoints") / STATE_FILE
-    state = torch.load(f, weights_only=False)
+    state = torch.load(f, weights_only=True)
     state["world"], state["rng"] = 2, state["rng"] * 2  # as rank 0 of a 2-rank run writes it
     torch.save(state, f)
     capsys.readouterr()

@@ -343,7 +343,7 @@ BAD_INPUTS = {
     "missing dataset": (lambda d, t: ["--data", str(t / "nope")], "not found"),
     "empty dataset": (_empty, "empty"),
     "shard shapes": (_bad_shapes, "shape"),
-    "count mismatch": (_count_mismatch, "3 latents but metadata lists 4"),
+    "count mismatch": (_count_mismatch, "lists 4 pairs in shard-00001.safetensors, which holds 3"),
     "unknown backbone": (lambda d, t: ["--data", str(d), "--backbone", "sd3"], "backbone"),
     "unknown method": (lambda d, t: ["--data", str(d), "--method", "kto"], "method"),
     "not diffusers": (_not_diffusers, "model_index.json"),

@@ -14,7 +14,8 @@ Run: ``python -m bench.digits --seeds 3 --out runs/digits`` (resumable; needs th
 The base model: VAE 300 steps; UNet + text encoder 1500 steps (batch 64, lr 1e-3, cosine)
 then a warm restart of 1200 steps at lr 5e-4 (added after a sanity check of the base on
 *training-pool* prompts with a dev seed showed it under-trained: 3 % right). The base is
-cached under ``OUT/cache/base-<config hash>``.
+cached under ``OUT/cache/base-<config hash>``, DigitEval under ``OUT/cache/scorer-v2-<epochs>``
+(its arrays in ``scorer.npz`` and ``scorer.json``; nothing in the cache is unpickled).
 
 Hyperparameters, fixed by rule before any evaluation seed was run (no search):
 

@@ -103,14 +103,15 @@ class Runner:
     def scorer_stage(self) -> dict:
         def fit(path: Path) -> dict:
             sc = scorer.train_scorer(self.digits, max_iter=self.cfg.scorer_iters)
-            scorer.save_scorer(sc, path / "scorer.pkl")
+            scorer.save_scorer(sc, path)
             return {"test_accuracy": sc.test_accuracy}
 
         return self.stage(self.scorer_dir, fit, "scorer")
 
     @property
     def scorer_dir(self) -> Path:
-        return self.cache / f"scorer-{self.cfg.scorer_iters}"
+        # v2: arrays + JSON; a cached folder of the pickled format before it is never read
+        return self.cache / f"scorer-v2-{self.cfg.scorer_iters}"
 
     def base_stage(self) -> dict:
         key = self.cfg.base.key()
@@ -174,7 +175,7 @@ class Runner:
 
     def score_stage(self, sdir: Path, seed: int) -> dict:
         def score(path: Path) -> dict:
-            sc = scorer.load_scorer(self.scorer_dir / "scorer.pkl")
+            sc = scorer.load_scorer(self.scorer_dir)
             n, d, ps = len(self.eval_prompts), self.digits, self.eval_prompts
             rng = np.random.default_rng(self.cfg.seed_offset_eval + seed)
             ref = scenes.make_scenes(ps, d.test_x, d.test_y, rng)  # FID reference

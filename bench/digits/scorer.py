@@ -7,11 +7,15 @@ split. A prompt is satisfied when its rule (:meth:`scenes.Prompt.check`) holds f
 slot labels. Quality figures: the classifier's mean confidence on occupied slots and a
 Frechet distance between the classifier's penultimate-layer features of the generated
 slots and of real scenes drawn for the same prompts ("feature FID").
+
+The fitted classifier is kept as its arrays (:data:`SCORER_FILE`, read with
+``allow_pickle=False``) and its accuracy (:data:`SCORER_INFO`); :meth:`Scorer.proba` is
+scikit-learn's forward pass in numpy, the same operations in the same order (bit-identical).
 """
 
 from __future__ import annotations
 
-import pickle
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,30 +24,49 @@ import numpy as np
 
 from . import scenes
 
+SCORER_FILE = "scorer.npz"  # weights and biases of each layer, and the class labels
+SCORER_INFO = "scorer.json"  # the held-out accuracy and the layer count
+
 
 @dataclass
 class Scorer:
-    """The fitted classifier and its held-out accuracy on real digits."""
+    """The fitted classifier's arrays and its held-out accuracy on real digits."""
 
-    clf: object
+    coefs: list[np.ndarray]  # (in, out) per layer: ReLU hidden layers, a softmax output
+    intercepts: list[np.ndarray]
+    classes: np.ndarray  # the label of each output column
     test_accuracy: float
 
-    def proba(self, slots: np.ndarray) -> np.ndarray:
-        """``(N, 8, 8)`` crops in [0, 1] -> ``(N, 11)`` class probabilities."""
-        return self.clf.predict_proba(slots.reshape(len(slots), -1))
+    @classmethod
+    def from_classifier(cls, clf, test_accuracy: float) -> Scorer:
+        """From a fitted ``MLPClassifier`` with ReLU hidden layers and several classes."""
+        if clf.activation != "relu" or clf.out_activation_ != "softmax":
+            raise ValueError(f"{clf.activation}/{clf.out_activation_} layers: relu/softmax only")
+        return cls(list(clf.coefs_), list(clf.intercepts_), clf.classes_, test_accuracy)
 
     def features(self, slots: np.ndarray) -> np.ndarray:
         """Penultimate-layer (64-d ReLU) activations of ``(N, 8, 8)`` crops."""
         h = slots.reshape(len(slots), -1)
-        for w, b in zip(self.clf.coefs_[:-1], self.clf.intercepts_[:-1], strict=True):
-            h = np.maximum(h @ w + b, 0.0)
+        for w, b in zip(self.coefs[:-1], self.intercepts[:-1], strict=True):
+            h = h @ w
+            h += b
+            np.maximum(h, 0, out=h)
         return h
+
+    def proba(self, slots: np.ndarray) -> np.ndarray:
+        """``(N, 8, 8)`` crops in [0, 1] -> ``(N, 11)`` class probabilities."""
+        z = self.features(slots) @ self.coefs[-1]
+        z += self.intercepts[-1]
+        e = z - z.max(axis=1)[:, np.newaxis]  # softmax, in scikit-learn's order of operations
+        np.exp(e, out=z)
+        z /= z.sum(axis=1)[:, np.newaxis]
+        return z
 
     def read(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(N, 16, 16)`` scenes -> slot labels ``(N, 4)`` and their probabilities."""
         crops = scenes.slots_of(images).reshape(-1, scenes.CELL, scenes.CELL)
         p = self.proba(crops)
-        return p.argmax(1).reshape(-1, 4), p.max(1).reshape(-1, 4)
+        return self.classes[p.argmax(1)].reshape(-1, 4), p.max(1).reshape(-1, 4)
 
 
 def _shifted(x: np.ndarray) -> list[np.ndarray]:
@@ -61,7 +84,14 @@ def _shifted(x: np.ndarray) -> list[np.ndarray]:
 
 
 def train_scorer(digits: scenes.Digits, seed: int = 0, max_iter: int = 300) -> Scorer:
-    """Fit DigitEval's classifier; its accuracy is measured on ``digits.test`` (+ blanks)."""
+    """Fit DigitEval's classifier; its accuracy is measured on ``digits.test``."""
+    clf = fit_classifier(digits, seed, max_iter)
+    acc = float((clf.predict(digits.test_x.reshape(-1, 64)) == digits.test_y).mean())
+    return Scorer.from_classifier(clf, acc)
+
+
+def fit_classifier(digits: scenes.Digits, seed: int = 0, max_iter: int = 300):
+    """The fitted scikit-learn ``MLPClassifier`` behind :func:`train_scorer`."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
@@ -79,16 +109,38 @@ def train_scorer(digits: scenes.Digits, seed: int = 0, max_iter: int = 300) -> S
     with warnings.catch_warnings():  # few epochs in smoke runs: not converged, on purpose
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(x, y)
-    acc = float((clf.predict(digits.test_x.reshape(-1, 64)) == digits.test_y).mean())
-    return Scorer(clf, acc)
+    return clf
 
 
-def save_scorer(scorer: Scorer, path: Path) -> None:
-    Path(path).write_bytes(pickle.dumps(scorer))
+def save_scorer(scorer: Scorer, folder: Path) -> None:
+    """:data:`SCORER_FILE` and :data:`SCORER_INFO` in ``folder``: arrays and JSON only."""
+    arrays = {f"coef_{i}": w for i, w in enumerate(scorer.coefs)}
+    arrays |= {f"intercept_{i}": b for i, b in enumerate(scorer.intercepts)}
+    np.savez(Path(folder) / SCORER_FILE, classes=scorer.classes, **arrays)
+    info = {"layers": len(scorer.coefs), "test_accuracy": scorer.test_accuracy}
+    (Path(folder) / SCORER_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def load_scorer(path: Path) -> Scorer:
-    return pickle.loads(Path(path).read_bytes())
+def load_scorer(folder: Path) -> Scorer:
+    """What :func:`save_scorer` wrote (never unpickles); ValueError if it does not fit."""
+    f, info_file = Path(folder) / SCORER_FILE, Path(folder) / SCORER_INFO
+    info = json.loads(info_file.read_text())
+    n = info["layers"]
+    with np.load(f, allow_pickle=False) as z:
+        try:
+            coefs = [z[f"coef_{i}"] for i in range(n)]
+            intercepts = [z[f"intercept_{i}"] for i in range(n)]
+            classes = z["classes"]
+        except KeyError as e:
+            raise ValueError(f"{f}: no array {e} ({n} layers in {info_file})") from None
+    shapes = [(w.shape, b.shape) for w, b in zip(coefs, intercepts, strict=True)]
+    fits = all(
+        w.ndim == 2 and b.shape == w.shape[1:] for w, b in zip(coefs, intercepts, strict=True)
+    )
+    chained = all(a.shape[1] == b.shape[0] for a, b in zip(coefs, coefs[1:], strict=False))
+    if not (fits and chained and coefs[-1].shape[1] == classes.shape[0]):
+        raise ValueError(f"{f}: layer shapes {shapes} do not chain to {len(classes)} classes")
+    return Scorer(coefs, intercepts, classes, float(info["test_accuracy"]))
 
 
 def load_images(folder: Path, n: int) -> np.ndarray:

@@ -9,11 +9,17 @@ only if its name matches ``step-<digits>`` and it contains :data:`STATE_FILE`.
 :data:`STATE_FILE` also lists the size of every other file of the checkpoint
 (:data:`FILES_KEY`): :func:`find_resume` takes the newest checkpoint whose files are all
 there, complete, and readable, and says which damaged ones it passed over.
+
+:data:`STATE_FILE` holds tensors and plain data only (the RNG states too, see
+:func:`rng_state`) and is read with ``torch.load(weights_only=True)``: a file that needs
+anything else unpickled (a crafted one, or one written before this format) is refused
+like a damaged checkpoint, never unpickled.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -120,7 +126,7 @@ def checkpoint_problem(path: Path) -> tuple[dict | None, str | None]:
     try:
         state = load_state(path)
     except Exception as e:  # torch.load: RuntimeError, EOFError, UnpicklingError, ...
-        return None, f"{STATE_FILE} unreadable ({_first_line(e)})"
+        return None, _load_error(e)
     if not isinstance(state, dict):
         return None, f"{STATE_FILE} holds no trainer state"
     for rel, size in (state.get(FILES_KEY) or {}).items():
@@ -141,6 +147,23 @@ def checkpoint_problem(path: Path) -> tuple[dict | None, str | None]:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+def _load_error(e: Exception) -> str:
+    """Why :data:`STATE_FILE` did not load, without torch's advice to load it unsafely."""
+    text = str(e)
+    if not (isinstance(e, pickle.UnpicklingError) and "weights only load failed" in text.lower()):
+        return f"{STATE_FILE} unreadable ({_first_line(e)})"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:  # an object weights_only will not build: never unpickled
+        return (
+            f"{STATE_FILE} refused (it needs {found.group(1)}, not only tensors and plain "
+            "data: written by an older version of this program, or not by it)"
+        )
+    skip = ("weights only load failed", "please file an issue", "check the documentation")
+    detail = next((ln for ln in lines if not ln.lower().startswith(skip)), type(e).__name__)
+    return f"{STATE_FILE} unreadable ({detail[:160]})"
 
 
 def find_resume(resume: str, root: Path) -> tuple[Path | None, dict | None, list[str]]:
@@ -170,10 +193,19 @@ def find_resume(resume: str, root: Path) -> tuple[Path | None, dict | None, list
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict:
-    """Python, numpy, torch (CPU and CUDA) and the trainer's own generator states."""
+    """Python, numpy, torch (CPU and CUDA) and the trainer's own generator states, as
+    tensors and plain lists and numbers (loadable with ``weights_only=True``)."""
+    version, internal, gauss_next = random.getstate()
+    numpy = np.random.get_state(legacy=False)
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(internal), gauss_next],
+        "numpy": {
+            "bit_generator": numpy["bit_generator"],
+            "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+            "pos": int(numpy["state"]["pos"]),
+            "has_gauss": int(numpy["has_gauss"]),
+            "gauss": float(numpy["gauss"]),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -183,8 +215,17 @@ def rng_state(generator: torch.Generator | None = None) -> dict:
 
 
 def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": numpy["bit_generator"],
+            "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]},
+            "has_gauss": numpy["has_gauss"],
+            "gauss": numpy["gauss"],
+        }
+    )
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -193,5 +234,6 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
 
 
 def load_state(path: Path) -> dict:
-    # Our own file, holding numpy RNG state: not loadable with weights_only=True.
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    """The checkpoint's :data:`STATE_FILE`: tensors and plain data only; anything else
+    raises ``pickle.UnpicklingError`` before it is built."""
+    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)

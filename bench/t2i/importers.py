@@ -279,7 +279,7 @@ def table_files(src: str | Path, split: str = "train") -> list[Path]:
             raise ValueError(f"{src / 'dataset_dict.json'}: invalid JSON") from None
         if split not in splits:
             raise ValueError(f"{src}: no split {split!r} (has {splits}); choose one with --split")
-        return table_files(src / split, split)
+        return table_files(_inside(src, split, src / "dataset_dict.json", "split"), split)
     if (src / "state.json").is_file():
         try:
             files = [
@@ -287,11 +287,22 @@ def table_files(src: str | Path, split: str = "train") -> list[Path]:
             ]
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{src / 'state.json'}: not a datasets save_to_disk state") from None
-        return [src / f for f in files]
+        return [_inside(src, f, src / "state.json", "_data_files entry") for f in files]
     files = sorted(p for p in src.rglob("*") if p.suffix in TABLE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"{src}: no .parquet or .arrow files")
     return files
+
+
+def _inside(folder: Path, name: Any, source: Path, what: str) -> Path:
+    """``folder / name`` for a name read from the file ``source``; ValueError unless it is a
+    relative path that stays inside ``folder`` (links resolved)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{source}: {what} {name!r} is not a file name")
+    path = folder / name
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{source}: {what} {name!r} is outside {folder}")
+    return path
 
 
 @dataclass

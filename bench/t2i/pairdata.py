@@ -2,7 +2,7 @@
 
 A dataset is a directory::
 
-    DIR/info.json          {"format": "minddspo-pairs", "version": 1, "backbone", "latent_shape",
+    DIR/info.json          {"format": "minddspo-pairs", "version": 2, "backbone", "latent_shape",
                             "latent_dtype", "variant", "perturb", "task", "prompts_file",
                             "num_pairs", "num_shards", "shard_size", "seed", "steps",
                             "guidance", "resolution", "llm_fallbacks", ...}
@@ -17,7 +17,13 @@ A dataset is a directory::
                            The header's metadata also holds the shard's records and build
                            parameters, so a shard file is complete on its own: it is written to
                            a temporary name and renamed, and ``metadata.jsonl`` / ``info.json``
-                           are merged from the shard headers at the end.
+                           are merged from the shard headers at the end. The header's
+                           ``sha256`` is that of the tensor data (every byte after the
+                           header), computed when the shard is written.
+
+Version 2 (every shard has its ``sha256``) is what the writers make; version 1 datasets
+(written before shards had one) are read without it. :class:`PairDataset` checks every shard
+on open: its checksum and that its latents are finite.
 
 ``neg_prompt`` is always ``c-``, the degraded original prompt. The *loser's conditioning
 prompt* for the CPP methods (SPEC §5) is ``c-`` for ``paired`` / ``not_paired`` and ``c+``
@@ -27,20 +33,24 @@ prompt* for the CPP methods (SPEC §5) is ``c-`` for ``paired`` / ``not_paired``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import load, save
 from torch import Tensor
 from torch.utils.data import Dataset
 
 FORMAT = "minddspo-pairs"
-VERSION = 1
+VERSION = 2  # 2: every shard's header carries the sha256 of its tensor data
+READS_VERSIONS = (1, 2)
+CHECKSUM_KEY = "sha256"
 VARIANTS = ("paired", "not_paired", "rand_positive")
 RECORD_KEYS = ("index", "prompt", "neg_prompt", "shard", "row", "variant", "seed")
 LATENT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -95,9 +105,27 @@ def write_shard(
     meta = {"records": json.dumps(records), "params": json.dumps(params or {}, sort_keys=True)}
     if skipped:
         meta["skipped"] = json.dumps(sorted(skipped))
-    tmp.write_bytes(canonical_safetensors(save(tensors, metadata=meta)))
+    tmp.write_bytes(sealed_shard(tensors, meta))
     os.replace(tmp, path)
     return path
+
+
+def sealed_shard(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
+    """The shard file's bytes: canonical safetensors whose header metadata also holds the
+    sha256 of the tensor data (:data:`CHECKSUM_KEY`)."""
+    data = _data_bytes(canonical_safetensors(save(tensors, metadata=meta)))
+    blob = canonical_safetensors(save(tensors, metadata={**meta, CHECKSUM_KEY: _sha256(data)}))
+    if _data_bytes(blob) != data:  # the data does not depend on the header
+        raise RuntimeError("safetensors wrote different tensor bytes for the same tensors")
+    return blob
+
+
+def _data_bytes(blob: bytes) -> memoryview:
+    return memoryview(blob)[8 + int.from_bytes(blob[:8], "little") :]
+
+
+def _sha256(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def canonical_safetensors(blob: bytes) -> bytes:
@@ -134,16 +162,21 @@ def finalize(root: str | Path, info: dict, num_shards: int) -> Path:
     """Merge the shard headers into ``metadata.jsonl`` and write ``info.json`` (atomically)."""
     root = Path(root)
     records: list[dict] = []
+    sealed = True
     for k in range(num_shards):
         path = shard_path(root, k)
         if not path.is_file():
             raise ValueError(f"{path}: missing shard; rerun make_pairs to finish the dataset")
         records.extend(read_shard_header(path)[1])
+        with safe_open(str(path), framework="pt") as f:
+            sealed = sealed and CHECKSUM_KEY in (f.metadata() or {})
     records.sort(key=lambda r: r["index"])
     tmp = root / ".tmp-metadata.jsonl"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     os.replace(tmp, root / "metadata.jsonl")
-    info = {"format": FORMAT, "version": VERSION, **info, "num_pairs": len(records)}
+    # a build resumed over shards of version 1 (no checksum) stays version 1
+    version = VERSION if sealed else 1
+    info = {"format": FORMAT, "version": version, **info, "num_pairs": len(records)}
     info["num_shards"] = num_shards
     tmp = root / ".tmp-info.json"
     tmp.write_text(json.dumps(info, indent=2) + "\n")
@@ -157,8 +190,9 @@ def finalize(root: str | Path, info: dict, num_shards: int) -> Path:
 class PairDataset(Dataset):
     """Preference pairs ``(x0_w, x0_l, prompt, neg_prompt)`` from a dataset directory.
 
-    Validates the whole directory on open (cheap: shard headers only) and raises a
-    one-line ``ValueError`` naming the offending file. Latents are returned as float32;
+    Validates the whole directory on open and raises a one-line ``ValueError`` naming the
+    offending file. Every shard is read in full once, on open (checksum, finite latents):
+    about one read of the dataset's bytes. Latents are returned as float32;
     the last ``cache_shards`` shards read are kept in memory.
     """
 
@@ -187,16 +221,23 @@ class PairDataset(Dataset):
             raise ValueError(f"{info_file}: invalid JSON ({e})") from None
         if not isinstance(self.info, dict) or self.info.get("format") != FORMAT:
             raise ValueError(f"{info_file}: not a {FORMAT} info file")
+        version = self.info.get("version")
+        if version not in READS_VERSIONS or isinstance(version, bool):
+            raise ValueError(
+                f"{info_file}: version {version!r}; this program reads versions "
+                f"{', '.join(map(str, READS_VERSIONS))}"
+            )
+        self.sealed = version >= 2  # every shard carries its checksum
+        shape = self.info.get("latent_shape")
+        if not (isinstance(shape, list) and len(shape) == 3 and all(_count(n, 1) for n in shape)):
+            raise ValueError(f"{info_file}: latent_shape must be [C, h, w], got {shape!r}")
+        self.latent_shape = shape = tuple(shape)
+        for key in ("num_shards", "num_pairs"):
+            if self.info.get(key) is not None and not _count(self.info[key], 0):
+                raise ValueError(f"{info_file}: {key} must be a count, got {self.info[key]!r}")
         self.records = self._read_records(meta_file)
         if not self.records:
             raise ValueError(f"{meta_file}: no pairs")
-        n_info = self.info.get("num_pairs")
-        if n_info is not None and n_info != len(self.records):
-            raise ValueError(f"{meta_file}: {len(self.records)} pairs but info.json says {n_info}")
-        shape = tuple(self.info.get("latent_shape") or ())
-        if len(shape) != 3:
-            raise ValueError(f"{info_file}: latent_shape must be [C, h, w], got {shape}")
-        self.latent_shape = shape
         if latent_shape is not None and tuple(latent_shape) != shape:
             raise ValueError(
                 f"{info_file}: latent shape {shape}, but the model needs {tuple(latent_shape)}"
@@ -232,31 +273,89 @@ class PairDataset(Dataset):
         return records
 
     def _check_shards(self) -> None:
-        rows: dict[int, list[int]] = {k: [] for k in range(int(self.info.get("num_shards") or 0))}
-        for rec in self.records:
-            rows.setdefault(int(rec["shard"]), []).append(int(rec["row"]))
+        """Every shard: readable, its checksum (version 2), finite latents, then its shapes
+        against info.json and its rows against metadata.jsonl. An intact shard that
+        disagrees with either file names that file."""
+        info_file, meta_file = self.root / "info.json", self.root / "metadata.jsonl"
+        num_shards = self.info.get("num_shards")
+        rows: dict[int, list[int]] = {k: [] for k in range(num_shards or 0)}
+        for lineno, rec in enumerate(self.records, 1):
+            k = rec["shard"]
+            if not _count(k, 0) or not _count(rec["row"], 0):
+                raise ValueError(f"{meta_file}: pair {lineno}: shard and row must be counts")
+            if num_shards is not None and k >= num_shards:
+                raise ValueError(
+                    f"{info_file}: num_shards {num_shards}, but {meta_file.name} lists pairs in "
+                    f"{shard_name(k)}"
+                )
+            rows.setdefault(k, []).append(rec["row"])
+        total = 0
         for k, rs in sorted(rows.items()):
             path = shard_path(self.root, k)
             if not path.is_file():
+                if not rs:
+                    raise ValueError(
+                        f"{info_file}: num_shards {num_shards}, but {path.name} does not exist "
+                        f"and {meta_file.name} lists no pair in it"
+                    )
                 raise ValueError(f"{path}: missing shard file")
-            try:
-                shapes, _, _ = read_shard_header(path)
-            except Exception as e:  # a truncated or foreign file
-                raise ValueError(f"{path}: unreadable shard ({type(e).__name__})") from None
-            if sorted(rs) != list(range(len(rs))):
-                raise ValueError(f"{path}: metadata rows are not 0..{len(rs) - 1}")
+            shapes = self._verify_shard(path)
             for key in ("x0_w", "x0_l"):
-                if key not in shapes:
-                    raise ValueError(f"{path}: no tensor {key!r}")
                 got = shapes[key]
                 if tuple(got[1:]) != self.latent_shape:
                     raise ValueError(
-                        f"{path}: {key} has shape {got}, expected (N, {', '.join(map(str, self.latent_shape))})"
+                        f"{info_file}: latent_shape {list(self.latent_shape)}, but {path.name}"
+                        f"{' (checksum intact)' if self.sealed else ''} holds {key} of shape {got}"
                     )
                 if got[0] != len(rs):
                     raise ValueError(
-                        f"{path}: {key} holds {got[0]} latents but metadata lists {len(rs)} pairs"
+                        f"{meta_file}: lists {len(rs)} pairs in {path.name}, which holds "
+                        f"{got[0]} latents"
                     )
+            if sorted(rs) != list(range(len(rs))):
+                raise ValueError(f"{meta_file}: rows of {path.name} are not 0..{len(rs) - 1}")
+            total += len(rs)
+        n_info = self.info.get("num_pairs")
+        if n_info is not None and n_info != total:
+            raise ValueError(
+                f"{info_file}: num_pairs {n_info}, but {meta_file.name} and the shards hold {total}"
+            )
+
+    def _verify_shard(self, path: Path) -> dict[str, tuple[int, ...]]:
+        """Read the whole shard once: ValueError naming it unless it is readable, holds
+        x0_w and x0_l, matches its checksum, and its latents are finite. Its shapes."""
+        try:
+            blob = path.read_bytes()
+            tensors = load(blob)
+            n = int.from_bytes(blob[:8], "little")
+            meta = json.loads(blob[8 : 8 + n]).get("__metadata__") or {}
+        except Exception as e:  # a truncated or foreign file
+            raise ValueError(f"{path}: unreadable shard ({type(e).__name__})") from None
+        for key in ("x0_w", "x0_l"):
+            if key not in tensors:
+                raise ValueError(f"{path}: no tensor {key!r}")
+        digest = meta.get(CHECKSUM_KEY)
+        if digest is None and self.sealed:
+            raise ValueError(
+                f"{path}: no {CHECKSUM_KEY} in its header (not written with this dataset); "
+                "rebuild the dataset"
+            )
+        if digest is not None and digest != _sha256(_data_bytes(blob)):
+            raise ValueError(
+                f"{path}: checksum mismatch (the file changed after it was written); "
+                "rebuild the dataset"
+            )
+        for key in ("x0_w", "x0_l"):
+            x = tensors[key]
+            if x.dtype not in LATENT_DTYPES.values():
+                raise ValueError(f"{path}: {key} is {x.dtype}, not one of {tuple(LATENT_DTYPES)}")
+            if x.dim() != 4:
+                raise ValueError(f"{path}: {key} has shape {tuple(x.shape)}, not (N, C, h, w)")
+            finite = np.isfinite(x.numpy())  # numpy's check: several times torch's on float16
+            if not finite.all():
+                row = int(np.flatnonzero(~finite.reshape(len(x), -1).all(1))[0])
+                raise ValueError(f"{path}: {key} row {row} holds non-finite values (NaN or inf)")
+        return {key: tuple(t.shape) for key, t in tensors.items()}
 
     def _shard(self, k: int) -> dict[str, Tensor]:
         if k in self._cache:
@@ -283,6 +382,11 @@ class PairDataset(Dataset):
             "neg_prompt": loser_prompt(rec),
             "index": int(rec["index"]),
         }
+
+
+def _count(x: Any, least: int) -> bool:
+    """Is ``x`` an int (not a bool) >= ``least``?"""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= least
 
 
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
