@@ -31,11 +31,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
-from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 from bench.t2i.cli import DTYPES, UsageError, dtype_name, opt, parse, torch_dtype
 from bench.t2i.outdir import (
@@ -108,6 +110,8 @@ def resolve_prompts(prompts: str | None, images: str | None) -> tuple[list[str],
     """The prompt list and its file. bench/sample.py records the prompts it used in
     ``IMAGES/prompts.txt``: that file is the default, and a ``--prompts`` file must agree
     with it (it may not, e.g. after ``sample.py --max-prompts``)."""
+    if images is not None and not Path(images).is_dir():  # the culprit, not the prompts
+        raise UsageError(f"--images folder not found: {images}")
     written = Path(images) / "prompts.txt" if images is not None else None
     if prompts is None:
         if written is None or not written.is_file():
@@ -180,23 +184,30 @@ def image_paths(name: str, folder: Path, n: int) -> list[Path]:
     return expected
 
 
-_BAD_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+def _bad_image() -> tuple[type[BaseException], ...]:
+    from PIL import Image  # the t2i extra: imported where used, so a missing one is named
+
+    return (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def verify_image(path: Path) -> None:
     """Cheap structural check (PNG chunk CRCs, truncation) before any model is loaded."""
+    from PIL import Image
+
     try:
         with Image.open(path) as im:
             im.verify()
-    except _BAD_IMAGE as e:
+    except _bad_image() as e:
         raise UsageError(f"corrupt or unreadable image {path}: {e}") from e
 
 
 def load_image(path: Path) -> Image.Image:
+    from PIL import Image
+
     try:
         with Image.open(path) as im:
             return im.convert("RGB")  # convert() decodes the pixel data
-    except _BAD_IMAGE as e:
+    except _bad_image() as e:
         raise UsageError(f"corrupt or unreadable image {path}: {e}") from e
 
 
@@ -220,6 +231,8 @@ def score_models(
     chunks: dict[str, dict[str, list[torch.Tensor]]] = {
         m: {k: [] for k in scorers} for m in model_images
     }
+    from tqdm.auto import tqdm
+
     workers = min(8, os.cpu_count() or 1)  # PIL decodes outside the GIL
     bar = tqdm(total=n * len(model_images), unit="img", disable=not progress, desc="scoring")
     with ThreadPoolExecutor(workers) as pool, bar:
@@ -315,6 +328,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         except OutputError as e:
             raise UsageError(str(e)) from None
     all_paths = [p for paths in model_images.values() for p in paths]
+    from tqdm.auto import tqdm
+
     for p in tqdm(all_paths, unit="img", desc="checking", disable=not cfg.progress):
         verify_image(p)
 

@@ -299,3 +299,12 @@ def test_load_image_names_the_file(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(UsageError, match="00000.png"):
         load_image(bad)
+
+
+def test_a_missing_images_folder_is_named_not_the_prompts(capsys, tmp_path):
+    # the README chain's evaluate step run before sample.py: blame --images, not --prompts
+    missing = tmp_path / "samples-tiny"
+    rc, out, err = run_main(capsys, "--images", missing, "--tiny", "--out", tmp_path / "eval")
+    assert rc == 2 and out == ""
+    assert err == f"evaluate.py: error: --images folder not found: {missing}\n"
+    assert not (tmp_path / "eval").exists()

@@ -6,3 +6,8 @@ machine that is the fastest setting (the references train 2x faster than with
 is the slowest (~3x). There, run the toy with ``OMP_NUM_THREADS=1`` or
 ``OMP_WAIT_POLICY=PASSIVE`` (toy2d/README.md, "Speed").
 """
+
+from minddspo import extras
+
+# a toy command run without the ``toy`` extra ends with one line naming it
+extras.install(dict.fromkeys(("matplotlib", "tqdm", "safetensors"), "toy"))

@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from minddspo.extras import missing_extra
+
 T = TypeVar("T")
 
 BACKBONES = ("sd", "sdxl", "sana", "sd3")
@@ -318,9 +320,16 @@ def check_positive(cfg: Any, names: Sequence[str]) -> None:
 
 def run_command(main: Callable[[], int]) -> int:
     """Run a command's body: a :class:`UsageError` (or ``ValueError``) is one ``error:`` line
-    on stderr and exit code 2."""
+    on stderr and exit code 2; so is a missing optional package, named with its extra
+    (:func:`minddspo.extras.missing_extra`)."""
     try:
         return main()
     except (UsageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        line = missing_extra(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2

@@ -339,13 +339,9 @@ def _open_ipc(path: Path) -> tuple[Any, Iterator[Any]]:
 
 
 def _open_table(path: Path) -> _Table:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(
-            "reading parquet/arrow needs pyarrow: pip install 'minddspo[import]'"
-        ) from None
+    import pyarrow as pa  # the import extra; missing: one line naming it (minddspo.extras)
+    import pyarrow.parquet as pq
+
     if not path.is_file():
         raise ValueError(f"{path}: missing data file")
     try:
