@@ -88,6 +88,7 @@ from bench.t2i.step import (
 from bench.t2i.validation import (
     SAMPLES_DIR,
     check_tensorboard,
+    many_prompts_warning,
     open_tensorboard,
     tb_image,
     tb_write,
@@ -698,7 +699,7 @@ class Trainer:
             self.backbone, self.policy, self.val_prompts, self.out, step,
             seed=self.cfg.validation_seed, steps=self.cfg.validation_steps,
             resolution=self.dataset.latent_shape[-1] * self.backbone.vae_scale_factor,
-            batch_size=self.cfg.batch_size, autocast=self.autocast,
+            batch_size=self.cfg.batch_size, autocast=self.autocast, progress=self.cfg.progress,
         )  # fmt: skip
         if self.tb is not None:
             with writing(self.out / "tb"):
@@ -736,9 +737,15 @@ def validation_prompts(cfg: TrainConfig) -> list[str]:
     from bench.t2i.prompts import cli_prompts
 
     try:
-        return cli_prompts(cfg.validation_prompts or None, tiny=cfg.tiny, max_prompts=None, demo=4)
+        prompts = cli_prompts(
+            cfg.validation_prompts or None, tiny=cfg.tiny, max_prompts=None, demo=4
+        )
     except ValueError as e:
         raise UsageError(f"--validation-prompts: {e}") from None
+    warning = many_prompts_warning(len(prompts), f"--validation-prompts {cfg.validation_prompts}")
+    if warning and int(os.environ.get("RANK", "0")) == 0:
+        print(warning, file=sys.stderr)
+    return prompts
 
 
 def save_finite(params, step: int, path: Path, write, keep_last: int) -> None:

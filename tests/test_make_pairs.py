@@ -293,6 +293,38 @@ def test_read_prompts(tmp_path):
         read_prompts(tmp_path / "empty.txt")
 
 
+def test_a_non_utf8_prompts_file_is_named_with_its_byte_offset(tmp_path, capsys):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes("a cat\na dog \u00e9\n".encode() + b"caf\xe9 au lait\n")  # latin-1 on line 3
+    out = tmp_path / "ds"
+    assert main(["--tiny", "sd", "--prompts", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"error: {bad}: not UTF-8 text (byte offset 18, line 3: invalid continuation byte)\n"
+    )
+    assert not out.exists()
+
+
+def test_a_runaway_prompt_is_cut_with_one_warning(tmp_path, capsys):
+    from bench.t2i.prompts import MAX_PROMPT_CHARS
+
+    f = tmp_path / "p.txt"
+    long_a, long_b = "a" * (MAX_PROMPT_CHARS + 5), "b " * MAX_PROMPT_CHARS
+    f.write_text(f"a cat\n\n{long_a}\n{long_b}\n{'c' * MAX_PROMPT_CHARS}\n")
+    got = read_prompts(f)
+    assert got == ["a cat", "a" * MAX_PROMPT_CHARS, long_b[:MAX_PROMPT_CHARS].strip(),
+                   "c" * MAX_PROMPT_CHARS]  # fmt: skip
+    err = capsys.readouterr().err
+    assert err == (
+        f"warning: {f}:3: prompt of {MAX_PROMPT_CHARS + 5} characters cut to {MAX_PROMPT_CHARS}"
+        " (and 1 more); the text encoders read at most 300 tokens of it\n"
+    )
+    f.write_text('{"prompt": "x"}\n\n{"prompt": "' + long_a + '"}\n')
+    j = f.rename(tmp_path / "p.jsonl")
+    assert read_prompts(j) == ["x", "a" * MAX_PROMPT_CHARS]
+    assert f"{j}:3: prompt of" in capsys.readouterr().err
+
+
 def test_cli_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "ds"
     argv = ["--tiny", "sana", "--out", str(out), "--steps", "1", "--max-prompts", "3"]

@@ -253,3 +253,31 @@ def test_lora_validation_has_the_adapters_on(data, prompts_file, tmp_path):
     # the live adapters vs the reloaded LoRA: float rounding may flip a pixel by 1
     assert max(np.abs(g.astype(int) - f).max() for g, f in zip(got, ft, strict=True)) <= 2
     assert max(np.abs(g.astype(int) - b).max() for g, b in zip(got, base, strict=True)) > 20
+
+
+@pytest.mark.parametrize("n, warned", [(validation.MANY_VALIDATION_PROMPTS, False),
+                                       (validation.MANY_VALIDATION_PROMPTS + 1, True)])  # fmt: skip
+def test_many_validation_prompts_warn_once(tmp_path, capsys, n, warned):
+    f = tmp_path / "val.txt"
+    f.write_text("".join(f"prompt {i}\n" for i in range(n)))
+    cfg = resolve(TrainConfig(tiny=True, validation_every=5, validation_prompts=str(f)))
+    assert len(train_t2i.validation_prompts(cfg)) == n
+    err = capsys.readouterr().err
+    want = (
+        f"warning: --validation-prompts {f}: {n} validation prompts (more than "
+        f"{validation.MANY_VALIDATION_PROMPTS}); every validation samples all of them and "
+        "draws a grid row per prompt\n"
+    )
+    assert err == (want if warned else "")
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_validation_sampling_shows_a_progress_bar(tmp_path, capsys, progress):
+    bb = tiny_backbone("sd").for_inference(torch.device("cpu"))
+    final = validation.write_validation(bb, bb.denoiser, PROMPTS, tmp_path, 3, seed=0, steps=1,
+                                        batch_size=2, progress=progress)  # fmt: skip
+    assert sorted(p.name for p in final.iterdir()) == ["00000.png", "00001.png", "00002.png",
+                                                       "grid.png"]  # fmt: skip
+    err = capsys.readouterr().err
+    assert ("validation, step 3" in err and "3/3" in err) == progress
+    assert progress or err == ""

@@ -4,6 +4,7 @@ agree on prompt indices (blank lines skipped), and the built-in demo prompts for
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 DEMO_PROMPTS = [
@@ -26,15 +27,33 @@ DEMO_PROMPTS = [
 ]
 
 
+#: longest prompt kept, in characters. No backbone reads more than 300 tokens of a prompt
+#: (SANA's Gemma; CLIP and SD3's T5 here read 77) and every token covers at least one
+#: character, usually a few: 16,384 characters is over 50 per token, so the text a model sees
+#: is unchanged, while a runaway line (a whole file with no newlines) no longer costs
+#: gigabytes in the tokenizers and the prompt perturbations.
+MAX_PROMPT_CHARS = 16_384
+
+
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a ``.txt`` (one per line) or ``.jsonl`` (``{"prompt": ...}``) file."""
+    """Prompts from a ``.txt`` (one per line) or ``.jsonl`` (``{"prompt": ...}``) file.
+    Prompts longer than :data:`MAX_PROMPT_CHARS` are cut to it, with one warning on stderr
+    naming the file and the first such line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: prompts file not found")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte offset {e.start}, line {line}: {e.reason})"
+        ) from None
+    numbered = [(i, ln.strip()) for i, ln in enumerate(text.splitlines(), 1)]
     if path.suffix == ".jsonl":
         prompts = []
-        for i, ln in enumerate(lines, 1):
+        for i, ln in numbered:
             if not ln:
                 continue
             try:
@@ -43,13 +62,22 @@ def read_prompts(path: str | Path) -> list[str]:
                 raise ValueError(f"{path}:{i}: invalid JSON") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
                 raise ValueError(f'{path}:{i}: expected {{"prompt": "..."}}')
-            prompts.append(obj["prompt"].strip())
+            prompts.append((i, obj["prompt"].strip()))
     else:
-        prompts = lines
-    prompts = [p for p in prompts if p]
+        prompts = numbered
+    prompts = [(i, p) for i, p in prompts if p]
     if not prompts:
         raise ValueError(f"{path}: no prompts")
-    return prompts
+    long = [(i, len(p)) for i, p in prompts if len(p) > MAX_PROMPT_CHARS]
+    if long:
+        i, n = long[0]
+        more = f" (and {len(long) - 1} more)" if len(long) > 1 else ""
+        print(
+            f"warning: {path}:{i}: prompt of {n} characters cut to {MAX_PROMPT_CHARS}{more}; "
+            "the text encoders read at most 300 tokens of it",
+            file=sys.stderr,
+        )
+    return [p[:MAX_PROMPT_CHARS].strip() for _, p in prompts]
 
 
 def cli_prompts(

@@ -26,6 +26,9 @@ from bench.t2i.backbones import Backbone, prompt_generator
 from bench.t2i.outdir import publish_dir, stage_dir, writing
 
 SAMPLES_DIR = "samples"  # OUT/samples/step-K/
+#: more validation prompts than this get a warning: each validation samples all of them (in
+#: the training's time) and the grid has a row per prompt
+MANY_VALIDATION_PROMPTS = 64
 TB_DIR = "tb"  # OUT/tb/
 
 
@@ -81,6 +84,16 @@ def validation_due(step: int, every: int, max_steps: int) -> bool:
     return every > 0 and (step % every == 0 or step == max_steps)
 
 
+def many_prompts_warning(n: int, source: str) -> str | None:
+    """The warning line for ``n`` validation prompts from ``source``, or None when few."""
+    if n <= MANY_VALIDATION_PROMPTS:
+        return None
+    return (
+        f"warning: {source}: {n} validation prompts (more than {MANY_VALIDATION_PROMPTS}); "
+        "every validation samples all of them and draws a grid row per prompt"
+    )
+
+
 def step_dir(out: str | Path, step: int) -> Path:
     return Path(out) / SAMPLES_DIR / f"step-{step}"
 
@@ -98,9 +111,11 @@ def write_validation(
     resolution: int | None = None,
     batch_size: int = 8,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    progress: bool = False,
 ) -> Path:
     """Sample ``prompts`` with ``net`` (the unwrapped policy; LoRA adapters on) into
-    ``OUT/samples/step-<step>/``, written in a staging folder and renamed into place.
+    ``OUT/samples/step-<step>/``, written in a staging folder and renamed into place
+    (``progress``: a tqdm bar over the prompts, removed when done).
     ``net`` is put in eval mode and back into the mode it had; the global CPU (and CUDA)
     RNG state is restored, and the initial noise comes from per-prompt generators."""
     final = step_dir(out, step)
@@ -109,10 +124,14 @@ def write_validation(
     was_training = net.training
     device = next(net.parameters()).device
     cuda = [device] if device.type == "cuda" else []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(prompts), desc=f"validation, step {step}", unit="prompt",
+               leave=False, disable=not progress)  # fmt: skip
     try:
         net.eval()
         files = []
-        with torch.random.fork_rng(devices=cuda), autocast():
+        with torch.random.fork_rng(devices=cuda), autocast(), bar:
             for s in range(0, len(prompts), batch_size):
                 idx = list(range(s, min(s + batch_size, len(prompts))))
                 lat = backbone.generate(
@@ -125,6 +144,7 @@ def write_validation(
                 images = to_uint8(backbone.decode_latents(lat))
                 for i, img in zip(idx, images, strict=True):
                     files.append(save_png(img, stage / f"{i:05d}.png"))
+                bar.update(len(idx))
         with writing(final):
             save_grid([files], [f"step {step}"], prompts, stage / "grid.png")
             publish_dir(stage, final)
