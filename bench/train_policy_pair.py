@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.t2i.cli import UsageError, opt, parse_known
+from bench.t2i.cli import UsageError, check_at_least, opt, parse_known
 
 TRAINER = Path(__file__).resolve().with_name("train_t2i.py")
 #: the official DD-CPP pair recipe (KU-MIIL/DDSPO scripts/train_ddspo_lora_target.sh:
@@ -85,8 +85,8 @@ def plan(argv: Sequence[str] | None) -> tuple[PolicyPairConfig, list[tuple[str, 
     for flag in rest:
         if flag.split("=")[0] in OWN:
             raise UsageError(f"{flag.split('=')[0]} is set by this command")
-    if ns.lora < 0 or ns.max_steps < 1 or ns.nproc < 1:
-        raise UsageError("--lora must be >= 0, --max-steps and --nproc >= 1")
+    check_at_least(ns, ("lora",), 0)
+    check_at_least(ns, ("max_steps", "nproc"), 1)
     out = Path(ns.out)
     common = ["--method", "sft", "--lora", str(ns.lora), "--lr", repr(ns.lr)]
     common += ["--max-steps", str(ns.max_steps), *rest]

@@ -114,6 +114,18 @@ def test_policy_pair_command_plan_and_errors(capsys):
     assert "set by this command" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags, msg",
+    [(["--lora", "-1"], "--lora must be >= 0, got -1"),
+     (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+     (["--nproc", "0"], "--nproc must be >= 1, got 0")],
+)  # fmt: skip
+def test_policy_pair_range_errors_name_the_flag(capsys, tmp_path, flags, msg):
+    assert train_policy_pair.main(["--tiny", "--out", str(tmp_path / "o"), *flags]) == 2
+    assert capsys.readouterr().err == f"error: {msg}\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_dd_cpp_chain_end_to_end(data, pair_run, tmp_path, capsys, monkeypatch):
     win, lose = pair_run / "winner" / "final", pair_run / "loser" / "final"
     assert (win / LORA_FILE).is_file() and (lose / LORA_FILE).is_file()

@@ -202,14 +202,8 @@ def test_tensorboard_real_writer(data, tmp_path):
 @pytest.mark.parametrize(
     "flags, msg",
     [
-        (
-            ("--validation-every", "-1"),
-            "--validation-every must be >= 0 and --validation-steps >= 1",
-        ),
-        (
-            ("--validation-steps", "-2"),
-            "--validation-every must be >= 0 and --validation-steps >= 1",
-        ),
+        (("--validation-every", "-1"), "error: --validation-every must be >= 0, got -1"),
+        (("--validation-steps", "-2"), "error: --validation-steps must be >= 1, got -2"),
         (("--validation-every", "2", "--validation-prompts", "nope.txt"), "prompts file not found"),
     ],
 )

@@ -310,12 +310,18 @@ def _parse(cls, argv, prog, description, epilog, one_of, *, known_only: bool):
     return cls(**values), rest
 
 
-def check_positive(cfg: Any, names: Sequence[str]) -> None:
-    """Each named field, when set, must be >= 1."""
+def check_at_least(cfg: Any, names: Sequence[str], low: int) -> None:
+    """Each named field, when set, must be >= ``low``; the error names the first that is not,
+    with its value."""
     for name in names:
         v = getattr(cfg, name)
-        if v is not None and v < 1:
-            raise UsageError(f"{flag(name)} must be >= 1, got {v}")
+        if v is not None and v < low:
+            raise UsageError(f"{flag(name, type(cfg))} must be >= {low}, got {v}")
+
+
+def check_positive(cfg: Any, names: Sequence[str]) -> None:
+    """Each named field, when set, must be >= 1."""
+    check_at_least(cfg, names, 1)
 
 
 def run_command(main: Callable[[], int]) -> int:

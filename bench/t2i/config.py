@@ -18,7 +18,7 @@ import textwrap
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from bench.t2i.cli import DTYPES, UsageError, dtype_name, flag, opt, parse
+from bench.t2i.cli import DTYPES, UsageError, check_at_least, dtype_name, flag, opt, parse
 from bench.t2i.outdir import write_text_atomic
 from minddspo.methods import CPP_METHODS, METHODS, SCORE_MATCHING_METHODS, method_spec
 from minddspo.refupdate import REF_UPDATES
@@ -327,21 +327,15 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         _choice("prediction type", cfg.prediction_type, ("epsilon", "v_prediction", "flow"))
     if cfg.tiny == bool(cfg.pretrained):
         raise UsageError("give exactly one of --tiny or --pretrained DIR")
-    for name in ("batch_size", "grad_accum", "max_steps", "keep_last", "max_nonfinite"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    if cfg.lora < 0 or cfg.warmup_steps < 0 or cfg.ckpt_every < 0 or cfg.log_every < 1:
-        raise UsageError("--lora, --warmup-steps and --ckpt-every must be >= 0, --log-every >= 1")
+    at_least_one = ("batch_size", "grad_accum", "max_steps", "keep_last", "max_nonfinite")
+    check_at_least(cfg, (*at_least_one, "log_every", "validation_steps", "ref_tau", "ref_probe"), 1)
+    check_at_least(cfg, ("lora", "warmup_steps", "ckpt_every", "validation_every"), 0)
     if not 0.0 <= cfg.proportion_empty_prompts < 1.0:
         raise UsageError(
             f"--proportion-empty-prompts must be in [0, 1), got {cfg.proportion_empty_prompts}"
         )
-    if cfg.validation_every < 0 or (cfg.validation_steps is not None and cfg.validation_steps < 1):
-        raise UsageError("--validation-every must be >= 0 and --validation-steps >= 1")
     if cfg.validation_every and not (cfg.validation_prompts or cfg.tiny):
         raise UsageError("--validation-every needs --validation-prompts FILE (with --pretrained)")
-    if cfg.ref_tau < 1 or not cfg.ref_delta > 0 or cfg.ref_probe < 1:
-        raise UsageError("--ref-tau and --ref-probe must be >= 1 and --ref-delta > 0")
     _choice("sft branch", cfg.sft_branch, SFT_BRANCHES)
     if cfg.sft_branch != "winner" and cfg.method != "sft":
         raise UsageError("--sft-branch applies to --method sft only")
