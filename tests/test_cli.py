@@ -72,6 +72,23 @@ def test_bad_config_file_is_one_usage_error(tmp_path, content, match):
         p(["--config", str(f), "--out", "o"])
 
 
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "c.json"
+    f.write_text('{"out": "o", "steps": 3, "steps": 4}')
+    with pytest.raises(UsageError) as e:
+        p(["--config", str(f)])
+    assert str(e.value) == f"--config {f}: key 'steps' given twice"
+    f.write_text('{"out": "o", "steps": 3, "scale": 2.0, "kind": "a", "kind": "b"}')
+    with pytest.raises(UsageError, match="key 'kind' given twice"):
+        p(["--config", str(f)])
+    f.write_text('{"out": "o", "pair": ["a", "b"], "two": ["c", "d"]}')  # field and its flag
+    with pytest.raises(UsageError) as e:
+        p(["--config", str(f)])
+    assert str(e.value) == f"--config {f}: keys 'pair' and 'two' set the same field"
+    f.write_text('{"out": "o", "steps": 3}')
+    assert p(["--config", str(f)]).steps == 3
+
+
 def test_usage_errors():
     with pytest.raises(UsageError, match="required: --out"):
         p([])

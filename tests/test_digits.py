@@ -235,6 +235,18 @@ def test_bad_input_is_one_line_exit_2(argv, capsys, tmp_path):
     assert len(err) == 1 and err[0].startswith("error:")
 
 
+@pytest.mark.parametrize(
+    "argv, msg",
+    [(["--methods", ""], "--methods is empty"),  # not "every method"
+     (["--methods", " , "], "--methods is empty"),
+     (["--first-seed", "-1"], "--first-seed must be >= 0, got -1")],  # seed--1/ folders
+)  # fmt: skip
+def test_empty_methods_and_negative_seeds_are_refused(argv, msg, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"error: {msg}\n"
+    assert not (tmp_path / "run").exists()
+
+
 def test_smoke_end_to_end(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "bench.digits", "--preset", "smoke", "--methods", "ddspo"]

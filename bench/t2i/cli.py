@@ -207,8 +207,17 @@ def build_parser(
 
 def load_config(path: str, cls: type) -> dict[str, Any]:
     """The fields set by a ``--config`` JSON file, type-checked against ``cls``."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:  # json would keep the last one silently
+                raise UsageError(f"--config {path}: key {key!r} given twice")
+            seen[key] = value
+        return seen
+
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(), object_pairs_hook=no_duplicates)
     except FileNotFoundError:
         raise UsageError(f"--config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -222,11 +231,14 @@ def load_config(path: str, cls: type) -> dict[str, Any]:
     renamed = {
         f.metadata["flag"].lstrip("-"): f.name for f in fields(cls) if f.metadata.get("flag")
     }
-    out = {}
+    out, keys = {}, {}
     for key, value in raw.items():
         name = renamed.get(key.lstrip("-"), key.replace("-", "_"))
         if name not in known:
             raise UsageError(f"--config {path}: unknown field {key!r}")
+        if name in keys:
+            raise UsageError(f"--config {path}: keys {keys[name]!r} and {key!r} set the same field")
+        keys[name] = key
         out[name] = _checked(path, key, value, hints[name], known[name])
     return out
 
