@@ -128,25 +128,40 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(mask)
+    return mask
+
+
 def tmp_path_for(final: str | Path, kind: str = "") -> Path:
     """A new, unused hidden name next to ``final`` (``.tmp-[kind-]NAME-PID-RANDOM``): two
-    writers never share a temporary file or folder. Created empty; the caller replaces it."""
+    writers never share a temporary file or folder. Created empty, with the mode a plain
+    ``open`` would give it (``mkstemp`` makes it private, 0600, and the file that replaces
+    ``final`` would keep that); the caller replaces it."""
     final = Path(final)
     fd, name = tempfile.mkstemp(
         prefix=f"{TMP_PREFIX}{kind + '-' if kind else ''}{final.name}-{os.getpid()}-",
         dir=final.parent,
     )
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     return Path(name)
 
 
 def stage_dir(final: str | Path) -> Path:
-    """A fresh hidden staging folder next to ``final`` (same filesystem: renames are atomic)."""
+    """A fresh hidden staging folder next to ``final`` (same filesystem: renames are atomic),
+    with the mode a plain ``mkdir`` would give it (``mkdtemp`` makes it private, 0700, and the
+    published folder would keep that)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(
+    stage = Path(
         tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-{os.getpid()}-", dir=final.parent)
     )
+    os.chmod(stage, 0o777 & ~_umask())
+    return stage
 
 
 def publish_dir(stage: Path, final: str | Path) -> Path:
