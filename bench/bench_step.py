@@ -1,6 +1,6 @@
 """Time and memory of one training micro-step per method, side by side in one run.
 
-    python bench/bench_step.py --tiny --batch 8                         # CPU, tiny SD
+    python bench/bench_step.py --tiny sd --batch 8                      # CPU, tiny SD
     python bench/bench_step.py --sd15-config --device cuda --dtype bf16 --batch 8
     python bench/bench_step.py --computed-gpu-table --md gpu_cost.md    # no weights, no GPU
 
@@ -49,12 +49,14 @@ from bench.t2i import backbones, gpu_cost
 from bench.t2i.backbones import BACKBONES, open_backbone
 from bench.t2i.cli import (
     DTYPES,
+    TINY_HELP,
     UsageError,
     check_positive,
     dtype_name,
     opt,
     parse,
     run_command,
+    tiny_name,
     torch_dtype,
 )
 from bench.t2i.config import TrainConfig, resolve
@@ -188,9 +190,17 @@ def gpu_table(cfg: BenchStepConfig) -> int:
 
 @dataclass
 class BenchStepConfig:
-    tiny: bool = opt(True, "tiny random backbone (the default; --sd15-config swaps its UNet)")
+    tiny: str | bool | None = opt(
+        None,
+        TINY_HELP + ", or --backbone's; the default (--sd15-config swaps its UNet)",
+        choices=BACKBONES,
+        nargs="?",
+        const=True,
+    )
     sd15_config: bool = opt(False, "SD-1.5-sized UNet and text encoder, random weights")
-    backbone: str = opt("sd", "tiny backbone", choices=BACKBONES)
+    backbone: str | None = opt(
+        None, "the tiny backbone, as --tiny NAME (default: sd)", choices=BACKBONES
+    )
     batch: int = opt(8, "pairs per micro-step")
     latent: int | None = opt(None, "latent side (unset or 0: the backbone's)")
     methods: str = opt("dpo,ddspo,dspo,dspo_cpp,sft", "comma-separated methods to time")
@@ -219,6 +229,8 @@ def parse_args(argv: list[str] | None = None) -> BenchStepConfig:
     for k in cfg.gpu_models.split(","):
         if k.strip() and k.strip() not in gpu_cost.ARCHS:
             raise UsageError(f"unknown model {k!r}; choose from {', '.join(gpu_cost.ARCHS)}")
+    cfg.backbone = tiny_name(cfg.tiny or True, cfg.backbone)  # always tiny: sd by default
+    cfg.tiny = True
     if cfg.sd15_config and cfg.backbone != "sd":
         raise UsageError("--sd15-config builds an SD-1.5 UNet: use --backbone sd")
     for m in _methods(cfg):

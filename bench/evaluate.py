@@ -39,7 +39,7 @@ import torch
 if TYPE_CHECKING:
     from PIL import Image
 
-from bench.t2i.cli import DTYPES, UsageError, dtype_name, opt, parse, torch_dtype
+from bench.t2i.cli import BACKBONES, DTYPES, UsageError, dtype_name, opt, parse, torch_dtype
 from bench.t2i.outdir import (
     OutputError,
     check_out_dir,
@@ -82,10 +82,14 @@ class EvalConfig:
         None, "tokenizer/image-processor for --pickscore (e.g. CLIP-ViT-H-14's)", metavar="DIR"
     )
     hps_processor: str | None = opt(None, "tokenizer/image-processor for --hps", metavar="DIR")
-    tiny: bool = opt(
-        False,
+    tiny: str | bool | None = opt(
+        None,
         "score with random tiny CLIP and PickScore models instead of --clip/--pickscore/--hps "
-        "(a smoke test: no weights needed, the numbers mean nothing)",
+        "(a smoke test: no weights needed, the numbers mean nothing); a NAME, as the other "
+        "commands take, is accepted: the tiny scorers are the same for every backbone",
+        choices=BACKBONES,
+        nargs="?",
+        const=True,
     )
     out: str | None = opt(None, "write results.json and results.md here", metavar="DIR")
     batch_size: int = opt(32, "images per scorer forward")

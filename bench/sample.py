@@ -19,7 +19,7 @@ architecture: same denoiser config, LoRA layers that exist with the right shapes
 before sampling, the images go to a hidden staging folder next to OUT, and that is moved into
 place only when every image and the grid are done. Bad input is one ``error:`` line, exit 2.
 
-    python bench/sample.py --tiny sd --checkpoint ft=runs/x/final --out runs/samples
+    python bench/sample.py --tiny sd --checkpoint ft=runs/t2i-tiny/final --out runs/samples
     python bench/sample.py --pretrained /models/sd15 --prompts eval.txt \\
         --checkpoint ddspo=runs/sd15/final --checkpoint dpo=runs/sd15-dpo/final --out samples
 """

@@ -94,7 +94,8 @@ def plan(argv: Sequence[str] | None) -> tuple[PolicyPairConfig, list[tuple[str, 
     runs = []
     for side in ("winner", "loser"):
         extra = []
-        if side == "loser" and not has_data and "--tiny" in rest:  # the winner run's demo pairs
+        tiny = any(a == "--tiny" or a.startswith("--tiny=") for a in rest)
+        if side == "loser" and not has_data and tiny:  # the winner run's demo pairs
             extra = ["--data", str(out / "winner" / "data")]
         runs.append((side, [*common, *extra, "--sft-branch", side, "--out", str(out / side)]))
     return ns, runs

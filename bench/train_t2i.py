@@ -1,6 +1,6 @@
 """Preference fine-tuning of text-to-image diffusion models: sft, dpo, dspo, dspo_cpp, ddspo.
 
-    torchrun --nproc_per_node=2 bench/train_t2i.py --tiny --method ddspo --max-steps 4 --out DIR
+    torchrun --nproc_per_node=2 bench/train_t2i.py --tiny sd --method ddspo --max-steps 4 --out DIR
     torchrun --nproc_per_node=8 bench/train_t2i.py --pretrained SD15_DIR --data PAIRS_DIR \\
         --method ddspo --beta 16000 --batch-size 8 --grad-accum 32 --warmup-steps 100 ...
 

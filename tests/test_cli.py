@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -241,3 +242,72 @@ def test_abbreviations_work_where_nothing_is_passed_on():
     assert cfg.steps == 4
     cfg, rest = parse_known(Demo, ["--out", "o", "--ste", "4"], prog="d", description="d")
     assert cfg.steps is None and rest == ["--ste", "4"]  # passed on, not swallowed
+
+
+# ---------------------------------------------------------------- --tiny [NAME], one grammar
+
+
+@pytest.mark.parametrize(
+    "module, extra",
+    [("bench.make_pairs", ["--out", "o"]), ("bench.sample", ["--out", "o"]),
+     ("bench.import_pairs", ["--from", "pickapic", "x", "--out", "o"])],
+)  # fmt: skip
+def test_every_model_command_takes_tiny_with_or_without_a_name(module, extra):
+    parse_args = importlib.import_module(module).parse_args
+    assert parse_args(["--tiny", "sdxl", *extra]).tiny == "sdxl"
+    assert parse_args([*extra, "--tiny"]).tiny == "sd"  # bare: sd
+    assert parse_args(["--tiny=sana", *extra]).tiny == "sana"
+    with pytest.raises(UsageError, match="invalid choice: 'sdxxl'"):
+        parse_args(["--tiny", "sdxxl", *extra])
+
+
+def test_train_t2i_tiny_name_and_the_older_tiny_backbone():
+    from bench.t2i.config import parse_args
+
+    for argv, backbone in [
+        (["--tiny", "sdxl"], "sdxl"),
+        (["--tiny", "--backbone", "sana"], "sana"),  # the older spelling still works
+        (["--tiny", "sd3", "--backbone", "sd3"], "sd3"),
+        (["--tiny"], "sd"),
+    ]:
+        cfg = parse_args(argv)
+        assert (cfg.tiny, cfg.backbone) == (True, backbone), argv  # config.json as before
+    with pytest.raises(UsageError) as e:
+        parse_args(["--tiny", "sd", "--backbone", "sdxl"])
+    assert str(e.value) == (
+        "--tiny sd and --backbone sdxl name two backbones: give --tiny NAME alone"
+    )
+
+
+def test_tiny_in_a_config_file(tmp_path):
+    from bench.make_pairs import parse_args as make_pairs_args
+    from bench.t2i.config import parse_args
+
+    f = tmp_path / "c.json"
+    for value, backbone in [("sana", "sana"), (True, "sd")]:
+        f.write_text(json.dumps({"tiny": value}))
+        cfg = parse_args(["--config", str(f)])
+        assert (cfg.tiny, cfg.backbone) == (True, backbone)
+    f.write_text(json.dumps({"tiny": False, "pretrained": "x"}))  # as a saved config.json
+    assert parse_args(["--config", str(f)]).tiny is False
+    f.write_text(json.dumps({"tiny": True, "out": "o"}))
+    assert make_pairs_args(["--config", str(f)]).tiny == "sd"
+    f.write_text(json.dumps({"tiny": "sd4", "out": "o"}))
+    with pytest.raises(UsageError, match="tiny must be one of sd, sdxl, sana, sd3"):
+        make_pairs_args(["--config", str(f)])
+
+
+def test_bench_step_evaluate_and_policy_pair_take_tiny_name():
+    from bench import bench_step, evaluate, train_policy_pair
+
+    assert bench_step.parse_args([]).backbone == "sd"  # tiny is its default
+    assert bench_step.parse_args(["--tiny", "sana"]).backbone == "sana"
+    assert bench_step.parse_args(["--tiny", "--backbone", "sdxl"]).backbone == "sdxl"
+    with pytest.raises(UsageError, match="name two backbones"):
+        bench_step.parse_args(["--tiny", "sana", "--backbone", "sdxl"])
+    assert evaluate.parse_args(["--tiny", "sd", "--images", "s"]).tiny == "sd"
+    assert evaluate.parse_args(["--images", "s", "--tiny"]).tiny is True
+    for tiny in (["--tiny", "sdxl"], ["--tiny=sdxl"], ["--tiny"]):
+        _, runs = train_policy_pair.plan([*tiny, "--out", "o"])
+        loser = runs[1][1]
+        assert loser[loser.index("--data") + 1] == str(Path("o") / "winner" / "data")

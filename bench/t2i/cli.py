@@ -50,11 +50,14 @@ def opt(
     required: bool = False,
     parse: Callable[[str], Any] | None = None,
     flag: str | None = None,
-    nargs: int | None = None,
+    nargs: int | str | None = None,
+    const: Any = None,
 ) -> Any:
     """A dataclass field with its ``--help`` text. ``parse`` converts the flag's string
     (``type=`` of argparse); list fields repeat the flag; ``flag`` overrides the flag name
-    (default ``--field-name``); ``nargs`` makes a list field one flag of that many values."""
+    (default ``--field-name``); ``nargs`` makes a list field one flag of that many values,
+    or ``"?"`` a flag whose value may be left out (the field is then ``const``; in a
+    ``--config`` file ``true`` stands for the bare flag and ``false`` for no flag)."""
     meta = dict(
         help=help,
         choices=choices,
@@ -63,6 +66,7 @@ def opt(
         parse=parse,
         flag=flag,
         nargs=nargs,
+        const=const,
     )
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -93,14 +97,31 @@ def flag(name: str, cls: type | None = None) -> str:
     return "--" + name.replace("_", "-")
 
 
+#: ``--tiny [NAME]`` of every command: a tiny random backbone built from configs
+TINY_HELP = "tiny random backbone NAME built from configs (tests, smoke runs); bare --tiny: sd"
+
+
 @dataclass
 class ModelArgs:
     """Which network: a local diffusers pipeline or the tiny random one."""
 
     pretrained: str | None = opt(None, "local diffusers pipeline directory", metavar="DIR")
-    tiny: str | None = opt(
-        None, "tiny random backbone built from configs (tests, smoke runs)", choices=BACKBONES
-    )
+    tiny: str | None = opt(None, TINY_HELP, choices=BACKBONES, nargs="?", const="sd")
+
+
+def tiny_name(tiny: str | bool | None, backbone: str | None) -> str | None:
+    """The tiny backbone of ``--tiny [NAME]`` and the older ``--tiny --backbone NAME`` (a bare
+    ``--tiny`` is ``True``): None when not tiny; a NAME that ``--backbone`` contradicts is
+    refused."""
+    if not tiny:
+        return None
+    if tiny is True:
+        return backbone or "sd"
+    if backbone and backbone != tiny:
+        raise UsageError(
+            f"--tiny {tiny} and --backbone {backbone} name two backbones: give --tiny NAME alone"
+        )
+    return tiny
 
 
 @dataclass
@@ -198,7 +219,9 @@ def build_parser(
             continue
         kw.update(type=m.get("parse") or kind, choices=m.get("choices"))
         kw["metavar"] = m.get("metavar") or (None if m.get("choices") else kind.__name__.upper())
-        if m.get("nargs"):
+        if m.get("nargs") == "?":
+            p.add_argument(flag(f.name, cls), nargs="?", const=m.get("const"), **kw)
+        elif m.get("nargs"):
             p.add_argument(flag(f.name, cls), nargs=m["nargs"], **kw)
         else:
             p.add_argument(flag(f.name, cls), action="append" if many else "store", **kw)
@@ -249,7 +272,9 @@ def _checked(path: str, key: str, value: Any, hint: Any, f: dataclasses.Field) -
     if value is None and optional:
         return None
     nargs = f.metadata.get("nargs")
-    if nargs and not (isinstance(value, list) and len(value) == nargs):
+    if nargs == "?" and isinstance(value, bool):  # true: the bare flag; false: not given
+        return f.metadata.get("const") if value else None
+    if isinstance(nargs, int) and not (isinstance(value, list) and len(value) == nargs):
         raise UsageError(f"--config {path}: {key} must be a list of {nargs} values, got {value!r}")
     items = value if many and isinstance(value, list) else [value]
     out = []

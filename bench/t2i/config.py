@@ -18,7 +18,17 @@ import textwrap
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from bench.t2i.cli import DTYPES, UsageError, check_at_least, dtype_name, flag, opt, parse
+from bench.t2i.cli import (
+    DTYPES,
+    TINY_HELP,
+    UsageError,
+    check_at_least,
+    dtype_name,
+    flag,
+    opt,
+    parse,
+    tiny_name,
+)
 from bench.t2i.outdir import write_text_atomic
 from minddspo.methods import CPP_METHODS, METHODS, SCORE_MATCHING_METHODS, method_spec
 from minddspo.refupdate import REF_UPDATES
@@ -98,10 +108,14 @@ class TrainConfig:
     )
     seed: int = opt(0, "rank r of world w seeds its noise with seed * w + r")
     # --- model
-    tiny: bool = opt(False, "tiny random backbone built from configs (CPU-fast); no weights needed")
+    # after resolve(): True/False, with the tiny backbone's name in `backbone` (config.json)
+    tiny: str | bool | None = opt(
+        False, TINY_HELP + ", or --backbone's", choices=BACKBONES, nargs="?", const=True
+    )
     backbone: str | None = opt(
         None,
-        'sd | sdxl | sana | sd3; unset: "sd" with --tiny, auto-detected with --pretrained',
+        "sd | sdxl | sana | sd3; unset: auto-detected with --pretrained (with --tiny, the same "
+        "as --tiny NAME)",
     )
     pretrained: str | None = opt(
         None,
@@ -315,8 +329,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     _choice("method", cfg.method, METHODS)
     if cfg.backbone:
         _choice("backbone", cfg.backbone, BACKBONES)
-    elif cfg.tiny:
-        cfg.backbone = "sd"
+    if cfg.tiny:
+        cfg.backbone = tiny_name(cfg.tiny, cfg.backbone)
+    cfg.tiny = bool(cfg.tiny)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("dtype", cfg.dtype, tuple(DTYPES))
     _choice("device", cfg.device, DEVICES)
