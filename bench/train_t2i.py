@@ -105,6 +105,7 @@ from bench.t2i.weights import (
     save_final_pipeline,
     save_lora,
     write_checkpoint,
+    write_pipeline_call,
 )
 from minddspo.methods import dspo_beta_warning
 from minddspo.refupdate import ReferenceUpdateRule
@@ -710,16 +711,14 @@ class Trainer:
         cfg, final = self.cfg, self.out / "final"
         if not all_finite(self.params):  # never reached (checked after every step)
             raise NonFiniteError(f"step {self.st.step}: non-finite parameters; final/ not written")
-        with writing(final):
-            if cfg.lora:
-                atomic_write_dir(final, lambda d: save_lora(self.backbone, self.policy, d))
-            elif cfg.pretrained:  # the untouched components as given, the trained denoiser
-                atomic_write_dir(
-                    final,
-                    lambda d: save_final_pipeline(self.backbone, self.policy, cfg.pretrained, d),
-                )
-            else:
-                atomic_write_dir(final, self.backbone.save_pretrained)
+        if cfg.lora:
+            write = lambda d: save_lora(self.backbone, self.policy, d)
+        elif cfg.pretrained:  # the untouched components as given, the trained denoiser
+            write = lambda d: save_final_pipeline(self.backbone, self.policy, cfg.pretrained, d)
+        else:
+            write = self.backbone.save_pretrained
+        with writing(final):  # + the pipeline call arguments that sample as we do (sd3)
+            atomic_write_dir(final, lambda d: (write(d), write_pipeline_call(self.backbone, d)))
 
 
 def _usage(check) -> None:

@@ -20,7 +20,14 @@ from bench.t2i.checkpoint import latest_checkpoint
 from bench.t2i.config import TrainConfig, UsageError, resolve, resolve_for_backbone
 from bench.t2i.reference import Reference
 from bench.t2i.tiny import save_tiny_pipeline, tiny_backbone
-from bench.t2i.weights import LORA_FILE, add_lora, lora_targets, save_lora
+from bench.t2i.weights import (
+    LORA_FILE,
+    PIPELINE_CALL_FILE,
+    add_lora,
+    lora_targets,
+    save_lora,
+    write_pipeline_call,
+)
 from minddspo.process import FlowProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +68,30 @@ def test_sampler_parity_with_sd3_pipeline(bb):
     ).images
     assert ours.shape == (2, 16, 16, 16)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_the_pipeline_samples_as_we_do_only_with_the_written_call_kwargs(bb, tmp_path):
+    """The pipeline's default T5 length (256) is not what we train with: its images differ
+    from ours (tiny random SD3, 3 prompts, 8 steps: up to 24 uint8 levels, 3.5 on average);
+    called with pipeline_call.json's arguments they agree (up to rounding)."""
+    from bench.t2i.validation import to_uint8
+
+    kwargs = json.loads(write_pipeline_call(bb, tmp_path).read_text())["call_kwargs"]
+    assert kwargs == {"max_sequence_length": bb.max_sequence_length}
+    prompts = [*PROMPTS, "a lighthouse on a rocky cliff during a storm"]
+    x_T = bb.initial_latents(torch.Generator().manual_seed(3), len(prompts))
+    common = dict(latents=x_T, num_inference_steps=8, guidance_scale=7.0, height=32, width=32,
+                  output_type="latent")  # fmt: skip
+
+    def pixels(latents):
+        return to_uint8(bb.decode_latents(latents)).int()
+
+    ours = pixels(bb.generate(prompts, latents=x_T, steps=8, guidance=7.0))
+    pipe = _pipeline(bb)
+    told = pixels(pipe(prompts, **{**common, "latents": x_T.clone()}, **kwargs).images)
+    default = pixels(pipe(prompts, **{**common, "latents": x_T.clone()}).images)
+    assert (ours - told).abs().max() <= 1
+    assert (ours - default).abs().max() >= 10
 
 
 def test_prompt_encoding_matches_encode_prompt(bb):
@@ -254,6 +285,9 @@ def test_train_lora_precondition_then_sample(data, tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["precondition_outputs"] is True and cfg["timestep_sampler"] == "logit_normal"
     assert (out / "final" / LORA_FILE).is_file()
+    call = json.loads((out / "final" / PIPELINE_CALL_FILE).read_text())  # for diffusers users
+    assert call["pipeline"] == "StableDiffusion3Pipeline"
+    assert call["call_kwargs"] == {"max_sequence_length": 24}  # the tiny T5's; 77 on SD3-medium
     capsys.readouterr()
     samples = tmp_path / "samples"
     argv = ["--tiny", "sd3", "--out", str(samples), "--steps", "2", "--max-prompts", "2"]

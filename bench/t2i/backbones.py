@@ -382,6 +382,11 @@ class Backbone:
             denoise, x, steps, sampler=sampler, generator=gen, progress=progress
         )
 
+    def pipeline_call_kwargs(self) -> dict:
+        """Arguments of the diffusers pipeline's ``__call__`` whose defaults differ from
+        what this backbone trains and samples with (none: the defaults reproduce it)."""
+        return {}
+
     # --- files
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write the full pipeline in diffusers layout (``model_index.json`` + subfolders)."""
@@ -628,6 +633,11 @@ class SD3Backbone(Backbone):
         return FlowProcess(
             FlowSchedule(shift=float(cfg.get("shift") or 1.0), num_train_timesteps=T)
         )
+
+    def pipeline_call_kwargs(self) -> dict:
+        # the pipeline pads T5 to 256 tokens by default; those extra (padding) tokens take
+        # part in the joint attention and change the images
+        return {"max_sequence_length": self.max_sequence_length}
 
     def _encode(self, prompts: list[str]) -> Cond:
         # both CLIPs pad to the first tokenizer's length, as the pipeline's tokenizer_max_length

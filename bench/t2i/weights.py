@@ -8,6 +8,7 @@ Full fine-tuning saves the denoiser with diffusers' ``save_pretrained`` (safeten
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -155,6 +156,28 @@ def save_final_pipeline(
             shutil.copy2(entry, out / entry.name)
     policy.save_pretrained(out / backbone.denoiser_subfolder, safe_serialization=True)
     backbone.components["scheduler"].save_pretrained(out / "scheduler")
+
+
+#: ``final/pipeline_call.json``: the pipeline ``__call__`` arguments that reproduce our samples
+PIPELINE_CALL_FILE = "pipeline_call.json"
+
+
+def write_pipeline_call(backbone, out: Path) -> Path | None:
+    """``out/pipeline_call.json`` when the diffusers pipeline's call defaults differ from the
+    backbone's training and sampling settings (SD3: ``max_sequence_length``), else nothing."""
+    kwargs = backbone.pipeline_call_kwargs()
+    if not kwargs:
+        return None
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    note = {
+        "pipeline": backbone.pipeline_class,
+        "call_kwargs": kwargs,
+        "note": f"trained with these settings: call the pipeline with {args} (its defaults "
+        "differ) to sample what bench/sample.py samples",
+    }
+    path = Path(out) / PIPELINE_CALL_FILE
+    path.write_text(json.dumps(note, indent=2) + "\n")
+    return path
 
 
 def write_checkpoint(
