@@ -232,7 +232,7 @@ def parse_args(argv: list[str] | None = None) -> BenchStepConfig:
     cfg.backbone = tiny_name(cfg.tiny or True, cfg.backbone)  # always tiny: sd by default
     cfg.tiny = True
     if cfg.sd15_config and cfg.backbone != "sd":
-        raise UsageError("--sd15-config builds an SD-1.5 UNet: use --backbone sd")
+        raise UsageError("--sd15-config builds an SD-1.5 UNet: use --tiny sd")
     for m in _methods(cfg):
         if m not in METHODS:
             raise UsageError(f"unknown method {m!r}")
