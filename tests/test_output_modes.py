@@ -58,3 +58,16 @@ def test_sample_output_is_readable_by_others_under_umask_022(tmp_path, one_threa
         os.umask(old)
     assert mode(out) == 0o755 and mode(out / "base") == 0o755
     assert mode(out / "base" / "00000.png") == 0o644 and mode(out / "prompts.txt") == 0o644
+
+
+def test_a_trainer_checkpoint_folder_follows_the_umask(tmp_path, umask):
+    from bench.t2i.checkpoint import atomic_write_dir
+
+    def write(d: Path) -> None:
+        (d / "unet").mkdir()
+        write_text_atomic(d / "unet" / "config.json", "{}\n")
+
+    final = atomic_write_dir(tmp_path / "checkpoints" / "step-000002", write)
+    atomic_write_dir(final, write)  # replacing an existing one
+    assert mode(final) == 0o777 & ~umask and mode(final / "unet") == 0o777 & ~umask
+    assert mode(final / "unet" / "config.json") == 0o666 & ~umask
