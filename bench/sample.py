@@ -61,7 +61,7 @@ from bench.t2i.outdir import (
 )
 from bench.t2i.prompts import cli_prompts
 from bench.t2i.validation import save_grid, save_png, to_uint8
-from bench.t2i.weights import LORA_FILE, denoiser_with_lora, find_lora
+from bench.t2i.weights import LORA_FILE, check_denoiser_files, denoiser_with_lora, find_lora
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -100,6 +100,7 @@ def check_fits(backbone: Backbone, path: str | Path) -> None:
     denoiser: full weights of the same class and config, or LoRA weights on layers it has,
     with matching shapes. Reads only config.json / the safetensors header."""
     kind, d = resolve_checkpoint(backbone, path)
+    check_denoiser_files(path, backbone.denoiser_subfolder)
     if kind == "full":
         cfg = json.loads((d / "config.json").read_text())
         base = json.loads(json.dumps(dict(backbone.denoiser.config), default=str))

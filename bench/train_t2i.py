@@ -97,6 +97,7 @@ from bench.t2i.validation import (
 from bench.t2i.weights import (
     add_lora,
     all_finite,
+    check_denoiser_files,
     denoiser_with_lora,
     find_lora,
     load_policy,
@@ -255,6 +256,7 @@ def load_policy_pair(cfg: TrainConfig, backbone: Backbone, device, dtype):
     def load(path: str) -> torch.nn.Module:
         lora_dir = find_lora(path)
         try:
+            check_denoiser_files(path, backbone.denoiser_subfolder)
             if lora_dir is not None:
                 net = denoiser_with_lora(backbone.denoiser, lora_dir, backbone.denoiser_subfolder)
             else:

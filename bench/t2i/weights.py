@@ -117,6 +117,40 @@ def find_lora(path: str | Path) -> Path | None:
     return None
 
 
+def check_weight_files(files: list[Path], where: str | Path) -> None:
+    """A one-line ``ValueError`` naming the first of ``files`` (safetensors) that cannot be
+    read: empty, truncated (its header does not cover the file) or not safetensors at all;
+    also when ``files`` is empty. Reads the headers only."""
+    from safetensors import safe_open
+
+    if not files:
+        raise ValueError(f"{where}: no .safetensors weights file")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # SafetensorError, OSError, ...
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"{f}: unreadable weights ({f.stat().st_size} bytes; {reason})"
+            ) from None
+
+
+def check_denoiser_files(path: str | Path, subfolder: str) -> None:
+    """:func:`check_weight_files` for the checkpoint at ``path``: its LoRA file (``path`` or
+    ``path/lora``), else the safetensors of its denoiser folder (``path/<subfolder>`` or
+    ``path``). Folders holding only ``.bin`` weights are left to diffusers."""
+    lora = find_lora(path)
+    if lora is not None:
+        check_weight_files([lora / LORA_FILE], lora)
+        return
+    path = Path(path)
+    d = path / subfolder if (path / subfolder / "config.json").is_file() else path
+    files = sorted(d.glob("*.safetensors"))
+    if files or not any(d.glob("*.bin")):
+        check_weight_files(files, d)
+
+
 def denoiser_with_lora(base: torch.nn.Module, lora_dir: str | Path, prefix: str):
     """A copy of ``base`` with the diffusers-format LoRA in ``lora_dir`` loaded (at scale 1).
 
