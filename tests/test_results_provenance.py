@@ -3,8 +3,16 @@ of every sampled folder, truthful pair counts, and one-line errors for an ``--ou
 file and for damaged checkpoints."""
 
 import importlib
+import json
+from pathlib import Path
 
 import pytest
+import torch
+from sample_records import write_sample_record
+
+from bench import evaluate, sample, train_t2i
+from bench.t2i.backbones import open_backbone
+from bench.t2i.provenance import SAMPLE_FILE, base_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,3 +117,237 @@ def test_policy_pair_damaged_checkpoint_one_line(saved, kind, how, tmp_path):
         train_t2i.load_policy_pair(cfg, tiny_backbone("sd"), torch.device("cpu"), torch.float32)
     msg = str(e.value)
     assert "\n" not in msg and str(bad) in msg and weights.name in msg, msg
+
+
+# ------------------------------------------------------------------ the base model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A LoRA run of train_t2i with --seed 3 on --tiny sd, and the base it loaded (its
+    state as loaded, before training) and its trained policy."""
+    from bench.t2i.pairs import build_pairs
+    from bench.t2i.prompts import DEMO_PROMPTS
+    from bench.t2i.tiny import tiny_backbone
+
+    root = tmp_path_factory.mktemp("trained")
+    build_pairs(tiny_backbone("sd"), DEMO_PROMPTS[:2], root / "data", steps=1, progress=False)
+    seen = {}
+    real = train_t2i.load_model
+
+    def spy(cfg):
+        bb = real(cfg)
+        seen["state"] = {k: v.clone() for k, v in bb.denoiser.state_dict().items()}
+        seen["backbone"] = bb
+        return bb
+
+    train_t2i.load_model = spy
+    try:
+        rc = train_t2i.main(["--tiny", "--data", str(root / "data"), "--out", str(root / "run"),
+                             "--method", "dpo", "--lora", "4", "--seed", "3", "--max-steps", "1",
+                             "--batch-size", "2", "--lr", "0.05", "--no-progress"])  # fmt: skip
+    finally:
+        train_t2i.load_model = real
+    assert rc == 0
+    return {"run": root / "run", **seen}
+
+
+def test_train_seed_does_not_change_the_tiny_base(trained):
+    fresh = open_backbone(tiny="sd")
+    want = fresh.denoiser.state_dict()
+    assert trained["state"].keys() == want.keys()
+    assert all(torch.equal(trained["state"][k], want[k]) for k in want)  # bit for bit
+    # the LoRA'd model sample.py builds is the one the trainer trained
+    net = sample.load_checkpoint(fresh, trained["run"] / "final")
+    bb = trained["backbone"]
+    cond = fresh.encode_prompts(["a red cube", "two cats"])
+    x, t = (
+        torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)),
+        torch.tensor([9, 600]),
+    )
+    with torch.no_grad():
+        got, moved = fresh.forward(net, x, t, cond), fresh.forward(fresh.denoiser, x, t, cond)
+        torch.testing.assert_close(got, bb.forward(bb.denoiser.eval(), x, t, cond))
+    assert not torch.allclose(got, moved)  # the LoRA did train: the check above means something
+
+
+def test_checkpoints_record_their_base(trained):
+    want = base_record(open_backbone(tiny="sd"), tiny="sd")
+    assert want["base"] == "--tiny sd"
+    for folder in (trained["run"] / "final", *sorted((trained["run"] / "checkpoints").iterdir())):
+        assert json.loads((folder / "base.json").read_text()) == want, folder
+
+
+def test_checkpoint_on_another_base_is_refused(trained, tmp_path, capsys):
+    from bench.t2i.backbones import load_backbone
+    from bench.t2i.tiny import save_tiny_pipeline
+
+    other = save_tiny_pipeline("sd", tmp_path / "other-sd", seed=5)  # same shapes, other weights
+    final = trained["run"] / "final"
+    out = tmp_path / "samples"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n")
+    rc = sample.main(["--pretrained", str(other), "--checkpoint", f"ft={final}", "--out", str(out),
+                      "--prompts", str(prompts), "--steps", "1", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(final) in lines[0], err
+    # names the base it was trained on first, then the one it was to be loaded onto
+    assert lines[0].index("--tiny sd") < lines[0].index(f"--pretrained {other.resolve()}"), err
+    assert not out.exists()
+    # the trainer's --winner-policy/--loser-policy: the same check
+    bb = load_backbone(other)
+    cfg = train_t2i.parse_args(["--pretrained", str(other), "--data", "x", "--method", "ddspo",
+                                "--winner-policy", str(final), "--loser-policy", str(final)])  # fmt: skip
+    from bench.t2i.cli import UsageError
+
+    with pytest.raises(UsageError, match="another base model: --tiny sd"):
+        train_t2i.load_policy_pair(cfg, bb, torch.device("cpu"), torch.float32,
+                                   base_record(bb, pretrained=other))  # fmt: skip
+    # and on its own base it loads
+    f_win, _ = train_t2i.load_policy_pair(cfg, open_backbone(tiny="sd"), torch.device("cpu"),
+                                          torch.float32, base_record(open_backbone(tiny="sd"), tiny="sd"))  # fmt: skip
+    assert f_win is not None
+
+
+# ------------------------------------------------------------------ sampling settings
+
+SAMPLE = ["--tiny", "sd", "--steps", "1", "--max-prompts", "1", "--no-progress"]
+
+
+def snapshot(root: Path) -> dict:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    return lines[0]
+
+
+def test_sample_records_settings_and_refuses_to_mix_them(saved, tmp_path, capsys):
+    ckpt, _ = saved("full", tmp_path / "ft")
+    out = tmp_path / "samples"
+    assert sample.main([*SAMPLE, "--checkpoint", f"a={ckpt}", "--out", str(out)]) == 0
+    rec = json.loads((out / "a" / SAMPLE_FILE).read_text())
+    assert rec == json.loads((out / "base" / SAMPLE_FILE).read_text())
+    assert (rec["base"], rec["seed"], rec["steps"], rec["guidance"], rec["sampler"]) == (
+        "--tiny sd",
+        0,
+        1,
+        7.5,
+        "ddim",
+    )
+    assert rec["denoiser"] == base_record(open_backbone(tiny="sd"), tiny="sd")["denoiser"]
+    before = snapshot(out)
+    for flags, key, was, now in [
+        (["--seed", "3"], "seed", "0", "3"),
+        (["--guidance", "2"], "guidance", "7.5", "2.0"),
+        (["--sampler", "ddpm"], "sampler", "'ddim'", "'ddpm'"),
+        (["--negative-prompt", "blurry"], "negative_prompt", "''", "'blurry'"),
+    ]:
+        rc = sample.main([*SAMPLE, *flags, "--checkpoint", f"b={ckpt}", "--out", str(out)])
+        assert rc == 2
+        line = one_line(capsys)
+        assert f"holds a/ sampled with {key} {was}, this run has {now}" in line, line
+        assert snapshot(out) == before  # nothing lost, nothing added
+    # the same settings: another model joins, the first one is kept
+    assert sample.main([*SAMPLE, "--checkpoint", f"b={ckpt}", "--out", str(out)]) == 0
+    after = snapshot(out)
+    assert after["a/00000.png"] == before["a/00000.png"] and after["b/00000.png"]
+    assert json.loads(after["b/sample.json"]) == rec
+
+
+def test_sample_refuses_an_out_with_unrecorded_folders(tmp_path, capsys):
+    out = tmp_path / "samples"
+    (out / "old").mkdir(parents=True)
+    (out / "old" / "00000.png").write_bytes(b"an image of unknown settings")
+    before = snapshot(out)
+    assert sample.main([*SAMPLE, "--out", str(out)]) == 2
+    line = one_line(capsys)
+    assert "old/ with no sample.json" in line and str(out) in line, line
+    assert snapshot(out) == before
+
+
+def _images(root: Path, prompts: list[str], models: dict[str, dict]) -> Path:
+    """A sample.py-like folder: prompts.txt and one PNG per prompt for each model, with its
+    record changed by ``models[name]`` (None: no record)."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir()
+    (root / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    for k, (name, changes) in enumerate(models.items()):
+        (root / name).mkdir()
+        for i in range(len(prompts)):
+            px = np.random.default_rng([k, i]).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+            Image.fromarray(px).save(root / name / f"{i:05d}.png")
+        if changes is not None:
+            write_sample_record(root / name, prompts, **changes)
+    return root
+
+
+PROMPTS = ["a red cube", "two cats"]
+
+
+@pytest.mark.parametrize(
+    "changes, key, a, b",
+    [
+        ({"seed": 3}, "seed", "0", "3"),
+        ({"steps": 25}, "steps", "2", "25"),
+        ({"sampler": "ddpm"}, "sampler", "'ddim'", "'ddpm'"),
+        ({"denoiser": "f" * 64}, "denoiser", "'--tiny sd (" + "0" * 64, "'--tiny sd (" + "f" * 64),
+    ],
+)
+def test_evaluate_refuses_folders_of_other_settings(tmp_path, capsys, changes, key, a, b):
+    images = _images(tmp_path / "samples", PROMPTS, {"base": {}, "ft": changes})
+    out = tmp_path / "eval"
+    assert (
+        evaluate.main(["--images", str(images), "--tiny", "--out", str(out), "--no-progress"]) == 2
+    )
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "models 'base' and 'ft'" in line, line
+    assert f"different {key}: {a}" in line and f"{b}" in line.split(" in ")[1], line
+    assert line.index(str(images / "base" / SAMPLE_FILE)) < line.index(
+        str(images / "ft" / SAMPLE_FILE)
+    )
+    assert not out.exists()
+
+
+def test_evaluate_refuses_records_of_other_prompts(tmp_path, capsys):
+    images = _images(tmp_path / "samples", PROMPTS, {"base": {}, "ft": {}})
+    write_sample_record(images / "base", ["a red cube", "two dogs"])
+    write_sample_record(images / "ft", ["a red cube", "two dogs"])
+    assert evaluate.main(["--images", str(images), "--tiny", "--no-progress"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "other prompts" in line and str(images / "base") in line, line
+
+
+def test_evaluate_unrecorded_folders_need_the_flag(tmp_path, capsys):
+    images = _images(tmp_path / "samples", PROMPTS, {"base": {}, "ft": None})
+    out = tmp_path / "eval"
+    argv = ["--images", str(images), "--tiny", "--out", str(out), "--no-progress"]
+    assert evaluate.main(argv) == 2
+    line = capsys.readouterr().err.strip()
+    assert "model 'ft'" in line and "--allow-unrecorded" in line and "\n" not in line, line
+    assert not out.exists()
+    assert evaluate.main([*argv, "--allow-unrecorded"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["unrecorded"] == ["ft"] and res["sample_settings"]["seed"] == 0
+    assert "ft: no sample.json" in capsys.readouterr().err
+
+
+def test_evaluate_accepts_what_sample_wrote(saved, tmp_path, capsys):
+    ckpt, _ = saved("full", tmp_path / "ft")
+    images = tmp_path / "samples"
+    assert sample.main([*SAMPLE, "--checkpoint", f"ft={ckpt}", "--out", str(images)]) == 0
+    out = tmp_path / "eval"
+    assert (
+        evaluate.main(["--images", str(images), "--tiny", "--out", str(out), "--no-progress"]) == 0
+    )
+    res = json.loads((out / "results.json").read_text())
+    assert res["unrecorded"] == [] and res["sample_settings"]["steps"] == 1

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.t2i.checkpoint import FILES_KEY, STATE_FILE, file_sizes
+from bench.t2i.provenance import write_base
 from bench.t2i.reference import Reference, trainable_state
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (UNet and SANA)
@@ -192,10 +193,20 @@ def save_final_pipeline(
 
 
 def write_checkpoint(
-    d: Path, *, backbone, policy, lora: bool, reference: Reference | None, trainer_state: dict
+    d: Path,
+    *,
+    backbone,
+    policy,
+    lora: bool,
+    reference: Reference | None,
+    trainer_state: dict,
+    base: dict | None = None,
 ) -> None:
-    """Fill checkpoint directory ``d`` (a temporary one, renamed when complete)."""
+    """Fill checkpoint directory ``d`` (a temporary one, renamed when complete); ``base``
+    (:func:`bench.t2i.provenance.base_record`) goes to ``base.json``."""
     save_policy(backbone, policy, d, lora)
+    if base is not None:
+        write_base(d, base)
     if reference is not None:  # a periodically updated reference is state too
         reference.save(d / "reference")
     # written last, with the size of every file above: marks the checkpoint complete and
