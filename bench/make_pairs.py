@@ -11,6 +11,7 @@ described there). Under ``torchrun`` rank r makes shards k with ``k % world == r
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -97,7 +98,8 @@ def _run(cfg: MakePairsConfig) -> int:
         if world > 1:
             torch.distributed.destroy_process_group()
     if rank == 0:
-        print(f"wrote {len(prompts)} pairs to {out}")
+        n = json.loads((out / "info.json").read_text())["num_pairs"]
+        print(f"wrote {n} pair{'s' * (n != 1)} from {len(prompts)} prompts to {out}")
     return 0
 
 

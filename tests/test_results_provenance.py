@@ -351,3 +351,52 @@ def test_evaluate_accepts_what_sample_wrote(saved, tmp_path, capsys):
     )
     res = json.loads((out / "results.json").read_text())
     assert res["unrecorded"] == [] and res["sample_settings"]["steps"] == 1
+
+
+# ------------------------------------------------------------------ pair counts
+
+
+def test_make_pairs_counts_pairs_not_prompts(tmp_path, capsys):
+    from bench import make_pairs
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\ncat\ntwo cats on a sofa\n")  # "cat" cannot be degraded
+    out = tmp_path / "ds"
+    argv = ["--tiny", "sd", "--steps", "1", "--no-progress", "--prompts", str(prompts)]
+    assert make_pairs.main([*argv, "--out", str(out)]) == 0
+    assert f"wrote 2 pairs from 3 prompts to {out}" in capsys.readouterr().out
+    assert json.loads((out / "info.json").read_text())["num_pairs"] == 2
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_make_pairs_with_no_pairs_is_an_error(tmp_path, capsys, existing):
+    from bench import make_pairs
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("cat\n🐱\n")
+    out = tmp_path / "ds"
+    if existing:
+        out.mkdir()
+    argv = ["--tiny", "sd", "--steps", "1", "--no-progress", "--prompts", str(prompts)]
+    assert make_pairs.main([*argv, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no pairs: all 2 prompts"), captured.err
+    assert str(out) in lines[0] and "wrote" not in captured.out
+    # nothing left behind: no empty dataset a trainer would open, the user's folder kept
+    assert (sorted(out.iterdir()) == []) if existing else not out.exists()
+
+
+def test_make_pairs_degrades_unspaced_prompts(tmp_path, capsys):
+    from bench import make_pairs
+    from bench.t2i.pairdata import PairDataset
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("一只红色的猫坐在沙发上\n赤いキューブ\n")
+    out = tmp_path / "ds"
+    argv = ["--tiny", "sd", "--steps", "1", "--no-progress", "--prompts", str(prompts)]
+    assert make_pairs.main([*argv, "--out", str(out)]) == 0
+    assert "wrote 2 pairs from 2 prompts" in capsys.readouterr().out
+    recs = PairDataset(out).records
+    for r in recs:
+        assert r["neg_prompt"] != r["prompt"] and set(r["neg_prompt"]) <= set(r["prompt"])

@@ -155,6 +155,7 @@ def build_pairs(
     shard_size, latent_dtype = cfg.shard_size, storage_dtype(cfg.latent_dtype)
     latent_shape = list(backbone.latent_shape(resolution))
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     params = dict(
         backbone=backbone.name,
@@ -198,6 +199,8 @@ def build_pairs(
     if bar is not None:
         bar.close()
     _barrier()
+    if not any(read_shard_header(shard_path(out, k))[1] for k in range(num_shards)):
+        _no_pairs(out, num_shards, n, variant, rank, created)
     if rank == 0:
         info = dict(params, prompts_file=prompts_file)
         info["llm_fallbacks"] = _count_fallbacks(out, num_shards) if perturb == "llm" else 0
@@ -217,6 +220,23 @@ def build_pairs(
             )
     _barrier()
     return out
+
+
+def _no_pairs(out: Path, num_shards: int, n: int, variant: str, rank: int, created: bool) -> None:
+    """Every prompt was skipped: remove the empty shards (they hold nothing), and the folders
+    this call created if nothing else is in them, and raise."""
+    if rank == 0:
+        for k in range(num_shards):
+            shard_path(out, k).unlink(missing_ok=True)
+        for d in (shard_path(out, 0).parent, out) if created else (shard_path(out, 0).parent,):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+    _barrier()
+    raise ValueError(
+        f"no pairs: all {n} prompts were skipped because the degraded prompt equals the "
+        f"prompt (one word or emoji only; --variant {variant} needs c- != c); nothing "
+        f"written to {out}"
+    )
 
 
 def _check_existing(path: Path, params: dict, prompts: list[str]) -> None:
