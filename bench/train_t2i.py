@@ -429,6 +429,13 @@ class Trainer:
         self.policy = backbone.denoiser  # fp32 master weights; autocast does the rest
         self.dataset = dataset or open_data(cfg, env, backbone)
         check_data(self.dataset, backbone)
+        built_on = (self.dataset.info.get("base") or {}).get("denoiser")
+        if built_on and built_on != self.base["denoiser"] and env.is_main:
+            print(
+                f"warning: {self.dataset.root} was built from another base model "
+                f"({self.dataset.info['base'].get('base')}) than this run's ({self.base['base']})",
+                file=sys.stderr,
+            )
         self.fingerprint = dataset_fingerprint(self.dataset.root)
         self.extra: list = []  # --rand-cond-prompts, read by every rank
         if cfg.rand_cond_prompts:

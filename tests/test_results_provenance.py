@@ -2,7 +2,9 @@
 of every sampled folder, truthful pair counts, and one-line errors for an ``--out`` that is a
 file and for damaged checkpoints."""
 
+import contextlib
 import importlib
+import io
 import json
 from pathlib import Path
 
@@ -131,7 +133,9 @@ def trained(tmp_path_factory):
     from bench.t2i.tiny import tiny_backbone
 
     root = tmp_path_factory.mktemp("trained")
-    build_pairs(tiny_backbone("sd"), DEMO_PROMPTS[:2], root / "data", steps=1, progress=False)
+    other = base_record(tiny_backbone("sd", seed=5), tiny="sd")  # as if from another base
+    build_pairs(tiny_backbone("sd"), DEMO_PROMPTS[:2], root / "data", steps=1, progress=False,
+                base=other)  # fmt: skip
     seen = {}
     real = train_t2i.load_model
 
@@ -142,14 +146,17 @@ def trained(tmp_path_factory):
         return bb
 
     train_t2i.load_model = spy
+    err = io.StringIO()
     try:
-        rc = train_t2i.main(["--tiny", "--data", str(root / "data"), "--out", str(root / "run"),
-                             "--method", "dpo", "--lora", "4", "--seed", "3", "--max-steps", "1",
-                             "--batch-size", "2", "--lr", "0.05", "--no-progress"])  # fmt: skip
+        with contextlib.redirect_stderr(err):
+            rc = train_t2i.main(["--tiny", "--data", str(root / "data"), "--out",
+                                 str(root / "run"), "--method", "dpo", "--lora", "4", "--seed",
+                                 "3", "--max-steps", "1", "--batch-size", "2", "--lr", "0.05",
+                                 "--no-progress"])  # fmt: skip
     finally:
         train_t2i.load_model = real
-    assert rc == 0
-    return {"run": root / "run", **seen}
+    assert rc == 0, err.getvalue()
+    return {"run": root / "run", "stderr": err.getvalue(), **seen}
 
 
 def test_train_seed_does_not_change_the_tiny_base(trained):
@@ -174,6 +181,10 @@ def test_train_seed_does_not_change_the_tiny_base(trained):
 def test_checkpoints_record_their_base(trained):
     want = base_record(open_backbone(tiny="sd"), tiny="sd")
     assert want["base"] == "--tiny sd"
+    # the pairs came from another base: said, not refused
+    assert (
+        f"{trained['run'].parent / 'data'} was built from another base model" in trained["stderr"]
+    )
     for folder in (trained["run"] / "final", *sorted((trained["run"] / "checkpoints").iterdir())):
         assert json.loads((folder / "base.json").read_text()) == want, folder
 
@@ -365,7 +376,9 @@ def test_make_pairs_counts_pairs_not_prompts(tmp_path, capsys):
     argv = ["--tiny", "sd", "--steps", "1", "--no-progress", "--prompts", str(prompts)]
     assert make_pairs.main([*argv, "--out", str(out)]) == 0
     assert f"wrote 2 pairs from 3 prompts to {out}" in capsys.readouterr().out
-    assert json.loads((out / "info.json").read_text())["num_pairs"] == 2
+    info = json.loads((out / "info.json").read_text())
+    assert info["num_pairs"] == 2
+    assert info["base"] == base_record(open_backbone(tiny="sd"), tiny="sd")
 
 
 @pytest.mark.parametrize("existing", [False, True])
@@ -400,3 +413,29 @@ def test_make_pairs_degrades_unspaced_prompts(tmp_path, capsys):
     recs = PairDataset(out).records
     for r in recs:
         assert r["neg_prompt"] != r["prompt"] and set(r["neg_prompt"]) <= set(r["prompt"])
+
+
+def test_resume_onto_another_base_is_refused(trained, tmp_path, capsys):
+    """The same --pretrained path now holding other weights: --resume says so, one line."""
+    import shutil
+
+    from bench.t2i.checkpoint import latest_checkpoint
+    from bench.t2i.tiny import save_tiny_pipeline
+
+    model = save_tiny_pipeline("sd", tmp_path / "sd")
+    run = tmp_path / "run"
+    argv = ["--pretrained", str(model), "--data", str(trained["run"].parent / "data"),
+            "--out", str(run), "--method", "dpo", "--lora", "4", "--batch-size", "2",
+            "--no-progress"]  # fmt: skip
+    assert train_t2i.main([*argv, "--max-steps", "1"]) == 0
+    ckpt = latest_checkpoint(run / "checkpoints")
+    assert json.loads((ckpt / "base.json").read_text())["base"] == f"--pretrained {model.resolve()}"
+    shutil.rmtree(model)
+    save_tiny_pipeline("sd", model, seed=5)
+    capsys.readouterr()
+    assert train_t2i.main([*argv, "--max-steps", "2", "--resume", "latest"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {ckpt} was trained on another base"), (
+        lines
+    )
+    assert latest_checkpoint(run / "checkpoints") == ckpt  # nothing trained, nothing lost

@@ -129,6 +129,7 @@ def build_pairs(
     world: int = 1,
     progress: bool = True,
     prompts_file: str | None = None,
+    base: dict | None = None,
     **overrides: Any,
 ) -> Path:
     """Generate the pair dataset for ``prompts`` into ``out_dir`` and return its path.
@@ -137,6 +138,8 @@ def build_pairs(
     e.g. ``steps=2``). ``llm`` (for ``perturb="llm"``) is a :class:`bench.t2i.llm.LocalLM` or
     any object with a ``perturb(prompts, rngs, task) -> PerturbResult`` method. Finished
     shards are skipped; a shard made with different settings or prompts is an error.
+    ``base`` (:func:`bench.t2i.provenance.base_record`) is recorded in ``info.json``. No
+    pairs at all (every prompt skipped) is a ``ValueError``, and nothing is left behind.
     """
     cfg = dataclasses.replace(config or PairConfig(), **overrides)
     cfg.check(world)
@@ -202,7 +205,7 @@ def build_pairs(
     if not any(read_shard_header(shard_path(out, k))[1] for k in range(num_shards)):
         _no_pairs(out, num_shards, n, variant, rank, created)
     if rank == 0:
-        info = dict(params, prompts_file=prompts_file)
+        info = dict(params, prompts_file=prompts_file, base=base)
         info["llm_fallbacks"] = _count_fallbacks(out, num_shards) if perturb == "llm" else 0
         skipped = sorted(i for k in range(num_shards) for i in shard_skipped(shard_path(out, k)))
         info["skipped_identical_neg"] = {"count": len(skipped), "indices": skipped}
