@@ -31,6 +31,20 @@ OUT_COMMANDS = {
 }
 
 
+def test_every_command_with_out_is_in_the_list(capsys):
+    """A new command with --out joins OUT_COMMANDS (and so the test below)."""
+    with_out = set()
+    for path in sorted((Path(__file__).resolve().parents[1] / "bench").glob("*.py")):
+        if path.stem in ("__init__", "bench_toy"):  # the package; the toy2d shim
+            continue
+        module = importlib.import_module(f"bench.{path.stem}")
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        if "--out " in capsys.readouterr().out:
+            with_out.add(path.stem)
+    assert with_out == set(OUT_COMMANDS)
+
+
 @pytest.mark.parametrize("command", sorted(OUT_COMMANDS))
 def test_out_that_is_a_file_is_one_line_exit_2(command, tmp_path, capsys):
     target = tmp_path / "taken.txt"
