@@ -213,8 +213,6 @@ def check_settings(
         diff = settings_mismatch(ref, rec)
         if diff is not None:
             key, a, b = diff
-            if key == "denoiser":
-                a, b = f"{ref.get('base')} ({a})", f"{rec.get('base')} ({b})"
             raise UsageError(
                 f"models {first!r} and {name!r} were sampled with different {key}: {a!r} in "
                 f"{folders[first] / SAMPLE_FILE}, {b!r} in {folders[name] / SAMPLE_FILE}; "

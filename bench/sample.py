@@ -286,8 +286,6 @@ def check_out_settings(out: Path, record: dict, replaced: list[str]) -> None:
         diff = settings_mismatch(old, record)
         if diff is not None:
             key, was, now = diff
-            if key == "denoiser":
-                was, now = f"{old.get('base')} ({was})", f"{record['base']} ({now})"
             raise ValueError(
                 f"--out {out} holds {folder.name}/ sampled with {key} {was!r}, this run has "
                 f"{now!r}: images of different settings must not be compared; choose another --out"

@@ -325,7 +325,12 @@ PROMPTS = ["a red cube", "two cats"]
         ({"seed": 3}, "seed", "0", "3"),
         ({"steps": 25}, "steps", "2", "25"),
         ({"sampler": "ddpm"}, "sampler", "'ddim'", "'ddpm'"),
-        ({"denoiser": "f" * 64}, "denoiser", "'--tiny sd (" + "0" * 64, "'--tiny sd (" + "f" * 64),
+        (
+            {"denoiser": "f" * 64},
+            "denoiser",
+            "'--tiny sd (denoiser " + "0" * 12 + ")'",
+            "'--tiny sd (denoiser " + "f" * 12 + ")'",
+        ),
     ],
 )
 def test_evaluate_refuses_folders_of_other_settings(tmp_path, capsys, changes, key, a, b):

@@ -153,8 +153,11 @@ def read_sample_record(folder: str | Path) -> dict | None:
 
 
 def settings_mismatch(a: dict, b: dict) -> tuple[str, Any, Any] | None:
-    """The first of :data:`SAMPLE_KEYS` in which two sample records differ, with both values."""
+    """The first of :data:`SAMPLE_KEYS` in which two sample records differ, with both values
+    (for the denoiser: the base model's name and the fingerprint's first 12 digits)."""
     for k in SAMPLE_KEYS:
         if a.get(k) != b.get(k):
+            if k == "denoiser":
+                return k, *(f"{r.get('base')} (denoiser {str(r.get(k))[:12]})" for r in (a, b))
             return k, a.get(k), b.get(k)
     return None
