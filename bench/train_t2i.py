@@ -733,9 +733,7 @@ class Trainer:
                 save_final_pipeline(self.backbone, self.policy, cfg.pretrained, d)
             else:
                 self.backbone.save_pretrained(d)
-            write_base(
-                d, self.base
-            )  # after the copy: a base.json of --pretrained's own is replaced
+            write_base(d, self.base)  # last: a base.json copied from --pretrained is replaced
 
         with writing(final):
             atomic_write_dir(final, write)
