@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from bench.t2i.cli import DTYPES, UsageError, dtype_name, opt, parse, torch_dtype
 from bench.t2i.outdir import (
+    OutputError,
     check_out_dir,
     run_lock,
     write_text_atomic,
@@ -357,8 +358,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     dtype = torch_dtype(cfg.dtype)
-    if cfg.out is not None:  # a file or a read-only disk fails now, not after the scoring
-        check_out_dir(cfg.out)
     # Everything cheap is checked before any weights are loaded.
     prompts, prompt_file = resolve_prompts(cfg.prompts, cfg.images)
     folders = collect_models(cfg.images, cfg.models, cfg.base)
@@ -379,6 +378,11 @@ def evaluate(cfg: EvalConfig) -> dict:
             check_processor_dir(d, f"--{k}")
         else:
             check_processor_dir(processors[k], f"--{k}-processor")
+    if cfg.out is not None:  # a file or a read-only disk fails now, not after the scoring
+        try:
+            check_out_dir(cfg.out)
+        except OutputError as e:
+            raise UsageError(str(e)) from None
     all_paths = [p for paths in model_images.values() for p in paths]
     for p in tqdm(all_paths, unit="img", desc="checking", disable=not cfg.progress):
         verify_image(p)
