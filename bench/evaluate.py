@@ -17,6 +17,14 @@ scores, and results.md. Bad input exits with status 2 and a one-line message nam
 file; ``--out`` is checked (a folder, writable) before any scorer is loaded, and the two
 files are written atomically.
 
+Only like is compared with like: every model folder written by bench/sample.py holds a
+``sample.json`` (seed, steps, guidance, sampler, resolution, negative prompt, dtype, a digest
+of the prompts, the base model), and folders whose records differ, or whose prompts digest
+is not that of the prompts scored, are refused, naming the setting and both values. A
+folder without ``sample.json`` (made by hand or before the record existed) cannot be
+checked: refused, unless ``--allow-unrecorded`` is given (then it is compared unchecked and
+results.json lists it under ``unrecorded``).
+
 ``--tiny`` scores with random tiny CLIPs instead (bench/t2i/tiny.py ``TINY_SCORERS``): a
 smoke test of the pipeline on CPU with no weights, e.g. on ``sample.py --tiny`` output.
 """
@@ -48,6 +56,12 @@ from bench.t2i.outdir import (
     writing,
 )
 from bench.t2i.prompts import read_prompts as _read_prompts
+from bench.t2i.provenance import (
+    SAMPLE_FILE,
+    prompts_digest,
+    read_sample_record,
+    settings_mismatch,
+)
 from bench.t2i.scorers import (
     SCORERS,
     ClipScorer,
@@ -96,6 +110,11 @@ class EvalConfig:
     device: str | None = opt(None, "cpu | cuda | cuda:N | auto (the default: cuda if available)")
     dtype: str = opt("fp32", "scorer weights dtype", choices=tuple(DTYPES), parse=dtype_name)
     progress: bool = opt(True, "progress bar on stderr (--no-progress: none)")
+    allow_unrecorded: bool = opt(
+        False,
+        "compare image folders that have no sample.json (their seed and sampling settings "
+        "cannot be checked) instead of refusing them",
+    )
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -172,6 +191,49 @@ def collect_models(images: str | None, specs: list[str], base: str) -> dict[str,
         raise UsageError(f"base model {base!r} not among the models {list(found)}; set --base NAME")
     order = sorted(found, key=lambda n: n != base)  # stable: base first, rest as given
     return {n: found[n] for n in order}
+
+
+def check_settings(
+    folders: dict[str, Path], prompts: list[str], allow_unrecorded: bool
+) -> tuple[dict | None, list[str]]:
+    """The sample.py record the folders share (None if none has one) and the names of the
+    folders without one. A UsageError names two folders whose records differ (the setting
+    and both values), a record made for other prompts, or a folder with no record unless
+    ``allow_unrecorded``."""
+    records = {}
+    for name, folder in folders.items():
+        try:
+            records[name] = read_sample_record(folder)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    unrecorded = [n for n, r in records.items() if r is None]
+    if unrecorded and not allow_unrecorded:
+        n = unrecorded[0]
+        raise UsageError(
+            f"model {n!r}: {folders[n]} has no {SAMPLE_FILE}, so its seed and sampling settings "
+            "cannot be checked against the others' (sample it again with bench/sample.py, or "
+            "pass --allow-unrecorded to compare anyway)"
+        )
+    recorded = {n: r for n, r in records.items() if r is not None}
+    if not recorded:
+        return None, unrecorded
+    first, ref = next(iter(recorded.items()))
+    for name, rec in recorded.items():
+        diff = settings_mismatch(ref, rec)
+        if diff is not None:
+            key, a, b = diff
+            raise UsageError(
+                f"models {first!r} and {name!r} were sampled with different {key}: {a!r} in "
+                f"{folders[first] / SAMPLE_FILE}, {b!r} in {folders[name] / SAMPLE_FILE}; "
+                "compare only folders sampled with the same settings"
+            )
+    if ref.get("prompts_sha256") != prompts_digest(prompts):
+        raise UsageError(
+            f"the images in {folders[first]} were sampled from other prompts than the "
+            f"{len(prompts)} scored ({SAMPLE_FILE}: {ref.get('num_prompts')} prompts, another "
+            "digest); score them with the prompts.txt sample.py wrote next to them"
+        )
+    return ref, unrecorded
 
 
 def image_paths(name: str, folder: Path, n: int) -> list[Path]:
@@ -317,6 +379,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     prompts, prompt_file = resolve_prompts(cfg.prompts, cfg.images)
     folders = collect_models(cfg.images, cfg.models, cfg.base)
     model_images = {m: image_paths(m, d, len(prompts)) for m, d in folders.items()}
+    settings, unrecorded = check_settings(folders, prompts, cfg.allow_unrecorded)
+    if unrecorded:
+        print(
+            f"warning: {', '.join(unrecorded)}: no {SAMPLE_FILE}; compared without checking "
+            "their seed and sampling settings (--allow-unrecorded)",
+            file=sys.stderr,
+        )
     processors = {k: getattr(cfg, f"{k}_processor") for k in chosen}
     for k, d in chosen.items():
         if cfg.tiny:
@@ -358,6 +427,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         "prompts": str(prompt_file),
         "n_prompts": len(prompts),
         "base": cfg.base if cfg.base in folders else None,
+        "sample_settings": settings,
+        "unrecorded": unrecorded,
         "scorers": {
             k: {
                 "dir": str(d),

@@ -11,6 +11,7 @@ described there). Under ``torchrun`` rank r makes shards k with ``k % world == r
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from bench.t2i.dist import die_with_launcher
 from bench.t2i.outdir import run_lock
 from bench.t2i.pairs import PairConfig, build_pairs
 from bench.t2i.prompts import cli_prompts
+from bench.t2i.provenance import base_record
 
 
 @dataclass
@@ -76,6 +78,7 @@ def _run(cfg: MakePairsConfig) -> int:
     rank = int(os.environ.get("RANK", "0"))
     prompts = cli_prompts(cfg.prompts, tiny=bool(cfg.tiny), max_prompts=cfg.max_prompts)
     backbone = open_backbone(cfg.pretrained, cfg.tiny, prediction_type=cfg.prediction_type)
+    base = base_record(backbone, cfg.pretrained, cfg.tiny)  # as loaded: before the dtype cast
     device = _device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1:
         if device.type == "cuda":
@@ -91,13 +94,14 @@ def _run(cfg: MakePairsConfig) -> int:
             llm = LocalLM(cfg.llm, device=device, max_new_tokens=cfg.llm_max_new_tokens)
         out = build_pairs(
             backbone, prompts, cfg.out, cfg.pair_config(), llm=llm, rank=rank, world=world,
-            progress=cfg.progress, prompts_file=cfg.prompts,
+            progress=cfg.progress, prompts_file=cfg.prompts, base=base,
         )  # fmt: skip
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
     if rank == 0:
-        print(f"wrote {len(prompts)} pairs to {out}")
+        n = json.loads((out / "info.json").read_text())["num_pairs"]
+        print(f"wrote {n} pair{'s' * (n != 1)} from {len(prompts)} prompts to {out}")
     return 0
 
 

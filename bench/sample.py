@@ -6,6 +6,7 @@ epsilon and v-prediction backbones, Euler for flow ones, with batched classifier
 guidance. Output::
 
     OUT/base/00000.png, OUT/<name>/00000.png, ...   one PNG per prompt and model
+    OUT/base/sample.json, OUT/<name>/sample.json    the seed and settings that made them
     OUT/grid.png                                    rows = prompts, columns = base | A | B ...
     OUT/prompts.txt                                 the prompts, in index order
 
@@ -19,7 +20,13 @@ architecture: same denoiser config, LoRA layers that exist with the right shapes
 before sampling, the images go to a hidden staging folder next to OUT, and that is moved into
 place only when every image and the grid are done. Bad input is one ``error:`` line, exit 2.
 
-    python bench/sample.py --tiny sd --checkpoint ft=runs/t2i-tiny/final --out runs/samples
+Like is compared with like (:mod:`bench.t2i.provenance`): a checkpoint whose ``base.json``
+names another base model than this one is refused, and so is an ``--out`` that already
+holds model folders (other than the ones this run replaces) sampled with other settings
+(seed, steps, guidance, sampler, resolution, negative prompt, dtype, prompts or base) or
+with no ``sample.json`` to tell.
+
+    python bench/sample.py --tiny sd --checkpoint ft=runs/x/final --out runs/samples
     python bench/sample.py --pretrained /models/sd15 --prompts eval.txt \\
         --checkpoint ddspo=runs/sd15/final --checkpoint dpo=runs/sd15-dpo/final --out samples
 """
@@ -60,8 +67,16 @@ from bench.t2i.outdir import (
     writing,
 )
 from bench.t2i.prompts import cli_prompts
+from bench.t2i.provenance import (
+    SAMPLE_FILE,
+    base_record,
+    check_base,
+    read_sample_record,
+    sample_record,
+    settings_mismatch,
+)
 from bench.t2i.validation import save_grid, save_png, to_uint8
-from bench.t2i.weights import LORA_FILE, denoiser_with_lora, find_lora
+from bench.t2i.weights import LORA_FILE, check_denoiser_files, denoiser_with_lora, find_lora
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -95,11 +110,15 @@ def resolve_checkpoint(backbone: Backbone, path: str | Path) -> tuple[str, Path]
 _LORA_KEY = re.compile(r"^(.+)\.(lora\.down|lora\.up|lora_A|lora_B)(?:\.[\w-]+)?\.weight$")
 
 
-def check_fits(backbone: Backbone, path: str | Path) -> None:
+def check_fits(backbone: Backbone, path: str | Path, base: dict | None = None) -> None:
     """ValueError (one line) unless the checkpoint at ``path`` is for ``backbone``'s
     denoiser: full weights of the same class and config, or LoRA weights on layers it has,
-    with matching shapes. Reads only config.json / the safetensors header."""
+    with matching shapes, trained on ``base`` (:func:`bench.t2i.provenance.base_record` of
+    the model loaded, when the checkpoint records its base). Reads only config.json,
+    base.json and the safetensors headers."""
     kind, d = resolve_checkpoint(backbone, path)
+    check_denoiser_files(path, backbone.denoiser_subfolder)
+    check_base(path, base)
     if kind == "full":
         cfg = json.loads((d / "config.json").read_text())
         base = json.loads(json.dumps(dict(backbone.denoiser.config), default=str))
@@ -175,15 +194,28 @@ def sample_models(
     sampler: str = "ddim",
     negative_prompt: str = "",
     progress: bool = True,
+    base: dict | None = None,
+    dtype: str = "fp32",
 ) -> Path:
     """Sample ``prompts`` with the base denoiser and each checkpoint; write PNGs and a grid
-    into a staging folder that becomes ``out_dir`` when complete (see the module doc)."""
+    into a staging folder that becomes ``out_dir`` when complete (see the module doc).
+    ``base``: :func:`bench.t2i.provenance.base_record` of the backbone as loaded (before a
+    dtype cast; None: checkpoints are not checked against it); ``dtype`` is recorded."""
     from tqdm import tqdm
 
     for _, path in checkpoints:  # a bad or foreign checkpoint fails before anything is written
-        check_fits(backbone, path)
+        check_fits(backbone, path, base)
     out = check_out_dir(out_dir)
     models: list[tuple[str, Path | None]] = [("base", None), *checkpoints]
+    sampler = sampler if sampler in backbone.process.samplers else backbone.process.samplers[0]
+    record = sample_record(
+        base, prompts, prediction_type=backbone.prediction_type, seed=seed,
+        steps=steps or backbone.default_steps,
+        guidance=backbone.default_guidance if guidance is None else float(guidance),
+        sampler=sampler, resolution=resolution or backbone.default_resolution,
+        negative_prompt=negative_prompt, dtype=dtype,
+    )  # fmt: skip
+    check_out_settings(out, record, [m for m, _ in models])
     with writing(out):
         stage = stage_dir(out)
     try:
@@ -195,9 +227,10 @@ def sample_models(
         for name, path in models:
             try:
                 cells.append(
-                    _sample_one(backbone, path, prompts, stage / name, bar, seed=seed, steps=steps,
-                                guidance=guidance, batch_size=batch_size, resolution=resolution,
-                                sampler=sampler, negative_prompt=negative_prompt)
+                    _sample_one(backbone, path, prompts, stage / name, bar, record, seed=seed,
+                                steps=steps, guidance=guidance, batch_size=batch_size,
+                                resolution=resolution, sampler=sampler,
+                                negative_prompt=negative_prompt)
                 )  # fmt: skip
             except (RuntimeError, ValueError, KeyError) as e:
                 if path is None or isinstance(e, OutputError):
@@ -215,9 +248,9 @@ def sample_models(
 
 
 def _sample_one(
-    backbone: Backbone, path: Path | None, prompts: list[str], folder: Path, bar, **kw
+    backbone: Backbone, path: Path | None, prompts: list[str], folder: Path, bar, record, **kw
 ) -> list[Path]:
-    """One model's images: ``folder/<index:05d>.png``."""
+    """One model's images: ``folder/<index:05d>.png``, and ``record`` as ``folder/sample.json``."""
     net = backbone.denoiser if path is None else load_checkpoint(backbone, path)
     net.eval()
     folder.mkdir()
@@ -231,7 +264,32 @@ def _sample_one(
         for i, img in zip(idx, to_uint8(backbone.decode_latents(lat)), strict=True):
             files.append(save_png(img, folder / f"{i:05d}.png"))
         bar.update(len(idx))
+    (folder / SAMPLE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return files
+
+
+def check_out_settings(out: Path, record: dict, replaced: list[str]) -> None:
+    """A one-line ValueError when ``out`` holds a model folder this run keeps (not in
+    ``replaced``) that was sampled with other settings than ``record``, or has no record."""
+    if not out.is_dir():
+        return
+    for folder in sorted(d for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        if folder.name in replaced:
+            continue
+        old = read_sample_record(folder)
+        if old is None:
+            raise ValueError(
+                f"--out {out} holds {folder.name}/ with no {SAMPLE_FILE} (sampled before "
+                "settings were recorded): its settings cannot be checked against this run's; "
+                "move it away or choose another --out"
+            )
+        diff = settings_mismatch(old, record)
+        if diff is not None:
+            key, was, now = diff
+            raise ValueError(
+                f"--out {out} holds {folder.name}/ sampled with {key} {was!r}, this run has "
+                f"{now!r}: images of different settings must not be compared; choose another --out"
+            )
 
 
 @dataclass
@@ -266,12 +324,14 @@ def _run(cfg: SampleConfig) -> int:
         raise UsageError(f"duplicate checkpoint names in {names}")
     prompts = cli_prompts(cfg.prompts, tiny=bool(cfg.tiny), max_prompts=cfg.max_prompts, demo=4)
     backbone = open_backbone(cfg.pretrained, cfg.tiny, prediction_type=cfg.prediction_type)
+    base = base_record(backbone, cfg.pretrained, cfg.tiny)  # as loaded: before the dtype cast
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone.for_inference(device, torch_dtype(cfg.dtype))
     grid = sample_models(
         backbone, prompts, checkpoints, cfg.out, seed=cfg.seed, steps=cfg.steps,
         guidance=cfg.guidance, batch_size=cfg.batch_size, resolution=cfg.resolution,
         sampler=cfg.sampler, negative_prompt=cfg.negative_prompt, progress=cfg.progress,
+        base=base, dtype=cfg.dtype,
     )  # fmt: skip
     print(f"wrote {len(prompts)} x {1 + len(checkpoints)} images and {grid}")
     return 0

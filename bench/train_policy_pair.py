@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.t2i.cli import UsageError, check_at_least, opt, parse_known
+from bench.t2i.outdir import check_out_dir
 
 TRAINER = Path(__file__).resolve().with_name("train_t2i.py")
 #: the official DD-CPP pair recipe (KU-MIIL/DDSPO scripts/train_ddspo_lora_target.sh:
@@ -87,7 +88,7 @@ def plan(argv: Sequence[str] | None) -> tuple[PolicyPairConfig, list[tuple[str, 
             raise UsageError(f"{flag.split('=')[0]} is set by this command")
     check_at_least(ns, ("lora",), 0)
     check_at_least(ns, ("max_steps", "nproc"), 1)
-    out = Path(ns.out)
+    out = check_out_dir(ns.out)  # one line here, not one per fine-tune
     common = ["--method", "sft", "--lora", str(ns.lora), "--lr", repr(ns.lr)]
     common += ["--max-steps", str(ns.max_steps), *rest]
     has_data = any(a == "--data" or a.startswith("--data=") for a in rest)

@@ -75,6 +75,7 @@ from bench.t2i.outdir import (
     writing,
 )
 from bench.t2i.pairdata import PairDataset, collate_pairs
+from bench.t2i.provenance import base_record, check_base, write_base
 from bench.t2i.randcond import mix_rows, read_extra_prompts
 from bench.t2i.reference import DivergenceProbe, Reference
 from bench.t2i.step import (
@@ -98,6 +99,7 @@ from bench.t2i.validation import (
 from bench.t2i.weights import (
     add_lora,
     all_finite,
+    check_denoiser_files,
     denoiser_with_lora,
     find_lora,
     load_policy,
@@ -152,7 +154,6 @@ def load_model(cfg: TrainConfig) -> Backbone:
             cfg.backbone if cfg.tiny else None,
             backbone=cfg.backbone or None,
             prediction_type=pt,
-            seed=cfg.seed,
         )
         if bb.name == "sana":  # official (pipeline preprocessing + instruction prefix) or plain
             bb.prompt_style = cfg.sana_prompt_style
@@ -248,15 +249,18 @@ def saved_world(state: dict) -> int:
     return int(state.get("world") or len(state["rng"]))
 
 
-def load_policy_pair(cfg: TrainConfig, backbone: Backbone, device, dtype):
+def load_policy_pair(cfg: TrainConfig, backbone: Backbone, device, dtype, base=None):
     """``(f_win, f_lose)``, frozen, in eval mode. Each is a full denoiser folder, or a LoRA
     output in diffusers' format (``pytorch_lora_weights.safetensors``, directly or under
     ``lora/``, e.g. ``bench/train_policy_pair.py``'s ``OUT/winner/final``): then a copy of
-    the base denoiser with that LoRA loaded."""
+    the base denoiser with that LoRA loaded. Each must have been trained on ``base``
+    (:func:`bench.t2i.provenance.check_base`) when both say so."""
 
     def load(path: str) -> torch.nn.Module:
         lora_dir = find_lora(path)
         try:
+            check_base(path, base)
+            check_denoiser_files(path, backbone.denoiser_subfolder)
             if lora_dir is not None:
                 net = denoiser_with_lora(backbone.denoiser, lora_dir, backbone.denoiser_subfolder)
             else:
@@ -421,11 +425,19 @@ class Trainer:
         dataset = open_data(cfg, env)  # a cheap header check first: fail fast on bad --data
         torch.manual_seed(cfg.seed)  # identical init on every rank (LoRA); DDP broadcasts anyway
         self.backbone = backbone = load_model(cfg)
+        self.base = base_record(backbone, cfg.pretrained, backbone.name if cfg.tiny else None)
         self.cfg = cfg = resolve_for_backbone(cfg, backbone.name)
         backbone.to(self.device, None if self.dtype == torch.float32 else self.dtype)
         self.policy = backbone.denoiser  # fp32 master weights; autocast does the rest
         self.dataset = dataset or open_data(cfg, env, backbone)
         check_data(self.dataset, backbone)
+        built_on = (self.dataset.info.get("base") or {}).get("denoiser")
+        if built_on and built_on != self.base["denoiser"] and env.is_main:
+            print(
+                f"warning: {self.dataset.root} was built from another base model "
+                f"({self.dataset.info['base'].get('base')}) than this run's ({self.base['base']})",
+                file=sys.stderr,
+            )
         self.fingerprint = dataset_fingerprint(self.dataset.root)
         self.extra: list = []  # --rand-cond-prompts, read by every rank
         if cfg.rand_cond_prompts:
@@ -461,7 +473,9 @@ class Trainer:
                 backbone, x0, cond, self.reference, cfg.seed, self.autocast
             )
         self.pair = (
-            load_policy_pair(cfg, backbone, self.device, self.dtype) if cfg.policy_pair else None
+            load_policy_pair(cfg, backbone, self.device, self.dtype, self.base)
+            if cfg.policy_pair
+            else None
         )
         # only the trainable parameters: all, or the LoRA adapters
         self.params = [p for p in policy.parameters() if p.requires_grad]
@@ -472,6 +486,7 @@ class Trainer:
 
     def _resume(self, ckpt: Path, saved: dict) -> None:
         env = self.env
+        _usage(lambda: check_base(ckpt, self.base))
         load_policy(self.backbone, self.policy, ckpt, self.cfg.lora > 0)
         if self.probe is not None:
             self.reference.load(ckpt / "reference")
@@ -679,6 +694,7 @@ class Trainer:
             lora=cfg.lora > 0,
             reference=self.reference if self.periodic else None,
             trainer_state=trainer_state,
+            base=self.base,
         )
         path = self.ckpt_root / checkpoint_name(st.step)
         save = functools.partial(save_finite, self.params, st.step, path, write, cfg.keep_last)
@@ -711,14 +727,19 @@ class Trainer:
         cfg, final = self.cfg, self.out / "final"
         if not all_finite(self.params):  # never reached (checked after every step)
             raise NonFiniteError(f"step {self.st.step}: non-finite parameters; final/ not written")
-        if cfg.lora:
-            write = lambda d: save_lora(self.backbone, self.policy, d)
-        elif cfg.pretrained:  # the untouched components as given, the trained denoiser
-            write = lambda d: save_final_pipeline(self.backbone, self.policy, cfg.pretrained, d)
-        else:
-            write = self.backbone.save_pretrained
-        with writing(final):  # + the pipeline call arguments that sample as we do (sd3)
-            atomic_write_dir(final, lambda d: (write(d), write_pipeline_call(self.backbone, d)))
+
+        def write(d: Path) -> None:
+            if cfg.lora:
+                save_lora(self.backbone, self.policy, d)
+            elif cfg.pretrained:  # the untouched components as given, the trained denoiser
+                save_final_pipeline(self.backbone, self.policy, cfg.pretrained, d)
+            else:
+                self.backbone.save_pretrained(d)
+            write_pipeline_call(self.backbone, d)  # the call arguments that sample as we do (sd3)
+            write_base(d, self.base)  # last: a base.json copied from --pretrained is replaced
+
+        with writing(final):
+            atomic_write_dir(final, write)
 
 
 def _usage(check) -> None:

@@ -1,6 +1,6 @@
 """Prompt perturbation for label-free preference pairs (DDSPO paper Sec. 3.3, 4.4, App. G; SPEC §5).
 
-``random_removal`` drops words at random. The LLM rewrite is split into pure parts: the
+``random_removal`` drops words at random (characters, in scripts written without spaces). The LLM rewrite is split into pure parts: the
 paper's two instruction templates, a parser of the model's answer that never raises, and
 a driver that takes any ``generate(text) -> text`` callable (a real causal LM lives in
 ``bench/``) and falls back to ``random_removal`` whenever the answer is unusable.
@@ -9,6 +9,7 @@ a driver that takes any ``generate(text) -> text`` callable (a real causal LM li
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
@@ -17,10 +18,63 @@ class _Rng(Protocol):  # random.Random and numpy.random.Generator both qualify
     def random(self) -> float: ...
 
 
-def random_removal(prompt: str, rng: _Rng, low: float = 0.4, high: float = 0.7) -> str:
-    """Drop a uniformly drawn fraction in ``[low, high]`` of the whitespace words, keeping order.
+#: Code point ranges of scripts written without spaces between words (Thai, Lao, Tibetan,
+#: Myanmar, Khmer, Chinese, Japanese kana, their punctuation and fullwidth forms). Korean
+#: separates words with spaces and is not among them.
+UNSPACED_RANGES = (
+    (0x0E00, 0x0EFF),  # Thai, Lao
+    (0x0F00, 0x0FFF),  # Tibetan
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+    (0x2E80, 0x2FDF),  # CJK and Kangxi radicals
+    (0x3000, 0x312F),  # CJK symbols and punctuation, Hiragana, Katakana, Bopomofo
+    (0x31A0, 0x31FF),  # Bopomofo extended, CJK strokes, Katakana phonetic extensions
+    (0x3400, 0x4DBF),  # CJK Extension A
+    (0x4E00, 0x9FFF),  # CJK Unified Ideographs
+    (0xF900, 0xFAFF),  # CJK Compatibility Ideographs
+    (0xFF00, 0xFFEF),  # halfwidth and fullwidth forms (CJK punctuation, halfwidth kana)
+    (0x20000, 0x3FFFF),  # CJK Extensions B and later
+)
 
-    At least one word always stays; an empty prompt stays empty. ``rng`` is a
+
+def unspaced(ch: str) -> bool:
+    """Is ``ch`` a character of a script written without spaces (:data:`UNSPACED_RANGES`)?"""
+    c = ord(ch)
+    return any(lo <= c <= hi for lo, hi in UNSPACED_RANGES)
+
+
+def removal_units(word: str) -> list[str]:
+    """A whitespace word as the units :func:`random_removal` drops: every character of a
+    script written without spaces is one unit, together with the combining marks that follow
+    it (Thai vowel and tone marks, kana voicing marks: a grapheme, approximately); every run
+    of other characters is one unit. A word without such characters is one unit."""
+    units: list[str] = []
+    after_unspaced = False
+    for ch in word:
+        if units and unicodedata.category(ch).startswith("M"):
+            units[-1] += ch  # a combining mark stays with its base character
+            continue
+        this = unspaced(ch)
+        if this or after_unspaced or not units:
+            units.append(ch)
+        else:
+            units[-1] += ch
+        after_unspaced = this
+    return units
+
+
+def random_removal(prompt: str, rng: _Rng, low: float = 0.4, high: float = 0.7) -> str:
+    """Drop a uniformly drawn fraction in ``[low, high]`` of the prompt's units, keeping order.
+
+    The units are the whitespace words; inside a word, each character of a script written
+    without spaces between words (Chinese, Japanese, Thai, ...: :data:`UNSPACED_RANGES`) is a
+    unit of its own, with its combining marks (:func:`removal_units`), so such prompts are
+    degraded character by character instead of kept whole as one "word". Units of one word
+    that stay are joined without a space, words with one space. Text with no such characters
+    is split into words exactly as ``prompt.split()`` and draws the same random numbers (the
+    output is that of plain word removal, bit for bit).
+
+    At least one unit always stays; an empty prompt stays empty. ``rng`` is a
     ``random.Random`` or ``numpy.random.Generator``.
     """
     if not 0.0 <= low <= high <= 1.0:
@@ -28,11 +82,20 @@ def random_removal(prompt: str, rng: _Rng, low: float = 0.4, high: float = 0.7) 
     words = prompt.split()
     if not words:
         return ""
+    units = [(w, u) for w, word in enumerate(words) for u in removal_units(word)]
     frac = low + (high - low) * float(rng.random())
-    n_drop = min(int(round(frac * len(words))), len(words) - 1)
-    keys = [float(rng.random()) for _ in words]
-    drop = set(sorted(range(len(words)), key=keys.__getitem__)[:n_drop])
-    return " ".join(w for i, w in enumerate(words) if i not in drop)
+    n_drop = min(int(round(frac * len(units))), len(units) - 1)
+    keys = [float(rng.random()) for _ in units]
+    drop = set(sorted(range(len(units)), key=keys.__getitem__)[:n_drop])
+    out, last = [], None
+    for i, (w, u) in enumerate(units):
+        if i in drop:
+            continue
+        if last is not None and w != last:
+            out.append(" ")
+        out.append(u)
+        last = w
+    return "".join(out)
 
 
 # The two instruction templates of the paper's Appendix G (Fig. E), as system messages.

@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from sample_records import write_sample_record  # noqa: E402
 
 from bench.evaluate import load_image, main, read_prompts, render_markdown  # noqa: E402
 from bench.t2i.cli import UsageError  # noqa: E402
@@ -60,6 +61,8 @@ def workspace(tmp_path):
     samples = tmp_path / "samples"
     write_pngs(samples / "base", len(PROMPTS), seed=0)
     write_pngs(samples / "ft", len(PROMPTS), seed=1)
+    for model in ("base", "ft"):
+        write_sample_record(samples / model, PROMPTS)
     shutil.copytree(samples / "base", samples / "copy")
     return tmp_path, prompts, samples
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import unicodedata
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from minddspo.perturb import (
     llm_perturb,
     parse_neg_prompts,
     random_removal,
+    removal_units,
+    unspaced,
 )
 
 PROPS = settings(max_examples=100, deadline=None)
@@ -52,8 +55,95 @@ def test_random_removal_keeps_order_and_removes_a_fraction_in_range(n, seed):
 def test_random_removal_on_any_text(text, seed):
     out = random_removal(text, random.Random(seed))
     words = text.split()
-    assert is_subsequence(out.split(), words)
+    assert is_subsequence(
+        list("".join(out.split())), list("".join(words))
+    )  # characters kept in order
+    assert len(out.split()) <= len(words)
     assert (out == "") == (not words)
+    if not any(unspaced(c) for c in text):  # whitespace words only: as plain word removal
+        assert out == word_removal(text, random.Random(seed))
+
+
+def word_removal(prompt, rng, low=0.4, high=0.7):
+    """Plain whitespace-word removal, the behaviour space-separated text must keep."""
+    words = prompt.split()
+    if not words:
+        return ""
+    frac = low + (high - low) * float(rng.random())
+    n_drop = min(int(round(frac * len(words))), len(words) - 1)
+    keys = [float(rng.random()) for _ in words]
+    drop = set(sorted(range(len(words)), key=keys.__getitem__)[:n_drop])
+    return " ".join(w for i, w in enumerate(words) if i not in drop)
+
+
+@PROPS
+@given(
+    words=st.lists(st.text(st.characters(codec="latin-1"), min_size=1), min_size=1, max_size=30),
+    seps=st.sampled_from([" ", "  ", "\t", " \n"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_space_separated_text_is_removed_by_words_bit_for_bit(words, seps, seed):
+    text = seps.join(words)
+    for rng in (lambda: random.Random(seed), lambda: np.random.default_rng(seed)):
+        assert random_removal(text, rng()) == word_removal(text, rng())
+
+
+CJK = st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF)
+KANA = st.one_of(  # hiragana and katakana letters (no combining voicing marks)
+    st.characters(min_codepoint=0x3041, max_codepoint=0x3096),
+    st.characters(min_codepoint=0x30A1, max_codepoint=0x30FA),
+)
+
+
+@PROPS
+@given(text=st.text(st.one_of(CJK, KANA), min_size=1, max_size=40), seed=st.integers(0, 2**32 - 1))
+def test_unspaced_text_loses_characters(text, seed):
+    out = random_removal(text, random.Random(seed))
+    n = len(text)
+    assert " " not in out and is_subsequence(list(out), list(text))
+    removed = n - len(out)
+    assert min(0.4 * n - 0.5, n - 1) <= removed <= min(0.7 * n + 0.5, n - 1)
+    if n >= 2:
+        assert out != text  # a prompt with two characters or more is always degraded
+
+
+@pytest.mark.parametrize(
+    ("prompt", "units"),
+    [
+        ("一只红色的猫坐在沙发上", list("一只红色的猫坐在沙发上")),  # Chinese
+        ("赤いキューブと二匹の猫", list("赤いキューブと二匹の猫")),  # Japanese
+        ("がぎ", ["が", "ぎ"]),
+        ("か\u3099き", ["か\u3099", "き"]),  # a combining voicing mark stays with its kana
+        ("แมวสีแดง", ["แ", "ม", "ว", "ส\u0e35", "แ", "ด", "ง"]),  # Thai: vowel mark kept
+        ("3只猫", ["3", "只", "猫"]),
+        ("猫cat猫", ["猫", "cat", "猫"]),
+        ("photo", ["photo"]),
+        ("café", ["café"]),
+    ],
+)
+def test_removal_units(prompt, units):
+    assert removal_units(prompt) == units
+
+
+def test_mixed_prompts_drop_english_words_whole_and_cjk_characters():
+    prompt = "a photo of 一只红色的猫 on a sofa"
+    words = {"a", "photo", "of", "on", "sofa"}
+    outs = {random_removal(prompt, random.Random(s)) for s in range(200)}
+    assert len(outs) > 50
+    for out in outs:
+        for token in out.split():
+            assert token in words or all(unspaced(c) for c in token), out
+            assert is_subsequence(list(token), list(prompt.replace(" ", "")))
+    # 6 words and 6 characters: 12 units, of which round(12 * [0.4, 0.7]) are removed
+    assert {12 - sum(len(removal_units(t)) for t in o.split()) for o in outs} == set(range(5, 9))
+
+
+def test_unspaced_examples_are_degraded_reproducibly():
+    for prompt in ("一只红色的猫坐在沙发上", "赤いキューブと二匹の猫", "แมวสีแดงนั่งบนโซฟา"):
+        a = random_removal(prompt, random.Random(7))
+        assert a == random_removal(prompt, random.Random(7)) and a != prompt
+        assert not unicodedata.category(a[0]).startswith("M")  # no orphan combining mark
+    assert random_removal("猫", random.Random(0)) == "猫"  # one character: nothing to remove
 
 
 def test_random_removal_fraction_covers_the_range():

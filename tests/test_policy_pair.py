@@ -137,7 +137,7 @@ def test_dd_cpp_chain_end_to_end(data, pair_run, tmp_path, capsys, monkeypatch):
     cfg = parse_args(
         ["--tiny", "--method", "ddspo", "--winner-policy", str(win), "--loser-policy", str(lose)]
     )
-    bb = tiny_backbone("sd", seed=cfg.seed)
+    bb = tiny_backbone("sd")
     add_lora(bb.denoiser, 4, 0)
     with torch.no_grad():  # a policy that has moved: its LoRA must not end up in the pair
         for n, p in bb.denoiser.named_parameters():
@@ -146,7 +146,7 @@ def test_dd_cpp_chain_end_to_end(data, pair_run, tmp_path, capsys, monkeypatch):
     f_win, f_lose = train_t2i.load_policy_pair(cfg, bb, torch.device("cpu"), torch.float32)
     assert not any(p.requires_grad for p in [*f_win.parameters(), *f_lose.parameters()])
     assert not f_win.training and not f_lose.training
-    base = tiny_backbone("sd", seed=cfg.seed)
+    base = tiny_backbone("sd")
     x0_w, _, t, noise, _ = _inputs(base)
     x = base.noise(x0_w, noise, t)
     c = base.encode_prompts(["a red cube", "two cats"])

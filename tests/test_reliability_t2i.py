@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from sample_records import write_sample_record
 
 from bench import evaluate, sample, train_t2i
 from bench.t2i import outdir, pairdata, tiny, weights
@@ -237,6 +238,7 @@ def write_samples(root: Path, n: int = 2) -> Path:
         pixels = rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / "base" / f"{i:05d}.png")
     (root / "prompts.txt").write_text("\n".join(DEMO_PROMPTS[:n]) + "\n")
+    write_sample_record(root / "base", DEMO_PROMPTS[:n])
     return root
 
 
@@ -463,8 +465,8 @@ def test_sample_failure_midway_leaves_out_as_it_was(tmp_path, capsys, monkeypatc
     ckpt = tmp_path / "ft"
     tiny_backbone("sd").denoiser.save_pretrained(ckpt)
     out = tmp_path / "samples"
-    (out / "old").mkdir(parents=True)
-    (out / "old" / "00000.png").write_bytes(b"an earlier run's image")
+    assert sample.main(["--tiny", "sd", "--checkpoint", f"old={ckpt}", "--out", str(out),
+                        "--steps", "1", "--max-prompts", "1", "--no-progress"]) == 0  # fmt: skip
     before = snapshot(out)
 
     def broken(backbone, path):
@@ -480,8 +482,9 @@ def test_sample_failure_midway_leaves_out_as_it_was(tmp_path, capsys, monkeypatc
     assert sample.main(["--tiny", "sd", "--checkpoint", f"ft={ckpt}", "--out", str(out),
                         "--steps", "1", "--max-prompts", "1", "--no-progress"]) == 0  # fmt: skip
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    assert names == ["base", "base/00000.png", "ft", "ft/00000.png", "grid.png", "old",
-                     "old/00000.png", "prompts.txt"]  # fmt: skip
+    assert names == ["base", "base/00000.png", "base/sample.json", "ft", "ft/00000.png",
+                     "ft/sample.json", "grid.png", "old", "old/00000.png", "old/sample.json",
+                     "prompts.txt"]  # fmt: skip
 
 
 # ------------------------------------------------------------------------- smaller

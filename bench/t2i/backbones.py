@@ -813,14 +813,15 @@ def open_backbone(
     *,
     backbone: str | None = None,
     prediction_type: str | None = None,
-    seed: int = 0,
 ) -> Backbone:
     """The backbone a command runs on: ``--tiny NAME`` (random tiny models built from configs,
-    :mod:`bench.t2i.tiny`, imported only here and only then) or ``--pretrained DIR``."""
+    :mod:`bench.t2i.tiny`, imported only here and only then) or ``--pretrained DIR``.
+    ``--tiny NAME`` is the same model in every command: its weights come from a fixed seed
+    of their own, never from a command's ``--seed``."""
     if tiny:
         from bench.t2i.tiny import tiny_backbone
 
-        return tiny_backbone(tiny, seed=seed, prediction_type=prediction_type)
+        return tiny_backbone(tiny, prediction_type=prediction_type)
     if not pretrained:
         raise ValueError("give --pretrained DIR (a local diffusers pipeline) or --tiny NAME")
     return load_backbone(pretrained, backbone, prediction_type)

@@ -129,6 +129,7 @@ def build_pairs(
     world: int = 1,
     progress: bool = True,
     prompts_file: str | None = None,
+    base: dict | None = None,
     **overrides: Any,
 ) -> Path:
     """Generate the pair dataset for ``prompts`` into ``out_dir`` and return its path.
@@ -137,6 +138,8 @@ def build_pairs(
     e.g. ``steps=2``). ``llm`` (for ``perturb="llm"``) is a :class:`bench.t2i.llm.LocalLM` or
     any object with a ``perturb(prompts, rngs, task) -> PerturbResult`` method. Finished
     shards are skipped; a shard made with different settings or prompts is an error.
+    ``base`` (:func:`bench.t2i.provenance.base_record`) is recorded in ``info.json``. No
+    pairs at all (every prompt skipped) is a ``ValueError``, and nothing is left behind.
     """
     cfg = dataclasses.replace(config or PairConfig(), **overrides)
     cfg.check(world)
@@ -155,6 +158,7 @@ def build_pairs(
     shard_size, latent_dtype = cfg.shard_size, storage_dtype(cfg.latent_dtype)
     latent_shape = list(backbone.latent_shape(resolution))
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     params = dict(
         backbone=backbone.name,
@@ -198,8 +202,10 @@ def build_pairs(
     if bar is not None:
         bar.close()
     _barrier()
+    if not any(read_shard_header(shard_path(out, k))[1] for k in range(num_shards)):
+        _no_pairs(out, num_shards, n, variant, rank, created)
     if rank == 0:
-        info = dict(params, prompts_file=prompts_file)
+        info = dict(params, prompts_file=prompts_file, base=base)
         info["llm_fallbacks"] = _count_fallbacks(out, num_shards) if perturb == "llm" else 0
         skipped = sorted(i for k in range(num_shards) for i in shard_skipped(shard_path(out, k)))
         info["skipped_identical_neg"] = {"count": len(skipped), "indices": skipped}
@@ -217,6 +223,23 @@ def build_pairs(
             )
     _barrier()
     return out
+
+
+def _no_pairs(out: Path, num_shards: int, n: int, variant: str, rank: int, created: bool) -> None:
+    """Every prompt was skipped: remove the empty shards (they hold nothing), and the folders
+    this call created if nothing else is in them, and raise."""
+    if rank == 0:
+        for k in range(num_shards):
+            shard_path(out, k).unlink(missing_ok=True)
+        for d in (shard_path(out, 0).parent, out) if created else (shard_path(out, 0).parent,):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+    _barrier()
+    raise ValueError(
+        f"no pairs: all {n} prompts were skipped because the degraded prompt equals the "
+        f"prompt (one word or emoji only; --variant {variant} needs c- != c); nothing "
+        f"written to {out}"
+    )
 
 
 def _check_existing(path: Path, params: dict, prompts: list[str]) -> None:

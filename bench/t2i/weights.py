@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.t2i.checkpoint import FILES_KEY, STATE_FILE, file_sizes
+from bench.t2i.provenance import write_base
 from bench.t2i.reference import Reference, trainable_state
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (UNet and SANA)
@@ -118,6 +119,40 @@ def find_lora(path: str | Path) -> Path | None:
     return None
 
 
+def check_weight_files(files: list[Path], where: str | Path) -> None:
+    """A one-line ``ValueError`` naming the first of ``files`` (safetensors) that cannot be
+    read: empty, truncated (its header does not cover the file) or not safetensors at all;
+    also when ``files`` is empty. Reads the headers only."""
+    from safetensors import safe_open
+
+    if not files:
+        raise ValueError(f"{where}: no .safetensors weights file")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # SafetensorError, OSError, ...
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"{f}: unreadable weights ({f.stat().st_size} bytes; {reason})"
+            ) from None
+
+
+def check_denoiser_files(path: str | Path, subfolder: str) -> None:
+    """:func:`check_weight_files` for the checkpoint at ``path``: its LoRA file (``path`` or
+    ``path/lora``), else the safetensors of its denoiser folder (``path/<subfolder>`` or
+    ``path``). Folders holding only ``.bin`` weights are left to diffusers."""
+    lora = find_lora(path)
+    if lora is not None:
+        check_weight_files([lora / LORA_FILE], lora)
+        return
+    path = Path(path)
+    d = path / subfolder if (path / subfolder / "config.json").is_file() else path
+    files = sorted(d.glob("*.safetensors"))
+    if files or not any(d.glob("*.bin")):
+        check_weight_files(files, d)
+
+
 def denoiser_with_lora(base: torch.nn.Module, lora_dir: str | Path, prefix: str):
     """A copy of ``base`` with the diffusers-format LoRA in ``lora_dir`` loaded (at scale 1).
 
@@ -181,10 +216,20 @@ def write_pipeline_call(backbone, out: Path) -> Path | None:
 
 
 def write_checkpoint(
-    d: Path, *, backbone, policy, lora: bool, reference: Reference | None, trainer_state: dict
+    d: Path,
+    *,
+    backbone,
+    policy,
+    lora: bool,
+    reference: Reference | None,
+    trainer_state: dict,
+    base: dict | None = None,
 ) -> None:
-    """Fill checkpoint directory ``d`` (a temporary one, renamed when complete)."""
+    """Fill checkpoint directory ``d`` (a temporary one, renamed when complete); ``base``
+    (:func:`bench.t2i.provenance.base_record`) goes to ``base.json``."""
     save_policy(backbone, policy, d, lora)
+    if base is not None:
+        write_base(d, base)
     if reference is not None:  # a periodically updated reference is state too
         reference.save(d / "reference")
     # written last, with the size of every file above: marks the checkpoint complete and
