@@ -589,7 +589,7 @@ class Trainer:
             if self.extra:  # random-condition mixing: rows swapped by their noise level
                 prompts, negs, swapped = mix_rows(
                     prompts, negs, t, bb.num_train_timesteps, self.gen, self.extra,
-                    cfg.rand_cond_schedule, cfg.rand_cond_lambda,
+                    cfg.rand_cond_schedule, cfg.rand_cond_lambda, cfg.rand_cond_timing,
                 )  # fmt: skip
                 sums[-1] += swapped.double().mean().item()
             prompts, negs = drop_prompts(cfg, self.gen, prompts, negs)

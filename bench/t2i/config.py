@@ -29,6 +29,8 @@ FLOW_BACKBONES = ("sana", "sd3")  # rectified flow: --precondition-outputs appli
 SANA_PROMPT_STYLES = ("official", "plain")  # bench.t2i.backbones.SanaBackbone.prompt_style
 OPTIMIZERS = ("adamw", "adafactor")
 DEVICES = ("auto", "cpu", "cuda")
+RAND_COND_KEPT = ("contrastive", "forward")  # targets of the rows --rand-cond-prompts keeps
+RAND_COND_TIMINGS = ("step", "independent")  # which t decides a row's swap
 SFT_BRANCHES = ("winner", "loser", "loser_neg")  # sft: which side of each pair is regressed
 LR_PER_BETA = 1 / 2.048e8  # DDSPO App. E, after Diffusion-DPO: lr = beta / 2.048e8
 DPO_BETA = 8000.0  # Diffusion-DPO default (DDSPO App. E)
@@ -61,7 +63,18 @@ RESUME_MAY_CHANGE = (
 RESUME_BATCH = ("batch_size", "grad_accum")
 _PATH_FIELDS = ("data", "pretrained", "winner_policy", "loser_policy")  # compared as real paths
 #: what a field added since meant for a checkpoint saved before it existed (the old behaviour)
-_LEGACY_MISSING = {"precondition_outputs": False}
+_LEGACY_MISSING = {
+    "precondition_outputs": False,
+    "rand_cond_kept": "forward",
+    "rand_cond_timing": "step",
+    "warmup_from": 1,
+}
+#: fields that change nothing while their condition on the config is false (not compared then)
+_ONLY_WHEN = {
+    "rand_cond_kept": lambda c: bool(c.rand_cond_prompts),
+    "rand_cond_timing": lambda c: bool(c.rand_cond_prompts),
+    "warmup_from": lambda c: bool(c.warmup_steps),
+}
 #: fields whose unset value was written 0 or "" before it became None (older flags, --config
 #: files and saved config.json files keep working: 0 / "" still mean "the default")
 _LEGACY_UNSET = (
@@ -84,6 +97,7 @@ _RANGES = {
     "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "adam_eps": (lambda v: v > 0, "> 0"),
     "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+    "train_shift": (lambda v: v > 0, "> 0"),
     "rand_cond_lambda": (lambda v: v > 0, "> 0"),
 }
 
@@ -162,6 +176,22 @@ class TrainConfig:
         "/ DSPO). See bench/t2i/randcond.py",
         metavar="FILE",
     )
+    rand_cond_kept: str | None = opt(
+        None,
+        "random-condition mixing: targets of the rows NOT swapped: contrastive (every row on "
+        "the contrastive targets, swapped rows differing only in their prompts: the official "
+        "--cpp --rand_cond, DDSPO as the paper defines it) | forward (the forward-process "
+        "targets: the official --rand_cond without --cpp); unset: contrastive",
+        choices=RAND_COND_KEPT,
+    )
+    rand_cond_timing: str | None = opt(
+        None,
+        "random-condition mixing: the noise level that decides a row's swap: step (the step's "
+        "own t) | independent (a separate uniform draw of t, as the official SD3/SANA "
+        "trainers, whose step then draws its own t); unset: independent on sana and sd3, "
+        "step on sd and sdxl (where the official trainer uses the step's t)",
+        choices=RAND_COND_TIMINGS,
+    )
     rand_cond_schedule: str = opt(
         "sigmoid",
         "swap probability over the noise level t/T: sigmoid (1/2 at 0.7) | exponential | constant",
@@ -171,6 +201,13 @@ class TrainConfig:
     timestep_sampler: str | None = opt(
         None,
         "uniform | geometric | logit_normal; unset: uniform (official DDSPO and paper, also on sana), logit_normal on sd3 (SD3's and the official DDSPO SD3 script's)",
+    )
+    train_shift: float | None = opt(
+        None,
+        "flow backbones: the resolution shift of the TRAINING noise levels (sampling keeps the "
+        "pipeline's); unset: 1 on sana (the official trainer's FlowMatchEulerDiscreteScheduler "
+        "ignores SANA's flow_shift, so sigma is uniform as the paper's t ~ U), the scheduler's "
+        "shift on sd3",
     )
     timestep_gamma: float = opt(
         0.9,
@@ -201,13 +238,21 @@ class TrainConfig:
         "unset: beta / 2.048e8 (DDSPO App. E; dspo/dspo_cpp: beta_logit / 2.048e8), 1e-5 for sft",
     )
     warmup_steps: int = opt(0, "linear warmup; the paper uses 100 on SD/SDXL, 0 on SANA")
+    warmup_from: int = opt(
+        0,
+        "the warmup's lr factor at optimizer step s is (s + warmup_from) / warmup_steps: 0 = "
+        "diffusers' constant_with_warmup (the first step at lr 0; the official DDSPO and "
+        "Diffusion-DPO trainers) | 1 = from lr / warmup_steps at the first step",
+    )
     weight_decay: float = opt(0.01, "AdamW decoupled weight decay")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
     adam_eps: float = opt(1e-8, "AdamW epsilon")
-    max_grad_norm: float = opt(
-        1.0,
-        "clip the global grad norm; 0 = no clipping (norm still logged)",
+    max_grad_norm: float | None = opt(
+        None,
+        "clip the global grad norm; 0 = no clipping (norm still logged); unset: 1.0 with "
+        "adamw, 0 with adafactor (which clips its updates itself; the official DDSPO and "
+        "Diffusion-DPO trainers clip only under AdamW)",
     )
     # --- precision and device
     device: str = opt("auto", "auto | cpu | cuda")
@@ -361,6 +406,19 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.rand_cond_prompts and cfg.method not in CPP_METHODS:
         raise UsageError("--rand-cond-prompts applies to ddspo and dspo_cpp only")
     _choice("rand-cond schedule", cfg.rand_cond_schedule, RAND_COND_SCHEDULES)
+    rc_set = [n for n in ("rand_cond_kept", "rand_cond_timing") if getattr(cfg, n) is not None]
+    if rc_set and not cfg.rand_cond_prompts:
+        raise UsageError(f"{flag(rc_set[0])} applies with --rand-cond-prompts only")
+    if cfg.rand_cond_prompts and cfg.rand_cond_kept is None:
+        cfg.rand_cond_kept = "contrastive"  # the official --cpp --rand_cond, the paper's DDSPO
+    if cfg.rand_cond_kept is not None:
+        _choice("rand-cond kept", cfg.rand_cond_kept, RAND_COND_KEPT)
+    if cfg.rand_cond_timing is not None:
+        _choice("rand-cond timing", cfg.rand_cond_timing, RAND_COND_TIMINGS)
+    if cfg.warmup_from not in (0, 1):
+        raise UsageError(f"--warmup-from must be 0 or 1, got {cfg.warmup_from}")
+    if cfg.max_grad_norm is None:  # the official trainers clip under AdamW only
+        cfg.max_grad_norm = 0.0 if cfg.optimizer == "adafactor" else 1.0
     if cfg.beta_logit and cfg.method not in SCORE_MATCHING_METHODS:
         raise UsageError("--beta-logit applies to dspo and dspo_cpp only")
     if cfg.dtype == "fp16" and cfg.device == "cpu":
@@ -395,6 +453,12 @@ def resolve_for_backbone(cfg: TrainConfig, backbone: str) -> TrainConfig:
         raise UsageError(f"--precondition-outputs applies to flow backbones only, not {backbone}")
     if cfg.precondition_outputs is None:
         cfg.precondition_outputs = backbone == "sd3"
+    if cfg.train_shift is not None and backbone not in FLOW_BACKBONES:
+        raise UsageError(f"--train-shift applies to flow backbones only, not {backbone}")
+    if cfg.train_shift is None and backbone == "sana":
+        cfg.train_shift = 1.0  # the official SANA trainer: uniform sigma (flow_shift unused)
+    if cfg.rand_cond_prompts and cfg.rand_cond_timing is None:  # as the official trainers
+        cfg.rand_cond_timing = "independent" if backbone in FLOW_BACKBONES else "step"
     if not cfg.timestep_sampler:  # the paper and the official SANA script; SD3: its own
         cfg.timestep_sampler = "logit_normal" if backbone == "sd3" else "uniform"
     _choice("timestep sampler", cfg.timestep_sampler, SAMPLERS)
@@ -432,6 +496,8 @@ def resume_mismatches(
     out = []
     for f in fields(TrainConfig):
         if f.name in RESUME_MAY_CHANGE or f.name in RESUME_BATCH:
+            continue
+        if f.name in _ONLY_WHEN and not _ONLY_WHEN[f.name](cfg):
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         new, old = getattr(cfg, f.name), saved.get(f.name, _LEGACY_MISSING.get(f.name, default))
