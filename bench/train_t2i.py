@@ -436,7 +436,8 @@ class Trainer:
         """LoRA, the reference and its probe, the policy pair, the optimizer, the generator."""
         cfg, env, backbone, policy = self.cfg, self.env, self.backbone, self.policy
         if cfg.lora:
-            _usage(lambda: add_lora(policy, cfg.lora, cfg.lora_alpha, cfg.lora_target_list()))
+            targets = cfg.lora_target_list()
+            _usage(lambda: add_lora(policy, cfg.lora, cfg.lora_alpha, targets, cfg.lora_init))
         if cfg.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
         policy.train()

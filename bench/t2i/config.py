@@ -135,6 +135,13 @@ class TrainConfig:
         None,
         "comma-separated module names LoRA adapts; unset: to_q,to_k,to_v,to_out.0 plus the joint-attention add_q/k/v_proj,to_add_out where the denoiser has them (sd3). The official DDSPO SANA trainer uses to_k,to_q,to_v",
     )
+    lora_init: str = opt(
+        "gaussian",
+        "LoRA initialisation (B = 0 in both): gaussian (A ~ N(0, 1/rank^2), as diffusers' DPO "
+        "example and the official DDSPO SD3/SANA trainers) | kaiming (peft's default "
+        "Kaiming-uniform A, as the official DD-CPP pair; train_policy_pair.py's default)",
+        choices=("gaussian", "kaiming"),
+    )
     gradient_checkpointing: bool = opt(False, "trade compute for activation memory")
     # --- method (SPEC §2-§4)
     method: str = opt("ddspo", "sft | dpo | dspo | dspo_cpp | ddspo")
@@ -388,6 +395,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.ref_tau < 1 or not cfg.ref_delta > 0 or cfg.ref_probe < 1:
         raise UsageError("--ref-tau and --ref-probe must be >= 1 and --ref-delta > 0")
     _choice("sft branch", cfg.sft_branch, SFT_BRANCHES)
+    _choice("lora init", cfg.lora_init, ("gaussian", "kaiming"))
     if cfg.sft_branch != "winner" and cfg.method != "sft":
         raise UsageError("--sft-branch applies to --method sft only")
     if cfg.target_guidance != 1.0 and cfg.method not in CPP_METHODS:
