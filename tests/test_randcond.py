@@ -41,7 +41,8 @@ def test_read_extra_prompts(tmp_path):
                 {"prompt": "a red cube on a table", "neg_prompts": ["a cube", "red table"]},
                 {"prompt": "in the training set", "neg_prompts": ["training"]},
                 {"prompt": "single", "neg_prompt": "singular"},
-                {"prompt": "no usable neg", "neg_prompts": ["no usable neg", " "]},
+                {"prompt": "same as its neg", "neg_prompts": ["same as its neg", " "]},
+                {"prompt": "no neg", "neg_prompts": []},
             ]
         )
         + "\n\n"
@@ -52,8 +53,19 @@ def test_read_extra_prompts(tmp_path):
     assert got == [
         ExtraPrompt("a red cube on a table", ("a cube", "red table")),
         ExtraPrompt("single", ("singular",)),
+        ExtraPrompt("same as its neg", ("same as its neg", " ")),
         ExtraPrompt("two words here", ()),
     ]
+    # the official loader (ddspo/data.py), transcribed, keeps the same "neg_prompts" entries
+    official = []
+    for line in j.read_text().splitlines():
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        negs = item.get("neg_prompts")
+        if item["prompt"] != "in the training set" and isinstance(negs, list) and negs:
+            official.append(ExtraPrompt(item["prompt"], tuple(negs)))
+    assert [e for e in got if e.prompt != "single" and e.negs] == official
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok", "neg_prompts": ["o"]}\n{oops\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):

@@ -20,7 +20,8 @@ row's *prompts and targets* at training time, per step, depending on its noise l
 Extra prompt files: ``.jsonl`` lines ``{"prompt": ..., "neg_prompts": [...]}`` (the official
 format; ``"neg_prompt": "..."`` also works) or ``.txt`` (one prompt per line; ``c'-`` is
 then made by random word removal at draw time). Prompts that are in the training set and
-entries without a usable degraded prompt are left out, as the official loader does.
+``.jsonl`` entries with an empty prompt or no degraded prompt are left out, as the official
+loader does; it keeps degraded prompts equal to their prompt, and so do we.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def _jsonl_item(path: Path, n: int, line: str) -> ExtraPrompt | None:
     negs = [negs] if isinstance(negs, str) else negs
     if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
         raise ValueError(f'{path}:{n}: "neg_prompts" must be a list of strings')
-    negs = [x for x in negs if x.strip() and x.strip() != item["prompt"].strip()]
-    return ExtraPrompt(item["prompt"], tuple(negs)) if negs else None
+    # as the official loader: every listed degraded prompt counts, even one equal to the
+    # prompt (that row's contrast is then zero); an empty list makes the entry unusable
+    return ExtraPrompt(item["prompt"], tuple(negs)) if negs and item["prompt"] else None
 
 
 def read_extra_prompts(
@@ -85,7 +87,7 @@ def read_extra_prompts(
     if not out:
         raise ValueError(
             f"no usable extra prompt in {', '.join(map(str, paths))} (each needs a degraded "
-            "prompt that differs from it, or two words for random removal; prompts of the "
+            "prompt, or two words for random removal; prompts of the "
             "training set are left out)"
         )
     return out
