@@ -45,7 +45,7 @@ from bench.t2i.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from bench.t2i.cli import DTYPES
+from bench.t2i.cli import DTYPES, torch_dtype
 from bench.t2i.config import (
     TrainConfig,
     UsageError,
@@ -420,7 +420,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical init on every rank (LoRA); DDP broadcasts anyway
         self.backbone = backbone = load_model(cfg)
         self.cfg = cfg = resolve_for_backbone(cfg, backbone.name)
-        backbone.to(self.device, None if self.dtype == torch.float32 else self.dtype)
+        text_dtype = torch_dtype(cfg.text_dtype) if cfg.text_dtype else None
+        backbone.to(self.device, None if self.dtype == torch.float32 else self.dtype, text_dtype)
         self.policy = backbone.denoiser  # fp32 master weights; autocast does the rest
         self.dataset = dataset or open_data(cfg, env, backbone)
         check_data(self.dataset, backbone)

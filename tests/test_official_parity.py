@@ -150,3 +150,23 @@ def test_trainer_first_step_at_lr_zero_leaves_the_weights(data, tmp_path):
     assert train_t2i.main([*base, "--out", str(tmp_path / "b"), "--warmup-from", "1"]) == 0
     recs = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in recs if "loss" in r] == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+def test_text_dtype_puts_the_text_encoders_alone_in_bf16(tmp_path):
+    """``--text-dtype bf16``: the official SANA trainer's Gemma-2 in bf16 while the rest
+    (here fp32) keeps its dtype; the encodings reach the denoiser in its own dtype."""
+    bb = tiny_backbone("sana")
+    bb.to("cpu", None, torch.bfloat16)
+    enc, vae = bb.components["text_encoder"], bb.vae
+    assert next(enc.parameters()).dtype == torch.bfloat16
+    assert next(vae.parameters()).dtype == next(bb.denoiser.parameters()).dtype == torch.float32
+    cond = bb.encode_prompts(["a red cube", ""])
+    assert cond.tensors["encoder_hidden_states"].dtype == torch.bfloat16
+    x = torch.zeros(2, bb.latent_channels, 8, 8)
+    assert bb.forward(bb.denoiser, x, torch.tensor([100, 900]), cond).dtype == torch.float32
+    argv = ["--tiny", "--backbone", "sana", "--max-steps", "1", "--batch-size", "1",
+            "--tiny-pairs", "2", "--no-progress", "--out", str(tmp_path / "r")]  # fmt: skip
+    assert train_t2i.main([*argv, "--text-dtype", "bf16"]) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["text_dtype"] == "bf16"
+    with pytest.raises(UsageError, match="--text-dtype fp16 needs CUDA"):
+        resolve(TrainConfig(tiny=True, device="cpu", text_dtype="fp16"))

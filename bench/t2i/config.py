@@ -269,6 +269,13 @@ class TrainConfig:
         choices=tuple(DTYPES),
         parse=dtype_name,
     )
+    text_dtype: str | None = opt(
+        None,
+        "dtype of the text encoders; unset: the compute dtype (--dtype). The official SANA "
+        "trainer keeps Gemma-2 in bf16 whatever its precision: --text-dtype bf16",
+        choices=tuple(DTYPES),
+        parse=dtype_name,
+    )
     # --- logging, checkpoints, faults
     log_every: int = opt(1, "write a metrics.jsonl line every n steps")
     ckpt_every: int = opt(0, "checkpoint every n steps (0 = only at the end)")
@@ -431,6 +438,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UsageError("--beta-logit applies to dspo and dspo_cpp only")
     if cfg.dtype == "fp16" and cfg.device == "cpu":
         raise UsageError("--dtype fp16 needs CUDA; use bf16 or fp32 on CPU")
+    if cfg.text_dtype is not None:
+        _choice("text dtype", cfg.text_dtype, tuple(DTYPES))
+        if cfg.text_dtype == "fp16" and cfg.device == "cpu":
+            raise UsageError("--text-dtype fp16 needs CUDA; use bf16 or fp32 on CPU")
     try:
         cfg.nan_steps()
     except ValueError:
