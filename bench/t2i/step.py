@@ -173,7 +173,7 @@ def train_process(cfg: TrainConfig, backbone: Backbone):
     ``--train-shift s`` (flow backbones) the same with the resolution shift ``s``. Only the
     draw of ``t`` changes (``x_t``, targets and weights depend on ``sigma = t / T`` alone);
     sampling keeps the pipeline's shift."""
-    shift = getattr(cfg, "train_shift", None)
+    shift = cfg.train_shift
     if shift is None or shift == getattr(backbone.schedule, "shift", None):
         return backbone.process
     if not hasattr(backbone.schedule, "shift"):
