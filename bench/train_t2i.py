@@ -596,8 +596,9 @@ class Trainer:
                 sums[-1] += swapped.double().mean().item()
             prompts, negs = drop_prompts(cfg, self.gen, prompts, negs)
             conds = encode_step(
-                bb, prompts, negs, need_neg=cfg.uses_neg, need_uncond=cfg.target_guidance != 1.0
-            )
+                bb, prompts, negs, need_neg=cfg.uses_neg, need_uncond=cfg.target_guidance != 1.0,
+                encode_empty=cfg.dropped_prompt_encoding == "encoded",
+            )  # fmt: skip
             with no_sync(self.ddp, sync=micro == cfg.grad_accum - 1):  # all-reduce on the last
                 with self.autocast():
                     loss_vec, diag = compute_loss(

@@ -170,3 +170,40 @@ def test_text_dtype_puts_the_text_encoders_alone_in_bf16(tmp_path):
     assert json.loads((tmp_path / "r" / "config.json").read_text())["text_dtype"] == "bf16"
     with pytest.raises(UsageError, match="--text-dtype fp16 needs CUDA"):
         resolve(TrainConfig(tiny=True, device="cpu", text_dtype="fp16"))
+
+
+def _diffusion_dpo_sdxl_encoding(bb, captions):
+    """Diffusion-DPO's SDXL trainer (``encode_prompt_sdxl``), transcribed: each tokenizer
+    pads to its max length, penultimate hidden states concatenated, the pooled output of
+    the last encoder; ``""`` is encoded like any caption."""
+    hs = []
+    for tk, ek in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        tok, enc = bb.components[tk], bb.components[ek]
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        out = enc(ids, output_hidden_states=True)
+        hs.append(out.hidden_states[-2])
+        pooled = out[0]
+    return torch.cat(hs, dim=-1), pooled
+
+
+def test_sdxl_dropped_prompts_are_encoded_as_diffusion_dpo():
+    from bench.t2i.step import encode_step
+
+    bb = tiny_backbone("sdxl")
+    prompts, negs = ["a red cube", ""], ["a cube", ""]  # the second pair dropped
+    with torch.no_grad():
+        h_ref, pooled_ref = _diffusion_dpo_sdxl_encoding(bb, prompts)
+        c, c_neg, unc = encode_step(bb, prompts, negs, need_neg=True, need_uncond=True,
+                                    encode_empty=True)  # fmt: skip
+        z, _, z_unc = encode_step(bb, prompts, negs, need_neg=True, need_uncond=True)
+    torch.testing.assert_close(c.tensors["encoder_hidden_states"], h_ref)
+    torch.testing.assert_close(c.tensors["text_embeds"], pooled_ref)
+    torch.testing.assert_close(c_neg.index(torch.tensor([1])).tensors["text_embeds"],
+                               pooled_ref[1:])  # fmt: skip
+    assert h_ref[1].abs().sum() > 0 and not z.tensors["encoder_hidden_states"][1].any()
+    for u in (unc, z_unc):  # the unconditional branch stays the pipeline's zeros
+        assert not u.tensors["encoder_hidden_states"].any() and not u.tensors["text_embeds"].any()
+    assert bb.zero_empty_prompt  # restored
+    cfg = resolve(TrainConfig(tiny=True, backbone="sdxl", proportion_empty_prompts=0.2))
+    assert cfg.dropped_prompt_encoding == "encoded"

@@ -68,12 +68,14 @@ _LEGACY_MISSING = {
     "rand_cond_kept": "forward",
     "rand_cond_timing": "step",
     "warmup_from": 1,
+    "dropped_prompt_encoding": "zeros",
 }
 #: fields that change nothing while their condition on the config is false (not compared then)
 _ONLY_WHEN = {
     "rand_cond_kept": lambda c: bool(c.rand_cond_prompts),
     "rand_cond_timing": lambda c: bool(c.rand_cond_prompts),
     "warmup_from": lambda c: bool(c.warmup_steps),
+    "dropped_prompt_encoding": lambda c: c.proportion_empty_prompts > 0 and c.backbone == "sdxl",
 }
 #: fields whose unset value was written 0 or "" before it became None (older flags, --config
 #: files and saved config.json files keep working: 0 / "" still mean "the default")
@@ -173,6 +175,13 @@ class TrainConfig:
     proportion_empty_prompts: float = opt(
         0.0,
         "share of pairs trained on the empty prompt (Diffusion-DPO/DSPO use 0.2; DDSPO's official code 0)",
+    )
+    dropped_prompt_encoding: str = opt(
+        "encoded",
+        'sdxl with --proportion-empty-prompts: a dropped prompt is encoded: encoded ("" '
+        "through both CLIPs, as Diffusion-DPO's SDXL trainer) | zeros (the pipeline's zero "
+        'embeddings for "", as its CFG branch); other backbones always encode ""',
+        choices=("encoded", "zeros"),
     )
     rand_cond_prompts: list[str] = opt(
         [],
@@ -403,6 +412,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UsageError("--ref-tau and --ref-probe must be >= 1 and --ref-delta > 0")
     _choice("sft branch", cfg.sft_branch, SFT_BRANCHES)
     _choice("lora init", cfg.lora_init, ("gaussian", "kaiming"))
+    _choice("dropped prompt encoding", cfg.dropped_prompt_encoding, ("encoded", "zeros"))
     if cfg.sft_branch != "winner" and cfg.method != "sft":
         raise UsageError("--sft-branch applies to --method sft only")
     if cfg.target_guidance != 1.0 and cfg.method not in CPP_METHODS:

@@ -24,23 +24,46 @@ DIAG_KEYS = ("implicit_acc", "gap_w", "gap_l", "err_w", "err_l")
 
 
 def encode_step(
-    backbone: Backbone, prompts: list[str], neg_prompts: list[str], *, need_neg, need_uncond
+    backbone: Backbone,
+    prompts: list[str],
+    neg_prompts: list[str],
+    *,
+    need_neg,
+    need_uncond,
+    encode_empty: bool = False,
 ) -> tuple[Cond, Cond | None, Cond | None]:
-    """Encode the step's unique prompts in ONE text-encoder call -> ``(c, c-, ∅)`` per row."""
+    """Encode the step's unique prompts in ONE text-encoder call -> ``(c, c-, ∅)`` per row.
+
+    ``encode_empty`` (``--dropped-prompt-encoding encoded``): a prompt ``""`` in ``prompts``
+    or ``neg_prompts`` (one ``--proportion-empty-prompts`` dropped) goes through the text
+    encoders even where the backbone gives ``""`` zero embeddings (SDXL), as Diffusion-DPO's
+    SDXL trainer encodes it; the unconditional ``∅`` keeps the pipeline's encoding."""
+    raw = encode_empty and getattr(backbone, "zero_empty_prompt", False)
     texts = list(prompts)
     if need_neg:
         texts += neg_prompts
-    if need_uncond:
+    if need_uncond and not raw:
         texts.append("")
     texts = list(dict.fromkeys(texts))  # unique, in order
     row = {p: i for i, p in enumerate(texts)}
-    enc = backbone.encode_prompts(texts)
+    if raw:  # SDXL: "" through the CLIPs for the dropped rows
+        backbone.zero_empty_prompt = False
+        try:
+            enc = backbone.encode_prompts(texts)
+        finally:
+            backbone.zero_empty_prompt = True
+    else:
+        enc = backbone.encode_prompts(texts)
 
     def pick(ps: list[str]) -> Cond:
         return enc.index(torch.tensor([row[p] for p in ps]))
 
     c_neg = pick(neg_prompts) if need_neg else None
-    c_uncond = pick([""] * len(prompts)) if need_uncond else None
+    c_uncond = None
+    if need_uncond:
+        c_uncond = (
+            backbone.encode_prompts([""]).repeat(len(prompts)) if raw else pick([""] * len(prompts))
+        )
     return pick(prompts), c_neg, c_uncond
 
 
