@@ -27,8 +27,8 @@ What still differs from the official pair: it trains both adapters in ONE run, w
 optimizer over both, the loss ``mse_win + mse_lose`` and one gradient clip (norm 1) over
 both adapters together, and draws one ``t`` but separate noise for the two sides of a pair.
 Here the two models train in two runs, each clipped on its own norm, and (same ``--seed``)
-see the same ``t`` and the same noise for a pair. AdamW is per-parameter, so the two forms
-agree exactly whenever neither clip is active. With ``--tiny`` and no ``--data`` the winner run builds its demo pairs into
+see the same ``t`` and the same noise for a pair. AdamW is per-parameter, so given the same
+draws the two forms take the same steps whenever neither clip is active. With ``--tiny`` and no ``--data`` the winner run builds its demo pairs into
 ``OUT/winner/data`` and the loser run reads the same ones.
 
 Each fine-tune runs as its own ``train_t2i.py`` process (``--nproc N``: under
