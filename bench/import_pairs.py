@@ -76,7 +76,10 @@ class ImportConfig(OutputArgs, DeviceArgs, ModelArgs):
     )
     neg_key: str = opt(DDSPO_NEG_KEY, "ddspo: field of the perturbed prompt c-")
     latents_dir: str = opt("latents", "ddspo: latent subdirectory")
-    neg_suffix: str = opt(NEG_SUFFIX, "ddspo: loser file name suffix before .safetensors")
+    neg_suffix: str = opt(
+        NEG_SUFFIX,
+        "ddspo: loser file name suffix before .safetensors, for lines without pos_file/neg_file",
+    )
     latent_key: str | None = opt(
         None, "ddspo: tensor name in each latent file (default: its only one)"
     )
@@ -94,8 +97,12 @@ class ImportConfig(OutputArgs, DeviceArgs, ModelArgs):
     split: str = opt("train", "pickapic: split of a saved DatasetDict")
     max_pairs: int | None = opt(None, "pickapic: import only the first N kept pairs")
     shard_size: int = opt(64, "pairs per shard file")
-    latent_dtype: str = opt(
-        "fp16", "storage dtype of the latents", choices=("fp16", "fp32"), parse=latent_dtype_name
+    latent_dtype: str | None = opt(
+        None,
+        "storage dtype of the latents; unset: ddspo: the source's (fp16 when every source "
+        "latent is fp16, else fp32), pickapic: fp16",
+        choices=("fp16", "fp32"),
+        parse=latent_dtype_name,
     )
 
 
@@ -125,7 +132,8 @@ def _import_ddspo(cfg: ImportConfig, path: str) -> Path:
         prompt_keys=tuple(cfg.prompt_key or DDSPO_PROMPT_KEYS), neg_key=cfg.neg_key,
         latents_dir=cfg.latents_dir, neg_suffix=cfg.neg_suffix, latent_key=cfg.latent_key,
         latent_scale=cfg.latent_scale, shard_size=cfg.shard_size,
-        latent_dtype=storage_dtype(cfg.latent_dtype), progress=cfg.progress,
+        latent_dtype=storage_dtype(cfg.latent_dtype) if cfg.latent_dtype else None,
+        progress=cfg.progress,
     )  # fmt: skip
 
 
@@ -144,7 +152,7 @@ def _import_pickapic(cfg: ImportConfig, path: str) -> Path:
     return import_pickapic(
         path, cfg.out, bb.encode_images, backbone=bb.name, latent_shape=shape,
         resolution=resolution, split=cfg.split, columns=columns, shard_size=cfg.shard_size,
-        batch_size=cfg.batch_size, latent_dtype=storage_dtype(cfg.latent_dtype),
+        batch_size=cfg.batch_size, latent_dtype=storage_dtype(cfg.latent_dtype or "fp16"),
         max_pairs=cfg.max_pairs, progress=cfg.progress,
     )  # fmt: skip
 

@@ -16,10 +16,19 @@ then it prints the flags for the DDSPO run that uses the pair as its targets::
         --winner-policy runs/pair/winner/final --loser-policy runs/pair/loser/final ...
 
 Defaults are the official DD-CPP pair recipe (``scripts/train_ddspo_lora_target.sh`` and
-``train_lora_target.py``): LoRA rank 4 (alpha = rank), lr 1e-4, 300 steps. Every other flag
-(``--tiny``, ``--pretrained``, ``--data``, ``--batch-size``, ``--grad-accum``, ``--seed``,
-``--dtype``, ...) is passed unchanged to both runs; ``--method``/``--sft-branch`` are this
-command's. With ``--tiny`` and no ``--data`` the winner run builds its demo pairs into
+``train_lora_target.py``): LoRA rank 4 (alpha = rank) with peft's default initialisation
+(Kaiming-uniform A, B = 0; ``--lora-init``), lr 1e-4, 300 steps of 2048 pairs
+(``--pairs-per-step``; ``--batch-size`` pairs per rank per micro-step, the gradient
+accumulation follows). Every other flag (``--tiny``, ``--pretrained``, ``--data``,
+``--seed``, ``--dtype``, ...) is passed unchanged to both runs; ``--method``/
+``--sft-branch`` are this command's.
+
+What still differs from the official pair: it trains both adapters in ONE run, with one
+optimizer over both, the loss ``mse_win + mse_lose`` and one gradient clip (norm 1) over
+both adapters together, and draws one ``t`` but separate noise for the two sides of a pair.
+Here the two models train in two runs, each clipped on its own norm, and (same ``--seed``)
+see the same ``t`` and the same noise for a pair. AdamW is per-parameter, so given the same
+draws the two forms take the same steps whenever neither clip is active. With ``--tiny`` and no ``--data`` the winner run builds its demo pairs into
 ``OUT/winner/data`` and the loser run reads the same ones.
 
 Each fine-tune runs as its own ``train_t2i.py`` process (``--nproc N``: under
@@ -45,6 +54,7 @@ TRAINER = Path(__file__).resolve().with_name("train_t2i.py")
 PAIR_LORA_RANK = 4
 PAIR_LR = 1e-4
 PAIR_STEPS = 300
+PAIR_PAIRS_PER_STEP = 2048  # --train_batch_size 1 --gradient_accumulation_steps 2048
 OWN = ("--method", "--sft-branch", "--winner-policy", "--loser-policy", "--resume")
 
 
@@ -55,8 +65,19 @@ class PolicyPairConfig:
         PAIR_LORA_RANK,
         "LoRA rank (the official DD-CPP pair's --lora_rank; 0 = full fine-tunes)",
     )
+    lora_init: str = opt(
+        "kaiming",
+        "LoRA initialisation: kaiming (peft's default, the official pair's) | gaussian",
+        choices=("kaiming", "gaussian"),
+    )
     lr: float = opt(PAIR_LR, "learning rate (official)")
     max_steps: int = opt(PAIR_STEPS, "optimizer steps per model (official)")
+    pairs_per_step: int = opt(
+        PAIR_PAIRS_PER_STEP,
+        "pairs per optimizer step over all ranks (official: 1 x 2048 accumulated); "
+        "--grad-accum = this / (--batch-size x --nproc), which must divide it",
+    )
+    batch_size: int = opt(8, "pairs per rank per micro-step (memory; only pairs per step count)")
     nproc: int = opt(1, "ranks per run (> 1: torch.distributed.run)")
 
 
@@ -86,11 +107,21 @@ def plan(argv: Sequence[str] | None) -> tuple[PolicyPairConfig, list[tuple[str, 
     for flag in rest:
         if flag.split("=")[0] in OWN:
             raise UsageError(f"{flag.split('=')[0]} is set by this command")
+        if flag.split("=")[0] == "--grad-accum":
+            raise UsageError("--grad-accum is set by this command (from --pairs-per-step)")
     check_at_least(ns, ("lora",), 0)
-    check_at_least(ns, ("max_steps", "nproc"), 1)
+    check_at_least(ns, ("max_steps", "nproc", "batch_size", "pairs_per_step"), 1)
+    per_micro = ns.batch_size * ns.nproc
+    if ns.pairs_per_step % per_micro:
+        raise UsageError(
+            f"--pairs-per-step {ns.pairs_per_step} is not a multiple of --batch-size x "
+            f"--nproc = {per_micro}"
+        )
     out = check_out_dir(ns.out)  # one line here, not one per fine-tune
-    common = ["--method", "sft", "--lora", str(ns.lora), "--lr", repr(ns.lr)]
-    common += ["--max-steps", str(ns.max_steps), *rest]
+    common = ["--method", "sft", "--lora", str(ns.lora), "--lora-init", ns.lora_init]
+    common += ["--lr", repr(ns.lr), "--max-steps", str(ns.max_steps)]
+    common += ["--batch-size", str(ns.batch_size)]
+    common += ["--grad-accum", str(ns.pairs_per_step // per_micro), *rest]
     has_data = any(a == "--data" or a.startswith("--data=") for a in rest)
     runs = []
     for side in ("winner", "loser"):

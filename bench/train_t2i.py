@@ -45,7 +45,7 @@ from bench.t2i.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from bench.t2i.cli import DTYPES
+from bench.t2i.cli import DTYPES, torch_dtype
 from bench.t2i.config import (
     TrainConfig,
     UsageError,
@@ -427,7 +427,8 @@ class Trainer:
         self.backbone = backbone = load_model(cfg)
         self.base = base_record(backbone, cfg.pretrained, backbone.name if cfg.tiny else None)
         self.cfg = cfg = resolve_for_backbone(cfg, backbone.name)
-        backbone.to(self.device, None if self.dtype == torch.float32 else self.dtype)
+        text_dtype = torch_dtype(cfg.text_dtype) if cfg.text_dtype else None
+        backbone.to(self.device, None if self.dtype == torch.float32 else self.dtype, text_dtype)
         self.policy = backbone.denoiser  # fp32 master weights; autocast does the rest
         self.dataset = dataset or open_data(cfg, env, backbone)
         check_data(self.dataset, backbone)
@@ -450,7 +451,8 @@ class Trainer:
         """LoRA, the reference and its probe, the policy pair, the optimizer, the generator."""
         cfg, env, backbone, policy = self.cfg, self.env, self.backbone, self.policy
         if cfg.lora:
-            _usage(lambda: add_lora(policy, cfg.lora, cfg.lora_alpha, cfg.lora_target_list()))
+            targets = cfg.lora_target_list()
+            _usage(lambda: add_lora(policy, cfg.lora, cfg.lora_alpha, targets, cfg.lora_init))
         if cfg.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
         policy.train()
@@ -606,13 +608,14 @@ class Trainer:
             if self.extra:  # random-condition mixing: rows swapped by their noise level
                 prompts, negs, swapped = mix_rows(
                     prompts, negs, t, bb.num_train_timesteps, self.gen, self.extra,
-                    cfg.rand_cond_schedule, cfg.rand_cond_lambda,
+                    cfg.rand_cond_schedule, cfg.rand_cond_lambda, cfg.rand_cond_timing,
                 )  # fmt: skip
                 sums[-1] += swapped.double().mean().item()
             prompts, negs = drop_prompts(cfg, self.gen, prompts, negs)
             conds = encode_step(
-                bb, prompts, negs, need_neg=cfg.uses_neg, need_uncond=cfg.target_guidance != 1.0
-            )
+                bb, prompts, negs, need_neg=cfg.uses_neg, need_uncond=cfg.target_guidance != 1.0,
+                encode_empty=cfg.dropped_prompt_encoding == "encoded",
+            )  # fmt: skip
             with no_sync(self.ddp, sync=micro == cfg.grad_accum - 1):  # all-reduce on the last
                 with self.autocast():
                     loss_vec, diag = compute_loss(

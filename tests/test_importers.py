@@ -284,6 +284,76 @@ def test_ddspo_bad_input(tmp_path, capsys):
     assert "latent shape (4, 8, 8) for id '0001'" in _err(capsys)
 
 
+def _official_pairs(src):
+    """The official loader (ddspo/data.py), transcribed: each metadata line's ``pos_file``
+    and ``neg_file`` under ``latents/``, key ``"latent"``."""
+    from safetensors.torch import load_file
+
+    out = []
+    for line in (src / "metadata.jsonl").read_text().splitlines():
+        item = json.loads(line)
+        w = load_file(str(src / "latents" / item["pos_file"]))["latent"]
+        lo = load_file(str(src / "latents" / item["neg_file"]))["latent"]
+        prompt = item.get("prompt", item.get("caption"))  # _ddspo writes one caption
+        out.append((prompt, w.reshape(w.shape[-3:]), lo.reshape(lo.shape[-3:])))
+    return out
+
+
+def test_ddspo_import_reads_the_named_files_in_the_source_dtype(tmp_path, capsys):
+    """pos_file/neg_file name the latents (here: names unrelated to the ids, and a pair
+    whose names are the other way round from the id convention); fp32 latents stay fp32."""
+    src = tmp_path / "ddspo"
+    _ddspo(src, n=3)
+    lines = [json.loads(x) for x in (src / "metadata.jsonl").read_text().splitlines()]
+    (src / "latents" / "sub").mkdir()
+    for i, x in enumerate(lines):
+        pos, neg = f"{x['id']}.safetensors", f"{x['id']}_neg.safetensors"
+        if i == 1:  # the winner is the file the id convention calls the loser's
+            pos, neg = neg, pos
+        (src / "latents" / pos).rename(src / "latents" / "sub" / f"w{i}.st")
+        (src / "latents" / neg).rename(src / "latents" / f"l{i}.st")
+        x.update(pos_file=f"sub/w{i}.st", neg_file=f"l{i}.st")
+    (src / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out"
+    assert main(["--from", "ddspo", str(src), "--out", str(out), "--no-progress"]) == 0
+    ds = PairDataset(out)
+    assert ds.info["latent_dtype"] == "float32"
+    for i, (prompt, w, lo) in enumerate(_official_pairs(src)):
+        assert ds[i]["prompt"] == prompt
+        assert torch.equal(ds[i]["x0_w"], w) and torch.equal(ds[i]["x0_l"], lo)  # bit for bit
+    # fp16 sources stay fp16; --latent-dtype still chooses
+    for f in (src / "latents").rglob("*.st"):
+        save_file({"latent": torch.randn(4, 16, 16).half()}, str(f))
+    assert main(["--from", "ddspo", str(src), "--out", str(tmp_path / "h"), "--no-progress"]) == 0
+    assert PairDataset(tmp_path / "h").info["latent_dtype"] == "float16"
+    argv = ["--from", "ddspo", str(src), "--no-progress", "--latent-dtype", "fp32"]
+    assert main([*argv, "--out", str(tmp_path / "f")]) == 0
+    assert PairDataset(tmp_path / "f").info["latent_dtype"] == "float32"
+
+
+@pytest.mark.parametrize(
+    "pos_file, culprit",
+    [("../escape.st", "pos_file '../escape.st' is not a file name inside the latents folder"),
+     ("/abs/w.st", "pos_file '/abs/w.st' is not a file name inside the latents folder"),
+     ("gone.st", "gone.st: missing latent file for id '0000'"),
+     (None, "'neg_file' without 'pos_file'")],
+)  # fmt: skip
+def test_ddspo_named_files_refused(tmp_path, capsys, pos_file, culprit):
+    src = tmp_path / "ddspo"
+    _ddspo(src, n=2)
+    (tmp_path / "escape.st").write_bytes((src / "latents" / "0000.safetensors").read_bytes())
+    lines = [json.loads(x) for x in (src / "metadata.jsonl").read_text().splitlines()]
+    lines[0]["neg_file"] = "0000_neg.safetensors"
+    if pos_file is not None:
+        lines[0]["pos_file"] = pos_file
+    (src / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out"
+    assert main(["--from", "ddspo", str(src), "--out", str(out), "--no-progress"]) == 2
+    err = _err(capsys)
+    assert culprit in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_train_on_ddspo_import(tmp_path):
     src, out = tmp_path / "ddspo", tmp_path / "out"
     _ddspo(src, n=4)

@@ -37,7 +37,7 @@ def pair_run(data, tmp_path_factory) -> Path:
     """``train_policy_pair --tiny --max-steps 2`` (runs in this process)."""
     out = tmp_path_factory.mktemp("pair")
     argv = ["--tiny", "--data", str(data), "--max-steps", "2", "--out", str(out)]
-    argv += ["--no-progress", "--batch-size", "2"]
+    argv += ["--no-progress", "--batch-size", "2", "--pairs-per-step", "2"]
     assert train_policy_pair.main(argv, run=train_t2i.main) == 0
     return out
 
@@ -109,9 +109,50 @@ def test_policy_pair_command_plan_and_errors(capsys):
         cfg = parse_args(args)  # every forwarded flag is the trainer's
         assert (cfg.method, cfg.sft_branch, cfg.out) == ("sft", side, str(Path("o") / side))
         assert (cfg.lora, cfg.lr, cfg.max_steps) == (4, 1e-4, 300)  # the official pair recipe
+        assert (cfg.lora_init, cfg.batch_size * cfg.grad_accum) == ("kaiming", 2048)
     assert parse_args(l_args).data == str(Path("o") / "winner" / "data")  # same demo pairs
-    assert train_policy_pair.main(["--tiny", "--method", "dpo"]) == 2
-    assert "set by this command" in capsys.readouterr().err
+    _, runs = train_policy_pair.plan(["--tiny", "--batch-size", "4", "--nproc", "2"])
+    assert (parse_args(runs[0][1]).batch_size, parse_args(runs[0][1]).grad_accum) == (4, 256)
+    for argv, culprit in (
+        (["--tiny", "--method", "dpo"], "--method is set by this command"),
+        (["--tiny", "--grad-accum", "2"], "--grad-accum is set by this command"),
+        (["--tiny", "--pairs-per-step", "100"], "--pairs-per-step 100 is not a multiple"),
+    ):
+        assert train_policy_pair.main(argv) == 2
+        err = capsys.readouterr().err
+        assert culprit in err and len(err.strip().splitlines()) == 1
+
+
+def test_pair_lora_init_is_peft_default_as_the_official_pair():
+    """``--lora-init kaiming`` draws exactly what the official pair's
+    ``get_peft_model(unet, LoraConfig(r=4, lora_alpha=4, target_modules=[to_q, to_k, to_v,
+    to_out.0]))`` draws from the same seed (peft's default: Kaiming-uniform A, B = 0);
+    ``gaussian`` (the main trainer's default) is A ~ N(0, 1/r^2)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_backbone("sd").denoiser
+    torch.manual_seed(0)
+    official = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=4, lora_alpha=4.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"], lora_dropout=0.0
+    ))  # fmt: skip
+    want = {n.replace("base_model.model.", ""): p for n, p in official.named_parameters()
+            if "lora_" in n}  # fmt: skip
+    ours = {}
+    for init in ("kaiming", "gaussian"):
+        net = copy.deepcopy(base)
+        torch.manual_seed(0)
+        add_lora(net, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"], init=init)
+        ours[init] = {n: p for n, p in net.named_parameters() if "lora_" in n}
+    assert want.keys() == ours["kaiming"].keys() and len(want) > 0
+    for n, p in want.items():
+        assert torch.equal(ours["kaiming"][n], p), n
+    a = torch.cat([p.flatten() for n, p in ours["gaussian"].items() if "lora_A" in n])
+    assert a.std().item() == pytest.approx(1 / 4, rel=0.1)  # peft's "gaussian": std 1/r
+    assert all(not p.any() for n, p in ours["gaussian"].items() if "lora_B" in n)
+    with pytest.raises(ValueError, match="--lora-init"):
+        add_lora(copy.deepcopy(base), 4, 4.0, init="uniform")
 
 
 @pytest.mark.parametrize(

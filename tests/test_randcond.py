@@ -41,7 +41,8 @@ def test_read_extra_prompts(tmp_path):
                 {"prompt": "a red cube on a table", "neg_prompts": ["a cube", "red table"]},
                 {"prompt": "in the training set", "neg_prompts": ["training"]},
                 {"prompt": "single", "neg_prompt": "singular"},
-                {"prompt": "no usable neg", "neg_prompts": ["no usable neg", " "]},
+                {"prompt": "same as its neg", "neg_prompts": ["same as its neg", " "]},
+                {"prompt": "no neg", "neg_prompts": []},
             ]
         )
         + "\n\n"
@@ -52,8 +53,19 @@ def test_read_extra_prompts(tmp_path):
     assert got == [
         ExtraPrompt("a red cube on a table", ("a cube", "red table")),
         ExtraPrompt("single", ("singular",)),
+        ExtraPrompt("same as its neg", ("same as its neg", " ")),
         ExtraPrompt("two words here", ()),
     ]
+    # the official loader (ddspo/data.py), transcribed, keeps the same "neg_prompts" entries
+    official = []
+    for line in j.read_text().splitlines():
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        negs = item.get("neg_prompts")
+        if item["prompt"] != "in the training set" and isinstance(negs, list) and negs:
+            official.append(ExtraPrompt(item["prompt"], tuple(negs)))
+    assert [e for e in got if e.prompt != "single" and e.negs] == official
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok", "neg_prompts": ["o"]}\n{oops\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
@@ -104,7 +116,8 @@ def step_inputs():
 @pytest.mark.parametrize("method", ["ddspo", "dspo_cpp"])
 def test_kept_rows_train_like_the_forward_target_method(step_inputs, method):
     bb, policy, ref, args = step_inputs
-    cfg = resolve(TrainConfig(tiny=True, method=method, beta=5.0))
+    rc = dict(rand_cond_prompts=["x.jsonl"], rand_cond_kept="forward")
+    cfg = resolve(TrainConfig(tiny=True, method=method, beta=5.0, **rc))
     base = {"ddspo": "dpo", "dspo_cpp": "dspo"}[method]
     cfg_base = resolve(TrainConfig(tiny=True, method=base, beta=5.0, beta_logit=cfg.beta_logit))
     with torch.no_grad():
@@ -121,7 +134,87 @@ def test_kept_rows_train_like_the_forward_target_method(step_inputs, method):
     torch.testing.assert_close(mixed, torch.where(mask, contrastive, forward))  # row by row
 
 
+def _official_dpo_loss(model_pred, ref_pred, target, beta):
+    """The official trainer's per-row Diffusion-DPO loss (ddspo/dpo.py), transcribed:
+    rows ``[winners; losers]``, mean squared errors per row, ``-logsigmoid(-beta/2 ...)``."""
+    dims = list(range(1, model_pred.ndim))
+    m = (model_pred - target).pow(2).mean(dim=dims)
+    r = (ref_pred - target).pow(2).mean(dim=dims)
+    (mw, ml), (rw, rl) = m.chunk(2), r.chunk(2)
+    return -torch.nn.functional.logsigmoid(-0.5 * beta * ((mw - ml) - (rw - rl)))
+
+
+def test_rand_cond_kept_rows_match_the_official_with_and_without_cpp(step_inputs):
+    """Same tensors through ours and a transcription of the official SD trainer: the
+    default (contrastive) is the official ``--cpp --rand_cond``, ``forward`` the official
+    ``--rand_cond`` alone; swapped rows differ only in their prompts in both."""
+    bb, policy, ref, (x0_w, x0_l, conds, t, noise, _) = step_inputs
+    beta, swapped = 5.0, torch.tensor([True, False, True])
+    # the swapped rows' prompts (mix_rows' output) are what both trainers encode
+    c, c_neg, _ = encode_step(bb, ["a blue ball", "two cats", "three small dogs"],
+                              ["a ball", "cats", "small dogs"], need_neg=True, need_uncond=False)  # fmt: skip
+    x_t = torch.cat([bb.noise(x0_w, noise, t), bb.noise(x0_l, noise, t)])
+    t2 = t.repeat(2)
+    with torch.no_grad():
+        model_pred = bb.forward(policy, x_t, t2, c.cat(c))
+        ref_pred = ref(x_t, t2, c.cat(c))
+
+        def official(cpp):
+            target = torch.cat([noise, noise]).clone()
+            paired = torch.zeros(3, dtype=torch.long) if cpp else (~swapped).long()
+            idx = (paired == 0).nonzero(as_tuple=True)[0]
+            rows = torch.cat([idx, idx + 3])
+            target[rows] = ref(x_t[rows], t2[rows], c.index(idx).cat(c_neg.index(idx)))
+            return _official_dpo_loss(model_pred, ref_pred, target, beta)
+
+        losses = {}
+        for kept in ("contrastive", "forward", None):
+            rc = dict(rand_cond_prompts=["x.jsonl"], rand_cond_kept=kept)
+            cfg = resolve(TrainConfig(tiny=True, method="ddspo", beta=beta, **rc))
+            args = (x0_w, x0_l, (c, c_neg, None), t, noise, noise)
+            losses[kept], _ = compute_loss(cfg, bb, policy, ref, *args, swapped=swapped)
+    torch.testing.assert_close(losses["contrastive"], official(cpp=True))
+    torch.testing.assert_close(losses["forward"], official(cpp=False))
+    torch.testing.assert_close(losses[None], losses["contrastive"])  # the default
+    assert not torch.allclose(official(cpp=True), official(cpp=False), rtol=1e-2)
+
+
+def test_rand_cond_timing_sets_the_swap_rate_per_noise_level():
+    """``independent`` (the official SD3/SANA trainers): one swap rate at every noise level,
+    E[p(t'/T)] over a uniform t' (0.30 for the sigmoid, lambda 20); ``step``: p(t/T)."""
+    n, T = 4000, 1000
+    expected = float(rand_cond_probability("sigmoid", torch.arange(T) / T, 20.0).mean())
+    assert expected == pytest.approx(0.30, abs=0.01)
+    prompts, negs = ["p"] * n, ["n"] * n
+    for sigma, step_rate in ((0.2, 4.5e-5), (0.9, 0.982)):
+        t = torch.full((n,), int(sigma * T))
+        g = torch.Generator().manual_seed(0)
+        _, _, indep = mix_rows(prompts, negs, t, T, g, EXTRA, "sigmoid", 20.0, "independent")
+        _, _, step = mix_rows(prompts, negs, t, T, g, EXTRA, "sigmoid", 20.0, "step")
+        assert indep.float().mean().item() == pytest.approx(expected, abs=0.03)
+        assert step.float().mean().item() == pytest.approx(step_rate, abs=0.01)
+    with pytest.raises(ValueError, match="timing"):
+        mix_rows(prompts, negs, t, T, g, EXTRA, "sigmoid", 20.0, "uniform")
+
+
+def test_rand_cond_defaults_per_backbone():
+    rc = dict(tiny=True, rand_cond_prompts=["x.jsonl"])
+    for backbone, timing in (("sd", "step"), ("sdxl", "step"), ("sana", "independent"),
+                             ("sd3", "independent")):  # fmt: skip
+        cfg = resolve(TrainConfig(backbone=backbone, **rc))
+        assert (cfg.rand_cond_kept, cfg.rand_cond_timing) == ("contrastive", timing)
+    cfg = resolve(TrainConfig(backbone="sana", rand_cond_timing="step", **rc))
+    assert cfg.rand_cond_timing == "step"
+    plain = resolve(TrainConfig(tiny=True, backbone="sana"))
+    assert (plain.rand_cond_kept, plain.rand_cond_timing) == (None, None)
+
+
 def test_config_checks():
+    for name, value in (("rand_cond_kept", "forward"), ("rand_cond_timing", "step")):
+        with pytest.raises(UsageError, match=f"--{name.replace('_', '-')} applies with"):
+            resolve(TrainConfig(tiny=True, **{name: value}))
+    with pytest.raises(UsageError, match="rand-cond kept"):
+        resolve(TrainConfig(tiny=True, rand_cond_prompts=["x"], rand_cond_kept="both"))
     with pytest.raises(UsageError, match="ddspo and dspo_cpp only"):
         resolve(TrainConfig(tiny=True, method="dpo", rand_cond_prompts=["x.jsonl"]))
     with pytest.raises(UsageError, match="rand-cond schedule"):

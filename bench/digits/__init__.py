@@ -26,7 +26,8 @@ Hyperparameters, fixed by rule before any evaluation seed was run (no search):
   carried over to this base model (pre-trained at 1e-3): dpo/dspo 3.9e-4,
   ddspo/dspo_cpp 7.8e-4, sft 1e-4;
 * schedule as the paper: linear warmup over the whole run (the paper warms up for 100
-  steps and trains 100), 64 steps of 16 pairs = two passes over 512 Rand-removal pairs;
+  steps and trains 100), from lr / steps at the first step (``--warmup-from 1``, the
+  setting the published numbers were made with), 64 steps of 16 pairs = two passes over 512 Rand-removal pairs;
 * sampling: 10 DDIM steps (CPU budget) and CFG 7.5 (the SD-1.x setting) for both the pairs
   and the evaluation; seeds for pairs and samples are offset from the evaluation seed so
   that no two stages share noise.

@@ -149,7 +149,7 @@ class Runner:
                 "--pretrained", pipe, "--data", sdir / "pairs" / "data", "--method", method,
                 "--out", path / "run", "--seed", seed, "--max-steps", c.train_steps,
                 "--batch-size", c.train_batch, "--lr", f"{c.lr(method):.6g}",
-                "--warmup-steps", c.train_steps, "--no-progress",
+                "--warmup-steps", c.train_steps, "--warmup-from", 1, "--no-progress",
             )  # fmt: skip
             return {"lr": c.lr(method), "command_seconds": run_command(cmd, path / "log.txt")}
 

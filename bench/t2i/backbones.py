@@ -207,13 +207,16 @@ class Backbone:
     def text_encoders(self) -> list[torch.nn.Module]:
         return [self.components[k] for k in self.text_keys]
 
-    def to(self, device, dtype: torch.dtype | None = None) -> Backbone:
-        """Move every module to ``device``; text encoders and VAE also to ``dtype``
-        (the VAE stays float32 when its config says ``force_upcast``). The denoiser keeps
-        its dtype: the trainer decides it (fp32 master weights under autocast)."""
+    def to(
+        self, device, dtype: torch.dtype | None = None, text_dtype: torch.dtype | None = None
+    ) -> Backbone:
+        """Move every module to ``device``; text encoders (to ``text_dtype`` when given) and
+        VAE also to ``dtype`` (the VAE stays float32 when its config says ``force_upcast``).
+        The denoiser keeps its dtype: the trainer decides it (fp32 master weights under
+        autocast)."""
         self.denoiser.to(device)
         for enc in self.text_encoders():
-            move_module(enc, device, dtype)
+            move_module(enc, device, text_dtype or dtype)
         move_module(self.vae, device, None if self.vae.config.get("force_upcast", False) else dtype)
         self._uncond_cache.clear()
         return self

@@ -39,6 +39,8 @@ FLOW_BACKBONES = ("sana", "sd3")  # rectified flow: --precondition-outputs appli
 SANA_PROMPT_STYLES = ("official", "plain")  # bench.t2i.backbones.SanaBackbone.prompt_style
 OPTIMIZERS = ("adamw", "adafactor")
 DEVICES = ("auto", "cpu", "cuda")
+RAND_COND_KEPT = ("contrastive", "forward")  # targets of the rows --rand-cond-prompts keeps
+RAND_COND_TIMINGS = ("step", "independent")  # which t decides a row's swap
 SFT_BRANCHES = ("winner", "loser", "loser_neg")  # sft: which side of each pair is regressed
 LR_PER_BETA = 1 / 2.048e8  # DDSPO App. E, after Diffusion-DPO: lr = beta / 2.048e8
 DPO_BETA = 8000.0  # Diffusion-DPO default (DDSPO App. E)
@@ -71,7 +73,20 @@ RESUME_MAY_CHANGE = (
 RESUME_BATCH = ("batch_size", "grad_accum")
 _PATH_FIELDS = ("data", "pretrained", "winner_policy", "loser_policy")  # compared as real paths
 #: what a field added since meant for a checkpoint saved before it existed (the old behaviour)
-_LEGACY_MISSING = {"precondition_outputs": False}
+_LEGACY_MISSING = {
+    "precondition_outputs": False,
+    "rand_cond_kept": "forward",
+    "rand_cond_timing": "step",
+    "warmup_from": 1,
+    "dropped_prompt_encoding": "zeros",
+}
+#: fields that change nothing while their condition on the config is false (not compared then)
+_ONLY_WHEN = {
+    "rand_cond_kept": lambda c: bool(c.rand_cond_prompts),
+    "rand_cond_timing": lambda c: bool(c.rand_cond_prompts),
+    "warmup_from": lambda c: bool(c.warmup_steps),
+    "dropped_prompt_encoding": lambda c: c.proportion_empty_prompts > 0 and c.backbone == "sdxl",
+}
 #: fields whose unset value was written 0 or "" before it became None (older flags, --config
 #: files and saved config.json files keep working: 0 / "" still mean "the default")
 _LEGACY_UNSET = (
@@ -94,6 +109,7 @@ _RANGES = {
     "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "adam_eps": (lambda v: v > 0, "> 0"),
     "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+    "train_shift": (lambda v: v > 0, "> 0"),
     "rand_cond_lambda": (lambda v: v > 0, "> 0"),
 }
 
@@ -135,6 +151,13 @@ class TrainConfig:
         None,
         "comma-separated module names LoRA adapts; unset: to_q,to_k,to_v,to_out.0 plus the joint-attention add_q/k/v_proj,to_add_out where the denoiser has them (sd3). The official DDSPO SANA trainer uses to_k,to_q,to_v",
     )
+    lora_init: str = opt(
+        "gaussian",
+        "LoRA initialisation (B = 0 in both): gaussian (A ~ N(0, 1/rank^2), as diffusers' DPO "
+        "example and the official DDSPO SD3/SANA trainers) | kaiming (peft's default "
+        "Kaiming-uniform A, as the official DD-CPP pair; train_policy_pair.py's default)",
+        choices=("gaussian", "kaiming"),
+    )
     gradient_checkpointing: bool = opt(False, "trade compute for activation memory")
     # --- method (SPEC §2-§4)
     method: str = opt("ddspo", "sft | dpo | dspo | dspo_cpp | ddspo")
@@ -167,6 +190,13 @@ class TrainConfig:
         0.0,
         "share of pairs trained on the empty prompt (Diffusion-DPO/DSPO use 0.2; DDSPO's official code 0)",
     )
+    dropped_prompt_encoding: str = opt(
+        "encoded",
+        'sdxl with --proportion-empty-prompts: a dropped prompt is encoded: encoded ("" '
+        "through both CLIPs, as Diffusion-DPO's SDXL trainer) | zeros (the pipeline's zero "
+        'embeddings for "", as its CFG branch); other backbones always encode ""',
+        choices=("encoded", "zeros"),
+    )
     rand_cond_prompts: list[str] = opt(
         [],
         "random-condition mixing (official --rand_cond --extra_text_path; ddspo, dspo_cpp): "
@@ -175,6 +205,22 @@ class TrainConfig:
         "the contrastive targets; the other rows use the forward-process targets (Diffusion-DPO "
         "/ DSPO). See bench/t2i/randcond.py",
         metavar="FILE",
+    )
+    rand_cond_kept: str | None = opt(
+        None,
+        "random-condition mixing: targets of the rows NOT swapped: contrastive (every row on "
+        "the contrastive targets, swapped rows differing only in their prompts: the official "
+        "--cpp --rand_cond, DDSPO as the paper defines it) | forward (the forward-process "
+        "targets: the official --rand_cond without --cpp); unset: contrastive",
+        choices=RAND_COND_KEPT,
+    )
+    rand_cond_timing: str | None = opt(
+        None,
+        "random-condition mixing: the noise level that decides a row's swap: step (the step's "
+        "own t) | independent (a separate uniform draw of t, as the official SD3/SANA "
+        "trainers, whose step then draws its own t); unset: independent on sana and sd3, "
+        "step on sd and sdxl (where the official trainer uses the step's t)",
+        choices=RAND_COND_TIMINGS,
     )
     rand_cond_schedule: str = opt(
         "sigmoid",
@@ -185,6 +231,13 @@ class TrainConfig:
     timestep_sampler: str | None = opt(
         None,
         "uniform | geometric | logit_normal; unset: uniform (official DDSPO and paper, also on sana), logit_normal on sd3 (SD3's and the official DDSPO SD3 script's)",
+    )
+    train_shift: float | None = opt(
+        None,
+        "flow backbones: the resolution shift of the TRAINING noise levels (sampling keeps the "
+        "pipeline's); unset: 1 on sana (the official trainer's FlowMatchEulerDiscreteScheduler "
+        "ignores SANA's flow_shift, so sigma is uniform as the paper's t ~ U), the scheduler's "
+        "shift on sd3",
     )
     timestep_gamma: float = opt(
         0.9,
@@ -215,19 +268,34 @@ class TrainConfig:
         "unset: beta / 2.048e8 (DDSPO App. E; dspo/dspo_cpp: beta_logit / 2.048e8), 1e-5 for sft",
     )
     warmup_steps: int = opt(0, "linear warmup; the paper uses 100 on SD/SDXL, 0 on SANA")
+    warmup_from: int = opt(
+        0,
+        "the warmup's lr factor at optimizer step s is (s + warmup_from) / warmup_steps: 0 = "
+        "diffusers' constant_with_warmup (the first step at lr 0; the official DDSPO and "
+        "Diffusion-DPO trainers) | 1 = from lr / warmup_steps at the first step",
+    )
     weight_decay: float = opt(0.01, "AdamW decoupled weight decay")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
     adam_eps: float = opt(1e-8, "AdamW epsilon")
-    max_grad_norm: float = opt(
-        1.0,
-        "clip the global grad norm; 0 = no clipping (norm still logged)",
+    max_grad_norm: float | None = opt(
+        None,
+        "clip the global grad norm; 0 = no clipping (norm still logged); unset: 1.0 with "
+        "adamw, 0 with adafactor (which clips its updates itself; the official DDSPO and "
+        "Diffusion-DPO trainers clip only under AdamW)",
     )
     # --- precision and device
     device: str = opt("auto", "auto | cpu | cuda")
     dtype: str = opt(
         "fp32",
         "autocast compute dtype (float32/bfloat16/float16 accepted); the loss is always fp32",
+        choices=tuple(DTYPES),
+        parse=dtype_name,
+    )
+    text_dtype: str | None = opt(
+        None,
+        "dtype of the text encoders; unset: the compute dtype (--dtype). The official SANA "
+        "trainer keeps Gemma-2 in bf16 whatever its precision: --text-dtype bf16",
         choices=tuple(DTYPES),
         parse=dtype_name,
     )
@@ -352,6 +420,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.validation_every and not (cfg.validation_prompts or cfg.tiny):
         raise UsageError("--validation-every needs --validation-prompts FILE (with --pretrained)")
     _choice("sft branch", cfg.sft_branch, SFT_BRANCHES)
+    _choice("lora init", cfg.lora_init, ("gaussian", "kaiming"))
+    _choice("dropped prompt encoding", cfg.dropped_prompt_encoding, ("encoded", "zeros"))
     if cfg.sft_branch != "winner" and cfg.method != "sft":
         raise UsageError("--sft-branch applies to --method sft only")
     if cfg.target_guidance != 1.0 and cfg.method not in CPP_METHODS:
@@ -370,10 +440,27 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.rand_cond_prompts and cfg.method not in CPP_METHODS:
         raise UsageError("--rand-cond-prompts applies to ddspo and dspo_cpp only")
     _choice("rand-cond schedule", cfg.rand_cond_schedule, RAND_COND_SCHEDULES)
+    rc_set = [n for n in ("rand_cond_kept", "rand_cond_timing") if getattr(cfg, n) is not None]
+    if rc_set and not cfg.rand_cond_prompts:
+        raise UsageError(f"{flag(rc_set[0])} applies with --rand-cond-prompts only")
+    if cfg.rand_cond_prompts and cfg.rand_cond_kept is None:
+        cfg.rand_cond_kept = "contrastive"  # the official --cpp --rand_cond, the paper's DDSPO
+    if cfg.rand_cond_kept is not None:
+        _choice("rand-cond kept", cfg.rand_cond_kept, RAND_COND_KEPT)
+    if cfg.rand_cond_timing is not None:
+        _choice("rand-cond timing", cfg.rand_cond_timing, RAND_COND_TIMINGS)
+    if cfg.warmup_from not in (0, 1):
+        raise UsageError(f"--warmup-from must be 0 or 1, got {cfg.warmup_from}")
+    if cfg.max_grad_norm is None:  # the official trainers clip under AdamW only
+        cfg.max_grad_norm = 0.0 if cfg.optimizer == "adafactor" else 1.0
     if cfg.beta_logit and cfg.method not in SCORE_MATCHING_METHODS:
         raise UsageError("--beta-logit applies to dspo and dspo_cpp only")
     if cfg.dtype == "fp16" and cfg.device == "cpu":
         raise UsageError("--dtype fp16 needs CUDA; use bf16 or fp32 on CPU")
+    if cfg.text_dtype is not None:
+        _choice("text dtype", cfg.text_dtype, tuple(DTYPES))
+        if cfg.text_dtype == "fp16" and cfg.device == "cpu":
+            raise UsageError("--text-dtype fp16 needs CUDA; use bf16 or fp32 on CPU")
     try:
         cfg.nan_steps()
     except ValueError:
@@ -404,6 +491,12 @@ def resolve_for_backbone(cfg: TrainConfig, backbone: str) -> TrainConfig:
         raise UsageError(f"--precondition-outputs applies to flow backbones only, not {backbone}")
     if cfg.precondition_outputs is None:
         cfg.precondition_outputs = backbone == "sd3"
+    if cfg.train_shift is not None and backbone not in FLOW_BACKBONES:
+        raise UsageError(f"--train-shift applies to flow backbones only, not {backbone}")
+    if cfg.train_shift is None and backbone == "sana":
+        cfg.train_shift = 1.0  # the official SANA trainer: uniform sigma (flow_shift unused)
+    if cfg.rand_cond_prompts and cfg.rand_cond_timing is None:  # as the official trainers
+        cfg.rand_cond_timing = "independent" if backbone in FLOW_BACKBONES else "step"
     if not cfg.timestep_sampler:  # the paper and the official SANA script; SD3: its own
         cfg.timestep_sampler = "logit_normal" if backbone == "sd3" else "uniform"
     _choice("timestep sampler", cfg.timestep_sampler, SAMPLERS)
@@ -441,6 +534,8 @@ def resume_mismatches(
     out = []
     for f in fields(TrainConfig):
         if f.name in RESUME_MAY_CHANGE or f.name in RESUME_BATCH:
+            continue
+        if f.name in _ONLY_WHEN and not _ONLY_WHEN[f.name](cfg):
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         new, old = getattr(cfg, f.name), saved.get(f.name, _LEGACY_MISSING.get(f.name, default))

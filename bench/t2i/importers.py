@@ -9,14 +9,20 @@ with :func:`bench.t2i.pairdata.finalize`, exactly as ``make_pairs`` does.
 
       DIR/metadata.jsonl              one JSON object per pair; field names (defaults):
                                       id ("id"), prompt ("prompt", else "caption"),
-                                      degraded prompt c- ("neg_prompt")
-      DIR/latents/<id>.safetensors    winner latent x0_w (sampled from c)
-      DIR/latents/<id>_neg.safetensors loser latent x0_l (sampled from c-)
+                                      degraded prompt c- ("neg_prompt"), latent file
+                                      names ("pos_file", "neg_file"; relative to
+                                      DIR/latents, as the official loader reads them)
+      DIR/latents/<pos_file>          winner latent x0_w (sampled from c)
+      DIR/latents/<neg_file>          loser latent x0_l (sampled from c-)
 
-  Each latent file holds one tensor (or the one named by ``latent_key``) of shape
+  A line without ``pos_file``/``neg_file`` names its files ``<id>.safetensors`` and
+  ``<id>_neg.safetensors``. Named files must stay inside DIR/latents (no absolute path, no
+  ``..``). Each latent file holds one tensor (or the one named by ``latent_key``) of shape
   ``(C, h, w)`` or ``(1, C, h, w)``. Latents are copied, no VAE runs; they must already be
   scaled by the VAE's scaling factor as ours are (else pass ``latent_scale``, e.g. 0.18215
-  for SD-1.x). Records get ``variant: "paired"`` (loser conditioned on c-).
+  for SD-1.x). They are stored in the source's precision unless ``latent_dtype`` says
+  otherwise (float16 when every source latent is float16, else float32). Records get
+  ``variant: "paired"`` (loser conditioned on c-).
 
 * :func:`import_pickapic` -- human-preference image pairs in the Pick-a-Pic schema
   (``caption``, ``jpg_0``, ``jpg_1`` JPEG bytes, ``label_0``: 1 = image 0 preferred,
@@ -40,7 +46,7 @@ import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -54,6 +60,7 @@ from bench.t2i.pairdata import LATENT_DTYPES, finalize, read_shard_header, shard
 DDSPO_ID_KEY = "id"
 DDSPO_PROMPT_KEYS = ("prompt", "caption")
 DDSPO_NEG_KEY = "neg_prompt"
+DDSPO_FILE_KEYS = ("pos_file", "neg_file")  # the official loader's latent file names
 NEG_SUFFIX = "_neg"
 # Pick-a-Pic column names
 PICKAPIC_COLUMNS = {"caption": "caption", "jpg_0": "jpg_0", "jpg_1": "jpg_1", "label_0": "label_0"}
@@ -110,7 +117,8 @@ def read_ddspo_metadata(
     prompt_keys: Sequence[str] = DDSPO_PROMPT_KEYS,
     neg_key: str = DDSPO_NEG_KEY,
 ) -> list[dict]:
-    """``[{"id", "prompt", "neg_prompt"}]`` from ``src/metadata.jsonl``, in file order."""
+    """``[{"id", "prompt", "neg_prompt", "files"}]`` from ``src/metadata.jsonl``, in file
+    order; ``files`` is the line's ``(pos_file, neg_file)`` or None when it names none."""
     meta = Path(src) / "metadata.jsonl"
     if not Path(src).is_dir():
         raise ValueError(f"{src}: not a directory")
@@ -134,15 +142,61 @@ def read_ddspo_metadata(
         if neg_key not in obj:
             raise ValueError(f"{meta}:{lineno}: missing perturbed-prompt field {neg_key!r}")
         pid = str(obj[id_key])
-        if not pid or "/" in pid or "\\" in pid or pid.startswith("."):
+        files = _named_files(meta, lineno, obj)
+        if files is None and (not pid or "/" in pid or "\\" in pid or pid.startswith(".")):
             raise ValueError(f"{meta}:{lineno}: id {pid!r} is not a plain file name")
         if pid in seen:
             raise ValueError(f"{meta}:{lineno}: duplicate id {pid!r}")
         seen.add(pid)
-        rows.append({"id": pid, "prompt": str(obj[pkey]), "neg_prompt": str(obj[neg_key])})
+        rows.append(
+            {"id": pid, "prompt": str(obj[pkey]), "neg_prompt": str(obj[neg_key]), "files": files}
+        )
     if not rows:
         raise ValueError(f"{meta}: no pairs")
     return rows
+
+
+def _named_files(meta: Path, lineno: int, obj: dict) -> tuple[str, str] | None:
+    """The line's ``(pos_file, neg_file)``, each a relative path without ``..``; None when
+    it names neither."""
+    given = [k for k in DDSPO_FILE_KEYS if k in obj]
+    if not given:
+        return None
+    if len(given) == 1:
+        raise ValueError(
+            f"{meta}:{lineno}: {given[0]!r} without {DDSPO_FILE_KEYS[given[0] == 'pos_file']!r}"
+        )
+    names = []
+    for k in DDSPO_FILE_KEYS:
+        v = obj[k]
+        parts = PurePosixPath(v.replace("\\", "/")).parts if isinstance(v, str) else ()
+        if not parts or v.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+            raise ValueError(
+                f"{meta}:{lineno}: {k} {v!r} is not a file name inside the latents folder"
+            )
+        names.append(v)
+    return names[0], names[1]
+
+
+def _latent_names(r: dict, neg_suffix: str) -> tuple[str, str]:
+    """A metadata row's winner and loser latent file names, relative to the latents folder."""
+    if r["files"] is not None:
+        return r["files"]
+    return f"{r['id']}.safetensors", f"{r['id']}{neg_suffix}.safetensors"
+
+
+def _source_dtype(paths: Sequence[Path], key: str | None) -> str:
+    """``float16`` when every latent of ``paths`` is stored as float16, else ``float32``
+    (read from the safetensors headers only)."""
+    for path in paths:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = [key] if key is not None and key in f.keys() else list(f.keys())
+                if any(f.get_slice(n).get_dtype() != "F16" for n in names):
+                    return "float32"
+        except Exception:  # unreadable: _load_latent reports it with the file's name
+            return "float32"
+    return "float16"
 
 
 def _load_latent(path: Path, pid: str, key: str | None) -> Tensor:
@@ -188,16 +242,17 @@ def import_ddspo(
     latent_key: str | None = None,
     latent_scale: float = 1.0,
     shard_size: int = 64,
-    latent_dtype: str = "float16",
+    latent_dtype: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Copy a DDSPO-layout dataset (module docstring) into our format at ``out_dir``.
 
     ``backbone`` is recorded in info.json (the trainer refuses latents of another VAE);
     every latent file must exist and all must share one shape (else a one-line
-    ``ValueError`` naming the file and id).
+    ``ValueError`` naming the file and id). ``latent_dtype`` None: the source's precision.
     """
-    _check_common(shard_size, 1, latent_dtype)
+    if latent_dtype is not None:
+        _check_common(shard_size, 1, latent_dtype)
     if not math.isfinite(latent_scale) or latent_scale <= 0:
         raise ValueError(f"latent scale must be a positive number, got {latent_scale}")
     src = Path(src)
@@ -205,15 +260,20 @@ def import_ddspo(
     lat_root = src / latents_dir
 
     def pair(r: dict) -> tuple[Tensor, Tensor]:
-        w = _load_latent(lat_root / f"{r['id']}.safetensors", r["id"], latent_key)
-        lo = _load_latent(lat_root / f"{r['id']}{neg_suffix}.safetensors", r["id"], latent_key)
+        pos, neg = _latent_names(r, neg_suffix)
+        w = _load_latent(lat_root / pos, r["id"], latent_key)
+        lo = _load_latent(lat_root / neg, r["id"], latent_key)
         return w, lo
 
     # check every file exists up front: a missing one fails before anything is written
     for r in rows:
-        for name in (f"{r['id']}.safetensors", f"{r['id']}{neg_suffix}.safetensors"):
+        for name in _latent_names(r, neg_suffix):
             if not (lat_root / name).is_file():
                 raise ValueError(f"{lat_root / name}: missing latent file for id {r['id']!r}")
+    if latent_dtype is None:  # keep the source's precision
+        names = [lat_root / n for r in rows for n in _latent_names(r, neg_suffix)]
+        latent_dtype = _source_dtype(names, latent_key)
+    _check_common(shard_size, 1, latent_dtype)
     shape = tuple(pair(rows[0])[0].shape)
     params = dict(
         source="ddspo",
@@ -237,10 +297,10 @@ def import_ddspo(
         for row, i in enumerate(range(k * shard_size, min((k + 1) * shard_size, n))):
             r = rows[i]
             w, lo = pair(r)
-            for name, t in (("", w), (neg_suffix, lo)):
+            for name, t in zip(_latent_names(r, neg_suffix), (w, lo), strict=True):
                 if tuple(t.shape) != shape:
                     raise ValueError(
-                        f"{lat_root / (r['id'] + name + '.safetensors')}: latent shape "
+                        f"{lat_root / name}: latent shape "
                         f"{tuple(t.shape)} for id {r['id']!r}, expected {shape} (as the first)"
                     )
             xw.append(w * latent_scale)

@@ -5,11 +5,13 @@ The official DDSPO trainer's ``--rand_cond --extra_text_path`` (KU-MIIL/DDSPO,
 timestep first; with probability ``p(t / T)`` (:func:`minddspo.timesteps.rand_cond_probability`,
 by default a sigmoid that is 1/2 at 70 % noise) its prompt pair ``(c, c-)`` is swapped for an
 extra prompt and one of its degraded prompts, while its images ``(x0_w, x0_l)`` stay. A
-swapped row trains towards the reference's contrastive targets on the new prompts,
-``f_ref(x_t^w, c')`` and ``f_ref(x_t^l, c'-)`` (a policy pair's or guided targets when those
-are on); a kept row towards the forward-process targets, which is Diffusion-DPO's loss for
-``ddspo`` and DSPO's for ``dspo_cpp``. So at high noise the model learns the prompt
-contrast on prompts it has no images for, at low noise it learns from its own pairs.
+swapped row trains towards the contrastive targets on the new prompts, ``f_ref(x_t^w, c')``
+and ``f_ref(x_t^l, c'-)`` (a policy pair's or guided targets when those are on). A kept row
+trains, by default (``--rand-cond-kept contrastive``, the official ``--cpp --rand_cond``),
+towards the contrastive targets on its own prompts; with ``--rand-cond-kept forward`` (the
+official ``--rand_cond`` without ``--cpp``) towards the forward-process targets, which is
+Diffusion-DPO's loss for ``ddspo`` and DSPO's for ``dspo_cpp``. Which ``t`` decides the
+swap: ``--rand-cond-timing`` (:func:`mix_rows`).
 
 How it differs from the pair variants of ``make_pairs`` (SPEC §5): ``not_paired`` and
 ``rand_positive`` change which *images* form a pair when the data are made; this changes a
@@ -18,7 +20,8 @@ row's *prompts and targets* at training time, per step, depending on its noise l
 Extra prompt files: ``.jsonl`` lines ``{"prompt": ..., "neg_prompts": [...]}`` (the official
 format; ``"neg_prompt": "..."`` also works) or ``.txt`` (one prompt per line; ``c'-`` is
 then made by random word removal at draw time). Prompts that are in the training set and
-entries without a usable degraded prompt are left out, as the official loader does.
+``.jsonl`` entries with an empty prompt or no degraded prompt are left out, as the official
+loader does; it keeps degraded prompts equal to their prompt, and so do we.
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ def _jsonl_item(path: Path, n: int, line: str) -> ExtraPrompt | None:
     negs = [negs] if isinstance(negs, str) else negs
     if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
         raise ValueError(f'{path}:{n}: "neg_prompts" must be a list of strings')
-    negs = [x for x in negs if x.strip() and x.strip() != item["prompt"].strip()]
-    return ExtraPrompt(item["prompt"], tuple(negs)) if negs else None
+    # as the official loader: every listed degraded prompt counts, even one equal to the
+    # prompt (that row's contrast is then zero); an empty list makes the entry unusable
+    return ExtraPrompt(item["prompt"], tuple(negs)) if negs and item["prompt"] else None
 
 
 def read_extra_prompts(
@@ -83,7 +87,7 @@ def read_extra_prompts(
     if not out:
         raise ValueError(
             f"no usable extra prompt in {', '.join(map(str, paths))} (each needs a degraded "
-            "prompt that differs from it, or two words for random removal; prompts of the "
+            "prompt, or two words for random removal; prompts of the "
             "training set are left out)"
         )
     return out
@@ -98,11 +102,22 @@ def mix_rows(
     extra: Sequence[ExtraPrompt],
     schedule: str = "sigmoid",
     lam: float = 20.0,
+    timing: str = "step",
 ) -> tuple[list[str], list[str], Tensor]:
     """Swap rows to extra prompts with probability ``p(t / T)``; returns the new prompts,
     degraded prompts and the swap mask ``(B,)`` (bool, on ``t``'s device). The same number
-    of draws is taken from ``gen`` whatever is swapped, so the stream stays aligned."""
+    of draws is taken from ``gen`` whatever is swapped, so the stream stays aligned.
+
+    ``timing``: ``"step"`` decides with the step's ``t``; ``"independent"`` with a separate
+    uniform integer draw ``t' ~ U{0, ..., T-1}`` per row, as the official SD3/SANA trainers
+    (their data loader draws ``t'`` for the swap, their step then its own ``t``), so a row
+    is swapped with probability ``E[p(t'/T)]`` (0.30 for the default sigmoid) at every
+    noise level. On SD-1.x/SDXL the official trainer uses one draw for both (``"step"``)."""
     n = len(prompts)
+    if timing == "independent":
+        t = torch.randint(num_train_timesteps, (n,), generator=gen).to(t.device)
+    elif timing != "step":
+        raise ValueError(f"rand-cond timing must be step or independent, got {timing!r}")
     p = rand_cond_probability(schedule, t.detach().float().cpu() / num_train_timesteps, lam)
     swap = torch.rand(n, generator=gen) < p
     pick = torch.randint(len(extra), (n,), generator=gen).tolist()

@@ -3,8 +3,9 @@
 :func:`encode_step` encodes a batch's prompts in one text-encoder call, :func:`compute_loss`
 runs the policy and the reference rows the method needs (``minddspo.methods``) and returns
 the method's loss and diagnostics, :func:`draw_noise` and :func:`drop_prompts` draw the
-step's randomness from the rank's generator, and :func:`build_optimizer` builds AdamW or
-Adafactor with the linear warmup.
+step's randomness from the rank's generator (:func:`train_process`: the training
+timesteps' process), and :func:`build_optimizer` builds AdamW or Adafactor with the linear
+warmup.
 """
 
 from __future__ import annotations
@@ -23,23 +24,46 @@ DIAG_KEYS = ("implicit_acc", "gap_w", "gap_l", "err_w", "err_l")
 
 
 def encode_step(
-    backbone: Backbone, prompts: list[str], neg_prompts: list[str], *, need_neg, need_uncond
+    backbone: Backbone,
+    prompts: list[str],
+    neg_prompts: list[str],
+    *,
+    need_neg,
+    need_uncond,
+    encode_empty: bool = False,
 ) -> tuple[Cond, Cond | None, Cond | None]:
-    """Encode the step's unique prompts in ONE text-encoder call -> ``(c, c-, ∅)`` per row."""
+    """Encode the step's unique prompts in ONE text-encoder call -> ``(c, c-, ∅)`` per row.
+
+    ``encode_empty`` (``--dropped-prompt-encoding encoded``): a prompt ``""`` in ``prompts``
+    or ``neg_prompts`` (one ``--proportion-empty-prompts`` dropped) goes through the text
+    encoders even where the backbone gives ``""`` zero embeddings (SDXL), as Diffusion-DPO's
+    SDXL trainer encodes it; the unconditional ``∅`` keeps the pipeline's encoding."""
+    raw = encode_empty and getattr(backbone, "zero_empty_prompt", False)
     texts = list(prompts)
     if need_neg:
         texts += neg_prompts
-    if need_uncond:
+    if need_uncond and not raw:
         texts.append("")
     texts = list(dict.fromkeys(texts))  # unique, in order
     row = {p: i for i, p in enumerate(texts)}
-    enc = backbone.encode_prompts(texts)
+    if raw:  # SDXL: "" through the CLIPs for the dropped rows
+        backbone.zero_empty_prompt = False
+        try:
+            enc = backbone.encode_prompts(texts)
+        finally:
+            backbone.zero_empty_prompt = True
+    else:
+        enc = backbone.encode_prompts(texts)
 
     def pick(ps: list[str]) -> Cond:
         return enc.index(torch.tensor([row[p] for p in ps]))
 
     c_neg = pick(neg_prompts) if need_neg else None
-    c_uncond = pick([""] * len(prompts)) if need_uncond else None
+    c_uncond = None
+    if need_uncond:
+        c_uncond = (
+            backbone.encode_prompts([""]).repeat(len(prompts)) if raw else pick([""] * len(prompts))
+        )
     return pick(prompts), c_neg, c_uncond
 
 
@@ -64,9 +88,13 @@ def compute_loss(
     x_t^l|c]``, ``+ [x_t^l|c-]`` (ddspo, dspo_cpp), ``+ [x_t^w|∅, x_t^l|∅]`` (target
     guidance W != 1, SPEC §2). The reference runs first (no grad). Which tensors the loss
     compares and where the timestep weight goes is :func:`minddspo.methods.method_loss`'s.
-    With ``swapped`` (random-condition mixing, :mod:`bench.t2i.randcond`) the contrastive
-    targets are used on the swapped rows only, the forward-process targets on the others.
+    With ``swapped`` (random-condition mixing, :mod:`bench.t2i.randcond`) and
+    ``--rand-cond-kept forward`` the contrastive targets are used on the swapped rows only,
+    the forward-process targets on the others; with ``contrastive`` (the default) every row
+    uses the contrastive targets and the swapped rows differ only in their prompts.
     """
+    if cfg.rand_cond_kept != "forward":  # contrastive (or unset): the mask changes nothing
+        swapped = None
     c, c_neg, c_uncond = conds
     spec = method_spec(cfg.method)
     x_w, x_l = backbone.noise(x0_w, noise_w, t), backbone.noise(x0_l, noise_l, t)
@@ -91,7 +119,7 @@ def compute_loss(
     x_wl, t2 = torch.cat([x_w, x_l]), t.repeat(2)
     pred_w, pred_l = proc.output(backbone.forward(policy, x_wl, t2, c.cat(c)), x_wl, t2).chunk(2)
     pair_w, pair_l = _contrastive_targets(cfg, backbone, ref, (x_w, x_l), c, t, pair)
-    if swapped is not None:  # rand-cond: the contrastive targets on the swapped rows only
+    if swapped is not None:  # --rand-cond-kept forward: contrastive on the swapped rows only
         if pair_w is None:
             pair_w, pair_l = ref["w"], ref["l_neg"]
         swap = append_dims(swapped, y_w.ndim)
@@ -163,6 +191,20 @@ def loss_process(cfg: TrainConfig, backbone: Backbone):
     return dataclasses.replace(backbone.process, precondition_outputs=True)
 
 
+def train_process(cfg: TrainConfig, backbone: Backbone):
+    """The process training timesteps are drawn from: the backbone's, or with
+    ``--train-shift s`` (flow backbones) the same with the resolution shift ``s``. Only the
+    draw of ``t`` changes (``x_t``, targets and weights depend on ``sigma = t / T`` alone);
+    sampling keeps the pipeline's shift."""
+    shift = cfg.train_shift
+    if shift is None or shift == getattr(backbone.schedule, "shift", None):
+        return backbone.process
+    if not hasattr(backbone.schedule, "shift"):
+        raise ValueError(f"--train-shift needs a flow backbone, not {backbone.name}")
+    schedule = dataclasses.replace(backbone.schedule, shift=float(shift))
+    return dataclasses.replace(backbone.process, schedule=schedule)
+
+
 def drop_prompts(
     cfg: TrainConfig, gen: torch.Generator, prompts: list[str], negs: list[str]
 ) -> tuple[list[str], list[str]]:
@@ -182,7 +224,8 @@ def drop_prompts(
 def draw_noise(cfg: TrainConfig, backbone: Backbone, gen: torch.Generator, x0: torch.Tensor):
     """Timesteps and forward noise from this rank's generator (drawn on the CPU, so a run
     does not depend on the device). Winner and loser share both unless --independent-noise."""
-    t = backbone.sample_t(x0.shape[0], gen, cfg.timestep_sampler, cfg.timestep_gamma)  # (B,)
+    proc = train_process(cfg, backbone)
+    t = proc.sample_t(x0.shape[0], gen, cfg.timestep_sampler, cfg.timestep_gamma)  # (B,)
     noise_w = torch.randn(x0.shape, generator=gen)  # (B, C, h, w)
     noise_l = torch.randn(x0.shape, generator=gen) if cfg.independent_noise else noise_w
     return t.to(x0.device), noise_w.to(x0.device), noise_l.to(x0.device)
@@ -212,8 +255,8 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
             eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay,
         )
-    warmup = cfg.warmup_steps  # linear warmup from lr/warmup to lr, then constant
+    warmup, start = cfg.warmup_steps, cfg.warmup_from  # linear warmup, then constant
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        opt, lambda s: min(1.0, (s + start) / warmup) if warmup else 1.0
     )
     return opt, sched

@@ -33,13 +33,26 @@ def lora_targets(net: torch.nn.Module) -> list[str]:
     return LORA_TARGETS + joint
 
 
+#: ``--lora-init``: peft's ``init_lora_weights`` of each name; B starts at zero in both.
+#: gaussian: A ~ N(0, 1/rank^2) (diffusers' DPO example, the official DDSPO SD3/SANA adapters);
+#: kaiming: A Kaiming-uniform, peft's default (the official DD-CPP pair, train_lora_target.py)
+LORA_INITS = {"gaussian": "gaussian", "kaiming": True}
+
+
 def add_lora(
-    net: torch.nn.Module, rank: int, alpha: float | None, targets: list[str] | None = None
+    net: torch.nn.Module,
+    rank: int,
+    alpha: float | None,
+    targets: list[str] | None = None,
+    init: str = "gaussian",
 ) -> None:
-    """peft LoRA through diffusers' adapter API on ``targets`` (default :func:`lora_targets`);
-    only the adapters train. A target no module of ``net`` has is a ``ValueError``."""
+    """peft LoRA through diffusers' adapter API on ``targets`` (default :func:`lora_targets`),
+    initialised as ``init`` (:data:`LORA_INITS`); only the adapters train. A target no
+    module of ``net`` has is a ``ValueError``."""
     from peft import LoraConfig
 
+    if init not in LORA_INITS:
+        raise ValueError(f"--lora-init must be one of {', '.join(LORA_INITS)}, got {init!r}")
     if targets is not None:
         names = {n.rsplit(".", 1)[-1] for n, _ in net.named_modules()}
         names |= {".".join(n.rsplit(".", 2)[-2:]) for n, _ in net.named_modules()}  # to_out.0
@@ -53,7 +66,7 @@ def add_lora(
         LoraConfig(
             r=rank,
             lora_alpha=alpha or rank,
-            init_lora_weights="gaussian",
+            init_lora_weights=LORA_INITS[init],
             target_modules=list(targets) if targets is not None else lora_targets(net),
         )
     )
