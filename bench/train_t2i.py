@@ -337,7 +337,7 @@ def train(cfg: TrainConfig) -> Path:
         traceback.clear_frames(e.__traceback__)  # drop the DDP model the failed frames hold
         raise
     finally:
-        cleanup(graceful=ok)  # gc before destroy_process_group (PITFALLS.md)
+        cleanup(graceful=ok)  # gc before destroy_process_group (tests/README.md, "Traps")
 
 
 def interrupt_message(cfg: TrainConfig, step: int) -> str:

@@ -1,4 +1,4 @@
-"""Issue 10 on the T2I commands (train_t2i, sample, evaluate): bad state is refused with one
+"""Reliability of the T2I commands (train_t2i, sample, evaluate): bad state is refused with one
 line, and nothing is lost or half-written. Each test injects one fault, then checks the exit
 code, the one stderr line, and the files on disk (unchanged where nothing may change)."""
 

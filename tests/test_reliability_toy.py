@@ -1,4 +1,4 @@
-"""Issue 10, toy side: a damaged or read-only reference cache, sweep resume, panel
+"""Reliability, toy side: a damaged or read-only reference cache, sweep resume, panel
 validation, the figures command's errors and self-explaining figures."""
 
 from __future__ import annotations

@@ -296,7 +296,7 @@ def test_train_lora_precondition_then_sample(data, tmp_path, capsys):
     assert (samples / "lora" / "00001.png").is_file()
 
 
-@pytest.mark.timeout(300)  # a hung gloo rank ignores SIGINT (PITFALLS.md)
+@pytest.mark.timeout(300)  # a hung gloo rank ignores SIGINT (tests/README.md, "Traps")
 def test_torchrun_two_ranks_sd3_ddspo(data, tmp_path):
     """``torchrun --nproc_per_node=2 train_t2i.py --tiny --backbone sd3 --method ddspo``."""
     out, timeout = tmp_path / "run", 240

@@ -100,9 +100,9 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
 def cleanup(graceful: bool = True) -> None:
     """Destroy the process group after a ``gc.collect()``: a DDP model freed *after*
-    ``destroy_process_group`` can hang in gloo's teardown (PITFALLS.md). The caller must have
-    dropped its references to the DDP model. ``graceful=False`` (an error) skips the barrier,
-    which other ranks might never reach."""
+    ``destroy_process_group`` can hang in gloo's teardown (tests/README.md, "Traps"). The
+    caller must have dropped its references to the DDP model. ``graceful=False`` (an error)
+    skips the barrier, which other ranks might never reach."""
     gc.collect()
     if dist.is_available() and dist.is_initialized():
         if graceful:

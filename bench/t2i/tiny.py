@@ -43,7 +43,8 @@ TINY_SD3_CHANNELS = 16  # SD3's latent channels
 
 
 def clip_tokenizer(max_length: int = TINY_TEXT_LEN):
-    """A byte-level ``CLIPTokenizer`` with no merges: one token per character (PITFALLS.md)."""
+    """A byte-level ``CLIPTokenizer`` with no merges: one token per character (the offline
+    tokenizer trap in tests/README.md)."""
     from transformers import CLIPTokenizer
 
     chars = byte_chars()
