@@ -6,6 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# One OpenMP thread in every process a test starts (subprocesses inherit the environment):
+# the tests' models are tiny, and more threads oversubscribe a busy 2-core machine.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 from hypothesis import settings  # noqa: E402
 
@@ -39,6 +42,15 @@ def touch_on_unpickle():
     """``make(marker)``: an object whose unpickling creates the file ``marker`` (what a
     crafted pickle could do); a test asserts the marker never appears."""
     return _TouchOnUnpickle
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread for the whole session (whatever the environment said before
+    torch was imported); a test that needs more sets it and restores it."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,25 @@
-"""Issue 14: the fast toy path (hand-written backward, fused matmuls, reused buffers, flat
-Adam, cached tables) computes exactly what the autograd path computes -- bit for bit."""
+"""The fast toy path (hand-written backward, fused matmuls, reused buffers, flat Adam, cached
+tables) computes what the autograd path computes.
+
+Two kinds of assertion. Where the same ops run in the same order (a fast variant against
+another, a run against itself, flat vs stacked Adam on the same gradients, thread counts,
+chunks): bit for bit. Fast path against the autograd oracle: different kernels, so equal
+to a few float32 ulps (``toy_helpers.ONE_PASS_ULPS`` / ``FINETUNE_ULPS``; bit for bit only
+on some CPUs). ``tests/test_dispatch_levels.py`` reruns this file at forced dispatch levels."""
 
 from functools import partial
 
 import numpy as np
 import pytest
 import torch
-from toy_helpers import TINY
+from toy_helpers import (
+    FINETUNE_ULPS,
+    ONE_PASS_ULPS,
+    TINY,
+    assert_close_f32,
+    max_ulps,
+    printed_close,
+)
 
 import toy2d.sweep as sweep_cli
 import toy2d.train as tt
@@ -27,6 +40,7 @@ from toy2d.model import (
     param_names,
     step_denoiser,
 )
+from toy2d.sweep import run_name
 from toy2d.train import FinetuneConfig, Run, Strategy
 
 CFG = TINY.mlp  # hidden 16, temb 8, cemb 8, T 20, K 8
@@ -51,36 +65,46 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fast_forwards_equal_forward_bitwise():
+def test_fast_forwards_equal_forward():
+    """Every fast forward is one function bit for bit (the same fused kernels), and the
+    autograd forward's function to a few ulps."""
     params, x, t, c = _inputs(CFG, 3, 37)
     want = forward(params, x, t, c, CFG)
     ws = Workspace()
-    assert torch.equal(forward_fast(params, x, t, c, CFG), want)
-    assert torch.equal(forward_fast(params, x, t, c, CFG, joint_table(params, CFG), ws), want)
-    assert torch.equal(forward_fast(params, x, t, c, CFG, ws=ws), want)  # buffers reused
-    assert torch.equal(forward_train(params, x, t, c, CFG, ws)[0], want)
+    fast = forward_fast(params, x, t, c, CFG)
+    assert_close_f32(fast, want, ONE_PASS_ULPS)
+    assert torch.equal(forward_fast(params, x, t, c, CFG, joint_table(params, CFG), ws), fast)
+    assert torch.equal(forward_fast(params, x, t, c, CFG, ws=ws), fast)  # buffers reused
+    assert torch.equal(forward_train(params, x, t, c, CFG, ws)[0], fast)
     # the sampler's denoiser: one timestep per member, fixed classes
     ts = torch.tensor([0, 7, 19])
-    eps = step_denoiser(params, c, CFG)
-    assert torch.equal(eps(x, ts), forward(params, x, ts[:, None].expand(3, 37), c, CFG))
+    eps = step_denoiser(params, c, CFG)(x, ts)
+    per_row = ts[:, None].expand(3, 37)
+    assert torch.equal(eps, forward_fast(params, x, per_row, c, CFG))
+    assert_close_f32(eps, forward(params, x, per_row, c, CFG), ONE_PASS_ULPS)
+    assert max_ulps(eps, forward(params, x, t, c, CFG)) > 1e4  # sees which timesteps
 
 
 @pytest.mark.parametrize("M, N", [(1, 5), (3, 37)])
-def test_backward_train_equals_autograd_bitwise(M, N):
+def test_backward_train_equals_autograd(M, N):
     params, x, t, c = _inputs(CFG, M, N, seed=M)
     g_out = torch.randn(M, N, 2, generator=torch.Generator().manual_seed(9))
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     out = forward(leaves, x, t, c, CFG)
     want = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), g_out), strict=True))
     ws = Workspace()
-    for _ in range(2):  # the second pass reuses every buffer
-        pred, saved = forward_train(params, x, t, c, CFG, ws)
-        assert torch.equal(pred, out.detach())
-        assert _equal(backward_train(params, saved, g_out, CFG, ws), want)
+    pred, saved = forward_train(params, x, t, c, CFG, ws)
+    assert_close_f32(pred, out.detach(), ONE_PASS_ULPS)
+    first = {k: v.clone() for k, v in backward_train(params, saved, g_out, CFG, ws).items()}
+    assert_close_f32(first, want, ONE_PASS_ULPS)
+    pred, saved = forward_train(params, x, t, c, CFG, ws)  # reuses every buffer
+    assert _equal(backward_train(params, saved, g_out, CFG, ws), first)
     fp = FlatParams(params)
     pred, saved = forward_train(fp.params, x, t, c, CFG, ws)
     backward_train(fp.params, saved, g_out, CFG, ws, fp.grads)  # into the flat buffer
-    assert _equal(fp.grads, want)
+    assert _equal(fp.grads, first)
+    other = backward_train(params, saved, -g_out, CFG)
+    assert all(max_ulps(other[k], want[k]) > 1e4 for k in want)  # sees the output gradient
 
 
 def test_stacked_mlp_gradcheck_float64():
@@ -94,6 +118,24 @@ def test_stacked_mlp_gradcheck_float64():
 
 
 def test_flat_adam_equals_stacked_adam_bitwise():
+    """On the same gradients the flat and the per-tensor Adam run the same elementwise ops
+    in the same order on every element: bit for bit (4 steps, a member's lr each)."""
+    params, x, t, c = _inputs(CFG, 3, 16)
+    lr = torch.tensor([1e-3, 3e-2, 5e-4])
+    plain = {k: v.clone() for k, v in params.items()}
+    opt_a, fp = StackedAdam(plain, lr), FlatParams(params)
+    opt_b = FlatAdam(fp, lr)
+    for _ in range(4):
+        pred, saved = forward_train(fp.params, x, t, c, CFG)
+        backward_train(fp.params, saved, 2 * pred, CFG, out=fp.grads)  # d sum(p^2) / dp
+        opt_a.step({k: v.clone() for k, v in fp.grads.items()})
+        opt_b.step()
+    assert _equal(plain, fp.params)
+    assert not _equal(plain, params)
+
+
+def test_fast_adam_steps_equal_autograd_adam():
+    """Gradients by autograd + StackedAdam vs by hand + FlatAdam, 4 steps: a few ulps."""
     params, x, t, c = _inputs(CFG, 3, 16)
     lr = torch.tensor([1e-3, 3e-2, 5e-4])
     plain = {k: v.clone().requires_grad_(True) for k, v in params.items()}
@@ -103,9 +145,9 @@ def test_flat_adam_equals_stacked_adam_bitwise():
         la = forward(plain, x, t, c, CFG).pow(2).sum()
         opt_a.step(dict(zip(plain, torch.autograd.grad(la, list(plain.values())), strict=True)))
         pred, saved = forward_train(fp.params, x, t, c, CFG)
-        backward_train(fp.params, saved, 2 * pred, CFG, out=fp.grads)  # d sum(p^2) / dp
+        backward_train(fp.params, saved, 2 * pred, CFG, out=fp.grads)
         opt_b.step()
-    assert _equal({k: v.detach() for k, v in plain.items()}, fp.params)
+    assert_close_f32(fp.params, {k: v.detach() for k, v in plain.items()}, FINETUNE_ULPS)
 
 
 RUNS = [
@@ -125,34 +167,54 @@ RUNS = [
     ids=["all-methods", "cpp-only", "sft-only", "dpo-only"],
 )
 @pytest.mark.parametrize("batch", [16, 8])  # 8: below ATen's small-matrix line, 3B rows
-def test_finetune_equals_autograd_path_bitwise(runs, batch):
+def test_finetune_equals_autograd_path(runs, batch):
     refs = tt.load_references(TINY, [0, 1])
     ft = FinetuneConfig(steps=7, batch=batch, n_probe=16, lr=3e-3)
     new, nlog = tt.finetune(TINY, ft, runs, refs)
     old, olog = tt._finetune_autograd(TINY, ft, runs, refs)
-    assert _equal(new, old)
-    assert nlog == olog  # losses, implicit accuracies, copies, divergences, freezes
-    assert not _equal(new, {k: torch.cat([refs[r.seed][k] for r in runs]) for k in new})
+    assert_close_f32(new, old, FINETUNE_ULPS)
+    # the fine-tune moved every tensor by far more than the tolerance
+    init = {k: torch.cat([refs[r.seed][k] for r in runs]) for k in new}
+    assert min(max_ulps(init[k], old[k]) for k in new) > 100 * FINETUNE_ULPS
+    # copies and freezes exactly; losses and divergences to float rounding: a loss's logit
+    # is beta (up to 800) times a difference of squared errors, which scales an ulp of the
+    # errors up (measured <= 2.2e-5 relative); implicit accuracies exactly for a frozen
+    # reference -- right after a copy policy == reference, logits are rounding noise around 0
+    assert nlog.copy_steps == olog.copy_steps and nlog.freeze_step == olog.freeze_step
+    assert nlog.final_loss == pytest.approx(olog.final_loss, rel=1e-4)
+    for r, a, b in zip(runs, nlog.final_implicit_acc, olog.final_implicit_acc, strict=True):
+        assert a == b or r.strategy.ref_update == "periodic"
+    for a, b in zip(nlog.divergences, olog.divergences, strict=True):
+        assert [s for s, _ in a] == [s for s, _ in b]
+        assert [d for _, d in a] == pytest.approx([d for _, d in b], rel=1e-4)
 
 
-def test_references_equal_autograd_path_bitwise():
-    assert _equal(tt.train_references(TINY, [0, 2]), tt._train_references_autograd(TINY, [0, 2]))
+def test_references_equal_autograd_path():
+    new = tt.train_references(TINY, [0, 2])
+    assert_close_f32(new, tt._train_references_autograd(TINY, [0, 2]), ONE_PASS_ULPS)
+    assert _equal(tt.train_references(TINY, [0, 2]), new)  # deterministic
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_sampling_and_pairs_equal_old_path_bitwise(sampler):
+def test_sampling_and_pairs_equal_old_path(sampler):
     params = init_params(CFG, [torch.Generator().manual_seed(s) for s in range(3)])
     new, labels = tt.sample(TINY, params, [0, 1, 0], 3, sampler, ddim_steps=7)
     old, labels_old = tt.sample(TINY, params, [0, 1, 0], 3, sampler, ddim_steps=7, _fast=False)
-    assert torch.equal(new, old) and torch.equal(labels, labels_old)
+    assert_close_f32(new, old, ONE_PASS_ULPS)
+    assert torch.equal(labels, labels_old)
+    assert max_ulps(new[[1, 0, 2]], old) > 1e4  # members stay in order
     one = {k: v[:1] for k, v in params.items()}
     a = tt.make_preference_pairs(TINY, "ref", 4, 0, one)
     b = tt.make_preference_pairs(TINY, "ref", 4, 0, one, _fast=False)
-    assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("x_w", "x_l", "c", "c_neg"))
+    assert torch.equal(a.c, b.c) and torch.equal(a.c_neg, b.c_neg)
+    assert_close_f32(a.x_w, b.x_w, ONE_PASS_ULPS)
+    assert_close_f32(a.x_l, b.x_l, ONE_PASS_ULPS)
+    assert max_ulps(a.x_w, b.x_l) > 1e4
 
 
 def test_sweep_results_equal_old_path(monkeypatch):
-    """The sweep's CSV rows (every metric, loss, accuracy, divergence) on a reduced grid."""
+    """The sweep's CSV rows (every metric, loss, accuracy, divergence) on a reduced grid, to
+    their printed precision plus float rounding; the samples to a few ulps."""
 
     def rows():
         ft = FinetuneConfig(steps=4, batch=8, n_probe=8)
@@ -167,9 +229,14 @@ def test_sweep_results_equal_old_path(monkeypatch):
     monkeypatch.setattr(sweep_cli, "finetune", tt._finetune_autograd)
     monkeypatch.setattr(tt, "sample", partial(tt.sample, _fast=False))
     old_rows, old_samples = rows()
-    assert new_rows == old_rows
+    assert [r.keys() for r in new_rows] == [r.keys() for r in old_rows]
+    for a, b in zip(new_rows, old_rows, strict=True):
+        bad = {k: (a[k], b[k]) for k in a if not printed_close(str(a[k]), str(b[k]))}
+        assert not bad, (run_name(a), bad)
     assert new_samples.keys() == old_samples.keys()
-    assert all((new_samples[k] == old_samples[k]).all() for k in new_samples)
+    for k in new_samples:
+        got, want = torch.from_numpy(new_samples[k]), torch.from_numpy(old_samples[k])
+        assert_close_f32(got, want, FINETUNE_ULPS)
 
 
 def test_matmul_log_counts_products():
