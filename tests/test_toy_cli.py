@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +240,111 @@ def test_toy_bench_baseline_must_be_a_checkout(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         tb.main(["--sweeps", "--baseline", str(tmp_path)])
     assert e.value.code == 2 and "not a checkout" in capsys.readouterr().err
+
+
+# ------------------------------------------------------ one run per folder, umask, bad flags
+
+
+@pytest.mark.parametrize("cli", ["sweep", "beta_search", "run"])
+def test_a_second_run_on_a_locked_out_is_refused(cli, tmp_path, capsys):
+    """Another process holds the folder's lock (as a running sweep does): exit 2, one line
+    naming the folder, the folder and its neighbours untouched; once it lets go, the run
+    goes through."""
+    from toy2d import beta_search as bs_cli
+    from toy2d.cli import lock_path
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.csv").write_text("earlier run\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from filelock import FileLock; "
+         f"l = FileLock({str(lock_path(out))!r}); l.acquire(); print('held', flush=True); "
+         "sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    main, argv = {
+        "sweep": (sweep_cli.main, ["--seeds", "1", "--n-pairs", "2", "--betas", "400",
+                                   "--methods", "dpo", "--no-progress", *FAST]),
+        "beta_search": (bs_cli.main, ["--seeds", "1", "--seed-offset", "0", "--n-pairs", "2",
+                                      "--betas", "400", "--grid", "0.05", "--no-progress",
+                                      *FAST]),
+        "run": (run_cli.main, ["--method", "dpo", "--n-pairs", "2", *FAST]),
+    }[cli]  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in tmp_path.iterdir())
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "error:" in err
+        assert f"--out {out} is in use: another run holds its lock" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # no staging folder
+        assert [p.name for p in out.iterdir()] == ["results.csv"]
+        assert (out / "results.csv").read_text() == "earlier run\n"
+    finally:
+        holder.communicate("", timeout=60)
+    assert main([*argv, "--out", str(out)]) == 0  # released: the run goes through
+    written = {"sweep": "table.md", "beta_search": "search.md", "run": "metrics.json"}[cli]
+    assert (out / written).is_file()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_outputs_and_cache_follow_the_umask(umask, tmp_path, monkeypatch):
+    """Output folders, their files and new reference-cache entries get the modes the umask
+    gives (a staging folder from ``tempfile.mkdtemp`` would leave every output 0700)."""
+    from toy2d.train import cache_dir, cache_path
+
+    monkeypatch.setenv("MINDDSPO_CACHE", str(tmp_path / "fresh-cache"))  # trains seed 0
+    old = os.umask(umask)
+    try:
+        assert run_cli.main(["--method", "dpo", "--out", str(tmp_path / "r"), *FAST]) == 0
+        argv = ["--seeds", "1", "--n-pairs", "2", "--betas", "400", "--methods", "dpo",
+                "--no-progress", "--out", str(tmp_path / "s" / "sweep"), *FAST]  # fmt: skip
+        assert sweep_cli.main(argv) == 0
+    finally:
+        os.umask(old)
+    dirs = [tmp_path / "r", tmp_path / "s", tmp_path / "s" / "sweep", cache_dir()]
+    dirs += [tmp_path / "s" / "sweep" / "cells"]
+    files = [tmp_path / "r" / "metrics.json", tmp_path / "r" / "scatter.png"]
+    files += [tmp_path / "s" / "sweep" / f for f in ("results.csv", "samples.npz", "table.md")]
+    files += list((tmp_path / "s" / "sweep" / "cells").iterdir())
+    files += [cache_path(TINY, 0)]
+    assert {str(d): oct(d.stat().st_mode & 0o777) for d in dirs} == {
+        str(d): oct(0o777 & ~umask) for d in dirs
+    }
+    assert {str(f): oct(f.stat().st_mode & 0o777) for f in files} == {
+        str(f): oct(0o666 & ~umask) for f in files
+    }
+
+
+@pytest.mark.parametrize("cli", ["sweep", "beta_search"])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--methods", ""], "error: --methods is empty"),
+        (["--methods", " , "], "error: --methods is empty"),
+        (["--seed-offset", "-1"], "error: --seed-offset must be >= 0, got -1"),
+        (["--seeds", "0"], "error: --seeds must be > 0, got 0"),
+    ],
+)
+def test_empty_methods_and_negative_seeds_are_refused(cli, flags, needle, tmp_path, capsys):
+    from toy2d import beta_search as bs_cli
+
+    if cli == "beta_search" and flags[0] == "--methods":
+        flags, needle = ["--grid", flags[1]], needle.replace("--methods", "--grid")
+    main = {"sweep": sweep_cli.main, "beta_search": bs_cli.main}[cli]
+    with pytest.raises(SystemExit) as e:
+        main([*flags, "--out", str(tmp_path / "o"), "--no-progress", *FAST])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and needle in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "cache"]  # nothing written
+
+
+def test_run_refuses_a_negative_seed(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli.main(["--method", "dpo", "--seed", "-1", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert "error: --seed must be >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -28,7 +28,7 @@ from .cli import (
     finetune_config,
     strategy,
 )
-from .sweep import _list, run_sweep, write_csv
+from .sweep import _list, check_seeds, run_sweep, write_csv
 from .train import ToySetup
 
 PROG = "python -m toy2d.beta_search"
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(not (0 < b < float("inf")) for b in grid):
             raise UsageError(f"--grid values must be finite and > 0, got {args.grid}")
         ns, betas = _list(int, args.n_pairs, "n-pairs"), _list(float, args.betas, "betas")
-        if args.seeds <= 0:
-            raise UsageError(f"--seeds must be > 0, got {args.seeds}")
+        check_seeds(args)
         check_training_args(args)
         stage = Staging(args.out)
     except UsageError as e:
@@ -132,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         stage.abort()
         raise
+    finally:
+        stage.unlock()
     print(header + table + f"\nchosen beta_out = {best:g} -> {args.out}")
     return 0
 

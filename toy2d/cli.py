@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -92,14 +92,27 @@ def strategy(args: argparse.Namespace) -> Strategy:
     return Strategy(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def lock_path(out: Path) -> Path:
+    """The lock file of output folder ``out``: ``.NAME.lock`` beside it (it outlives the
+    staging folder's move into place; two spellings of one folder share it)."""
+    target = Path(os.path.abspath(out))
+    target = target.parent.resolve() / target.name
+    return target.parent / f".{target.name}.lock"
+
+
 class Staging:
     """Write into a temp folder beside ``out``; move into place only on success.
 
     Creating the temp folder up front is the writability check, so an unwritable
-    ``--out`` fails before any work and leaves nothing behind.
+    ``--out`` fails before any work and leaves nothing behind. For the life of the run
+    (until :meth:`unlock`) it holds an exclusive lock on ``out`` (:func:`lock_path`): a
+    second run on the same folder fails at once instead of mixing its files in. Folders
+    are made with the process's umask, like every file written into them.
     """
 
     def __init__(self, out: Path):
+        from filelock import FileLock, Timeout
+
         self.out = Path(out)
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} exists and is not a directory")
@@ -110,8 +123,18 @@ class Staging:
             raise UsageError(f"--out {self.out}: {parent} is not a directory")
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+            self._lock = FileLock(str(lock_path(self.out)))
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise UsageError(
+                f"--out {self.out} is in use: another run holds its lock {lock_path(self.out)}"
+            ) from None
         except OSError as e:
+            raise UsageError(f"--out {self.out} is not writable ({e.strerror})") from None
+        try:
+            self.tmp = _mkdir_unique(self.out.parent, f".{self.out.name}.tmp-")
+        except OSError as e:
+            self.unlock()
             raise UsageError(f"--out {self.out} is not writable ({e.strerror})") from None
 
     def path(self, name: str) -> Path:
@@ -130,3 +153,20 @@ class Staging:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self.unlock()
+
+    def unlock(self) -> None:
+        self._lock.release()
+
+
+def _mkdir_unique(parent: Path, prefix: str) -> Path:
+    """A new folder ``parent/PREFIX<random>`` made with the umask (``tempfile.mkdtemp``
+    would make it 0700, and it becomes the output folder)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free name {prefix}* in {parent}")

@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.n_pairs <= 0:
             raise UsageError(f"--n-pairs must be > 0, got {args.n_pairs}")
+        if args.seed < 0:
+            raise UsageError(f"--seed must be >= 0, got {args.seed}")
         if not (args.beta > 0 and math.isfinite(args.beta)):
             raise UsageError(f"--beta must be finite and > 0, got {args.beta}")
         check_training_args(args)
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         stage.abort()
         raise
+    finally:
+        stage.unlock()
     keys = ("class_accuracy", "sw", "overlap", "separation", "centre_shift", "radial_shift")
     line = " ".join(f"{k}={m[k]:.4f}" for k in keys)
     print(

@@ -70,6 +70,14 @@ def _list(kind, text: str, name: str) -> list:
     return vals
 
 
+def check_seeds(args: argparse.Namespace) -> None:
+    """``--seeds`` > 0 and ``--seed-offset`` >= 0 (seeds name files: ``seed<s>-...``)."""
+    if args.seeds <= 0:
+        raise UsageError(f"--seeds must be > 0, got {args.seeds}")
+    if args.seed_offset < 0:
+        raise UsageError(f"--seed-offset must be >= 0, got {args.seed_offset}")
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3, help="number of seeds")
@@ -106,7 +114,7 @@ def ablation_strategies(base: Strategy) -> list[Strategy]:
 
 def validate(args: argparse.Namespace) -> tuple[list[str], list[int], list[float]]:
     default = ABLATION_METHODS if args.ablation else PAPER_METHODS
-    methods = _list(str, args.methods, "methods") if args.methods else list(default)
+    methods = list(default) if args.methods is None else _list(str, args.methods, "methods")
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UsageError(f"unknown method {bad[0]!r} (choose from {', '.join(METHODS)})")
@@ -115,8 +123,7 @@ def validate(args: argparse.Namespace) -> tuple[list[str], list[int], list[float
         raise UsageError(f"--n-pairs values must be > 0, got {args.n_pairs}")
     if any(not (b > 0 and math.isfinite(b)) for b in betas):
         raise UsageError(f"--betas values must be finite and > 0, got {args.betas}")
-    if args.seeds <= 0:
-        raise UsageError(f"--seeds must be > 0, got {args.seeds}")
+    check_seeds(args)
     check_training_args(args)
     return methods, ns, betas
 
@@ -509,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         stage.abort()
         raise
+    finally:
+        stage.unlock()
     resumed = times["n_resumed_seeds"]
     print(
         f"{times['n_finetunes']} fine-tunes, {len(pl.seeds)} seeds ({resumed} resumed from "

@@ -423,7 +423,7 @@ def load_references(
     """
     import sys
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out, missing = {}, []
     for s in seeds:
@@ -446,7 +446,9 @@ def load_references(
             f = cache_path(setup, s)
             tmp = f.with_suffix(f".tmp{os.getpid()}")
             meta = {"setup": json.dumps(asdict(setup)), "seed": str(s)}
-            save_file(member, str(tmp), metadata={**meta, "sha256": tensors_sha256(member)})
+            blob = save(member, metadata={**meta, "sha256": tensors_sha256(member)})
+            with open(tmp, "wb") as fh:  # the umask's mode (safetensors' save_file: 0600)
+                fh.write(blob)
             os.replace(tmp, f)
             out[s] = {k: v.unsqueeze(0) for k, v in member.items()}
     return out
