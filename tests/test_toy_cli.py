@@ -348,3 +348,50 @@ def test_run_refuses_a_negative_seed(tmp_path, capsys):
     assert e.value.code == 2
     assert "error: --seed must be >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_run_says_it_trains_the_reference_and_reports_its_accuracy(tmp_path, monkeypatch, capsys):
+    """A cold cache: one stderr line says the reference is being trained and where it is
+    cached, then a progress bar (none with --no-progress); the summary line carries the
+    reference's class accuracy beside the tuned one's -- the number a ``--method ref`` run
+    of the same seed reports. A warm run says nothing about training."""
+    from toy2d.train import cache_path
+
+    monkeypatch.setenv("MINDDSPO_CACHE", str(tmp_path / "cold"))
+
+    def run(method, *flags):
+        out = tmp_path / f"{method}{len(flags)}"
+        strong = [
+            "--steps",
+            "30",
+            "--batch",
+            "16",
+            "--n-eval",
+            "16",
+            "--lr",
+            "5e-2",
+            "--pairs",
+            "gt",
+        ]
+        assert run_cli.main(["--method", method, "--out", str(out), *flags, *strong]) == 0
+        cap = capsys.readouterr()
+        assert cap.out.count("\n") == 1
+        fields = dict(f.split("=", 1) for f in cap.out.split())
+        return fields, cap.err, json.loads((out / "metrics.json").read_text())
+
+    fields, err, metrics = run("sft")
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
+    assert lines[0].startswith("python -m toy2d.run: training the reference model of seed 0")
+    assert str(cache_path(TINY, 0)) in lines[0] and cache_path(TINY, 0).is_file()
+    assert any("100%" in ln and "step" in ln for ln in lines[1:])  # the bar ran to the end
+    ref_fields, ref_err, _ = run("ref", "--no-progress")
+    assert ref_err == ""  # cached: no message, and no bar
+    assert fields["reference_class_accuracy"] == ref_fields["class_accuracy"]
+    assert float(fields["class_accuracy"]) == pytest.approx(metrics["class_accuracy"], abs=1e-4)
+    assert metrics["reference_class_accuracy"] == pytest.approx(
+        float(ref_fields["class_accuracy"]), abs=1e-4
+    )
+    assert fields["class_accuracy"] != fields["reference_class_accuracy"]  # not the same model
+    monkeypatch.setenv("MINDDSPO_CACHE", str(tmp_path / "cold2"))
+    _, err, _ = run("sft", "--no-progress")
+    assert "training the reference model" in err and "%|" not in err

@@ -1,7 +1,10 @@
 """One toy run: ``python -m toy2d.run --method ddspo [--n-pairs 12] [--beta 400] [--seed 0]``.
 
 Loads (or trains and caches) the seed's reference, fine-tunes it with the chosen method,
-samples, prints one line of metrics and writes ``DIR/metrics.json`` and ``DIR/scatter.png``.
+samples both, prints one line of metrics (the tuned model's and the reference's class
+accuracy) and writes ``DIR/metrics.json`` and ``DIR/scatter.png``. Training a seed's
+reference the first time takes most of a cold run; it says so on stderr, with a progress
+bar (``--no-progress``: none).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .train import (
     Run,
     ToySetup,
     cache_key,
+    cache_path,
     check_reference_cache,
     finetune,
     load_references,
@@ -37,6 +41,7 @@ from .train import (
 )
 
 PROG = "python -m toy2d.run"
+REF_SECONDS = 15  # a reference's training time, measured (bench/RESULTS.md)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +53,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out", type=Path, default=None, help="default: runs/toy2d/<method>_N<n>_b<beta>_s<seed>"
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_training_args(p)
     return p.parse_args(argv)
 
@@ -68,26 +74,46 @@ def main(argv: list[str] | None = None) -> int:
         )
         setup, ft = ToySetup(), finetune_config(args)
         stage = Staging(out)
-        check_reference_cache(setup, [args.seed])  # a read-only cache fails before training
+        missing = check_reference_cache(setup, [args.seed])  # read-only: fails before training
     except (UsageError, CacheError) as e:
         if stage is not None:
             stage.abort()
         fail(PROG, str(e))
     try:
+        import torch
+        from tqdm import tqdm
+
         t0 = time.perf_counter()
         run = Run(args.method, args.n_pairs, args.beta, args.seed, strategy(args))
-        refs = load_references(setup, [args.seed])
+        tuned = args.method != "ref"
+        steps = (setup.ref.steps if missing else 0) + (ft.steps if tuned else 0)
+        if missing:
+            print(
+                f"{PROG}: training the reference model of seed {args.seed} ({setup.ref.steps} "
+                f"steps, ~{REF_SECONDS} s on 2 CPU cores), cached in "
+                f"{cache_path(setup, args.seed)} for later runs",
+                file=sys.stderr,
+            )
+        bar = tqdm(total=steps, disable=args.no_progress or not steps, file=sys.stderr,
+                   unit="step", desc="reference" if missing else args.method)  # fmt: skip
+        refs = load_references(setup, [args.seed], bar.update)
         t_ref = time.perf_counter() - t0
         log = None
-        if args.method == "ref":
-            params = refs[args.seed]
+        if tuned:
+            bar.set_description(f"{args.method} fine-tune")
+            params, log = finetune(setup, ft, [run], refs, bar.update)
+            # the reference sampled beside it: same noise (the seed's), its own member
+            params = {k: torch.cat([refs[args.seed][k], v]) for k, v in params.items()}
         else:
-            params, log = finetune(setup, ft, [run], refs)
-        x, labels = sample(setup, params, [args.seed], args.n_eval, args.sampler)
+            params = refs[args.seed]
+        bar.close()
+        members = [args.seed] * (2 if tuned else 1)
+        x, labels = sample(setup, params, members, args.n_eval, args.sampler)
         from .metrics import compute_metrics
         from .plots import sample_caption, save_scatter
 
-        m = compute_metrics(x[0], labels, setup.toy)
+        m = compute_metrics(x[-1], labels, setup.toy)
+        ref_acc = compute_metrics(x[0], labels, setup.toy)["class_accuracy"]
         elapsed = time.perf_counter() - t0
         record = {
             **m,
@@ -95,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             "finetune": asdict(ft) | {"lr_used": ft.lr_for(args.beta)},
             "setup": asdict(setup),
             "reference_cache_key": cache_key(setup, args.seed),
+            "reference_class_accuracy": ref_acc,
             "time_s": {"total": elapsed, "reference_load_or_train": t_ref},
         }
         if log is not None:
@@ -117,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         title = f"{what}, seed {args.seed}: class accuracy {m['class_accuracy']:.3f}"
         save_scatter(
             stage.path("scatter.png"),
-            x[0].numpy(),
+            x[-1].numpy(),
             labels.numpy(),
             setup.toy,
             title,
@@ -132,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("class_accuracy", "sw", "overlap", "separation", "centre_shift", "radial_shift")
     line = " ".join(f"{k}={m[k]:.4f}" for k in keys)
     print(
-        f"method={args.method} n_pairs={args.n_pairs} beta={args.beta:g} seed={args.seed} {line} time_s={elapsed:.1f} out={out}"
+        f"method={args.method} n_pairs={args.n_pairs} beta={args.beta:g} seed={args.seed} "
+        f"{line} reference_class_accuracy={ref_acc:.4f} time_s={elapsed:.1f} out={out}"
     )
     return 0
 
