@@ -334,3 +334,19 @@ def test_sampling_in_member_chunks_is_exact(monkeypatch, sampler):
     chunked, _ = tt.sample(TINY, params, seeds, 6, sampler, ddim_steps=5)
     assert calls == [2, 2, 1]
     assert torch.equal(chunked, whole)
+
+
+def test_bench_reports_the_largest_difference_not_a_claim():
+    """``toy2d.bench`` prints how far the new path is from the old (ulps of the tensor's
+    magnitude, the worst tensor named) and whether they are bitwise equal, as information."""
+    from toy2d.bench import compare_line
+
+    a = {"w": torch.tensor([1.0, -4.0, 2.0]), "samples": torch.tensor([[3.0, 0.5]])}
+    assert "max difference 0.0 float32 ulps" in compare_line(a, dict(a))
+    assert "bitwise equal: yes" in compare_line(a, dict(a))
+    b = {**a, "w": torch.tensor([1.0, -4.0, 2.0]).nextafter(torch.tensor(9.0))}  # 1 ulp up
+    line = compare_line(a, b)
+    # each moves one ulp towards 9: 1 by eps, -4 and 2 by 2 eps (spacing in [2, 4)); of
+    # max |w| = 4 that is 2 eps / 4 eps = 0.5 ulps of the magnitude
+    assert "max difference 0.5 float32 ulps of the tensor's magnitude (w)" in line
+    assert "bitwise equal: no" in line

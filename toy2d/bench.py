@@ -9,8 +9,11 @@ DDIM samples per class for every run. It is timed twice, alternately:
 
 * ``old``: the autograd path (``toy2d.train._finetune_autograd``, ``sample(_fast=False)``);
 * ``new``: the default path (``toy2d.train.finetune``, ``sample``) -- hand-written backward,
-  fused bias matmuls, reused buffers, one flat Adam; the same float32 numbers, bit for bit
-  (the script checks it on the parameters and samples).
+  fused bias matmuls, reused buffers, one flat Adam; the same function in float32 (the script
+  reports the largest difference of the parameters and samples, in float32 ulps of their
+  magnitude, and whether they are bitwise equal: they are on some CPUs, e.g. the AVX-512
+  machine it was written on, and differ in the last bits where other kernels round
+  differently).
 
 FLOPs are counted, not estimated: every matrix product the path dispatches (``bmm``,
 ``baddbmm``, ``mm``, ``addmm``; ``matmul`` lowers to them) is logged by a
@@ -137,7 +140,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
     )
-    p.add_argument("--no-check", action="store_true", help="skip the old == new check")
+    p.add_argument("--no-check", action="store_true", help="skip comparing the old and new results")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting and the bmm floor")
     p.add_argument(
         "--naive", action="store_true", help="also time the fine-tunes one at a time (M = 1)"
@@ -251,18 +254,37 @@ def time_paths(setup, ft, runs, refs, repeats: int, check: bool) -> tuple[float,
     t_old, t_new = min(times["old"]), min(times["new"])
     if check:
         (po, xo), (pn, xn) = out["old"], out["new"]
-        same = all(torch.equal(po[k], pn[k]) for k in po) and torch.equal(xo, xn)
-        note = (
-            ""
-            if torch.get_num_threads() == 1
-            else " (with > 1 thread the old path is not reproducible itself: torch's parallel "
-            "index_put_ accumulates in a varying order; bitwise equality holds at --threads 1)"
-        )
-        print(f"old == new (parameters and samples, bitwise): {same}{note}")
+        print(compare_line({**po, "samples": xo}, {**pn, "samples": xn}))
     print(f"old batched path (autograd)      : {t_old:7.1f} s  {_all(times['old'])}")
     print(f"new batched path (manual backward): {t_new:7.1f} s  {_all(times['new'])}")
     print(f"speed-up old / new               : {t_old / t_new:7.2f}x")
     return t_old, t_new
+
+
+def compare_line(old: dict, new: dict) -> str:
+    """One line: the largest |new - old| over the tensors, in float32 ulps of each tensor's
+    largest magnitude (the worst tensor named), and whether all are bitwise equal."""
+    eps = torch.finfo(torch.float32).eps
+    worst, name, bitwise = 0.0, "", True
+    for k, a in old.items():
+        b = new[k]
+        bitwise &= torch.equal(a, b)
+        diff = (b.double() - a.double()).abs().max().item()
+        scale = a.abs().max().double().item()
+        ulps = diff / (scale * eps) if scale > 0 else (0.0 if diff == 0 else float("inf"))
+        if ulps > worst or not name:
+            worst, name = ulps, k
+    note = (
+        ""
+        if torch.get_num_threads() == 1
+        else "; with > 1 thread the old path varies run to run itself (torch's parallel "
+        "index_put_ adds in a varying order)"
+    )
+    return (
+        f"new vs old (parameters and samples): max difference {worst:.1f} float32 ulps of the "
+        f"tensor's magnitude ({name}); bitwise equal: {'yes' if bitwise else 'no'} "
+        f"(depends on the CPU's kernels{note})"
+    )
 
 
 def report_flops(setup, ft, runs, refs, t_old: float, t_new: float) -> None:
