@@ -395,3 +395,37 @@ def test_run_says_it_trains_the_reference_and_reports_its_accuracy(tmp_path, mon
     monkeypatch.setenv("MINDDSPO_CACHE", str(tmp_path / "cold2"))
     _, err, _ = run("sft", "--no-progress")
     assert "training the reference model" in err and "%|" not in err
+
+
+@pytest.mark.parametrize("cli", ["run", "sweep"])
+def test_threads_flag_sets_torch_threads_for_the_run(cli, tmp_path, monkeypatch, capsys):
+    """``--threads N``: the run trains with N intra-op threads and gives the old count back;
+    ``--threads -1`` is refused in one line; with torch's default (> 1 thread) a cold run's
+    training message suggests ``--threads 1``."""
+    import torch
+
+    import toy2d.train as tt
+
+    seen = []
+    real = tt.load_references
+    for mod in (run_cli, sweep_cli):
+        monkeypatch.setattr(mod, "load_references", lambda *a, **k: seen.append(
+            torch.get_num_threads()) or real(*a, **k))  # fmt: skip
+    main = {"run": run_cli.main, "sweep": sweep_cli.main}[cli]
+    argv = {"run": ["--method", "dpo"], "sweep": ["--seeds", "1", "--n-pairs", "2", "--betas",
+            "400", "--methods", "dpo", "--no-progress"]}[cli]  # fmt: skip
+    before = torch.get_num_threads()
+    assert main([*argv, "--threads", "2", "--out", str(tmp_path / "a"), *FAST]) == 0
+    assert seen == [2] and torch.get_num_threads() == before
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--threads", "-1", "--out", str(tmp_path / "b"), *FAST])
+    assert e.value.code == 2 and not (tmp_path / "b").exists()
+    assert "error: --threads must be >= 0, got -1" in capsys.readouterr().err
+    if cli == "run":
+        monkeypatch.setenv("MINDDSPO_CACHE", str(tmp_path / "cold"))
+        torch.set_num_threads(2)
+        try:
+            assert main([*argv, "--out", str(tmp_path / "c"), "--no-progress", *FAST]) == 0
+        finally:
+            torch.set_num_threads(before)
+        assert "; --threads 1 if other processes share the cores)" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from .cli import (
     fail,
     finetune_config,
     strategy,
+    torch_threads,
 )
 from .sweep import _list, check_seeds, run_sweep, write_csv
 from .train import ToySetup
@@ -83,6 +84,11 @@ def summarise(rows: list[dict], grid: list[float]) -> tuple[str, float, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    with torch_threads(args.threads):
+        return _main(args, argv)
+
+
+def _main(args, argv: list[str] | None) -> int:
     try:
         grid = _list(float, args.grid, "grid")
         if any(not (0 < b < float("inf")) for b in grid):

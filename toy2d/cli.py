@@ -7,6 +7,7 @@ import os
 import secrets
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -61,9 +62,36 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="training timestep distribution")  # fmt: skip
     p.add_argument("--timestep-weight", choices=WEIGHTS, default=s.timestep_weight,
                    help="none, lambda (logit weight) or linear (loss weight)")  # fmt: skip
+    add_threads_arg(p)
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads (0: torch's default, one per core). On a machine other "
+        "processes share, 1 is faster: idle OpenMP workers spin and wait for a busy core",
+    )
+
+
+@contextmanager
+def torch_threads(n: int):
+    """``torch.set_num_threads(n)`` for the block (n = 0: leave torch's default)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_training_args(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", 0) < 0:
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
     for name in ("steps", "batch", "n_eval", "ref_tau"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")

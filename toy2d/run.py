@@ -26,6 +26,7 @@ from .cli import (
     fail,
     finetune_config,
     strategy,
+    torch_threads,
 )
 from .train import (
     METHODS,
@@ -60,6 +61,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    with torch_threads(args.threads):
+        return _main(args, argv)
+
+
+def _main(args, argv: list[str] | None) -> int:
     stage = None
     try:
         if args.n_pairs <= 0:
@@ -88,9 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         tuned = args.method != "ref"
         steps = (setup.ref.steps if missing else 0) + (ft.steps if tuned else 0)
         if missing:
+            hint = (
+                "; --threads 1 if other processes share the cores"
+                if args.threads == 0 and torch.get_num_threads() > 1
+                else ""
+            )
             print(
                 f"{PROG}: training the reference model of seed {args.seed} ({setup.ref.steps} "
-                f"steps, ~{REF_SECONDS} s on 2 CPU cores), cached in "
+                f"steps, ~{REF_SECONDS} s on 2 idle CPU cores{hint}), cached in "
                 f"{cache_path(setup, args.seed)} for later runs",
                 file=sys.stderr,
             )

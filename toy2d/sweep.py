@@ -35,6 +35,7 @@ from .cli import (
     fail,
     finetune_config,
     strategy,
+    torch_threads,
 )
 from .train import (
     METHODS,
@@ -494,6 +495,11 @@ def write_outputs(
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    with torch_threads(args.threads):
+        return _main(args, argv)
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
     stage = None
     try:
         pl = plan(args, argv)
