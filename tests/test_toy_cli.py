@@ -246,12 +246,14 @@ def test_toy_bench_baseline_must_be_a_checkout(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("cli", ["sweep", "beta_search", "run"])
-def test_a_second_run_on_a_locked_out_is_refused(cli, tmp_path, capsys):
+def test_a_second_run_on_a_locked_out_is_refused(cli, tmp_path, capsys, monkeypatch):
     """Another process holds the folder's lock (as a running sweep does): exit 2, one line
     naming the folder, the folder and its neighbours untouched; once it lets go, the run
     goes through."""
     from toy2d import beta_search as bs_cli
     from toy2d.cli import lock_path
+
+    monkeypatch.setattr(bs_cli, "ToySetup", lambda: TINY)
 
     out = tmp_path / "out"
     out.mkdir()
@@ -400,8 +402,8 @@ def test_run_says_it_trains_the_reference_and_reports_its_accuracy(tmp_path, mon
 @pytest.mark.parametrize("cli", ["run", "sweep"])
 def test_threads_flag_sets_torch_threads_for_the_run(cli, tmp_path, monkeypatch, capsys):
     """``--threads N``: the run trains with N intra-op threads and gives the old count back;
-    ``--threads -1`` is refused in one line; with torch's default (> 1 thread) a cold run's
-    training message suggests ``--threads 1``."""
+    ``--threads -1`` is refused in one line; ``toy2d.run`` defaults to 1 thread, and with
+    ``--threads 0`` (torch's default, > 1 thread) a cold run's message suggests 1."""
     import torch
 
     import toy2d.train as tt
@@ -417,6 +419,12 @@ def test_threads_flag_sets_torch_threads_for_the_run(cli, tmp_path, monkeypatch,
     before = torch.get_num_threads()
     assert main([*argv, "--threads", "2", "--out", str(tmp_path / "a"), *FAST]) == 0
     assert seen == [2] and torch.get_num_threads() == before
+    torch.set_num_threads(2)
+    try:
+        assert main([*argv, "--out", str(tmp_path / "d"), *FAST]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen[1] == (1 if cli == "run" else 2)  # run: 1 thread; sweep: torch's setting
     with pytest.raises(SystemExit) as e:
         main([*argv, "--threads", "-1", "--out", str(tmp_path / "b"), *FAST])
     assert e.value.code == 2 and not (tmp_path / "b").exists()
@@ -425,7 +433,8 @@ def test_threads_flag_sets_torch_threads_for_the_run(cli, tmp_path, monkeypatch,
         monkeypatch.setenv("MINDDSPO_CACHE", str(tmp_path / "cold"))
         torch.set_num_threads(2)
         try:
-            assert main([*argv, "--out", str(tmp_path / "c"), "--no-progress", *FAST]) == 0
+            flags = ["--threads", "0", "--no-progress"]
+            assert main([*argv, "--out", str(tmp_path / "c"), *flags, *FAST]) == 0
         finally:
             torch.set_num_threads(before)
         assert "; --threads 1 if other processes share the cores)" in capsys.readouterr().err

@@ -43,7 +43,8 @@ def test_readme_accuracy_table_is_the_sweeps():
 def test_default_sweep_reproduces_the_published_tables(level, tmp_path):
     """``python -m toy2d.sweep`` from an empty reference cache writes the committed
     ``table.md`` (every metric, 3 decimals, the verdicts) -- at this CPU's dispatch and at
-    forced AVX2 / default. ~30-60 s each on 2 cores."""
+    forced AVX2 / default. On 2 cores ~30 s quiet, 6-8 min busy; default dispatch (no vector
+    kernels) 2-3x longer."""
     if level == "avx2" and not _cpu_has_avx2():
         pytest.skip("the CPU has no AVX2+FMA")
     env = {**os.environ, "MINDDSPO_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}

@@ -35,7 +35,9 @@ class Parser(argparse.ArgumentParser):
         fail(self.prog, message)
 
 
-def add_training_args(p: argparse.ArgumentParser) -> None:
+def add_training_args(p: argparse.ArgumentParser, threads: int = 0) -> None:
+    """The fine-tuning, evaluation and strategy flags every toy command shares, and
+    ``--threads`` (default ``threads``)."""
     d, s = FinetuneConfig(), Strategy()
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="evaluation sampler")
     p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning Adam steps")
@@ -62,16 +64,17 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="training timestep distribution")  # fmt: skip
     p.add_argument("--timestep-weight", choices=WEIGHTS, default=s.timestep_weight,
                    help="none, lambda (logit weight) or linear (loss weight)")  # fmt: skip
-    add_threads_arg(p)
+    add_threads_arg(p, threads)
 
 
-def add_threads_arg(p: argparse.ArgumentParser) -> None:
+def add_threads_arg(p: argparse.ArgumentParser, default: int = 0) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        default=0,
-        help="torch intra-op threads (0: torch's default, one per core). On a machine other "
-        "processes share, 1 is faster: idle OpenMP workers spin and wait for a busy core",
+        default=default,
+        help=f"torch intra-op threads (0: torch's default, one per core; default {default}). "
+        "On a machine other processes share, 1 is much faster: idle OpenMP workers spin and "
+        "wait for a busy core (bench/RESULTS.md)",
     )
 
 

@@ -42,7 +42,8 @@ from .train import (
 )
 
 PROG = "python -m toy2d.run"
-REF_SECONDS = 15  # a reference's training time, measured (bench/RESULTS.md)
+# a reference's training time on an idle 2-core machine (1,000 steps: 2.5 s, bench/RESULTS.md)
+REF_SECONDS = 8
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -55,7 +56,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--out", type=Path, default=None, help="default: runs/toy2d/<method>_N<n>_b<beta>_s<seed>"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_training_args(p)
+    add_training_args(p, threads=1)  # one small fine-tune: 1 thread is never much slower
     return p.parse_args(argv)
 
 
@@ -101,7 +102,7 @@ def _main(args, argv: list[str] | None) -> int:
             )
             print(
                 f"{PROG}: training the reference model of seed {args.seed} ({setup.ref.steps} "
-                f"steps, ~{REF_SECONDS} s on 2 idle CPU cores{hint}), cached in "
+                f"steps, ~{REF_SECONDS} s on an idle machine, longer on a busy one{hint}), cached in "
                 f"{cache_path(setup, args.seed)} for later runs",
                 file=sys.stderr,
             )
