@@ -8,8 +8,8 @@ AVX-512 checks that their tolerances hold on the CPUs below it too.
 
 Forcing a lower level always works. ``ATEN_CPU_CAPABILITY=avx2`` is taken at its word (torch
 does not check the CPU), so that level runs only where the CPU has AVX2 and FMA;
-``MKL_ENABLE_INSTRUCTIONS`` and ``ONEDNN_MAX_CPU_ISA`` are upper limits and never select
-more than the CPU has.
+``MKL_ENABLE_INSTRUCTIONS`` and ``ONEDNN_MAX_CPU_ISA`` never select more than the CPU has
+(MKL falls back to the CPU's own level, and honours the variable on Intel CPUs only).
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ def test_readme_accuracy_table_is_the_sweeps():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("level", ["native", *LEVELS])
 def test_default_sweep_reproduces_the_published_tables(level, tmp_path):
     """``python -m toy2d.sweep`` from an empty reference cache writes the committed
