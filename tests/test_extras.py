@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sample_records import write_sample_record
 
 from bench.t2i.cli import run_command
 from minddspo.extras import command_name, missing_extra
@@ -49,7 +50,11 @@ def one_line(r) -> str:
         # diffusers is imported inside the command (when the backbone is opened)
         (["diffusers"], "bench/make_pairs.py --tiny sd --out {out}", "t2i"),
         # PIL at evaluate's module level would fail before any handler: imported where used
-        (["PIL"], "bench/evaluate.py --images {images} --tiny --out {out} --no-progress", "t2i"),
+        (
+            ["PIL"],
+            "bench/evaluate.py --images {images} --tiny --out {out} --no-progress",
+            "t2i",
+        ),
         # safetensors at the module level of the library the trainer imports
         (["safetensors"], "bench/train_t2i.py --tiny --out {out}", "t2i"),
         (
@@ -67,6 +72,7 @@ def test_bench_command_names_the_missing_extra(tmp_path, modules, argv, extra):
     (images / "base").mkdir(parents=True)
     (images / "prompts.txt").write_text("a cat\n")
     (images / "base" / "00000.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    write_sample_record(images / "base", ["a cat"])
     out = tmp_path / "out"
     argv = argv.format(out=out, data=data, images=images).split()
     r = blocked(modules, argv)
