@@ -1,4 +1,4 @@
-"""Shared test setup: everything runs offline and quietly (PITFALLS.md)."""
+"""Shared test setup: everything runs offline and quietly (tests/README.md)."""
 
 import os
 

@@ -3,7 +3,7 @@
     python -m toy2d.bench [--seeds 3] [--steps 400] [--repeats 1]   (or: python bench/bench_toy.py)
     python -m toy2d.bench --sweeps [--repeats 2] [--baseline DIR] [--ablation]
 
-The workload is the issue-14 one: dpo, dspo, ddspo x N {12,120,1200} x beta {200,400,800} x
+The workload is the 81-fine-tune one: dpo, dspo, ddspo x N {12,120,1200} x beta {200,400,800} x
 seeds (81 fine-tunes for 3 seeds) as one stacked model, pair generation included, then 256
 DDIM samples per class for every run. It is timed twice, alternately:
 
@@ -23,15 +23,15 @@ the logged shapes of one new-path step as plain ``torch.bmm`` calls on random da
 GFLOP/s is what the matmuls alone reach, so ``FLOPs / floor rate`` is the time the sweep would
 take if nothing but its matmuls ran.
 
-With ``--sweeps`` it instead times the commands issue 14 sets targets for, each in a fresh
-process: the cold sweep of issue 14's workload (``--methods dpo,dspo,ddspo``: 3 references,
+With ``--sweeps`` it instead times the commands the toy's speed targets are set for, each in a fresh
+process: the cold sweep of the 81-fine-tune workload (``--methods dpo,dspo,ddspo``: 3 references,
 81 fine-tunes), the cold default sweep (135 fine-tunes) and, with ``--ablation``, the ablation
 (cached references). ``--baseline DIR`` (another checkout, e.g. ``git worktree add DIR REV``)
 runs the same commands from DIR, alternating with this checkout, prints the ratios and
 checks that both wrote the same ``results.csv``.
 
 With ``--naive`` the same fine-tunes also run one at a time (M = 1, new path), as before
-issue 14 (``--naive-subset K``: time K of them and extrapolate). ``--single-run`` also times
+the fast path (``--naive-subset K``: time K of them and extrapolate). ``--single-run`` also times
 one ``toy2d.run`` in-process (cached reference).
 """
 
@@ -156,7 +156,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--sweeps",
         action="store_true",
-        help="time the cold sweeps in fresh processes instead (issue 14's targets; see above)",
+        help="time the cold sweeps in fresh processes instead (the speed targets; see above)",
     )
     p.add_argument(
         "--baseline",
@@ -173,9 +173,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# (label, sweep flags, cold reference cache, target seconds) -- issue 14's figures
+# (label, sweep flags, cold reference cache, target seconds) -- the toy's speed targets
 SWEEPS = (
-    ("issue-14 workload, cold (3 refs + 81 fine-tunes)", ["--methods", "dpo,dspo,ddspo"], True, 20),
+    (
+        "81-fine-tune workload, cold (3 refs + 81 fine-tunes)",
+        ["--methods", "dpo,dspo,ddspo"],
+        True,
+        20,
+    ),
     ("default sweep, cold (3 refs + 135 fine-tunes)", [], True, 30),
     ("ablation, cached refs (432 fine-tunes)", ["--ablation"], False, 100),
 )

@@ -10,7 +10,7 @@ the same computation.
 Losses, schedules, timestep samplers/weights and the reference-update rule all come from
 :mod:`minddspo`; nothing here re-derives them.
 
-Speed (issue 14): :func:`train_references`, :func:`finetune` and :func:`sample` run the
+Speed: :func:`train_references`, :func:`finetune` and :func:`sample` run the
 network through :mod:`toy2d.model`'s fast path (hand-written backward, fused bias matmuls,
 reused buffers, one flat Adam buffer) and autograd only through the loss; they give the same
 float32 numbers as the autograd implementations kept as :func:`_train_references_autograd`,
@@ -95,7 +95,7 @@ class RefConfig:
 
 @dataclass(frozen=True)
 class Strategy:
-    """Issue 5's training options; the defaults are the paper's plain protocol."""
+    """The ablation's training options (reference updates, timestep strategies); the defaults are the paper's plain protocol."""
 
     timestep_sampler: str = "uniform"  # uniform | geometric | logit_normal
     timestep_weight: str = "none"  # none | lambda | linear

@@ -1,0 +1,83 @@
+"""The repository explains itself: every citation in its code and docs resolves inside it.
+
+* ``SPEC §N`` (also ``§N-§M``, ``§N.M``) names a ``## N.`` section of ``minddspo/SPEC.md``;
+* a Markdown document cited in code or docs (a Markdown link to a ``.md`` file, or a
+  capitalised name such as ``README.md``, ``bench/RESULTS.md``) exists in the repository:
+  relative to the citing file, to the repository root, or as the one file of that name
+  (lower-case names like ``results.md`` are outputs a command writes, not citations);
+* nothing points outside the checkout (``../shared``) or at an issue tracker's numbers.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "minddspo" / "SPEC.md"
+SPEC_CITE = re.compile(r"SPEC\s*((?:§\s*\d+(?:\.\d+)?\s*(?:[-–,]|and|)\s*)+)")
+SECTION = re.compile(r"§\s*(\d+)")
+MD_LINK = re.compile(r"\]\(((?!https?:)[^)\s#]+\.md)(?:#[^)]*)?\)")
+MD_NAME = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*[A-Z][A-Z0-9_]*\.md)\b")
+OUTSIDE = re.compile(r"\.\./shared|[Ii]ssue[ -]?#?\d+")
+
+
+@cache
+def tracked() -> tuple[Path, ...]:
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    files = (ROOT / f for f in out.split("\0") if f)
+    return tuple(sorted(p for p in files if p.suffix in {".py", ".md"} and p.is_file()))
+
+
+def spec_sections() -> set[int]:
+    return {int(m) for m in re.findall(r"^## (\d+)\.", SPEC.read_text(), flags=re.M)}
+
+
+def spec_citations(text: str) -> list[int]:
+    return [int(n) for m in SPEC_CITE.finditer(text) for n in SECTION.findall(m.group(1))]
+
+
+def cited_docs(text: str) -> list[str]:
+    return MD_LINK.findall(text) + MD_NAME.findall(text)
+
+
+def md_resolves(name: str, cited_from: Path) -> bool:
+    name = name.split("#")[0]
+    if (cited_from.parent / name).is_file() or (ROOT / name).is_file():
+        return True
+    if "/" in name:
+        return False
+    return sum(p.name == name for p in tracked()) == 1
+
+
+def test_the_spec_has_the_sections_the_code_cites():
+    assert spec_sections() == set(range(1, 8))
+
+
+def test_citation_parsers_see_what_they_must():
+    assert spec_citations("SPEC §2-§4, §7 and SPEC §5") == [2, 4, 7, 5]
+    text = "see PITFALLS.md, [x](../bench/README.md#faults), writes results.md"
+    assert set(cited_docs(text)) == {"../bench/README.md", "PITFALLS.md"}
+    assert not md_resolves("PITFALLS.md", ROOT / "tests" / "conftest.py")
+    assert md_resolves("README.md", ROOT / "minddspo" / "SPEC.md")
+    assert OUTSIDE.search("as issue 14 asks") and OUTSIDE.search("../shared/SPEC.md")
+
+
+@pytest.mark.parametrize("path", tracked(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_citation_resolves(path: Path):
+    text = path.read_text(encoding="utf-8")
+    bad = [f"SPEC §{n}" for n in spec_citations(text) if n not in spec_sections()]
+    bad += [n for n in cited_docs(text) if not md_resolves(n, path)]
+    bad += [m.group(0) for m in OUTSIDE.finditer(text)]
+    if path == Path(__file__).resolve():
+        return  # this file quotes bad citations on purpose
+    assert not bad, f"{path.relative_to(ROOT)} cites what the repository does not hold: {bad}"
