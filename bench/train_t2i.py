@@ -157,6 +157,8 @@ def load_model(cfg: TrainConfig) -> Backbone:
         )
         if bb.name == "sana":  # official (pipeline preprocessing + instruction prefix) or plain
             bb.prompt_style = cfg.sana_prompt_style
+        if bb.name == "flux" and cfg.flux_guidance is not None:  # unset: the pipeline's 3.5
+            bb.guidance = cfg.flux_guidance
         return bb
     except (ValueError, OSError) as e:
         raise UsageError(

@@ -291,12 +291,41 @@ def shift_sigma(sigma: Tensor | float, shift: float) -> Tensor | float:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+def resolution_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """FLUX's resolution-dependent shift ``exp(mu)``, ``mu`` linear in the number of image
+    tokens (``base_shift`` at ``base_seq_len``, ``max_shift`` at ``max_seq_len``).
+
+    diffusers' "dynamic shifting" maps ``sigma`` to ``e^mu / (e^mu + 1/sigma - 1)``, which is
+    :func:`shift_sigma` with ``shift = e^mu``; so a dynamically shifted schedule is a
+    :class:`FlowSchedule` with this constant shift for one image size.
+    """
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    mu = base_shift + slope * (image_seq_len - base_seq_len)
+    return math.exp(mu)
+
+
+#: inference grids of :meth:`FlowSchedule.inference_sigmas`
+FLOW_GRIDS = ("scheduler", "pipeline")
+
+
 @dataclass(frozen=True)
 class FlowSchedule:
-    """Rectified flow ``x_t = (1 - sigma) x0 + sigma eps``; target ``v = eps - x0``."""
+    """Rectified flow ``x_t = (1 - sigma) x0 + sigma eps``; target ``v = eps - x0``.
+
+    ``grid`` picks the inference sigmas before the shift: ``"scheduler"`` the scheduler's own
+    ``set_timesteps(n)`` grid (SD3, SANA), ``"pipeline"`` the explicit
+    ``linspace(1, 1/n, n)`` that ``FluxPipeline`` passes as ``sigmas``.
+    """
 
     shift: float = 1.0
     num_train_timesteps: int = 1000
+    grid: str = "scheduler"
 
     def add_noise(self, x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
         sigma = append_dims(sigma.to(x0.dtype), x0.ndim) if sigma.ndim else sigma.to(x0.dtype)
@@ -317,8 +346,15 @@ class FlowSchedule:
 
     def inference_sigmas(self, num_inference_steps: int) -> Tensor:
         """Descending sigmas with a trailing 0, float64 (n + 1,), as diffusers'
-        ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (which shifts the lower end twice)."""
+        ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (which shifts the lower end twice),
+        or with ``grid="pipeline"`` as ``FluxPipeline`` calls it."""
         T, s = self.num_train_timesteps, self.shift
+        n = int(num_inference_steps)
+        if self.grid == "pipeline":  # FluxPipeline: sigmas = linspace(1, 1/n, n), then shifted
+            sig = shift_sigma(torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64), s)
+            return torch.cat([sig, sig.new_zeros(1)])
+        if self.grid != "scheduler":
+            raise ValueError(f"flow grid must be one of {FLOW_GRIDS}, got {self.grid!r}")
         sigma_min = shift_sigma(1.0 / T, s)
         base = (
             torch.linspace(1.0 * T, sigma_min * T, int(num_inference_steps), dtype=torch.float64)

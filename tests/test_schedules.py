@@ -489,3 +489,28 @@ def test_schedule_value_errors():
     # the controls: no noise is needed when eta = 0 or at the last DDPM step
     S.ddim_step(sch, x, 500, 400, x, eta=0.0)
     S.ddpm_step(sch, x, 0, -1, x)
+
+
+@pytest.mark.parametrize("n", [1, 4, 28])
+@pytest.mark.parametrize("seq_len", [64, 1024, 4096])
+def test_flux_pipeline_grid_and_dynamic_shift_match_diffusers(seq_len, n):
+    """FluxPipeline: sigmas linspace(1, 1/n, n), exponential dynamic shift with mu from the
+    image sequence length (calculate_shift) == FlowSchedule(resolution_shift(...), "pipeline")."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
+    assert S.resolution_shift(seq_len) == pytest.approx(math.exp(mu), rel=1e-12)
+    ref = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    )  # fmt: skip
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+    flow = S.FlowSchedule(shift=S.resolution_shift(seq_len), grid="pipeline")
+    sig = flow.inference_sigmas(n)
+    torch.testing.assert_close(sig.float(), ref.sigmas, rtol=1e-6, atol=1e-7)
+    # the scheduler's own grid is another one (its lower end shifted twice)
+    if n > 1:
+        other = S.FlowSchedule(shift=flow.shift).inference_sigmas(n)
+        assert not torch.allclose(other.float(), ref.sigmas, atol=1e-4)
+    with pytest.raises(ValueError, match="flow grid"):
+        S.FlowSchedule(grid="karras").inference_sigmas(n)

@@ -1,4 +1,4 @@
-"""One small adapter per text-to-image backbone: SD-1.x, SDXL, SANA and SD3.
+"""One small adapter per text-to-image backbone: SD-1.x, SDXL, SANA, SD3 and FLUX.1.
 
 An adapter hides what differs between backbones (text encoders, extra conditioning,
 parameterisation, VAE) behind one interface the trainer, ``make_pairs`` and ``sample``
@@ -8,7 +8,8 @@ from :mod:`minddspo.sampling`); diffusers supplies only the networks and their c
 Conventions:
 
 * ``t`` is always the *network's* timestep input, shape ``(B,)``: an int64 index in
-  ``[0, T)`` for DDPM backbones (SD, SDXL), ``sigma * T`` as float32 for flow (SANA, SD3).
+  ``[0, T)`` for DDPM backbones (SD, SDXL), ``sigma * T`` as float32 for flow (SANA, SD3,
+  FLUX).
 * :class:`Cond` holds batch-first conditioning tensors; ``encode_prompts([""])`` is the
   unconditional branch (zeros for SDXL when its ``model_index.json`` asks for
   ``force_zeros_for_empty_prompt``, as diffusers does).
@@ -32,9 +33,12 @@ from torch import Tensor
 
 from minddspo.process import DDPMProcess, DiffusionProcess, FlowProcess
 from minddspo.sampling import guided
-from minddspo.schedules import DDPMSchedule, FlowSchedule, ddpm_schedule
+from minddspo.schedules import DDPMSchedule, FlowSchedule, ddpm_schedule, resolution_shift
 
-BACKBONES = ("sd", "sdxl", "sana", "sd3")
+#: every backbone name (``--backbone``, ``--tiny NAME``); the one list the commands import
+BACKBONES = ("sd", "sdxl", "sana", "sd3", "flux")
+#: the rectified-flow backbones (``--precondition-outputs`` applies, flow training defaults)
+FLOW_BACKBONES = ("sana", "sd3", "flux")
 SANA_PROMPT_STYLES = ("official", "plain")  # SanaBackbone.prompt_style
 
 
@@ -160,7 +164,7 @@ class Backbone:
         self.prediction_type = self.process.prediction_type
         self.latent_channels = int(self.denoiser.config.in_channels)
         self.vae_scale_factor = self._vae_scale_factor()
-        self.default_resolution = int(self.denoiser.config.sample_size) * self.vae_scale_factor
+        self.default_resolution = self._default_resolution()
         self._uncond_cache: dict[tuple, Cond] = {}
 
     # --- construction helpers
@@ -190,6 +194,9 @@ class Backbone:
             steps_offset=cfg.get("steps_offset", 1),
             set_alpha_to_one=cfg.get("set_alpha_to_one", False),
         )
+
+    def _default_resolution(self) -> int:
+        return int(self.denoiser.config.sample_size) * self.vae_scale_factor
 
     def _vae_scale_factor(self) -> int:
         cfg = self.vae.config
@@ -670,11 +677,195 @@ class SD3Backbone(Backbone):
         ).sample
 
 
+class FluxBackbone(Backbone):
+    """FLUX.1 ([dev], [schnell]): the MMDiT ``FluxTransformer2DModel`` on 16-channel KL
+    latents packed into 2 x 2 patches (64 features per token), with RoPE position ids and,
+    for the guidance-distilled [dev], a guidance embedding; rectified flow.
+
+    * Latents stay ``(B, 16, h, w)`` everywhere (pair files, the loss, the sampler);
+      :meth:`_forward` packs them as ``FluxPipeline._pack_latents``, passes the image ids of
+      ``_prepare_latent_image_ids`` and all-zero text ids, the timestep as ``sigma`` (the
+      pipeline's ``timestep / 1000``), and unpacks the velocity. The per-sample MSE of the
+      methods does not depend on the token order, so packing changes no loss.
+    * Guidance: [dev] has no classifier-free guidance; the guidance value is an input of
+      every forward (``guidance_embeds``). :attr:`guidance` (the trainer's
+      ``--flux-guidance``, default the pipeline's 3.5) is used for every row a method
+      evaluates, policy and reference alike, including ``f_ref(x_t^l, c-)``. Sampling runs
+      one conditional forward per step with ``guidance`` in the embedding, as
+      ``FluxPipeline.__call__`` with ``true_cfg_scale=1``; ``negative_prompt`` is unused.
+    * Prompts are encoded as ``FluxPipeline.encode_prompt``: CLIP-L's pooled output and the
+      T5 sequence (last hidden state) padded to :attr:`max_sequence_length` tokens, the
+      pipeline's default 512 (capped by the T5 tokenizer's ``model_max_length``); sampling
+      with the pipeline's defaults therefore reproduces ours. ``""`` is encoded like any prompt.
+    * Noise levels: the scheduler's resolution-dependent shift. With
+      ``use_dynamic_shifting`` (FLUX.1-dev) the shift is ``exp(mu)``, ``mu`` from the image
+      token count (``calculate_shift``), for sampling and training alike (training at the
+      dataset's resolution, :attr:`resolution`); otherwise the config's ``shift``
+      ([schnell]: 1). Sampling uses the pipeline's sigma grid ``linspace(1, 1/n, n)``.
+    * The default resolution is the VAE config's ``sample_size`` (1024 for FLUX.1, the
+      pipeline's ``default_sample_size * vae_scale_factor``).
+
+    Sampling defaults (28 steps, guidance 3.5) are ``FluxPipeline.__call__``'s (FLUX.1-dev).
+    """
+
+    name = "flux"
+    pipeline_class = "FluxPipeline"
+    denoiser_subfolder = "transformer"
+    default_guidance = 3.5
+    default_steps = 28
+    text_keys = ("text_encoder", "text_encoder_2")
+    max_sequence_length: int = 512  # T5 tokens: FluxPipeline's default
+    guidance: float = 3.5  # the guidance embedding of every training forward
+
+    def __init__(self, components, *, prediction_type=None, pipeline_config=None):
+        super().__init__(
+            components, prediction_type=prediction_type, pipeline_config=pipeline_config
+        )
+        self.latent_channels = int(self.denoiser.config.in_channels) // 4  # 2x2 packing
+        self.max_sequence_length = min(
+            type(self).max_sequence_length, int(self.components["tokenizer_2"].model_max_length)
+        )
+
+    def _default_resolution(self) -> int:
+        return int(self.vae.config.sample_size)
+
+    def _make_process(self, prediction_type):
+        if prediction_type not in (None, "flow"):
+            raise ValueError(
+                f"flux is a flow model; prediction_type {prediction_type!r} is invalid"
+            )
+        cfg = self.scheduler_config
+        unsupported = [
+            k
+            for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                      "shift_terminal", "invert_sigmas", "stochastic_sampling")
+            if cfg.get(k)
+        ]  # fmt: skip
+        if cfg.get("use_dynamic_shifting") and cfg.get("time_shift_type", "exponential") != (
+            "exponential"
+        ):
+            unsupported.append("time_shift_type")
+        if unsupported:
+            raise ValueError(f"flux scheduler: unsupported settings {unsupported}")
+        self._resolution = self._default_resolution()
+        return self._process_for(self._resolution // self._vae_scale_factor())
+
+    def _process_for(self, latent_side: int) -> FlowProcess:
+        """The flow process of ``latent_side x latent_side`` latents (its shift)."""
+        cfg = self.scheduler_config
+        shift = float(cfg.get("shift") or 1.0)
+        if cfg.get("use_dynamic_shifting"):
+            shift = resolution_shift(
+                (latent_side // 2) ** 2,  # image tokens after 2x2 packing
+                cfg.get("base_image_seq_len", 256),
+                cfg.get("max_image_seq_len", 4096),
+                cfg.get("base_shift", 0.5),
+                cfg.get("max_shift", 1.15),
+            )
+        T = int(cfg.get("num_train_timesteps", 1000))
+        return FlowProcess(FlowSchedule(shift=shift, num_train_timesteps=T, grid="pipeline"))
+
+    @property
+    def resolution(self) -> int:
+        """The training image size, whose token count sets the dynamic shift (the trainer
+        sets it from the dataset's latents)."""
+        return self._resolution
+
+    @resolution.setter
+    def resolution(self, value: int) -> None:
+        self._resolution = int(value)
+        self.process = self._process_for(self.latent_shape(self._resolution)[-1])
+        self.schedule = self.process.schedule
+
+    def latent_shape(self, resolution=None):
+        shape = super().latent_shape(resolution)
+        if shape[-1] % 2:
+            raise ValueError(
+                f"resolution {resolution or self.default_resolution} gives an odd latent side "
+                f"{shape[-1]}; flux packs 2 x 2 latent patches"
+            )
+        return shape
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        tok, enc = self.components["tokenizer"], self.components["text_encoder"]
+        ids = token_ids(tok, prompts, tok.model_max_length)
+        pooled = enc(ids.to(enc.device), output_hidden_states=False).pooler_output  # (B, P)
+        tok, enc = self.components["tokenizer_2"], self.components["text_encoder_2"]
+        ids = token_ids(tok, prompts, self.max_sequence_length)
+        h = enc(ids.to(enc.device), output_hidden_states=False)[0]  # (B, S, D_T5)
+        return Cond({"encoder_hidden_states": h, "pooled_projections": pooled.to(h.device)})
+
+    @staticmethod
+    def pack(x: Tensor) -> Tensor:
+        """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)``, as ``FluxPipeline._pack_latents``."""
+        b, c, h, w = x.shape
+        x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    @staticmethod
+    def unpack(x: Tensor, h: int, w: int) -> Tensor:
+        """The inverse of :meth:`pack` for ``h x w`` latents."""
+        b, _, d = x.shape
+        x = x.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, d // 4, h, w)
+
+    @staticmethod
+    def image_ids(h: int, w: int, device, dtype) -> Tensor:
+        """RoPE ids ``(h/2 * w/2, 3)`` of the packed tokens: ``(0, row, col)``."""
+        ids = torch.zeros(h // 2, w // 2, 3)
+        ids[..., 1] = torch.arange(h // 2)[:, None]
+        ids[..., 2] = torch.arange(w // 2)[None, :]
+        return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+    def _forward(self, net, x_t, t, cond):
+        c = cond.tensors
+        b, _, h, w = x_t.shape
+        h_txt = c["encoder_hidden_states"]
+        guidance = None
+        if self.denoiser.config.get("guidance_embeds", False):  # net may be DDP-wrapped
+            g = c["guidance"] if "guidance" in c else torch.full((b,), float(self.guidance))
+            guidance = g.to(device=x_t.device, dtype=torch.float32)
+        out = net(
+            hidden_states=self.pack(x_t),
+            encoder_hidden_states=h_txt,
+            pooled_projections=c["pooled_projections"],
+            timestep=t.float() / self.num_train_timesteps,
+            img_ids=self.image_ids(h, w, x_t.device, x_t.dtype),
+            txt_ids=torch.zeros(h_txt.shape[1], 3, device=x_t.device, dtype=x_t.dtype),
+            guidance=guidance,
+        ).sample
+        return self.unpack(out, h, w)
+
+    @torch.no_grad()
+    def generate(self, prompts, generator=None, *, guidance=None, negative_prompt="", **kw):
+        """Sample latents ``(B, 16, h, w)``: Euler on the pipeline's grid with the shift of the
+        latents' size, one conditional forward per step with ``guidance`` (default 3.5) in
+        the guidance embedding (no CFG; ``negative_prompt`` is unused)."""
+        self._sampling_guidance = self.default_guidance if guidance is None else float(guidance)
+        try:
+            return super().generate(prompts, generator, guidance=1.0, **kw)
+        finally:
+            del self._sampling_guidance
+
+    def _cond_for_sampling(self, prompts, resolution):
+        c = self.encode_prompts(prompts)
+        g = torch.full((len(c),), self._sampling_guidance)
+        return Cond({**c.tensors, "guidance": g.to(c.tensors["pooled_projections"].device)})
+
+    def _uncond(self, negative_prompt, n):
+        return None  # no CFG: guided() with scale 1 runs the conditional branch only
+
+    def _sample(self, denoise, x, steps, progress, sampler, generator) -> Tensor:
+        proc = self._process_for(x.shape[-1])  # the shift of these latents' token count
+        return proc.sample(denoise, x, steps, sampler=sampler, progress=progress)
+
+
 ADAPTERS: dict[str, type[Backbone]] = {
     "sd": SDBackbone,
     "sdxl": SDXLBackbone,
     "sana": SanaBackbone,
     "sd3": SD3Backbone,
+    "flux": FluxBackbone,
 }
 
 
@@ -691,6 +882,8 @@ def _detect(index: dict, path: Path) -> str:
         return "sana"
     if cls.startswith("StableDiffusion3"):
         return "sd3"
+    if cls.startswith("Flux") and not cls.startswith("Flux2"):
+        return "flux"
     if "text_encoder_2" in index and "unet" in index:
         return "sdxl"
     if "unet" in index and "text_encoder" in index:
@@ -699,6 +892,8 @@ def _detect(index: dict, path: Path) -> str:
         return "sana"
     if "transformer" in index and "SD3" in str(index["transformer"]):
         return "sd3"
+    if "transformer" in index and "FluxTransformer2DModel" in str(index["transformer"]):
+        return "flux"
     raise ValueError(f"{path}: unsupported pipeline class {cls!r} (supported: {BACKBONES})")
 
 
@@ -790,7 +985,7 @@ def model_index(name: str, components: dict[str, Any], extra: dict | None = None
     if name == "sdxl":
         index.update(image_encoder=[None, None], feature_extractor=[None, None])
         index["force_zeros_for_empty_prompt"] = True
-    if name == "sd3":  # the pipeline's optional IP-adapter components, not loaded
+    if name in ("sd3", "flux"):  # the pipeline's optional IP-adapter components, not loaded
         index.update(image_encoder=[None, None], feature_extractor=[None, None])
     index.update(extra or {})
     return index

@@ -27,11 +27,11 @@ from typing import Any, TypeVar
 
 import torch
 
+from bench.t2i.backbones import BACKBONES
 from minddspo.extras import missing_extra
 
 T = TypeVar("T")
 
-BACKBONES = ("sd", "sdxl", "sana", "sd3")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -142,7 +142,10 @@ class DeviceArgs:
 @dataclass
 class SamplingArgs:
     steps: int | None = opt(None, "sampling steps (default: the backbone's paper setting)")
-    guidance: float | None = opt(None, "CFG scale (default: the backbone's paper setting)")
+    guidance: float | None = opt(
+        None,
+        "CFG scale; flux: the guidance-embedding value, no CFG (default: the backbone's paper setting; flux: FluxPipeline's 3.5)",
+    )
     resolution: int | None = opt(None, "image side in pixels (default: the model's)")
     seed: int = opt(0, "base seed; prompt i starts from the noise of (seed, i)")
 

@@ -18,6 +18,7 @@ import textwrap
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from bench.t2i.backbones import BACKBONES, FLOW_BACKBONES, SANA_PROMPT_STYLES
 from bench.t2i.cli import (
     DTYPES,
     TINY_HELP,
@@ -34,9 +35,6 @@ from minddspo.methods import CPP_METHODS, METHODS, SCORE_MATCHING_METHODS, metho
 from minddspo.refupdate import REF_UPDATES
 from minddspo.timesteps import RAND_COND_SCHEDULES, SAMPLERS, WEIGHTS
 
-BACKBONES = ("sd", "sdxl", "sana", "sd3")
-FLOW_BACKBONES = ("sana", "sd3")  # rectified flow: --precondition-outputs applies
-SANA_PROMPT_STYLES = ("official", "plain")  # bench.t2i.backbones.SanaBackbone.prompt_style
 OPTIMIZERS = ("adamw", "adafactor")
 DEVICES = ("auto", "cpu", "cuda")
 RAND_COND_KEPT = ("contrastive", "forward")  # targets of the rows --rand-cond-prompts keeps
@@ -111,6 +109,7 @@ _RANGES = {
     "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
     "train_shift": (lambda v: v > 0, "> 0"),
     "rand_cond_lambda": (lambda v: v > 0, "> 0"),
+    "flux_guidance": (lambda v: v >= 0, ">= 0 (unset: 3.5)"),
 }
 
 
@@ -130,8 +129,8 @@ class TrainConfig:
     )
     backbone: str | None = opt(
         None,
-        "sd | sdxl | sana | sd3; unset: auto-detected with --pretrained (with --tiny, the same "
-        "as --tiny NAME)",
+        "sd | sdxl | sana | sd3 | flux; unset: auto-detected with --pretrained (with --tiny, the "
+        "same as --tiny NAME)",
     )
     pretrained: str | None = opt(
         None,
@@ -145,11 +144,15 @@ class TrainConfig:
         "official",
         "sana: official = the pipeline's text preprocessing + complex-human-instruction prefix (SanaPipeline.encode_prompt), as the official DDSPO SANA trainer | plain = the raw prompt",
     )
+    flux_guidance: float | None = opt(
+        None,
+        "flux: the guidance-embedding value of every policy and reference forward, c- rows included (FLUX.1-dev is guidance-distilled); unset: 3.5, FluxPipeline's default",
+    )
     lora: int = opt(0, "LoRA rank on the denoiser's attention projections; 0 = full fine-tune")
     lora_alpha: float | None = opt(None, "LoRA alpha; unset: same as the rank")
     lora_targets: str | None = opt(
         None,
-        "comma-separated module names LoRA adapts; unset: to_q,to_k,to_v,to_out.0 plus the joint-attention add_q/k/v_proj,to_add_out where the denoiser has them (sd3). The official DDSPO SANA trainer uses to_k,to_q,to_v",
+        "comma-separated module names LoRA adapts; unset: to_q,to_k,to_v,to_out.0 plus the joint-attention add_q/k/v_proj,to_add_out where the denoiser has them (sd3, flux). The official DDSPO SANA trainer uses to_k,to_q,to_v",
     )
     lora_init: str = opt(
         "gaussian",
@@ -167,7 +170,7 @@ class TrainConfig:
     )
     beta: float | None = opt(
         None,
-        "unset: the method's default: dpo 8000, ddspo 16000 (8000 with a policy pair; 2000 on sana and sd3); dspo/dspo_cpp: the OUTSIDE beta, official scale, 0.001",
+        "unset: the method's default: dpo 8000, ddspo 16000 (8000 with a policy pair; 2000 on sana, sd3 and flux); dspo/dspo_cpp: the OUTSIDE beta, official scale, 0.001",
     )
     beta_logit: float | None = opt(
         None,
@@ -230,7 +233,7 @@ class TrainConfig:
     rand_cond_lambda: float = opt(20.0, "steepness of the sigmoid/exponential swap schedule")
     timestep_sampler: str | None = opt(
         None,
-        "uniform | geometric | logit_normal; unset: uniform (official DDSPO and paper, also on sana), logit_normal on sd3 (SD3's and the official DDSPO SD3 script's)",
+        "uniform | geometric | logit_normal; unset: uniform (official DDSPO and paper, also on sana), logit_normal on sd3 (SD3's and the official DDSPO SD3 script's) and flux (then the resolution-dependent shift)",
     )
     train_shift: float | None = opt(
         None,
@@ -246,7 +249,7 @@ class TrainConfig:
     timestep_weight: str = opt("none", "none | lambda (logit weight) | linear (loss weight)")
     precondition_outputs: bool | None = opt(
         None,
-        "flow backbones (sana, sd3): compare x0 = x_t - sigma * v predictions with x0 targets instead of velocities (SD3's 'precondition outputs'); unset: on for sd3 (the official DDSPO SD3 trainer's default and script), off elsewhere",
+        "flow backbones (sana, sd3, flux): compare x0 = x_t - sigma * v predictions with x0 targets instead of velocities (SD3's 'precondition outputs'); unset: on for sd3 (the official DDSPO SD3 trainer's default and script), off elsewhere",
     )
     ref_update: str = opt("frozen", "frozen | periodic (Kang et al. stable reference update)")
     ref_tau: int = opt(32, "periodic: copy the policy into the reference every tau optimizer steps")
@@ -489,6 +492,10 @@ def resolve_for_backbone(cfg: TrainConfig, backbone: str) -> TrainConfig:
     cfg = dataclasses.replace(cfg, backbone=backbone)
     if cfg.precondition_outputs and backbone not in FLOW_BACKBONES:
         raise UsageError(f"--precondition-outputs applies to flow backbones only, not {backbone}")
+    if cfg.flux_guidance is not None and backbone != "flux":
+        raise UsageError(f"--flux-guidance applies to the flux backbone only, not {backbone}")
+    if backbone == "flux" and cfg.flux_guidance is None:
+        cfg.flux_guidance = 3.5  # FluxPipeline's default guidance
     if cfg.precondition_outputs is None:
         cfg.precondition_outputs = backbone == "sd3"
     if cfg.train_shift is not None and backbone not in FLOW_BACKBONES:
@@ -497,8 +504,8 @@ def resolve_for_backbone(cfg: TrainConfig, backbone: str) -> TrainConfig:
         cfg.train_shift = 1.0  # the official SANA trainer: uniform sigma (flow_shift unused)
     if cfg.rand_cond_prompts and cfg.rand_cond_timing is None:  # as the official trainers
         cfg.rand_cond_timing = "independent" if backbone in FLOW_BACKBONES else "step"
-    if not cfg.timestep_sampler:  # the paper and the official SANA script; SD3: its own
-        cfg.timestep_sampler = "logit_normal" if backbone == "sd3" else "uniform"
+    if not cfg.timestep_sampler:  # the paper and the official SANA script; SD3 and FLUX: theirs
+        cfg.timestep_sampler = "logit_normal" if backbone in ("sd3", "flux") else "uniform"
     _choice("timestep sampler", cfg.timestep_sampler, SAMPLERS)
     score_matching = cfg.method in SCORE_MATCHING_METHODS
     # the logistic methods' default beta; DSPO's logit is D-DPO's, DSPO+CPP's is DDSPO's

@@ -19,8 +19,14 @@ so that the adapters in :mod:`bench.t2i.backbones` run the same code paths on th
   byte-level ``CLIPTokenizer``, a ``T5EncoderModel`` (d_model 96, wider than the CLIPs'
   80 so the zero padding runs) with a ``T5Tokenizer`` built from an in-memory unigram
   vocabulary, ``FlowMatchEulerDiscreteScheduler(shift=3.0)`` (SD3-medium's).
+* ``flux`` – FLUX.1-dev: ``FluxTransformer2DModel`` (1 double-stream + 1 single-stream
+  block, 2 heads x 16, RoPE axes 4 + 6 + 6, ``guidance_embeds=True``) on 16-channel latents
+  packed 2 x 2 (64 input features), an ``AutoencoderKL`` with FLUX's 16 channels, scaling
+  and shift factors and no quant convs, a ``CLIPTextModel`` (hidden 32; its pooled output)
+  and the SD3 ``T5EncoderModel``/``T5Tokenizer``, the FLUX.1-dev scheduler
+  (``use_dynamic_shifting``, base/max shift 0.5/1.15 over 256..4096 image tokens).
 
-Latents are 16 x 16 with 4 channels (16 for sd3) and images 32 x 32 for all. On an idle
+Latents are 16 x 16 with 4 channels (16 for sd3 and flux) and images 32 x 32 for all. On an idle
 2-core CPU a UNet forward at batch 8 takes about 40 ms, the SANA transformer's about 6 ms.
 """
 
@@ -159,15 +165,12 @@ def _vae_sd3():
     )
 
 
-def _sd3_components(build, prediction_type: str | None) -> dict[str, Any]:
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+def _t5_config(vocab_size: int):
+    """The tiny T5 encoder (d_model 96) of sd3 and flux."""
+    from transformers import T5Config
 
-    if prediction_type not in (None, "flow"):
-        raise ValueError(f"sd3 is a flow model; prediction_type {prediction_type!r} is invalid")
-    tok3 = t5_tokenizer()
-    t5_cfg = T5Config(
-        vocab_size=len(tok3),
+    return T5Config(
+        vocab_size=vocab_size,
         d_model=96,
         d_kv=16,
         d_ff=128,
@@ -179,6 +182,16 @@ def _sd3_components(build, prediction_type: str | None) -> dict[str, Any]:
         eos_token_id=1,
         decoder_start_token_id=0,
     )
+
+
+def _sd3_components(build, prediction_type: str | None) -> dict[str, Any]:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    if prediction_type not in (None, "flow"):
+        raise ValueError(f"sd3 is a flow model; prediction_type {prediction_type!r} is invalid")
+    tok3 = t5_tokenizer()
+    t5_cfg = _t5_config(len(tok3))
     clip_l, clip_g = _clip_text_config(True, hidden=32), _clip_text_config(True, hidden=48)
     return dict(
         transformer=build(
@@ -205,6 +218,58 @@ def _sd3_components(build, prediction_type: str | None) -> dict[str, Any]:
         tokenizer_2=clip_tokenizer(),
         tokenizer_3=tok3,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    )
+
+
+def _flux_components(build, prediction_type: str | None) -> dict[str, Any]:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    if prediction_type not in (None, "flow"):
+        raise ValueError(f"flux is a flow model; prediction_type {prediction_type!r} is invalid")
+    tok2 = t5_tokenizer()
+    t5_cfg, clip_cfg = _t5_config(len(tok2)), _clip_text_config(hidden=32)
+    return dict(
+        transformer=build(
+            0,
+            lambda: FluxTransformer2DModel(
+                patch_size=1,
+                in_channels=4 * TINY_SD3_CHANNELS,  # 2 x 2 packed latent patches
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=t5_cfg.d_model,
+                pooled_projection_dim=clip_cfg.hidden_size,  # CLIP's pooled output
+                guidance_embeds=True,  # FLUX.1-dev
+                axes_dims_rope=(4, 6, 6),  # sums to the head dim
+            ),
+        ),
+        vae=_frozen(
+            build(
+                1,
+                lambda: _vae_kl(
+                    latent_channels=TINY_SD3_CHANNELS,
+                    scaling_factor=0.3611,  # FLUX.1's
+                    shift_factor=0.1159,
+                    use_quant_conv=False,
+                    use_post_quant_conv=False,
+                ),
+            )
+        ),
+        text_encoder=_frozen(build(2, lambda: CLIPTextModel(clip_cfg))),
+        text_encoder_2=_frozen(build(3, lambda: T5EncoderModel(t5_cfg))),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=tok2,
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
     )
 
 
@@ -268,6 +333,8 @@ def tiny_components(name: str, seed: int = 0, prediction_type: str | None = None
             )
         if name == "sd3":
             return _sd3_components(build, prediction_type)
+        if name == "flux":
+            return _flux_components(build, prediction_type)
         from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
         from transformers import Gemma2Config, Gemma2Model
 
