@@ -183,6 +183,46 @@ def test_memory_counts_the_trainers_tensors(root):
     assert lora.total() == lora.total(with_reference=False)
 
 
+def test_fsdp_recipe_shards_weights_grads_and_optimizer_only(root):
+    """An fsdp recipe holds 1/gpus of the policy's weights, grads and AdamW state per GPU;
+    the reference copy and the frozen encoders stay whole."""
+    built = build_arch(TINY, root=root)
+    kw = dict(gradient_checkpointing=False, batch_size=1, grad_accum=1)
+    whole = memory(built, Recipe("tiny_sd", 0, "adamw", "bf16", gpus=8, **kw))
+    sharded = memory(built, Recipe("tiny_sd", 0, "adamw", "bf16", gpus=8, fsdp=True, **kw))
+    for field in ("weights", "grads", "optimizer"):
+        assert getattr(sharded, field) == -(-getattr(whole, field) // 8)
+    assert (sharded.reference, sharded.frozen) == (whole.reference, whole.frozen) != (0, 0)
+    assert sharded.params == whole.params and sharded.trainable == whole.trainable
+    assert (
+        "FSDP x8 (computed)" in Recipe("x", 0, "adamw", "bf16", True, 1, 1, 8, fsdp=True).describe()
+    )
+
+
+def test_flux_recipes_share_one_arch():
+    """Two recipes of one model (LoRA on 1 GPU, FSDP full fine-tune on 8) in recipes.json."""
+    recipes = gpu_cost.load_recipes()
+    lora, fsdp = recipes["flux1_dev"], recipes["flux1_dev_fsdp8"]
+    assert (lora.arch, lora.lora, lora.gpus, lora.fsdp) == ("flux1_dev", 128, 1, False)
+    assert (fsdp.arch, fsdp.lora, fsdp.gpus, fsdp.fsdp) == ("flux1_dev", 0, 8, True)
+    assert lora.pairs_per_step == fsdp.pairs_per_step == 2048
+    assert [r.arch for r in recipes.values() if r.arch != r.name] == ["flux1_dev"]
+
+
+def test_flux_config_has_the_published_size_and_runs_on_meta():
+    """FLUX.1-dev's transformer: 11,901,408,320 parameters (19 double + 38 single blocks,
+    guidance embedder); one meta forward of the packed 1024 px latents."""
+    arch = gpu_cost.ARCHS["flux1_dev"]
+    built = build_arch(arch)
+    net = built.denoiser
+    assert sum(p.numel() for p in net.parameters()) == 11_901_408_320
+    assert (net.config.in_channels, net.config.guidance_embeds) == (64, True)
+    with torch.no_grad():
+        out = gpu_cost.denoise(built, net, 1)
+    assert out.shape == (1, 64**2, 64) and out.device.type == "meta"
+    assert built.vae.config.latent_channels == 16 and built.vae.config.shift_factor == 0.1159
+
+
 # published sizes: SD-1.5 UNet 859.52M, SDXL UNet 2.567B, SD3-medium MMDiT 2.03B ("2B"),
 # SANA-1.6B 1.60B; latents 64x64x4, 128x128x4, 128x128x16, 32x32x32
 @pytest.mark.parametrize(

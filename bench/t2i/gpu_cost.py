@@ -4,7 +4,7 @@
 
 Computed, not measured: no weights, no GPU. The denoisers (SD-1.5 and SDXL
 ``UNet2DConditionModel``, SD3-medium ``SD3Transformer2DModel``, SANA-1.6B
-``SanaTransformer2DModel``), their text encoders and VAEs are built with diffusers' and
+``SanaTransformer2DModel``, FLUX.1-dev ``FluxTransformer2DModel``), their text encoders and VAEs are built with diffusers' and
 transformers' own classes from the published configs in ``bench/t2i/configs/`` (sources in
 ``bench/t2i/configs/README.md``) on the ``meta`` device: every tensor has its real shape and
 dtype and no storage, so building SDXL takes a tenth of a second and no memory.
@@ -35,7 +35,10 @@ and buffers, fp32 gradients of the trainable ones, the optimizer state after one
 ``opt.step()`` of the trainer's own ``build_optimizer`` on meta tensors, the reference
 (``Reference``: a copy in the compute dtype for a full fine-tune, nothing with LoRA), and
 the frozen text encoders and VAE as ``Backbone.to`` places them (compute dtype; a VAE with
-``force_upcast`` stays fp32). Activations are NOT included: their size depends on the
+``force_upcast`` stays fp32). A recipe marked ``fsdp`` (FLUX.1-dev's full fine-tune over 8
+GPUs) divides the policy's weights, gradients and optimizer state by its GPU count, as a fully
+sharded data-parallel run would hold them; the reference and the frozen encoders stay whole
+on every GPU. This is computed only: the trainer itself runs DDP. Activations are NOT included: their size depends on the
 attention kernel, gradient checkpointing and the allocator; measure them on a GPU with
 ``bench_step.py --device cuda``.
 """
@@ -70,10 +73,11 @@ class Arch:
 
     key: str  # folder under the config root: <key>/<denoiser>.json, <text>.json, vae.json
     label: str
-    kind: str  # sd | sdxl | sd3 | sana: the denoiser's call signature
+    kind: str  # sd | sdxl | sd3 | sana | flux: the denoiser's call signature
     denoiser: str  # unet | transformer
     text: tuple[tuple[str, int], ...]  # (text encoder file stem, tokens per prompt)
     cond_tokens: int  # sequence length of the denoiser's text conditioning
+    latent_side: int = 0  # latent side when the denoiser config has no sample_size (flux)
 
 
 ARCHS = {
@@ -96,6 +100,17 @@ ARCHS = {
         ),
         # Gemma-2-2B last hidden state, 300 x 2304, with its attention mask
         Arch("sana_1600m", "SANA-1.6B", "sana", "transformer", (("text_encoder", 300),), 300),
+        # T5-XXL 512 x 4096 (FluxPipeline's default max_sequence_length), CLIP-L pooled 768;
+        # 1024 px: 16 x 128 x 128 latents packed 2 x 2 into 4096 tokens of 64
+        Arch(
+            "flux1_dev",
+            "FLUX.1-dev",
+            "flux",
+            "transformer",
+            (("text_encoder", 77), ("text_encoder_2", 512)),
+            512,
+            latent_side=128,
+        ),
     )
 }
 
@@ -163,8 +178,20 @@ def denoise(built: Built, net: nn.Module, rows: int) -> torch.Tensor:
     """``net(x_t, t, c)`` on ``rows`` rows of random inputs of the backbone's training shapes,
     called as its adapter in ``bench/t2i/backbones.py`` calls it."""
     cfg, dev, a = net.config, _device(net), built.arch
-    x = torch.randn(rows, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=dev)
     t = torch.zeros(rows, device=dev)
+    if a.kind == "flux":  # packed latents, RoPE ids, the guidance embedding
+        side = a.latent_side // 2
+        h = torch.randn(rows, a.cond_tokens, cfg.joint_attention_dim, device=dev)
+        return net(
+            hidden_states=torch.randn(rows, side * side, cfg.in_channels, device=dev),
+            encoder_hidden_states=h,
+            pooled_projections=torch.randn(rows, cfg.pooled_projection_dim, device=dev),
+            timestep=t,
+            img_ids=torch.zeros(side * side, 3, device=dev),
+            txt_ids=torch.zeros(a.cond_tokens, 3, device=dev),
+            guidance=torch.full((rows,), 3.5, device=dev) if cfg.guidance_embeds else None,
+        ).sample
+    x = torch.randn(rows, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=dev)
     if a.kind == "sd":
         h = torch.randn(rows, a.cond_tokens, cfg.cross_attention_dim, device=dev)
         return net(x, t, encoder_hidden_states=h).sample
@@ -296,6 +323,8 @@ class Recipe:
     gpus: int
     source: str = ""
     assumed: str = ""  # what the paper does not say and the table assumes
+    fsdp: bool = False  # weights, grads and optimizer state sharded over the GPUs (computed)
+    name: str = ""  # the recipe's key in recipes.json (default: the arch's)
 
     @property
     def pairs_per_step(self) -> int:
@@ -303,18 +332,21 @@ class Recipe:
 
     def describe(self) -> str:
         kind = f"LoRA r{self.lora}" if self.lora else "full"
+        if self.fsdp:
+            kind += f", FSDP x{self.gpus} (computed)"
         ckpt = ", grad ckpt" if self.gradient_checkpointing else ""
         return f"{kind}, {self.optimizer}, {self.dtype}{ckpt}"
 
 
 def load_recipes(path: Path = CONFIG_DIR / "recipes.json") -> dict[str, Recipe]:
+    """Recipes by key; a recipe's ``arch`` is its key unless it names one (several recipes
+    of one model, e.g. FLUX.1-dev's LoRA and FSDP rows)."""
     raw = json.loads(Path(path).read_text())
     return {
         key: Recipe(
-            arch=key,
-            source=v.get("_source", ""),
-            assumed=v.get("_assumed", ""),
-            **{k: x for k, x in v.items() if not k.startswith("_")},
+            **{"arch": key}
+            | {k: x for k, x in v.items() if not k.startswith("_")}
+            | {"name": key, "source": v.get("_source", ""), "assumed": v.get("_assumed", "")}
         )
         for key, v in raw.items()
         if not key.startswith("_")
@@ -368,6 +400,10 @@ def memory(built: Built, recipe: Recipe) -> Memory:
     optimizer, grads = _bytes(state), _bytes(p.grad for p in trainable)
     for p in trainable:
         p.grad = None
+    weights = _module_bytes(net)
+    if recipe.fsdp:  # sharded over the GPUs (rounded up); the rest stays whole per GPU
+        shard = lambda n: -(-n // recipe.gpus)  # noqa: E731
+        weights, grads, optimizer = shard(weights), shard(grads), shard(optimizer)
     ref = Reference(None, net, lora=built.lora > 0, periodic=False, dtype=dtype)
     reference = 0 if built.lora else _module_bytes(ref.net)
     cast = None if dtype == torch.float32 else dtype
@@ -380,7 +416,7 @@ def memory(built: Built, recipe: Recipe) -> Memory:
     return Memory(
         params=sum(p.numel() for p in net.parameters()),
         trainable=sum(p.numel() for p in trainable),
-        weights=_module_bytes(net),
+        weights=weights,
         grads=grads,
         optimizer=optimizer,
         reference=reference,
@@ -420,15 +456,16 @@ def compute_rows(
     recipes = recipes or load_recipes()
     rows = []
     for key in keys:
-        arch, recipe = ARCHS[key], recipes[key]
-        built = build_arch(arch, lora=recipe.lora)
-        flops = step_flops(built, methods, checkpointing=recipe.gradient_checkpointing)
-        dpo = (
-            flops.get("dpo")
-            or step_flops(built, ["dpo"], checkpointing=recipe.gradient_checkpointing)["dpo"]
-        )
-        mem = memory(built, recipe)
-        rows += [Row(arch, recipe, m, flops[m], dpo, mem) for m in methods]
+        arch = ARCHS[key]
+        for recipe in (r for r in recipes.values() if r.arch == key):
+            built = build_arch(arch, lora=recipe.lora)
+            flops = step_flops(built, methods, checkpointing=recipe.gradient_checkpointing)
+            dpo = (
+                flops.get("dpo")
+                or step_flops(built, ["dpo"], checkpointing=recipe.gradient_checkpointing)["dpo"]
+            )
+            mem = memory(built, recipe)
+            rows += [Row(arch, recipe, m, flops[m], dpo, mem) for m in methods]
     return rows
 
 
@@ -448,12 +485,24 @@ def _notes(rows: Sequence[Row]) -> list[str]:
         "- Elementwise work (norms, activations, softmax, the optimizer) is not in the "
         f"count; the {UTILISATION:.0%} utilisation is meant to absorb it.",
     ]
-    recipes = {r.arch.key: (r.arch, r.recipe, r.mem) for r in rows}
+    recipes = {(r.arch.key, r.recipe.name): (r.arch, r.recipe, r.mem) for r in rows}
     for arch, rc, mem in recipes.values():
         if rc.dtype == "fp32":
             notes.append(
                 f"- {arch.label}: the recipe trains in fp32, which tensor cores run as TF32 at "
                 "half the bf16 rate: double its times to run it as written."
+            )
+        if rc.lora and arch.kind == "flux":
+            notes.append(
+                f"- {arch.label}: LoRA on the trainer's targets: to_q, to_k, to_v, to_out.0 and "
+                "add_q/k/v_proj, to_add_out of the 19 double-stream blocks, to_q/k/v of the 38 "
+                "single-stream blocks."
+            )
+        if rc.fsdp:
+            notes.append(
+                f"- {arch.label} {rc.describe()}: weights, grads and AdamW state divided by "
+                f"{rc.gpus} (fully sharded), the bf16 reference copy and the text encoders whole "
+                "on every GPU; computed only, the trainer runs DDP."
             )
         if rc.lora and arch.kind == "sd3":
             notes.append(
@@ -512,9 +561,9 @@ def markdown(rows: Sequence[Row]) -> str:
     ]
     seen = set()
     for r in rows:
-        if r.arch.key in seen:
+        if (r.arch.key, r.recipe.name) in seen:
             continue
-        seen.add(r.arch.key)
+        seen.add((r.arch.key, r.recipe.name))
         m, rc = r.mem, r.recipe
         out.append(
             f"| {r.arch.label} | {rc.describe()} | {m.params / 1e6:,.1f}M "
