@@ -58,8 +58,9 @@ def test_prompt_generator():
 @pytest.mark.parametrize("name", BACKBONES)
 def test_backbone_shapes_and_hooks(backbones, name):
     bb = backbones[name]
-    C = bb.latent_channels  # 16 for sd3, 4 for the others
-    assert bb.name == name and C == (16 if name == "sd3" else 4) and bb.default_resolution == 32
+    C = bb.latent_channels  # 16 for sd3 and flux, 4 for the others
+    assert bb.name == name and C == (16 if name in ("sd3", "flux") else 4)
+    assert bb.default_resolution == 32
     cond = bb.encode_prompts(PROMPTS)
     assert len(cond) == 3
     for t in cond.tensors.values():
@@ -69,7 +70,7 @@ def test_backbone_shapes_and_hooks(backbones, name):
     assert t.shape == (3,)
     x0, eps = torch.randn(3, C, 16, 16), torch.randn(3, C, 16, 16)
     x_t, y = bb.noise(x0, eps, t), bb.target(x0, eps, t)
-    if bb.prediction_type == "flow":  # sana, sd3
+    if bb.prediction_type == "flow":  # sana, sd3, flux
         assert t.dtype == torch.float32 and ((t > 0) & (t <= 1000)).all()
         sigma = (t / 1000).view(-1, 1, 1, 1)
         torch.testing.assert_close(x_t, (1 - sigma) * x0 + sigma * eps)
@@ -186,8 +187,11 @@ def test_load_backbone_bad_dirs(tmp_path, tiny_sd_dir):
     (tmp_path / "model_index.json").write_text("{nope")
     with pytest.raises(ValueError, match="invalid JSON"):
         load_backbone(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline"}))
+    with pytest.raises(ValueError, match="unsupported pipeline class 'Flux2KleinPipeline'"):
+        load_backbone(tmp_path)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ValueError, match="unsupported pipeline class 'FluxPipeline'"):
+    with pytest.raises(ValueError, match=r"missing components \['transformer', .* 'flux'"):
         load_backbone(tmp_path)
     index = json.loads((tiny_sd_dir / "model_index.json").read_text())
     index["unet"] = ["diffusers", "NoSuchUNet"]
@@ -206,7 +210,7 @@ def test_load_backbone_bad_dirs(tmp_path, tiny_sd_dir):
     with pytest.raises(ValueError, match="cannot load UNet2DConditionModel"):
         load_backbone(tmp_path)
     with pytest.raises(ValueError, match="unknown backbone"):
-        tiny_backbone("flux")
+        tiny_backbone("flux2")
 
 
 def test_save_tiny_pipeline_deterministic(tmp_path):
