@@ -254,7 +254,7 @@ class StepBench:
         self.reference = Reference(self.bb, self.policy, lora=False, periodic=False, dtype=dtype)
         params = [q for q in self.policy.parameters() if q.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-12)
-        self.side = cfg.latent or (64 if cfg.sd15_config else int(self.policy.config.sample_size))
+        self.side = cfg.latent or (64 if cfg.sd15_config else self.bb.latent_shape()[-1])
         B, C = cfg.batch, self.bb.latent_channels
         self.g = torch.Generator().manual_seed(0)
         self.x0_w = torch.randn(B, C, self.side, self.side, generator=self.g).to(device)
@@ -328,7 +328,9 @@ def _run(cfg: BenchStepConfig) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, dtype = torch.device(cfg.device), torch_dtype(cfg.dtype)
-    if not cfg.sd15_config and cfg.sampling_reps > 0:
+    if cfg.backbone == "flux" and not cfg.sd15_config and cfg.sampling_reps > 0:
+        print("# make_pairs CFG batched vs unbatched: skipped, flux samples without CFG")
+    elif not cfg.sd15_config and cfg.sampling_reps > 0:
         sampling_benchmark(cfg, device, dtype)
     step_benchmark(cfg, device, dtype)
     return 0

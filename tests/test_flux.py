@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import evaluate, make_pairs, sample, train_policy_pair, train_t2i
+from bench import bench_step, evaluate, make_pairs, sample, train_policy_pair, train_t2i
 from bench.t2i import step
 from bench.t2i.backbones import BACKBONES, FLOW_BACKBONES, FluxBackbone, load_backbone
 from bench.t2i.checkpoint import latest_checkpoint
@@ -249,6 +249,17 @@ def test_one_step_every_method_same_guidance_in_every_row(method):
 
 
 # ---------------------------------------------------------------------- the commands
+
+
+def test_bench_step_tiny_flux(capsys):
+    """The step benchmark on tiny flux (latent side from the VAE, no CFG comparison)."""
+    rc = bench_step.main(["--tiny", "--backbone", "flux", "--batch", "1", "--reps", "1",
+                          "--warmup", "0", "--methods", "dpo,ddspo"])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    assert lines[0] == "# make_pairs CFG batched vs unbatched: skipped, flux samples without CFG"
+    assert lines[1].startswith("# tiny flux, batch 1 pairs, latents 16x16x16")
+    assert lines[-1].startswith("ratio ddspo/dpo: ")
 
 
 @pytest.fixture(scope="module")
