@@ -211,8 +211,11 @@ def check_data(dataset: PairDataset, backbone: Backbone) -> None:
             f"{dataset.root}: latents have {c} channels, the {backbone.name} backbone "
             f"expects {backbone.latent_channels}"
         )
-    if hasattr(backbone, "resolution"):  # SDXL micro-conditioning: the training image size
-        backbone.resolution = w * backbone.vae_scale_factor
+    if hasattr(backbone, "resolution"):  # the training image size: SDXL's micro-conditioning,
+        try:  # FLUX's resolution-dependent shift
+            backbone.resolution = w * backbone.vae_scale_factor
+        except ValueError as e:
+            raise UsageError(f"{dataset.root}: {e}") from None
 
 
 def find_checkpoint(

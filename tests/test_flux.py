@@ -159,6 +159,21 @@ def test_dynamic_shift_follows_the_resolution(bb):
         b.latent_shape(18)
 
 
+def test_trainer_sets_the_shift_from_the_dataset_resolution(tmp_path):
+    """check_data: the pairs' latent side sets the training shift; an odd side is one
+    UsageError naming the dataset."""
+    from types import SimpleNamespace
+
+    b = tiny_backbone("flux")
+    ds = SimpleNamespace(info={"backbone": "flux"}, latent_shape=(16, 32, 32), root=tmp_path)
+    train_t2i.check_data(ds, b)
+    assert b.resolution == 64 and b.schedule.shift == pytest.approx(resolution_shift(256))
+    ds.latent_shape = (16, 15, 15)
+    with pytest.raises(UsageError, match=f"^{tmp_path}: resolution 30 gives an odd latent side 15"):
+        train_t2i.check_data(ds, b)
+    assert b.resolution == 64  # unchanged
+
+
 def test_load_backbone_roundtrip(bb, tmp_path):
     from diffusers import FluxPipeline
 

@@ -773,9 +773,9 @@ class FluxBackbone(Backbone):
 
     @resolution.setter
     def resolution(self, value: int) -> None:
-        self._resolution = int(value)
-        self.process = self._process_for(self.latent_shape(self._resolution)[-1])
+        self.process = self._process_for(self.latent_shape(int(value))[-1])  # checks it first
         self.schedule = self.process.schedule
+        self._resolution = int(value)
 
     def latent_shape(self, resolution=None):
         shape = super().latent_shape(resolution)
