@@ -288,6 +288,17 @@ def data(tmp_path_factory) -> Path:
     return out
 
 
+def test_odd_latent_side_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "ds"
+    argv = ["--tiny", "flux", "--out", str(out), "--resolution", "30", "--max-prompts", "2"]
+    assert make_pairs.main([*argv, "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: resolution 30 gives an odd latent side 15; flux packs 2 x 2 latent patches"
+    ]
+    assert not out.exists()
+
+
 def test_train_lora_then_sample_then_evaluate(data, tmp_path, capsys):
     """train_t2i --tiny --backbone flux (LoRA, --flux-guidance 2.0), then sample.py --tiny
     flux with the LoRA checkpoint, then evaluate.py --tiny on the samples."""
