@@ -86,6 +86,22 @@ def test_sampler_parity_with_flux_pipeline(bb, guidance):
     assert torch.equal(bb.unpack(bb.pack(x_T), 16, 16), x_T)
 
 
+def test_sampler_parity_at_another_resolution(bb):
+    """64 px (32 x 32 latents, 256 tokens): the pipeline's shift exp(mu) of that size; the
+    training process is untouched."""
+    before = bb.schedule
+    x_T = bb.initial_latents(torch.Generator().manual_seed(4), 1, resolution=64)
+    assert x_T.shape == (1, 16, 32, 32)
+    ours = bb.generate(PROMPTS[:1], latents=x_T, steps=3)
+    ref = _pipeline(bb)(
+        PROMPTS[:1], latents=bb.pack(x_T.clone()), num_inference_steps=3, height=64, width=64,
+        max_sequence_length=bb.max_sequence_length, output_type="latent",
+    ).images  # fmt: skip
+    torch.testing.assert_close(bb.pack(ours), ref, rtol=1e-5, atol=1e-5)
+    assert bb.sampling_process(x_T).schedule.shift == pytest.approx(math.exp(0.5))
+    assert bb.schedule is before and bb.schedule.shift == pytest.approx(resolution_shift(64))
+
+
 def test_guidance_value_changes_samples(bb):
     x_T = bb.initial_latents(torch.Generator().manual_seed(3), 1)
     a = bb.generate(PROMPTS[:1], latents=x_T, steps=2, guidance=3.5)

@@ -388,9 +388,14 @@ class Backbone:
             first = generator[0] if isinstance(generator, Sequence) else generator
             seed = int(torch.randint(0, 2**62, (1,), generator=first))
             gen = torch.Generator(x.device).manual_seed(seed)
-        return self.process.sample(
+        return self.sampling_process(x).sample(
             denoise, x, steps, sampler=sampler, generator=gen, progress=progress
         )
+
+    def sampling_process(self, x: Tensor) -> DiffusionProcess:
+        """The process that samples latents like ``x``: :attr:`process`, or on FLUX the one
+        with the shift of ``x``'s token count."""
+        return self.process
 
     def pipeline_call_kwargs(self) -> dict:
         """Arguments of the diffusers pipeline's ``__call__`` whose defaults differ from
@@ -855,9 +860,8 @@ class FluxBackbone(Backbone):
     def _uncond(self, negative_prompt, n):
         return None  # no CFG: guided() with scale 1 runs the conditional branch only
 
-    def _sample(self, denoise, x, steps, progress, sampler, generator) -> Tensor:
-        proc = self._process_for(x.shape[-1])  # the shift of these latents' token count
-        return proc.sample(denoise, x, steps, sampler=sampler, progress=progress)
+    def sampling_process(self, x: Tensor) -> FlowProcess:
+        return self._process_for(x.shape[-1])  # the shift of these latents' token count
 
 
 ADAPTERS: dict[str, type[Backbone]] = {
