@@ -145,6 +145,33 @@ def test_lora_targets_and_load_lora_weights(bb, tmp_path):
     torch.testing.assert_close(bb.pack(ours), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_on_the_mlps_too_loads_in_the_pipeline(bb, tmp_path):
+    """--lora-targets with FLUX's MLPs (double-stream ff/ff_context, single-stream proj_mlp):
+    dotted names select them; the file loads in FluxPipeline and gives the same network."""
+    net = tiny_backbone("flux").denoiser
+    mlp = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp"]
+    add_lora(net, 4, None, ["to_q", "to_k", "to_v", *mlp])
+    wrapped = {n.removesuffix(".lora_A") for n, _ in net.named_modules() if n.endswith(".lora_A")}
+    assert {
+        "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff_context.net.2",
+        "single_transformer_blocks.0.proj_mlp",
+    } <= wrapped  # fmt: skip
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    save_lora(bb, net, tmp_path)
+    pipe = _pipeline(tiny_backbone("flux"))
+    pipe.load_lora_weights(tmp_path, weight_name=LORA_FILE)
+    x, t, c = torch.randn(2, 16, 16, 16), torch.tensor([120.0, 870.0]), bb.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            bb.forward(pipe.transformer, x, t, c), bb.forward(net, x, t, c), rtol=1e-5, atol=1e-5
+        )
+    with pytest.raises(ValueError, match=r"no module named \['ff.net.9'\]"):
+        add_lora(tiny_backbone("flux").denoiser, 4, None, ["ff.net.9"])
+
+
 # ---------------------------------------------------------------- loading and process
 
 

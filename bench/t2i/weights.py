@@ -53,9 +53,9 @@ def add_lora(
 
     if init not in LORA_INITS:
         raise ValueError(f"--lora-init must be one of {', '.join(LORA_INITS)}, got {init!r}")
-    if targets is not None:
-        names = {n.rsplit(".", 1)[-1] for n, _ in net.named_modules()}
-        names |= {".".join(n.rsplit(".", 2)[-2:]) for n, _ in net.named_modules()}  # to_out.0
+    if targets is not None:  # any dotted suffix of a module name (to_q, to_out.0, ff.net.2)
+        parts = [n.split(".") for n, _ in net.named_modules()]
+        names = {".".join(p[i:]) for p in parts for i in range(len(p))}
         missing = [t for t in targets if t not in names]
         if missing or not targets:
             raise ValueError(
