@@ -20,7 +20,14 @@ from bench.t2i.checkpoint import latest_checkpoint
 from bench.t2i.config import TrainConfig, UsageError, parse_args, resolve
 from bench.t2i.reference import Reference
 from bench.t2i.tiny import save_tiny_pipeline, tiny_backbone
-from bench.t2i.weights import LORA_FILE, add_lora, lora_targets, save_lora
+from bench.t2i.weights import (
+    LORA_FILE,
+    PIPELINE_CALL_FILE,
+    add_lora,
+    lora_targets,
+    save_lora,
+    write_pipeline_call,
+)
 from minddspo.methods import METHODS
 from minddspo.schedules import resolution_shift
 
@@ -84,6 +91,17 @@ def test_sampler_parity_with_flux_pipeline(bb, guidance):
     torch.testing.assert_close(bb.pack(ours), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bb.unpack(ref, 16, 16), ours, rtol=1e-5, atol=1e-5)
     assert torch.equal(bb.unpack(bb.pack(x_T), 16, 16), x_T)
+
+
+def test_pipeline_call_file_only_when_the_pipeline_defaults_differ(bb, tmp_path):
+    """At FLUX.1's 512 T5 tokens the pipeline's defaults sample as we do: no file."""
+    b = tiny_backbone("flux")
+    assert json.loads(write_pipeline_call(b, tmp_path).read_text())["call_kwargs"] == {
+        "max_sequence_length": 24
+    }
+    b.max_sequence_length = 512
+    assert b.pipeline_call_kwargs() == {}
+    assert write_pipeline_call(b, tmp_path / "real") is None
 
 
 def test_sampler_parity_at_another_resolution(bb):
@@ -355,6 +373,9 @@ def test_train_lora_then_sample_then_evaluate(data, tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["flux_guidance"], cfg["timestep_sampler"]) == (2.0, "logit_normal")
     assert (out / "final" / LORA_FILE).is_file()
+    call = json.loads((out / "final" / PIPELINE_CALL_FILE).read_text())  # for diffusers users
+    assert call["pipeline"] == "FluxPipeline"
+    assert call["call_kwargs"] == {"max_sequence_length": 24}  # the tiny T5's cap
     capsys.readouterr()
     samples = tmp_path / "samples"
     argv = ["--tiny", "flux", "--out", str(samples), "--steps", "2", "--max-prompts", "2"]

@@ -734,6 +734,12 @@ class FluxBackbone(Backbone):
     def _default_resolution(self) -> int:
         return int(self.vae.config.sample_size)
 
+    def pipeline_call_kwargs(self) -> dict:
+        # FluxPipeline pads T5 to 512 tokens by default: only a shorter cap (a tokenizer whose
+        # model_max_length is below 512, such as the tiny one's) needs saying
+        n = self.max_sequence_length
+        return {} if n == type(self).max_sequence_length else {"max_sequence_length": n}
+
     def _make_process(self, prediction_type):
         if prediction_type not in (None, "flow"):
             raise ValueError(
