@@ -361,10 +361,10 @@ def test_odd_latent_side_is_refused_before_anything_is_written(tmp_path, capsys)
 
 
 def test_train_lora_then_sample_then_evaluate(data, tmp_path, capsys):
-    """train_t2i --tiny --backbone flux (LoRA, --flux-guidance 2.0), then sample.py --tiny
+    """train_t2i --tiny flux (LoRA, --flux-guidance 2.0), then sample.py --tiny
     flux with the LoRA checkpoint, then evaluate.py --tiny on the samples."""
     out = tmp_path / "run"
-    argv = ["--tiny", "--backbone", "flux", "--method", "ddspo", "--data", str(data)]
+    argv = ["--tiny", "flux", "--method", "ddspo", "--data", str(data)]
     argv += ["--out", str(out), "--max-steps", "2", "--batch-size", "2", "--no-progress"]
     assert train_t2i.main([*argv, "--lora", "4", "--flux-guidance", "2.0"]) == 0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
