@@ -120,11 +120,16 @@ def test_sampler_parity_at_another_resolution(bb):
     assert bb.schedule is before and bb.schedule.shift == pytest.approx(resolution_shift(64))
 
 
-def test_guidance_value_changes_samples(bb):
+def test_guidance_value_changes_samples_and_leaves_training_alone(bb):
     x_T = bb.initial_latents(torch.Generator().manual_seed(3), 1)
+    c, t = bb.encode_prompts(PROMPTS[:1]), torch.tensor([500.0])
+    with torch.no_grad():
+        before = bb.forward(bb.denoiser, x_T, t, c)
     a = bb.generate(PROMPTS[:1], latents=x_T, steps=2, guidance=3.5)
     b = bb.generate(PROMPTS[:1], latents=x_T, steps=2, guidance=1.0)
     assert (a - b).abs().max() > 1e-3
+    with torch.no_grad():  # training forwards keep bb.guidance after sampling with another
+        assert torch.equal(bb.forward(bb.denoiser, x_T, t, c), before)
 
 
 def test_lora_targets_and_load_lora_weights(bb, tmp_path):

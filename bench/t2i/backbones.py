@@ -834,8 +834,9 @@ class FluxBackbone(Backbone):
         h_txt = c["encoder_hidden_states"]
         guidance = None
         if self.denoiser.config.get("guidance_embeds", False):  # net may be DDP-wrapped
-            g = c["guidance"] if "guidance" in c else torch.full((b,), float(self.guidance))
-            guidance = g.to(device=x_t.device, dtype=torch.float32)
+            # float32 as the pipeline passes it (a Cond entry would be cast to the net's dtype)
+            g = getattr(self, "_sampling_guidance", self.guidance)
+            guidance = torch.full((b,), float(g), device=x_t.device, dtype=torch.float32)
         out = net(
             hidden_states=self.pack(x_t),
             encoder_hidden_states=h_txt,
@@ -857,11 +858,6 @@ class FluxBackbone(Backbone):
             return super().generate(prompts, generator, guidance=1.0, **kw)
         finally:
             del self._sampling_guidance
-
-    def _cond_for_sampling(self, prompts, resolution):
-        c = self.encode_prompts(prompts)
-        g = torch.full((len(c),), self._sampling_guidance)
-        return Cond({**c.tensors, "guidance": g.to(c.tensors["pooled_projections"].device)})
 
     def _uncond(self, negative_prompt, n):
         return None  # no CFG: guided() with scale 1 runs the conditional branch only
