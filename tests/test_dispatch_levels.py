@@ -67,6 +67,7 @@ def _cpu_has_avx2() -> bool:
     )
 
 
+@pytest.mark.timeout(900)  # a subprocess suite; default dispatch is ~3x slower on a busy machine
 @pytest.mark.parametrize("level", LEVELS)
 def test_kernel_comparisons_hold_at_forced_dispatch_level(level, tmp_path):
     if level == "avx2" and not _cpu_has_avx2():

@@ -252,15 +252,17 @@ def gone(procs: list[psutil.Process], within: float) -> bool:
     return False
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the launch uses coreutils timeout")
 @pytest.mark.timeout(300)
 def test_kill_9_of_torchrun_ends_both_ranks(data, tmp_path):
     out = tmp_path / "run"
     p, ranks = start_torchrun(out, data), []
     try:
-        launcher, ranks = ranks_training(p, out)
-        assert len(ranks) == 2 and all("train_t2i.py" in " ".join(q.cmdline()) for q in ranks)
+        launcher, children = ranks_training(p, out)
+        ranks = [q for q in children if "train_t2i.py" in " ".join(q.cmdline())]
+        assert len(ranks) == 2, [q.cmdline() for q in children]
         launcher.kill()
-        assert gone(ranks, within=5), [q.cmdline() for q in ranks if q.is_running()]
+        assert gone(ranks, within=20), [q.cmdline() for q in ranks if q.is_running()]
         before = snapshot(out)
         time.sleep(2)
         assert snapshot(out) == before  # nothing written after the kill

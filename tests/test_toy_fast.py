@@ -178,12 +178,13 @@ def test_finetune_equals_autograd_path(runs, batch):
     assert min(max_ulps(init[k], old[k]) for k in new) > 100 * FINETUNE_ULPS
     # copies and freezes exactly; losses and divergences to float rounding: a loss's logit
     # is beta (up to 800) times a difference of squared errors, which scales an ulp of the
-    # errors up (measured <= 2.2e-5 relative); implicit accuracies exactly for a frozen
-    # reference -- right after a copy policy == reference, logits are rounding noise around 0
+    # errors up (measured <= 2.2e-5 relative); implicit accuracies to one pair for a frozen
+    # reference (a logit within rounding of 0 may flip on another CPU) -- right after a copy
+    # policy == reference, every logit is rounding noise around 0, so periodic runs are skipped
     assert nlog.copy_steps == olog.copy_steps and nlog.freeze_step == olog.freeze_step
     assert nlog.final_loss == pytest.approx(olog.final_loss, rel=1e-4)
     for r, a, b in zip(runs, nlog.final_implicit_acc, olog.final_implicit_acc, strict=True):
-        assert a == b or r.strategy.ref_update == "periodic"
+        assert abs(a - b) <= 1 / batch + 1e-6 or r.strategy.ref_update == "periodic"
     for a, b in zip(nlog.divergences, olog.divergences, strict=True):
         assert [s for s, _ in a] == [s for s, _ in b]
         assert [d for _, d in a] == pytest.approx([d for _, d in b], rel=1e-4)

@@ -78,7 +78,7 @@ def printed_close(got: str, want: str, rtol: float = 1e-4) -> bool:
     if len(a) != len(b):
         return False
     for x, y in zip(a, b, strict=True):
-        if x.lstrip("-").isdigit() or y.lstrip("-").isdigit():  # steps, counts: exact
+        if x.lstrip("-").isdigit() and y.lstrip("-").isdigit():  # steps, counts: exact
             if x != y:
                 return False
             continue

@@ -49,7 +49,10 @@ def die_with_launcher() -> None:
     the ranks running, reparented, and writing into OUT. On Linux the kernel sends this
     process SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon
     thread polls the parent pid once a second. A launcher already gone by now (killed while
-    this rank started) ends the rank at once. A no-op outside torchrun."""
+    this rank started) ends the rank at once. A no-op outside torchrun.
+
+    Linux sends the signal when the *thread* that started this process ends; torchrun's
+    agent starts its ranks from its main thread (torch 2.x), so that is when torchrun ends."""
     if not dist.is_torchelastic_launched():
         return
     armed = False
