@@ -308,3 +308,53 @@ def test_sigterm_to_torchrun(data, tmp_path):
     assert {f.name: f.read_text() for f in rcs.iterdir()} == {"0": "143", "1": "143"}
     assert all(checkpoint_problem(c)[1] is None for c in list_checkpoints(out / "checkpoints"))
     assert not (out / outdir.LOCK_FILE).exists() and not list(out.rglob(".tmp-*"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_umask_is_read_without_setting_it(tmp_path, monkeypatch):
+    """Temporary files and folders get the umask's mode; the umask is never set to 0 (another
+    thread would create world-writable files meanwhile), and no os.fchmod (not on Windows)."""
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("os.umask called"))
+        monkeypatch.delattr(os, "fchmod")
+        tmp = outdir.tmp_path_for(tmp_path / "f")
+        stage = outdir.stage_dir(tmp_path / "d")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert tmp.name.startswith(".tmp-f-") and tmp.stat().st_mode & 0o777 == 0o640
+    assert stage.name.startswith(".tmp-d-") and stage.stat().st_mode & 0o777 == 0o750
+
+
+def test_lock_file_removed_under_a_waiter_is_not_a_second_lock(tmp_path, monkeypatch):
+    """B opens OUT/.lock, A removes it and ends, B locks the removed file, C makes a new one:
+    B and C must not both hold OUT (filelock checks the link count; pyproject's floor)."""
+    out = tmp_path / "out"
+    a = contextlib.ExitStack()
+    a.enter_context(outdir.run_lock(out))
+    real_open = os.open
+
+    def open_then_a_ends(path, *args, **kw):
+        fd = real_open(path, *args, **kw)
+        if str(path) == str(out / outdir.LOCK_FILE) and a._exit_callbacks:
+            a.close()  # A unlinks .lock and releases it between B's open and B's lock
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_a_ends)
+    b = contextlib.ExitStack()
+    try:
+        b.enter_context(outdir.run_lock(out))
+    except outdir.OutputError as e:  # refused: acceptable, nobody else holds a dead lock
+        assert str(e).startswith(f"--out {out} is in use by another run")
+    else:
+        monkeypatch.undo()
+        with pytest.raises(outdir.OutputError, match="is in use by another run"):
+            with outdir.run_lock(out):  # C
+                pass
+    finally:
+        b.close()
+    monkeypatch.undo()
+    with outdir.run_lock(out):
+        pass
+    assert not out.exists()

@@ -128,10 +128,35 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it; set back at once
+def _proc_umask() -> int | None:
+    """The ``Umask:`` line of ``/proc/self/status`` (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_by_setting() -> int:
+    mask = os.umask(0)  # briefly 0: only at import, under the import lock
     os.umask(mask)
     return mask
+
+
+_UMASK_AT_IMPORT = _proc_umask()
+if _UMASK_AT_IMPORT is None:
+    _UMASK_AT_IMPORT = _umask_by_setting()
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only set it, and a
+    moment at 0 would let another thread create world-writable files): from
+    ``/proc/self/status`` on Linux, elsewhere the umask this module found at import."""
+    mask = _proc_umask()
+    return _UMASK_AT_IMPORT if mask is None else mask
 
 
 def tmp_path_for(final: str | Path, kind: str = "") -> Path:
@@ -144,10 +169,8 @@ def tmp_path_for(final: str | Path, kind: str = "") -> Path:
         prefix=f"{TMP_PREFIX}{kind + '-' if kind else ''}{final.name}-{os.getpid()}-",
         dir=final.parent,
     )
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-    finally:
-        os.close(fd)
+    os.close(fd)
+    os.chmod(name, 0o666 & ~umask())  # not os.fchmod: missing on Windows before Python 3.13
     return Path(name)
 
 
@@ -160,7 +183,7 @@ def stage_dir(final: str | Path) -> Path:
     stage = Path(
         tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-{os.getpid()}-", dir=final.parent)
     )
-    os.chmod(stage, 0o777 & ~_umask())
+    os.chmod(stage, 0o777 & ~umask())
     return stage
 
 
@@ -263,14 +286,13 @@ def run_lock(out: str | Path, flag: str = "--out") -> Iterator[Path]:
     try:
         with writing(out):
             out.mkdir(parents=True, exist_ok=True)
-        holder = _holder(lock_file)  # before trying: old filelock versions truncate it
         lock = FileLock(str(lock_file))
         try:
             with writing(out):
                 lock.acquire(blocking=False)
         except Timeout:
             raise OutputError(
-                f"{flag} {out} is in use by another run{holder or _holder(lock_file)}"
+                f"{flag} {out} is in use by another run{_holder(lock_file)}"
             ) from None
         try:
             with contextlib.suppress(OSError):  # only a hint for the message above
