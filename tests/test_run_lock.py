@@ -6,6 +6,7 @@ swept, and torchrun ranks never outlive their launcher."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -358,3 +359,40 @@ def test_lock_file_removed_under_a_waiter_is_not_a_second_lock(tmp_path, monkeyp
     with outdir.run_lock(out):
         pass
     assert not out.exists()
+
+
+def test_dataset_and_digits_temporary_names_are_per_process(data, tmp_path):
+    """finalize (metadata.jsonl, info.json) and the digits helpers write through per-process
+    ``.tmp-`` names: another writer's temporary file is neither replaced nor moved, and a
+    killed writer's leftovers are ones remove_stale_tmp sweeps."""
+    from bench.digits.util import atomic_dir, write_json
+    from bench.t2i.pairdata import finalize
+
+    d = tmp_path / "pairs"
+    shutil.copytree(data, d)
+    info = json.loads((d / "info.json").read_text())
+    others = {n: f"another writer's {n}" for n in (".tmp-metadata.jsonl", ".tmp-info.json")}
+    for name, text in others.items():
+        (d / name).write_text(text)
+    meta = (d / "metadata.jsonl").read_text()
+    finalize(
+        d, {k: v for k, v in info.items() if k not in ("format", "version")}, info["num_shards"]
+    )
+    assert {n: (d / n).read_text() for n in others} == others
+    assert (d / "metadata.jsonl").read_text() == meta
+    assert json.loads((d / "info.json").read_text()) == info
+
+    tmp_path = tmp_path / "digits"
+    tmp_path.mkdir()
+    (tmp_path / "s.json.tmp").write_text("other")
+    (tmp_path / "stage.tmp").mkdir()
+    write_json(tmp_path / "s.json", {"a": 1})
+    with atomic_dir(tmp_path / "stage") as tmp:
+        assert tmp.name.startswith(".tmp-stage-") and tmp.parent == tmp_path
+        (tmp / "f").write_text("1")
+    assert (tmp_path / "s.json.tmp").read_text() == "other" and (tmp_path / "stage.tmp").is_dir()
+    assert json.loads((tmp_path / "s.json").read_text()) == {"a": 1}
+    assert [p.name for p in (tmp_path / "stage").iterdir()] == ["f"]
+    with pytest.raises(KeyError), atomic_dir(tmp_path / "stage2") as tmp:
+        raise KeyError
+    assert not tmp.exists() and not (tmp_path / "stage2").exists()

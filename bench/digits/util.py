@@ -11,6 +11,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.t2i.outdir import stage_dir, write_text_atomic
+
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "DONE.json"
 
@@ -23,10 +25,7 @@ class StageError(RuntimeError):
 def atomic_dir(final: Path):
     """Yield a temporary sibling directory; rename it to ``final`` when the block succeeds."""
     final = Path(final)
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = stage_dir(final)  # per process; a killed run's is swept under the folder's lock
     try:
         yield tmp
     except BaseException:
@@ -41,9 +40,7 @@ def write_json(path: Path, obj) -> None:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def done(stage_dir: Path) -> bool:

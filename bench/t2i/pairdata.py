@@ -47,6 +47,8 @@ from safetensors.torch import load, save
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from bench.t2i.outdir import write_text_atomic
+
 FORMAT = "minddspo-pairs"
 VERSION = 2  # 2: every shard's header carries the sha256 of its tensor data
 READS_VERSIONS = (1, 2)
@@ -171,16 +173,12 @@ def finalize(root: str | Path, info: dict, num_shards: int) -> Path:
         with safe_open(str(path), framework="pt") as f:
             sealed = sealed and CHECKSUM_KEY in (f.metadata() or {})
     records.sort(key=lambda r: r["index"])
-    tmp = root / ".tmp-metadata.jsonl"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, root / "metadata.jsonl")
+    write_text_atomic(root / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     # a build resumed over shards of version 1 (no checksum) stays version 1
     version = VERSION if sealed else 1
     info = {"format": FORMAT, "version": version, **info, "num_pairs": len(records)}
     info["num_shards"] = num_shards
-    tmp = root / ".tmp-info.json"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, root / "info.json")
+    write_text_atomic(root / "info.json", json.dumps(info, indent=2) + "\n")
     return root
 
 
