@@ -260,7 +260,8 @@ def test_a_second_run_on_a_locked_out_is_refused(cli, tmp_path, capsys, monkeypa
     (out / "results.csv").write_text("earlier run\n")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys; from filelock import FileLock; "
-         f"l = FileLock({str(lock_path(out))!r}); l.acquire(); print('held', flush=True); "
+         f"l = FileLock({str(lock_path(out))!r}); l.acquire(); "
+         f"open({str(lock_path(out))!r}, 'w').write('4242'); print('held', flush=True); "
          "sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -280,7 +281,7 @@ def test_a_second_run_on_a_locked_out_is_refused(cli, tmp_path, capsys, monkeypa
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "error:" in err
-        assert f"--out {out} is in use: another run holds its lock" in err
+        assert err.endswith(f"--out {out} is in use by another run (pid 4242)")
         assert sorted(p.name for p in tmp_path.iterdir()) == before  # no staging folder
         assert [p.name for p in out.iterdir()] == ["results.csv"]
         assert (out / "results.csv").read_text() == "earlier run\n"
@@ -289,6 +290,10 @@ def test_a_second_run_on_a_locked_out_is_refused(cli, tmp_path, capsys, monkeypa
     assert main([*argv, "--out", str(out)]) == 0  # released: the run goes through
     written = {"sweep": "table.md", "beta_search": "search.md", "run": "metrics.json"}[cli]
     assert (out / written).is_file()
+    assert lock_path(out).name in before  # the holder's lock file; gone after the run:
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        n for n in before if n != lock_path(out).name
+    ]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])

@@ -7,7 +7,7 @@ import os
 import secrets
 import shutil
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import fields
 from pathlib import Path
 
@@ -125,7 +125,8 @@ def strategy(args: argparse.Namespace) -> Strategy:
 
 def lock_path(out: Path) -> Path:
     """The lock file of output folder ``out``: ``.NAME.lock`` beside it (it outlives the
-    staging folder's move into place; two spellings of one folder share it)."""
+    staging folder's move into place; two spellings of one folder share it). It holds the
+    owner's pid and is removed when the lock is let go."""
     target = Path(os.path.abspath(out))
     target = target.parent.resolve() / target.name
     return target.parent / f".{target.name}.lock"
@@ -155,13 +156,15 @@ class Staging:
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self._lock = FileLock(str(lock_path(self.out)))
-            self._lock.acquire(timeout=0)
+            self._lock.acquire(blocking=False)
         except Timeout:
             raise UsageError(
-                f"--out {self.out} is in use: another run holds its lock {lock_path(self.out)}"
+                f"--out {self.out} is in use by another run{_holder(lock_path(self.out))}"
             ) from None
         except OSError as e:
             raise UsageError(f"--out {self.out} is not writable ({e.strerror})") from None
+        with suppress(OSError):  # only a hint for the message above
+            lock_path(self.out).write_text(f"{os.getpid()}\n")
         try:
             self.tmp = _mkdir_unique(self.out.parent, f".{self.out.name}.tmp-")
         except OSError as e:
@@ -187,7 +190,22 @@ class Staging:
         self.unlock()
 
     def unlock(self) -> None:
-        self._lock.release()
+        """Let go of the lock and remove its file (while still held: no one waits on it;
+        filelock >= 3.30 never grants a lock on a removed file), so nothing is left beside
+        ``out``. Calling it again does nothing."""
+        if self._lock.is_locked:
+            with suppress(OSError):
+                lock_path(self.out).unlink()
+            self._lock.release()
+
+
+def _holder(lock: Path) -> str:
+    """`` (pid N)`` of the process that wrote ``lock``, or ``""`` when unreadable."""
+    try:
+        pid = lock.read_text().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
 
 
 def _mkdir_unique(parent: Path, prefix: str) -> Path:
