@@ -168,3 +168,28 @@ def test_signal_waits_for_the_critical_section():
                 os.kill(os.getpid(), signal.SIGTERM)
                 done = True  # reached: the signal is held back until the block ends
         assert done
+
+
+def test_a_cut_safetensors_file_is_named_alike_by_both_checks(tmp_path):
+    """checkpoint_problem (resume) and check_denoiser_files (sample, evaluate) read a
+    safetensors header with one helper and give the same reason; an intact file passes both."""
+    from safetensors.torch import save_file
+
+    from bench.t2i.checkpoint import checkpoint_problem
+    from bench.t2i.weights import check_denoiser_files
+
+    ckpt = tmp_path / "step-000001"
+    (ckpt / "unet").mkdir(parents=True)
+    (ckpt / "unet" / "config.json").write_text("{}")
+    w = ckpt / "unet" / "w.safetensors"
+    save_file({"a": torch.zeros(64)}, w)
+    torch.save({"step": 1}, ckpt / STATE_FILE)  # no size list: only the header can tell
+    assert checkpoint_problem(ckpt)[1] is None
+    check_denoiser_files(ckpt, "unet")
+    w.write_bytes(w.read_bytes()[:-8])
+    problem = checkpoint_problem(ckpt)[1]
+    assert problem.startswith("unet/w.safetensors unreadable (") and "\n" not in problem
+    reason = problem.removeprefix("unet/w.safetensors unreadable (")[:-1]
+    with pytest.raises(ValueError) as e:
+        check_denoiser_files(ckpt, "unet")
+    assert str(e.value) == f"{w}: unreadable weights ({w.stat().st_size} bytes; {reason})"

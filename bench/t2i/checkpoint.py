@@ -120,8 +120,6 @@ def checkpoint_problem(path: Path) -> tuple[dict | None, str | None]:
     """``(state, None)`` for an intact checkpoint, ``(None, what is wrong)`` otherwise:
     an unreadable :data:`STATE_FILE`, a listed file missing or of another size, or a
     safetensors file whose header does not cover it (truncated)."""
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         state = load_state(path)
@@ -136,12 +134,23 @@ def checkpoint_problem(path: Path) -> tuple[dict | None, str | None]:
         if f.stat().st_size != size:
             return None, f"{rel} has {f.stat().st_size} bytes, {size} were written"
     for f in sorted(path.rglob("*.safetensors")):
-        try:
-            with safe_open(f, "pt"):
-                pass
-        except Exception as e:
-            return None, f"{f.relative_to(path)} unreadable ({_first_line(e)})"
+        reason = safetensors_problem(f)
+        if reason is not None:
+            return None, f"{f.relative_to(path)} unreadable ({reason})"
     return state, None
+
+
+def safetensors_problem(f: Path) -> str | None:
+    """None when the header of the safetensors file ``f`` reads and covers the file, else
+    why not (one line): empty, truncated or not safetensors at all. Reads the header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), "pt"):
+            pass
+    except Exception as e:  # SafetensorError, OSError, ...
+        return _first_line(e)
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.t2i.checkpoint import FILES_KEY, STATE_FILE, file_sizes
+from bench.t2i.checkpoint import FILES_KEY, STATE_FILE, file_sizes, safetensors_problem
 from bench.t2i.provenance import write_base
 from bench.t2i.reference import Reference, trainable_state
 
@@ -136,19 +136,12 @@ def check_weight_files(files: list[Path], where: str | Path) -> None:
     """A one-line ``ValueError`` naming the first of ``files`` (safetensors) that cannot be
     read: empty, truncated (its header does not cover the file) or not safetensors at all;
     also when ``files`` is empty. Reads the headers only."""
-    from safetensors import safe_open
-
     if not files:
         raise ValueError(f"{where}: no .safetensors weights file")
     for f in files:
-        try:
-            with safe_open(str(f), "pt"):
-                pass
-        except Exception as e:  # SafetensorError, OSError, ...
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(
-                f"{f}: unreadable weights ({f.stat().st_size} bytes; {reason})"
-            ) from None
+        reason = safetensors_problem(f)
+        if reason is not None:
+            raise ValueError(f"{f}: unreadable weights ({f.stat().st_size} bytes; {reason})")
 
 
 def check_denoiser_files(path: str | Path, subfolder: str) -> None:
