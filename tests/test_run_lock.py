@@ -126,15 +126,49 @@ def test_second_writer_is_refused_and_touches_nothing(data, live_run, tmp_path, 
     assert not list(out.parent.glob(".tmp-*"))
 
 
-def test_digits_cache_outside_out_is_locked_too(tmp_path, capsys):
+def test_digits_cache_is_shared_by_experiments_run_at_once(tmp_path, capsys, monkeypatch):
+    """--out is locked for the whole run, a --cache outside it only per stage while that
+    stage is written: another experiment at work in the cache does not stop this one."""
     cache, out = tmp_path / "cache", tmp_path / "out"
-    with held_elsewhere(cache) as holder:
-        assert digits.main(["--out", str(out), "--cache", str(cache), "--preset", "smoke"]) == 2
+    ran = []
+    monkeypatch.setattr(digits, "_run", lambda a, cfg: ran.append(a.cache) or 0)
+    with held_elsewhere(cache):  # the cache's own lock: no run takes it for its duration
+        assert digits.main(["--out", str(out), "--cache", str(cache), "--preset", "smoke"]) == 0
+    assert ran == [str(cache)]
+    (tmp_path / "file").write_text("precious")
+    out2 = tmp_path / "out2"
+    assert digits.main(["--out", str(out2), "--cache", str(tmp_path / "file")]) == 2
+    assert one_line(capsys) == f"error: --cache {tmp_path / 'file'} is a file, not a folder"
+    assert (tmp_path / "file").read_text() == "precious" and not out2.exists()
+
+
+def test_digits_cache_stage_is_locked_while_written(tmp_path):
+    """A cache stage another experiment is writing: one line naming it, its files untouched;
+    a free stage is written under its own lock and keeps no lock file; a stage inside the
+    held --out takes no lock of its own."""
+    from bench.digits import experiment
+    from bench.digits.util import MARKER
+
+    runner = experiment.Runner.__new__(experiment.Runner)
+    cache, out = tmp_path / "cache", tmp_path / "out"
+
+    def fn(path):
+        assert (path / outdir.LOCK_FILE).is_file() == (path.parent == cache)
+        (path / "x").write_text(path.name)
+        return {}
+
+    with outdir.run_lock(out), held_elsewhere(cache / "busy", ".tmp-half") as holder:
+        busy = snapshot(cache / "busy")
+        with pytest.raises(outdir.OutputError) as e:
+            runner.stage(cache / "busy", fn, "busy")
         assert (
-            one_line(capsys)
-            == f"error: --cache {cache} is in use by another run (pid {holder.pid})"
+            str(e.value) == f"--cache {cache / 'busy'} is in use by another run (pid {holder.pid})"
         )
-    assert not out.exists()  # made for its lock, removed again
+        assert snapshot(cache / "busy") == busy
+        runner.stage(cache / "free", fn, "free")
+        runner.stage(out / "seed-0", fn, "seed")
+    for d in (cache / "free", out / "seed-0"):
+        assert sorted(p.name for p in d.iterdir()) == [MARKER, "x"]
 
 
 def test_two_trainers_on_one_out(data, tmp_path, capsys):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.t2i.cli import opt, parse
-from bench.t2i.outdir import holds_lock, run_lock
+from bench.t2i.outdir import OutputError, check_out_dir, run_lock
 
 from . import experiment, report, scenes
 from .util import StageError, write_json
@@ -105,12 +105,12 @@ def write_report(out: Path, cfg, seeds: list[int], info: dict, publish: Path | N
 
 
 def main(argv=None) -> int:
-    with contextlib.ExitStack() as held:  # OUT's (and an outside --cache's) lock for the run
+    with contextlib.ExitStack() as held:  # OUT's lock for the run (cache stages: Runner.stage)
         try:
             a = parse_args(argv)
             held.enter_context(run_lock(a.out))
-            if a.cache and not holds_lock(a.cache):
-                held.enter_context(run_lock(a.cache, "--cache"))
+            if a.cache:
+                check_out_dir(a.cache, "--cache")
             cfg = check_args(a)
         except ValueError as e:  # UsageError included
             print(f"error: {e}", file=sys.stderr)
@@ -132,6 +132,9 @@ def _run(a: DigitsArgs, cfg: experiment.RunConfig) -> int:
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OutputError as e:  # a shared cache stage being written by another experiment
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     publish = Path(a.publish) if a.publish else None
     table = write_report(out, cfg, seeds, info, publish)
     print(table.read_text())

@@ -8,6 +8,7 @@ The project's own commands do the work, run as subprocesses with their command l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from bench.t2i.outdir import LOCK_FILE, holds_lock, run_lock
 
 from . import model, scenes, scorer
 from .util import command, done, mark_done, read_marker, run_command, write_json
@@ -87,17 +90,27 @@ class Runner:
 
     # ------------------------------------------------------------------ shared stages
     def stage(self, path: Path, fn, desc: str) -> dict:
-        """Run ``fn(path) -> info`` unless ``path`` is done; the marker holds info + time."""
+        """Run ``fn(path) -> info`` unless ``path`` is done; the marker holds info + time.
+
+        A stage outside ``--out`` (in a shared ``--cache``) is locked only while it is
+        written, so experiments sharing a cache run at once; one that finds the stage being
+        written by another stops with an :class:`OutputError` naming it."""
         if done(path):
             return read_marker(path)
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        t0 = time.perf_counter()
-        info = fn(path) or {}
-        info["seconds"] = round(time.perf_counter() - t0, 1)
-        info["stage"] = desc
-        mark_done(path, info)
+        with contextlib.ExitStack() as held:
+            if not holds_lock(path):
+                held.enter_context(run_lock(path, "--cache"))
+                if done(path):  # finished by another experiment just now
+                    return read_marker(path)
+            for old in path.iterdir() if path.exists() else ():  # half-written: start over
+                if old.name != LOCK_FILE:
+                    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            path.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            info = fn(path) or {}
+            info["seconds"] = round(time.perf_counter() - t0, 1)
+            info["stage"] = desc
+            mark_done(path, info)
         return info
 
     def scorer_stage(self) -> dict:
