@@ -192,10 +192,16 @@ def open_data(cfg: TrainConfig, env: DistEnv, backbone: Backbone | None = None) 
                     world=env.world,
                     progress=False,
                 )
-    try:
-        return PairDataset(path)
-    except (ValueError, OSError) as e:
-        raise UsageError(str(e)) from None
+    opened: list[PairDataset] = []
+
+    def open_pairs() -> None:  # rank 0 reads every shard in full; the others their headers
+        try:
+            opened.append(PairDataset(path, verify=env.is_main))
+        except (ValueError, OSError) as e:
+            raise UsageError(str(e)) from None
+
+    agree(open_pairs)  # a damaged shard stops every rank with rank 0's line
+    return opened[0]
 
 
 def check_data(dataset: PairDataset, backbone: Backbone) -> None:

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,6 +226,25 @@ def test_shards_are_checksummed_and_finite(built, tmp_path):
         ValueError, match=r"shard-00001.safetensors: x0_w has shape \(2, 1024\), not \(N, C, h, w\)"
     ):
         PairDataset(d)
+
+
+def test_only_a_verifying_reader_reads_the_shards_in_full(built, tmp_path, monkeypatch):
+    """verify=False (the ranks other than 0) reads shard headers only: a changed latent
+    passes it, a cut header does not; the verifying reader names the changed shard."""
+    d = tmp_path / "flip"
+    shutil.copytree(built["paired"], d)
+    f = shard_path(d, 1)
+    blob = bytearray(f.read_bytes())
+    blob[-40] ^= 0x10
+    f.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors: checksum mismatch"):
+        PairDataset(d)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read {self}"))
+    assert len(PairDataset(d, verify=False)) == 5
+    monkeypatch.undo()
+    f.write_bytes(bytes(blob[:6]))
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors: unreadable shard"):
+        PairDataset(d, verify=False)
 
 
 def test_version_1_datasets_read_without_checksums(built, tmp_path):

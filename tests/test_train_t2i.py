@@ -378,6 +378,25 @@ def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(300)
+def test_torchrun_a_damaged_shard_stops_both_ranks_before_step_1(data, tmp_path):
+    """Only rank 0 reads the shards in full; rank 1 stops with rank 0's line all the same."""
+    d = tmp_path / "data"
+    shutil.copytree(data, d)
+    shard = shard_path(d, 1)
+    blob = bytearray(shard.read_bytes())
+    blob[-40] ^= 0x10
+    shard.write_bytes(bytes(blob))
+    out = tmp_path / "run"
+    p = torchrun("--tiny", "--data", str(d), "--out", str(out), "--max-steps", "2",
+                 "--batch-size", "2", "--no-progress", "--method", "dpo")  # fmt: skip
+    errors = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("error:")]
+    assert p.returncode != 0 and re.search(r"exitcode\s*: 2 ", p.stderr), p.stderr[-3000:]
+    assert errors == [f"error: {shard}: checksum mismatch (the file changed after it was "
+                      "written); rebuild the dataset"]  # fmt: skip
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "flags",
     [
