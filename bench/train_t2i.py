@@ -49,6 +49,7 @@ from bench.t2i.cli import DTYPES, torch_dtype
 from bench.t2i.config import (
     TrainConfig,
     UsageError,
+    adopt_saved_defaults,
     parse_args,
     resolve_for_backbone,
     resume_mismatches,
@@ -226,21 +227,23 @@ def check_data(dataset: PairDataset, backbone: Backbone) -> None:
 
 def find_checkpoint(
     cfg: TrainConfig, env: DistEnv, ckpt_root: Path, fingerprint: str
-) -> tuple[Path | None, dict | None]:
-    """The checkpoint to resume from (the newest intact one for ``latest``) and its state,
-    refused unless its config matches ``cfg`` in everything that changes what is trained."""
+) -> tuple[Path | None, dict | None, TrainConfig]:
+    """The checkpoint to resume from (the newest intact one for ``latest``), its state and the
+    config to continue with (:func:`adopt_saved_defaults`), refused unless the checkpoint's
+    config matches in everything that changes what is trained."""
     try:
         ckpt, state, damaged = find_resume(cfg.resume, ckpt_root)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     if ckpt is None:
-        return None, None
+        return None, None, cfg
     if damaged and env.is_main:
         print(f"warning: {'; '.join(damaged)}; resuming from {ckpt}", file=sys.stderr)
     missing = [k for k in TRAINER_STATE_KEYS if k not in state]
     if missing:
         raise UsageError(f"--resume {ckpt}: not a trainer checkpoint (no {', '.join(missing)})")
     saved_fp = state.get("data_fingerprint")
+    cfg = adopt_saved_defaults(cfg, state.get("config") or {})
     diffs = resume_mismatches(
         cfg,
         state.get("config") or {},
@@ -253,7 +256,7 @@ def find_checkpoint(
             f"--resume {ckpt}: the config differs from the checkpoint's in {'; '.join(diffs)} "
             "(see --help for what may change on resume)"
         )
-    return ckpt, state
+    return ckpt, state, cfg
 
 
 def saved_world(state: dict) -> int:
@@ -456,7 +459,8 @@ class Trainer:
             train_prompts = {r["prompt"] for r in self.dataset.records}
             read = functools.partial(read_extra_prompts, cfg.rand_cond_prompts, train_prompts)
             agree(lambda: _usage(lambda: self.extra.extend(read())))
-        return find_checkpoint(cfg, env, self.ckpt_root, self.fingerprint)
+        ckpt, state, self.cfg = find_checkpoint(cfg, env, self.ckpt_root, self.fingerprint)
+        return ckpt, state
 
     def _build_training(self) -> None:
         """LoRA, the reference and its probe, the policy pair, the optimizer, the generator."""

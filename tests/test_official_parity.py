@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from bench import train_t2i
-from bench.t2i.config import TrainConfig, UsageError, resolve, resume_mismatches, to_dict
+from bench.t2i.checkpoint import STATE_FILE
+from bench.t2i.config import (
+    TrainConfig,
+    UsageError,
+    adopt_saved_defaults,
+    resolve,
+    resume_mismatches,
+    to_dict,
+)
 from bench.t2i.pairs import build_pairs
 from bench.t2i.prompts import DEMO_PROMPTS
 from bench.t2i.step import build_optimizer, draw_noise
@@ -132,6 +140,67 @@ def test_new_fields_on_resume_of_an_older_checkpoint():
     assert resume_mismatches(rc, saved_rc, world=1, saved_world=1) == [
         "--rand-cond-kept 'forward' -> 'contrastive'"
     ]
+    # resumed, a field left at its default takes the old behaviour and the run continues
+    assert adopt_saved_defaults(warm, saved_warm).warmup_from == 1
+    assert adopt_saved_defaults(rc, saved_rc).rand_cond_kept == "forward"
+    explicit = resolve(TrainConfig(tiny=True, warmup_steps=3, warmup_from=1))
+    assert adopt_saved_defaults(explicit, dict(saved_warm, warmup_from=0)).warmup_from == 1
+
+
+def _old(cfg: TrainConfig, *missing: str) -> dict:
+    return {k: v for k, v in to_dict(cfg).items() if k not in missing}
+
+
+def test_sana_train_shift_and_adafactor_clipping_of_an_older_checkpoint():
+    """Saved before --train-shift (SANA: the scheduler's flow_shift) and before Adafactor's
+    no-clipping default (clip 1.0): resuming continues the old run unless a flag asks
+    otherwise, which is then refused."""
+    sana = resolve(TrainConfig(tiny="sana"))
+    assert sana.train_shift == 1.0
+    saved = _old(sana, "train_shift")
+    assert resume_mismatches(sana, saved, world=1, saved_world=1) == ["--train-shift None -> 1.0"]
+    kept = adopt_saved_defaults(sana, saved)
+    assert kept.train_shift is None
+    assert resume_mismatches(kept, saved, world=1, saved_world=1) == []
+    again = adopt_saved_defaults(sana, to_dict(kept))  # its next checkpoint says None
+    assert again.train_shift is None
+    asked = resolve(TrainConfig(tiny="sana", train_shift=2.0))
+    assert adopt_saved_defaults(asked, saved).train_shift == 2.0
+    assert resume_mismatches(asked, saved, world=1, saved_world=1) == ["--train-shift None -> 2.0"]
+    ada = resolve(TrainConfig(tiny=True, optimizer="adafactor"))
+    saved_ada = dict(_old(ada, "max_grad_norm"))
+    assert adopt_saved_defaults(ada, saved_ada).max_grad_norm == 1.0
+    saved_ada_new = to_dict(ada)  # saved with the new default: kept
+    assert adopt_saved_defaults(ada, saved_ada_new).max_grad_norm == 0.0
+    asked = resolve(TrainConfig(tiny=True, optimizer="adafactor", max_grad_norm=0.5))
+    assert resume_mismatches(
+        adopt_saved_defaults(asked, saved_ada), saved_ada, world=1, saved_world=1
+    ) == ["--max-grad-norm 1.0 -> 0.5"]
+    sd3 = resolve(TrainConfig(tiny="sd3", rand_cond_prompts=["x.jsonl"], warmup_steps=2))
+    old_sd3 = _old(sd3, "precondition_outputs", "rand_cond_timing", "warmup_from", "lora_init",
+                   "text_dtype", "dropped_prompt_encoding", "rand_cond_kept")  # fmt: skip
+    kept = adopt_saved_defaults(sd3, old_sd3)
+    assert (kept.precondition_outputs, kept.rand_cond_timing, kept.warmup_from) == (
+        False, "step", 1)  # fmt: skip
+    assert resume_mismatches(kept, old_sd3, world=1, saved_world=1) == []
+
+
+def test_trainer_resumes_a_sana_adafactor_checkpoint_saved_before_the_new_fields(tmp_path):
+    out = tmp_path / "r"
+    argv = ["--tiny", "sana", "--max-steps", "1", "--batch-size", "1", "--tiny-pairs", "2",
+            "--no-progress", "--optimizer", "adafactor", "--out", str(out)]  # fmt: skip
+    assert train_t2i.main(argv) == 0
+    ckpt = next((out / "checkpoints").iterdir())
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)
+    for k in ("train_shift", "max_grad_norm"):
+        del state["config"][k]
+    torch.save(state, ckpt / STATE_FILE)
+    resume = [*argv[:2], "--max-steps", "2", *argv[4:], "--resume", str(ckpt)]
+    assert train_t2i.main(resume) == 0
+    written = json.loads((out / "config.json").read_text())
+    assert (written["train_shift"], written["max_grad_norm"]) == (None, 1.0)
+    further = [*argv[:2], "--max-steps", "3", *argv[4:], "--resume", "latest"]
+    assert train_t2i.main(further) == 0  # its own checkpoint now says the same
 
 
 @pytest.fixture(scope="module")

@@ -70,9 +70,13 @@ RESUME_MAY_CHANGE = (
 #: step) stays: every step then reads the same pairs (bench/t2i/data.py)
 RESUME_BATCH = ("batch_size", "grad_accum")
 _PATH_FIELDS = ("data", "pretrained", "winner_policy", "loser_policy")  # compared as real paths
-#: what a field added since meant for a checkpoint saved before it existed (the old behaviour)
+#: what a field added since meant for a checkpoint saved before it existed (the old behaviour);
+#: on resume a field left at its default takes this value from such a checkpoint
+#: (:func:`adopt_saved_defaults`), so the old run continues exactly
 _LEGACY_MISSING = {
     "precondition_outputs": False,
+    "train_shift": None,  # the scheduler's own shift (SANA's flow_shift)
+    "max_grad_norm": 1.0,  # clipped under every optimizer, Adafactor too
     "rand_cond_kept": "forward",
     "rand_cond_timing": "step",
     "warmup_from": 1,
@@ -363,7 +367,8 @@ def epilog() -> str:
         "On --resume the config must match the checkpoint's in everything that changes what "
         "is trained; a mismatch is one error line naming the fields. May change on resume: "
         f"{may}; and --batch-size, --grad-accum as long as batch-size x grad-accum x ranks "
-        "stays the same (another number of ranks restarts the noise streams, with a warning).",
+        "stays the same (another number of ranks restarts the noise streams, with a warning). A "
+        "flag left at its default keeps the old behaviour of a checkpoint saved before it existed.",
         "Exit codes: 0 done; 1 training aborted (non-finite loss, gradient or parameters; "
         "nothing non-finite is ever saved); 2 bad input, refused, or a write failed such as a "
         "full disk (one 'error:' line; earlier checkpoints stay intact); 130 / 143 interrupted "
@@ -524,6 +529,24 @@ def resolve_for_backbone(cfg: TrainConfig, backbone: str) -> TrainConfig:
         scale = cfg.beta_logit if score_matching else cfg.beta
         cfg.lr = 1e-5 if cfg.method == "sft" else scale * LR_PER_BETA
     return cfg
+
+
+def adopt_saved_defaults(cfg: TrainConfig, saved: dict) -> TrainConfig:
+    """On resume: each field of ``_LEGACY_MISSING`` that ``cfg`` leaves at its resolved
+    default takes the checkpoint's old-behaviour value where ``saved`` lacks the field (saved
+    before it existed) or holds that value, so an old run continues exactly. A value given
+    explicitly and different from the default is compared by :func:`resume_mismatches`."""
+    out = cfg
+    for name, legacy in _LEGACY_MISSING.items():
+        if name in _ONLY_WHEN and not _ONLY_WHEN[name](cfg):
+            continue
+        old, new = saved.get(name, legacy), getattr(cfg, name)
+        if old != legacy or new == old:
+            continue
+        field_default = next(f.default for f in fields(TrainConfig) if f.name == name)
+        if new == getattr(resolve(dataclasses.replace(cfg, **{name: field_default})), name):
+            out = dataclasses.replace(out, **{name: old})
+    return out
 
 
 def resume_mismatches(
