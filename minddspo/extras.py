@@ -10,11 +10,14 @@ turns that into one line naming the extra and the install command, e.g.::
 ``bench`` and ``toy2d`` call :func:`install` when imported (each with its own module -> extra
 table), so an import that fails anywhere in a command, at module level or inside a function,
 exits with code 2 and that line; their ``run_command``-style wrappers call
-:func:`missing_extra` for a command called in-process.
+:func:`missing_extra` for a command called in-process. Only a top-level module that cannot be
+found names an extra: a missing submodule of an installed package keeps its traceback.
 """
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import os
 import sys
 from collections.abc import Mapping
@@ -48,12 +51,21 @@ def missing_extra(exc: BaseException, command: str | None = None) -> str | None:
     if not isinstance(exc, ModuleNotFoundError) or not exc.name:
         return None
     module = exc.name.split(".")[0]
+    if exc.name != module and _installed_module(module):  # a submodule missing from an
+        return None  # installed package: another version than the code expects, not an extra
     command = command or command_name()
     for modules, commands in _TABLES:
         if module in modules:
             extra = commands.get(command, modules[module])
             return f'error: {command} needs the {extra!r} extra: pip install -e ".[{extra}]"'
     return None
+
+
+def _installed_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken or half-imported package: let the caller say
+        return True
 
 
 def install(modules: Mapping[str, str], commands: Mapping[str, str] | None = None) -> None:
@@ -77,6 +89,10 @@ def install(modules: Mapping[str, str], commands: Mapping[str, str] | None = Non
             except (OSError, ValueError, AttributeError):
                 pass
         print(line, file=sys.stderr, flush=True)
-        os._exit(2)  # an excepthook cannot choose the exit code otherwise
+        # An excepthook cannot choose the exit code except by ending the process itself; the
+        # interpreter's own exit would follow with code 1. The atexit handlers run first (as a
+        # normal exit would run them; os._exit skips them), and the streams are flushed above.
+        atexit._run_exitfuncs()
+        os._exit(2)
 
     sys.excepthook = hook

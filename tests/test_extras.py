@@ -125,8 +125,10 @@ def test_run_command_in_process(capsys):
         run_command(bug)
 
 
-def test_missing_extra_reads_the_module_of_the_error():
+def test_missing_extra_reads_the_module_of_the_error(monkeypatch):
     e = ModuleNotFoundError("x", name="pyarrow.parquet")
+    assert missing_extra(e, "bench/import_pairs.py") is None  # pyarrow is there: not an extra
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
     assert missing_extra(e, "bench/import_pairs.py") == (
         "error: bench/import_pairs.py needs the 'import' extra: pip install -e \".[import]\""
     )
@@ -141,3 +143,38 @@ def test_command_name(tmp_path, monkeypatch):
     assert command_name(str(ROOT / "bench" / "sample.py")) == "bench/sample.py"
     assert command_name(str(ROOT / "bench" / "digits" / "__main__.py")) == "python -m bench.digits"
     assert command_name(str(tmp_path / "x.py")) == str(tmp_path / "x.py")
+
+
+def test_a_missing_submodule_of_an_installed_package_keeps_its_traceback(capsys):
+    """transformers is installed: ``transformers.models.x`` missing is another version than
+    the code expects, not the t2i extra."""
+
+    def mismatch():
+        raise ModuleNotFoundError("No module named 'transformers.models.x'",
+                                  name="transformers.models.x")  # fmt: skip
+
+    with pytest.raises(ModuleNotFoundError, match="transformers.models.x"):
+        run_command(mismatch)
+    assert capsys.readouterr().err == ""
+    assert missing_extra(ModuleNotFoundError("x", name="transformers"), "bench/sample.py") == (
+        "error: bench/sample.py needs the 't2i' extra: pip install -e \".[t2i]\""
+    )
+
+
+def test_the_fallback_hook_runs_the_exit_handlers(tmp_path):
+    """An import failing at module level reaches the excepthook: one line, exit 2, and the
+    atexit handlers registered before still run."""
+    marker = tmp_path / "cleaned"
+    code = (
+        "import atexit, pathlib, sys\n"
+        "sys.modules['peft'] = None\n"
+        "import bench\n"
+        f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+        "import peft\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code, "x"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == "error: -c needs the 't2i' extra: pip install -e \".[t2i]\"\n"
+    assert marker.read_text() == "yes"
