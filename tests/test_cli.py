@@ -311,3 +311,18 @@ def test_bench_step_evaluate_and_policy_pair_take_tiny_name():
         _, runs = train_policy_pair.plan([*tiny, "--out", "o"])
         loser = runs[1][1]
         assert loser[loser.index("--data") + 1] == str(Path("o") / "winner" / "data")
+
+
+def test_bare_tiny_leaves_a_following_token_that_names_no_backbone():
+    """``--tiny [NAME]``: a token after it that is not a backbone is not taken as its value
+    (then refused as an invalid choice), it stays an argument of its own."""
+    from bench.make_pairs import parse_args as make_pairs_args
+    from bench.t2i.config import parse_args as train_args
+
+    with pytest.raises(UsageError, match=r"^unrecognized arguments: extra$"):
+        make_pairs_args(["--tiny", "extra", "--out", "o"])
+    assert make_pairs_args(["--tiny", "sana", "--out", "o"]).tiny == "sana"
+    assert make_pairs_args(["--out", "o", "--tiny"]).tiny == "sd"
+    with pytest.raises(UsageError, match=r"^unrecognized arguments: extra$"):
+        train_args(["--tiny", "extra", "--max-steps", "1"])
+    assert train_args(["--tiny", "sd3", "--max-steps", "1"]).backbone == "sd3"

@@ -268,6 +268,18 @@ def test_ddspo_import(tmp_path, capsys):
     assert PairDataset(tmp_path / "out2")[1]["neg_prompt"] == "neg 1"
 
 
+def test_bare_tiny_before_the_source_path(tmp_path, capsys):
+    """``--tiny`` followed by a token that names no backbone leaves it to ``--from``: a bare
+    ``--tiny`` (sd), not an invalid choice; a backbone name after it is still its value."""
+    src, out = tmp_path / "ddspo", tmp_path / "out"
+    _ddspo(src, n=2)
+    assert main(["--from", "ddspo", "--tiny", str(src), "--out", str(out), "--no-progress"]) == 0
+    assert PairDataset(out).info["backbone"] == "sd" and len(PairDataset(out)) == 2
+    argv = ["--from", "ddspo", str(src), "--tiny", "sd3", "--out", str(tmp_path / "o2")]
+    assert main([*argv, "--no-progress"]) == 0
+    assert PairDataset(tmp_path / "o2").info["backbone"] == "sd3"
+
+
 def test_ddspo_bad_input(tmp_path, capsys):
     src = tmp_path / "ddspo"
     _ddspo(src, n=3)

@@ -322,6 +322,27 @@ def parse_known(
     return _parse(cls, argv, prog, description, None, (), known_only=True)
 
 
+def _bare_optional_last(cls: type, args: list[str]) -> list[str]:
+    """``args`` with each ``--flag`` of a ``nargs="?"`` field with choices that is followed by
+    a token not among them (a positional argument, e.g. ``--tiny SRC``) moved to the end of
+    the flags, where argparse cannot take that token as its value."""
+    for f in fields(cls):
+        choices = f.metadata.get("choices")
+        if f.metadata.get("nargs") != "?" or not choices:
+            continue
+        name = flag(f.name, cls)
+        end = args.index("--") if "--" in args else len(args)
+        i = 0
+        while i < end - 1:
+            nxt = args[i + 1]
+            if args[i] == name and nxt not in choices and not nxt.startswith("-"):
+                args.insert(end - 1, args.pop(i))
+                end -= 1  # the moved flag is checked no more
+            else:
+                i += 1
+    return args
+
+
 def _parse(cls, argv, prog, description, epilog, one_of, *, known_only: bool):
     parser = build_parser(
         cls, prog=prog, description=description, epilog=epilog, with_config=not known_only
@@ -332,7 +353,7 @@ def _parse(cls, argv, prog, description, epilog, one_of, *, known_only: bool):
         raise UsageError(message)
 
     parser.error = _error  # type: ignore[method-assign]
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = _bare_optional_last(cls, list(sys.argv[1:] if argv is None else argv))
     ns, rest = parser.parse_known_args(args) if known_only else (parser.parse_args(args), [])
     config = getattr(ns, "config", None)
     values = load_config(config, cls) if config else {}
