@@ -314,15 +314,19 @@ def test_bench_step_evaluate_and_policy_pair_take_tiny_name():
 
 
 def test_bare_tiny_leaves_a_following_token_that_names_no_backbone():
-    """``--tiny [NAME]``: a token after it that is not a backbone is not taken as its value
-    (then refused as an invalid choice), it stays an argument of its own."""
+    """``--tiny [NAME]``: a token after it that is not a backbone is not taken as its value,
+    it stays an argument of its own; one that nothing takes is still an invalid choice."""
     from bench.make_pairs import parse_args as make_pairs_args
     from bench.t2i.config import parse_args as train_args
 
-    with pytest.raises(UsageError, match=r"^unrecognized arguments: extra$"):
+    with pytest.raises(UsageError, match=r"^argument --tiny: invalid choice: 'extra' \("):
         make_pairs_args(["--tiny", "extra", "--out", "o"])
+    with pytest.raises(UsageError, match=r"^unrecognized arguments: extra$"):
+        make_pairs_args(["--tiny", "sd", "extra", "--out", "o"])
     assert make_pairs_args(["--tiny", "sana", "--out", "o"]).tiny == "sana"
     assert make_pairs_args(["--out", "o", "--tiny"]).tiny == "sd"
-    with pytest.raises(UsageError, match=r"^unrecognized arguments: extra$"):
+    with pytest.raises(UsageError, match=r"^argument --tiny: invalid choice: 'extra' \("):
         train_args(["--tiny", "extra", "--max-steps", "1"])
     assert train_args(["--tiny", "sd3", "--max-steps", "1"]).backbone == "sd3"
+    with pytest.raises(UsageError, match=r"^argument --tiny: invalid choice: 'extra' \("):
+        parse_known(Demo, ["--tiny", "extra", "--out", "o"], prog="d", description="d")

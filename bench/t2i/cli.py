@@ -322,10 +322,11 @@ def parse_known(
     return _parse(cls, argv, prog, description, None, (), known_only=True)
 
 
-def _bare_optional_last(cls: type, args: list[str]) -> list[str]:
+def _bare_optional_last(cls: type, args: list[str], moved: dict[str, str]) -> list[str]:
     """``args`` with each ``--flag`` of a ``nargs="?"`` field with choices that is followed by
-    a token not among them (a positional argument, e.g. ``--tiny SRC``) moved to the end of
-    the flags, where argparse cannot take that token as its value."""
+    a token not among them (an argument of another flag, e.g. ``--from ddspo --tiny SRC``)
+    moved to the end of the flags, where argparse cannot take that token as its value;
+    ``moved`` gets token -> the invalid-choice error should nothing else take it."""
     for f in fields(cls):
         choices = f.metadata.get("choices")
         if f.metadata.get("nargs") != "?" or not choices:
@@ -336,6 +337,11 @@ def _bare_optional_last(cls: type, args: list[str]) -> list[str]:
         while i < end - 1:
             nxt = args[i + 1]
             if args[i] == name and nxt not in choices and not nxt.startswith("-"):
+                moved[nxt] = (
+                    f"argument {name}: invalid choice: {nxt!r} (choose from "
+                    + ", ".join(map(repr, choices))
+                    + ")"
+                )
                 args.insert(end - 1, args.pop(i))
                 end -= 1  # the moved flag is checked no more
             else:
@@ -349,12 +355,20 @@ def _parse(cls, argv, prog, description, epilog, one_of, *, known_only: bool):
     )
     parser.allow_abbrev = not known_only
 
+    moved: dict[str, str] = {}
+
     def _error(message: str):  # argparse would print usage and exit; we want one line
+        unknown = message.removeprefix("unrecognized arguments: ").split(" ")
+        if message.startswith("unrecognized arguments: ") and unknown[0] in moved:
+            message = moved[unknown[0]]  # a bad --tiny NAME, not a stray argument
         raise UsageError(message)
 
     parser.error = _error  # type: ignore[method-assign]
-    args = _bare_optional_last(cls, list(sys.argv[1:] if argv is None else argv))
+    args = _bare_optional_last(cls, list(sys.argv[1:] if argv is None else argv), moved)
     ns, rest = parser.parse_known_args(args) if known_only else (parser.parse_args(args), [])
+    for token in rest:
+        if token in moved:  # passed on, it would be refused there as a stray argument
+            raise UsageError(moved[token])
     config = getattr(ns, "config", None)
     values = load_config(config, cls) if config else {}
     values.update({k: v for k, v in vars(ns).items() if k != "config" and v is not None})
