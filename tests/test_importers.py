@@ -366,6 +366,26 @@ def test_ddspo_named_files_refused(tmp_path, capsys, pos_file, culprit):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.parametrize("key", ["pos_file", "neg_file"])
+def test_ddspo_named_file_linked_outside_is_refused(tmp_path, capsys, key):
+    """A name that stays inside the latents folder as text but is a link out of it."""
+    src = tmp_path / "ddspo"
+    _ddspo(src, n=2)
+    (tmp_path / "secret.st").write_bytes((src / "latents" / "0000.safetensors").read_bytes())
+    (src / "latents" / "link.st").symlink_to(tmp_path / "secret.st")
+    lines = [json.loads(x) for x in (src / "metadata.jsonl").read_text().splitlines()]
+    lines[1].update(pos_file="0001.safetensors", neg_file="0001_neg.safetensors")
+    lines[1][key] = "link.st"
+    (src / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out"
+    assert main(["--from", "ddspo", str(src), "--out", str(out), "--no-progress"]) == 2
+    assert _err(capsys) == (
+        f"error: {src / 'metadata.jsonl'}: {key} of id '0001' 'link.st' is outside "
+        f"{src / 'latents'}"
+    )
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_train_on_ddspo_import(tmp_path):
     src, out = tmp_path / "ddspo", tmp_path / "out"
     _ddspo(src, n=4)

@@ -267,6 +267,8 @@ def import_ddspo(
 
     # check every file exists up front: a missing one fails before anything is written
     for r in rows:
+        for key, name in zip(DDSPO_FILE_KEYS, r["files"] or (), strict=False):
+            _inside(lat_root, name, src / "metadata.jsonl", f"{key} of id {r['id']!r}")
         for name in _latent_names(r, neg_suffix):
             if not (lat_root / name).is_file():
                 raise ValueError(f"{lat_root / name}: missing latent file for id {r['id']!r}")
