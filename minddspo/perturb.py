@@ -32,9 +32,19 @@ UNSPACED_RANGES = (
     (0x3400, 0x4DBF),  # CJK Extension A
     (0x4E00, 0x9FFF),  # CJK Unified Ideographs
     (0xF900, 0xFAFF),  # CJK Compatibility Ideographs
-    (0xFF00, 0xFFEF),  # halfwidth and fullwidth forms (CJK punctuation, halfwidth kana)
+    # halfwidth and fullwidth forms: the CJK punctuation and halfwidth katakana only (not
+    # fullwidth Latin letters and digits, nor halfwidth Hangul)
+    (0xFF01, 0xFF0F),  # fullwidth ! " # $ % & ' ( ) * + , - . /
+    (0xFF1A, 0xFF20),  # fullwidth : ; < = > ? @
+    (0xFF3B, 0xFF40),  # fullwidth [ \ ] ^ _ `
+    (0xFF5B, 0xFF65),  # fullwidth { | } ~, white parentheses, halfwidth CJK punctuation
+    (0xFF66, 0xFF9F),  # halfwidth katakana (with its voicing marks)
     (0x20000, 0x3FFFF),  # CJK Extensions B and later
 )
+
+
+#: halfwidth katakana's voicing marks: spacing characters that belong to the kana before
+HALFWIDTH_VOICING = "\uff9e\uff9f"
 
 
 def unspaced(ch: str) -> bool:
@@ -51,7 +61,7 @@ def removal_units(word: str) -> list[str]:
     units: list[str] = []
     after_unspaced = False
     for ch in word:
-        if units and unicodedata.category(ch).startswith("M"):
+        if units and (unicodedata.category(ch).startswith("M") or ch in HALFWIDTH_VOICING):
             units[-1] += ch  # a combining mark stays with its base character
             continue
         this = unspaced(ch)

@@ -118,6 +118,11 @@ def test_unspaced_text_loses_characters(text, seed):
         ("3只猫", ["3", "只", "猫"]),
         ("猫cat猫", ["猫", "cat", "猫"]),
         ("photo", ["photo"]),
+        ("\uff21\uff22\uff23", ["\uff21\uff22\uff23"]),  # fullwidth Latin: one word
+        ("\uff11\uff12\u732b", ["\uff11\uff12", "\u732b"]),  # fullwidth digits, then a CJK
+        ("\uffa1\uffa2", ["\uffa1\uffa2"]),  # halfwidth Hangul jamo: spaced (Korean)
+        ("\uff76\uff9e\uff77", ["\uff76\uff9e", "\uff77"]),  # halfwidth katakana, voicing
+        ("\u732b\uff01\u732b", ["\u732b", "\uff01", "\u732b"]),  # fullwidth !
         ("café", ["café"]),
     ],
 )
