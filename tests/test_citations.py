@@ -35,7 +35,15 @@ def tracked() -> tuple[Path, ...]:
         check=True,
     ).stdout.decode()
     files = (ROOT / f for f in out.split("\0") if f)
-    return tuple(sorted(p for p in files if p.suffix in {".py", ".md"} and p.is_file()))
+    return tuple(sorted(p for p in files if _scanned(p) and p.is_file()))
+
+
+#: the text files scanned besides code and docs: configuration, scripts, the CI entry point
+TEXT_SUFFIXES = {".py", ".md", ".toml", ".sh", ".cfg", ".yml", ".yaml", ".txt"}
+
+
+def _scanned(path: Path) -> bool:
+    return path.suffix in TEXT_SUFFIXES or path == ROOT / ".ci" / "run"
 
 
 def spec_sections() -> set[int]:
@@ -57,6 +65,13 @@ def md_resolves(name: str, cited_from: Path) -> bool:
     if "/" in name:
         return False
     return sum(p.name == name for p in tracked()) == 1
+
+
+def test_configuration_and_scripts_are_scanned():
+    names = {str(p.relative_to(ROOT)) for p in tracked()}
+    assert {"pyproject.toml", ".ci/run", "README.md", "minddspo/perturb.py"} <= names
+    assert _scanned(ROOT / "x.yaml") and _scanned(ROOT / "a" / "b.sh")
+    assert not _scanned(ROOT / "x.png") and not _scanned(ROOT / "run")
 
 
 def test_the_spec_has_the_sections_the_code_cites():
