@@ -19,7 +19,7 @@ Defaults are the official DD-CPP pair recipe (``scripts/train_ddspo_lora_target.
 ``train_lora_target.py``): LoRA rank 4 (alpha = rank) with peft's default initialisation
 (Kaiming-uniform A, B = 0; ``--lora-init``), lr 1e-4, 300 steps of 2048 pairs
 (``--pairs-per-step``; ``--batch-size`` pairs per rank per micro-step, the gradient
-accumulation follows). Every other flag (``--tiny``, ``--pretrained``, ``--data``,
+accumulation follows; with ``--tiny`` one micro-step per step unless set). Every other flag (``--tiny``, ``--pretrained``, ``--data``,
 ``--seed``, ``--dtype``, ...) is passed unchanged to both runs; ``--method``/
 ``--sft-branch`` are this command's.
 
@@ -72,10 +72,12 @@ class PolicyPairConfig:
     )
     lr: float = opt(PAIR_LR, "learning rate (official)")
     max_steps: int = opt(PAIR_STEPS, "optimizer steps per model (official)")
-    pairs_per_step: int = opt(
-        PAIR_PAIRS_PER_STEP,
-        "pairs per optimizer step over all ranks (official: 1 x 2048 accumulated); "
-        "--grad-accum = this / (--batch-size x --nproc), which must divide it",
+    pairs_per_step: int | None = opt(
+        None,
+        f"pairs per optimizer step over all ranks; unset: {PAIR_PAIRS_PER_STEP} (official: 1 x "
+        f"{PAIR_PAIRS_PER_STEP} accumulated), with --tiny: --batch-size x --nproc (one "
+        "micro-step, a cheap smoke run); --grad-accum = this / (--batch-size x --nproc), which "
+        "must divide it",
     )
     batch_size: int = opt(8, "pairs per rank per micro-step (memory; only pairs per step count)")
     nproc: int = opt(1, "ranks per run (> 1: torch.distributed.run)")
@@ -112,6 +114,9 @@ def plan(argv: Sequence[str] | None) -> tuple[PolicyPairConfig, list[tuple[str, 
     check_at_least(ns, ("lora",), 0)
     check_at_least(ns, ("max_steps", "nproc", "batch_size", "pairs_per_step"), 1)
     per_micro = ns.batch_size * ns.nproc
+    tiny = any(a == "--tiny" or a.startswith("--tiny=") for a in rest)
+    if ns.pairs_per_step is None:
+        ns.pairs_per_step = per_micro if tiny else PAIR_PAIRS_PER_STEP
     if ns.pairs_per_step % per_micro:
         raise UsageError(
             f"--pairs-per-step {ns.pairs_per_step} is not a multiple of --batch-size x "
@@ -126,7 +131,6 @@ def plan(argv: Sequence[str] | None) -> tuple[PolicyPairConfig, list[tuple[str, 
     runs = []
     for side in ("winner", "loser"):
         extra = []
-        tiny = any(a == "--tiny" or a.startswith("--tiny=") for a in rest)
         if side == "loser" and not has_data and tiny:  # the winner run's demo pairs
             extra = ["--data", str(out / "winner" / "data")]
         runs.append((side, [*common, *extra, "--sft-branch", side, "--out", str(out / side)]))

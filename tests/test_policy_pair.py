@@ -109,10 +109,16 @@ def test_policy_pair_command_plan_and_errors(capsys):
         cfg = parse_args(args)  # every forwarded flag is the trainer's
         assert (cfg.method, cfg.sft_branch, cfg.out) == ("sft", side, str(Path("o") / side))
         assert (cfg.lora, cfg.lr, cfg.max_steps) == (4, 1e-4, 300)  # the official pair recipe
-        assert (cfg.lora_init, cfg.batch_size * cfg.grad_accum) == ("kaiming", 2048)
+        assert (cfg.lora_init, cfg.batch_size, cfg.grad_accum) == ("kaiming", 8, 1)  # --tiny
     assert parse_args(l_args).data == str(Path("o") / "winner" / "data")  # same demo pairs
     _, runs = train_policy_pair.plan(["--tiny", "--batch-size", "4", "--nproc", "2"])
+    assert (parse_args(runs[0][1]).batch_size, parse_args(runs[0][1]).grad_accum) == (4, 1)
+    argv = ["--tiny", "--batch-size", "4", "--nproc", "2", "--pairs-per-step", "2048"]
+    _, runs = train_policy_pair.plan(argv)
     assert (parse_args(runs[0][1]).batch_size, parse_args(runs[0][1]).grad_accum) == (4, 256)
+    _, runs = train_policy_pair.plan(["--pretrained", "m", "--batch-size", "4", "--nproc", "2"])
+    args = runs[0][1]  # a real model: the official 2048 pairs per step
+    assert args[args.index("--batch-size") + 1 :][:3] == ["4", "--grad-accum", "256"]
     for argv, culprit in (
         (["--tiny", "--method", "dpo"], "--method is set by this command"),
         (["--tiny", "--grad-accum", "2"], "--grad-accum is set by this command"),
