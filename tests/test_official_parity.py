@@ -274,5 +274,27 @@ def test_sdxl_dropped_prompts_are_encoded_as_diffusion_dpo():
     for u in (unc, z_unc):  # the unconditional branch stays the pipeline's zeros
         assert not u.tensors["encoder_hidden_states"].any() and not u.tensors["text_embeds"].any()
     assert bb.zero_empty_prompt  # restored
+    calls = []
+    encode = bb._encode
+
+    def spy(texts, **kw):
+        calls.append((list(texts), kw))
+        return encode(texts, **kw)
+
+    class Guarded(type(bb)):  # the backbone's shared state is never written by a step
+        def __setattr__(self, name, value):
+            assert name != "zero_empty_prompt", "encode_step wrote zero_empty_prompt"
+            super().__setattr__(name, value)
+
+    bb._encode, bb.__class__ = spy, Guarded
+    with torch.no_grad():
+        for _ in range(2):
+            again = encode_step(bb, prompts, negs, need_neg=True, need_uncond=True,
+                                encode_empty=True)  # fmt: skip
+            for a, b in zip(again, (c, c_neg, unc), strict=True):
+                for k in a.tensors:
+                    assert torch.equal(a.tensors[k], b.tensors[k]), k
+    assert [""] not in [t for t, _ in calls]  # the empty prompt: cached by the first step
+    assert all(kw == {"zero_empty": False} for t, kw in calls if t != [""])
     cfg = resolve(TrainConfig(tiny=True, backbone="sdxl", proportion_empty_prompts=0.2))
     assert cfg.dropped_prompt_encoding == "encoded"

@@ -166,6 +166,7 @@ class Backbone:
         self.vae_scale_factor = self._vae_scale_factor()
         self.default_resolution = self._default_resolution()
         self._uncond_cache: dict[tuple, Cond] = {}
+        self._empty_cache: dict[int | None, Cond] = {}
 
     # --- construction helpers
     def _make_process(self, prediction_type: str | None) -> DiffusionProcess:
@@ -226,6 +227,7 @@ class Backbone:
             move_module(enc, device, text_dtype or dtype)
         move_module(self.vae, device, None if self.vae.config.get("force_upcast", False) else dtype)
         self._uncond_cache.clear()
+        self._empty_cache.clear()
         return self
 
     def for_inference(self, device, dtype: torch.dtype | None = None) -> Backbone:
@@ -241,11 +243,23 @@ class Backbone:
         raise NotImplementedError
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
-        """Encode ``prompts`` in one batched tokenizer/encoder call; ``""`` is unconditional."""
+    def encode_prompts(self, prompts: Sequence[str], *, encode_empty: bool = False) -> Cond:
+        """Encode ``prompts`` in one batched tokenizer/encoder call; ``""`` is unconditional.
+        ``encode_empty``: ``""`` goes through the text encoders even where the backbone gives
+        it zero embeddings (SDXL's :attr:`zero_empty_prompt`)."""
         if isinstance(prompts, str):
             raise TypeError("encode_prompts takes a list of prompts, not a string")
+        if encode_empty and getattr(self, "zero_empty_prompt", False):
+            return self._encode(list(prompts), zero_empty=False)
         return self._encode(list(prompts))
+
+    def empty_cond(self, n: int) -> Cond:
+        """``encode_prompts([""])`` repeated ``n`` times, encoded once (the training step's;
+        cached apart from sampling's, which runs under autocast)."""
+        key = getattr(self, "resolution", None)  # SDXL: the time_ids
+        if key not in self._empty_cache:
+            self._empty_cache[key] = self.encode_prompts([""])
+        return self._empty_cache[key].repeat(n)
 
     def _uncond(self, negative_prompt: str, n: int) -> Cond:
         key = (negative_prompt,)
@@ -459,7 +473,7 @@ class SDXLBackbone(Backbone):
         r = float(resolution)
         return torch.tensor([[r, r, 0.0, 0.0, r, r]], device=device).expand(n, 6).contiguous()
 
-    def _encode(self, prompts: list[str]) -> Cond:
+    def _encode(self, prompts: list[str], zero_empty: bool | None = None) -> Cond:
         hs, pooled = [], None
         for tk, ek in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
             tok, enc = self.components[tk], self.components[ek]
@@ -467,7 +481,7 @@ class SDXLBackbone(Backbone):
             hs.append(out.hidden_states[-2])
             pooled = out[0]  # text_embeds of the projection model, (B, P)
         h = torch.cat(hs, dim=-1)  # (B, L, D1 + D2)
-        if self.zero_empty_prompt:
+        if self.zero_empty_prompt if zero_empty is None else zero_empty:
             empty = torch.tensor([p == "" for p in prompts], device=h.device)
             h = torch.where(empty[:, None, None], torch.zeros_like(h), h)
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)

@@ -46,14 +46,7 @@ def encode_step(
         texts.append("")
     texts = list(dict.fromkeys(texts))  # unique, in order
     row = {p: i for i, p in enumerate(texts)}
-    if raw:  # SDXL: "" through the CLIPs for the dropped rows
-        backbone.zero_empty_prompt = False
-        try:
-            enc = backbone.encode_prompts(texts)
-        finally:
-            backbone.zero_empty_prompt = True
-    else:
-        enc = backbone.encode_prompts(texts)
+    enc = backbone.encode_prompts(texts, encode_empty=raw)  # SDXL: "" through the CLIPs
 
     def pick(ps: list[str]) -> Cond:
         return enc.index(torch.tensor([row[p] for p in ps]))
@@ -61,9 +54,7 @@ def encode_step(
     c_neg = pick(neg_prompts) if need_neg else None
     c_uncond = None
     if need_uncond:
-        c_uncond = (
-            backbone.encode_prompts([""]).repeat(len(prompts)) if raw else pick([""] * len(prompts))
-        )
+        c_uncond = backbone.empty_cond(len(prompts)) if raw else pick([""] * len(prompts))
     return pick(prompts), c_neg, c_uncond
 
 
