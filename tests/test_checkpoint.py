@@ -193,3 +193,25 @@ def test_a_cut_safetensors_file_is_named_alike_by_both_checks(tmp_path):
     with pytest.raises(ValueError) as e:
         check_denoiser_files(ckpt, "unet")
     assert str(e.value) == f"{w}: unreadable weights ({w.stat().st_size} bytes; {reason})"
+
+
+@pytest.mark.parametrize(
+    "key, weights, pickled",
+    [("unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+     ("text_encoder", "model.safetensors", "pytorch_model.bin")],
+)  # fmt: skip
+def test_a_model_folder_with_a_crafted_bin_runs_no_code(tmp_path, touch_on_unpickle, key,
+                                                        weights, pickled):  # fmt: skip
+    """diffusers and transformers read a ``.bin`` with ``torch.load(weights_only=True)``: a
+    pickle that needs more than tensors is refused unread, one line naming the folder."""
+    from bench.t2i.backbones import load_backbone
+    from bench.t2i.tiny import tiny_backbone
+
+    marker, model = tmp_path / "MARKER", tmp_path / "model"
+    tiny_backbone("sd").save_pretrained(model)
+    (model / key / weights).unlink()
+    torch.save({"w": touch_on_unpickle(marker)}, model / key / pickled)
+    with pytest.raises(ValueError, match=f"^{model / key}: cannot load ") as e:
+        load_backbone(model)
+    assert "\n" not in str(e.value)
+    assert not marker.exists()

@@ -22,6 +22,7 @@ Conventions:
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -936,7 +937,8 @@ def _load_component(path: Path, key: str, entry) -> Any:
         if key == "scheduler":
             return cls.from_pretrained(path, subfolder=key, local_files_only=True)
         return cls.from_pretrained(path / key, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, pickle.UnpicklingError) as e:  # a .bin that needs more than
+        # tensors: diffusers and transformers read .bin files with torch.load(weights_only=True)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path / key}: cannot load {cls_name} ({first})") from None
 
