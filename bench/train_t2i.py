@@ -110,6 +110,7 @@ from bench.t2i.weights import (
     write_checkpoint,
     write_pipeline_call,
 )
+from minddspo.extras import missing_extra
 from minddspo.methods import dspo_beta_warning
 from minddspo.refupdate import ReferenceUpdateRule
 
@@ -823,6 +824,12 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code()
     except PeerFailed:  # rank 0 reports its own error
         return 1
+    except ModuleNotFoundError as e:  # an optional package imported on the way (e.g. peft)
+        line = missing_extra(e)
+        if line is None:
+            raise
+        report(line)
+        return 2
     except Exception as e:
         if not no_space(e):  # a full disk met outside the guarded writes (e.g. tiny data)
             raise

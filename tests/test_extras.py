@@ -178,3 +178,18 @@ def test_the_fallback_hook_runs_the_exit_handlers(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr == "error: -c needs the 't2i' extra: pip install -e \".[t2i]\"\n"
     assert marker.read_text() == "yes"
+
+
+def test_the_trainer_called_in_process_names_the_extra(tmp_path, capsys, monkeypatch):
+    """``train_t2i.main`` catches the missing package itself (no excepthook in-process):
+    one line, exit 2, no run written."""
+    from bench import train_t2i
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    out = tmp_path / "run"
+    argv = ["--tiny", "--lora", "2", "--max-steps", "1", "--tiny-pairs", "2", "--batch-size",
+            "1", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert train_t2i.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("""needs the 't2i' extra: pip install -e ".[t2i]\"""")
+    assert not (out / "config.json").exists() and not (out / "checkpoints").exists()
