@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from t2i_helpers import LOG2, LOG2_TOL
 
 from bench import make_pairs, sample, train_t2i
 from bench.t2i import step
@@ -281,7 +282,7 @@ def test_train_lora_precondition_then_sample(data, tmp_path, capsys):
     assert train_t2i.main([*argv, "--lora", "4", "--precondition-outputs"]) == 0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "end" not in r] == [1, 2]
-    assert recs[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # policy == ref
+    assert recs[0]["loss"] == pytest.approx(LOG2, abs=LOG2_TOL)  # policy == ref
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["precondition_outputs"] is True and cfg["timestep_sampler"] == "logit_normal"
     assert (out / "final" / LORA_FILE).is_file()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from t2i_helpers import LOG2, LOG2_TOL
 
 from bench import train_t2i
 from bench.t2i import weights
@@ -103,7 +104,7 @@ def test_every_method_trains_on_sd(data, tmp_path, method):
         assert {"implicit_acc", "gap_w", "gap_l", "samples_per_s", "lr"} <= recs[0].keys()
         # step 1: policy == reference, so the logit is 0 and the loss log 2 (logistic forms)
         if method in ("dpo", "ddspo"):
-            assert recs[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+            assert recs[0]["loss"] == pytest.approx(LOG2, abs=LOG2_TOL)
     ckpt = latest_checkpoint(tmp_path / "checkpoints")
     assert ckpt.name == "step-000002"
     assert (ckpt / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -268,9 +269,7 @@ def test_lora_reference_is_base_and_weights_load(data, tmp_path):
 
     assert run(data, tmp_path, "--method", "ddspo", "--lora", "4", "--max-steps", "2") == 0
     recs = step_records(tmp_path)
-    assert recs[0]["loss"] == pytest.approx(
-        0.6931471805599453, abs=1e-6
-    )  # lora_B = 0: policy = ref
+    assert recs[0]["loss"] == pytest.approx(LOG2, abs=LOG2_TOL)  # lora_B = 0: policy = ref
     assert recs[1]["gap_w"] != 0  # the adapters moved the policy away from the base reference
     ckpt = latest_checkpoint(tmp_path / "checkpoints")
     lora = load_file(ckpt / "lora" / LORA_STATE)
