@@ -1,6 +1,7 @@
 """Shared expectations of the T2I trainer tests."""
 
 import math
+from pathlib import Path
 
 #: the logistic losses (dpo, ddspo) at step 1, where the policy equals the reference: s = 0
 LOG2 = math.log(2.0)
@@ -9,3 +10,22 @@ LOG2 = math.log(2.0)
 #: CPUs (forced AVX2 here: predictions ~1e-10 apart); beta (up to 16000) scales that into the
 #: logit s, and the loss is log 2 - s/2. A reference that is not the base is off by far more.
 LOG2_TOL = 1e-4
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for folders)."""
+    if not root.exists():
+        return {}
+    if root.is_file():
+        return {".": root.read_bytes()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def one_line(capsys) -> str:
+    """The one line a command wrote on stderr (fails on more or fewer)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]

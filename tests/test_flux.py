@@ -51,6 +51,19 @@ def _pipeline(bb):
     return pipe
 
 
+def _saved_and_loaded_in_the_pipeline(bb, net, folder):
+    """Give the LoRA's B matrices random values (so it moves the network), save it as the
+    trainer does, and load it into a fresh pipeline with ``load_lora_weights``."""
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    save_lora(bb, net, folder)
+    pipe = _pipeline(tiny_backbone("flux"))
+    pipe.load_lora_weights(folder, weight_name=LORA_FILE)
+    return pipe
+
+
 # ------------------------------------------------------------------ parity with diffusers
 
 
@@ -145,13 +158,7 @@ def test_lora_targets_and_load_lora_weights(bb, tmp_path):
     wrapped = {n for n, _ in net.named_modules() if n.endswith(".lora_A")}
     assert "single_transformer_blocks.0.attn.to_q.lora_A" in wrapped  # single-stream too
     assert "transformer_blocks.0.attn.add_k_proj.lora_A" in wrapped
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
-    save_lora(bb, net, tmp_path)
-    pipe = _pipeline(tiny_backbone("flux"))
-    pipe.load_lora_weights(tmp_path, weight_name=LORA_FILE)
+    pipe = _saved_and_loaded_in_the_pipeline(bb, net, tmp_path)
     x, t = torch.randn(2, 16, 16, 16), torch.tensor([120.0, 870.0])
     c = bb.encode_prompts(PROMPTS)
     with torch.no_grad():
@@ -180,13 +187,7 @@ def test_lora_on_the_mlps_too_loads_in_the_pipeline(bb, tmp_path):
         "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff_context.net.2",
         "single_transformer_blocks.0.proj_mlp",
     } <= wrapped  # fmt: skip
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
-    save_lora(bb, net, tmp_path)
-    pipe = _pipeline(tiny_backbone("flux"))
-    pipe.load_lora_weights(tmp_path, weight_name=LORA_FILE)
+    pipe = _saved_and_loaded_in_the_pipeline(bb, net, tmp_path)
     x, t, c = torch.randn(2, 16, 16, 16), torch.tensor([120.0, 870.0]), bb.encode_prompts(PROMPTS)
     with torch.no_grad():
         torch.testing.assert_close(

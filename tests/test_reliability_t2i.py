@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from sample_records import write_sample_record
+from t2i_helpers import one_line, snapshot
 
 from bench import evaluate, sample, train_t2i
 from bench.t2i import outdir, pairdata, tiny, weights
@@ -54,24 +55,6 @@ def run1(data, tmp_path_factory) -> Path:
 def train(data: Path, out: Path, *flags: str) -> int:
     argv = ["--tiny", "--data", str(data), "--out", str(out), "--no-progress", "--batch-size", "2"]
     return train_t2i.main([*argv, *flags])
-
-
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every path under ``root`` with its bytes (None for folders)."""
-    if not root.exists():
-        return {}
-    if root.is_file():
-        return {".": root.read_bytes()}
-    return {
-        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
-        for p in sorted(root.rglob("*"))
-    }
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def steps_logged(out: Path) -> list[int]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from t2i_helpers import one_line, snapshot
 
 from bench import evaluate, import_pairs, make_pairs, sample, train_t2i
 from bench.digits import __main__ as digits
@@ -58,19 +59,6 @@ def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pairs")
     build_pairs(tiny_backbone("sd"), DEMO_PROMPTS[:8], out, steps=2, shard_size=4, progress=False)
     return out
-
-
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    return {
-        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
-        for p in sorted(root.rglob("*"))
-    }
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def train_argv(data: Path, out: Path, *flags: str) -> list[str]:
