@@ -13,12 +13,12 @@ from dataclasses import replace
 import pytest
 import torch
 from toy_helpers import TINY
+from toy_oracle import forward
 
 import toy2d.train as tt
 from minddspo.methods import method_loss
 from minddspo.timesteps import lambda_table, sample_timesteps
 from toy2d.data import generator
-from toy2d.model import forward
 
 FT = tt.FinetuneConfig(steps=2, batch=8, n_probe=8)
 

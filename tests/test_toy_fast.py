@@ -7,11 +7,10 @@ chunks): bit for bit. Fast path against the autograd oracle: different kernels, 
 to a few float32 ulps (``toy_helpers.ONE_PASS_ULPS`` / ``FINETUNE_ULPS``; bit for bit only
 on some CPUs). ``tests/test_dispatch_levels.py`` reruns this file at forced dispatch levels."""
 
-from functools import partial
-
 import numpy as np
 import pytest
 import torch
+import toy_oracle as oracle
 from toy_helpers import (
     FINETUNE_ULPS,
     ONE_PASS_ULPS,
@@ -20,6 +19,7 @@ from toy_helpers import (
     max_ulps,
     printed_close,
 )
+from toy_oracle import KernelMLP, StackedAdam, forward, param_names
 
 import toy2d.sweep as sweep_cli
 import toy2d.train as tt
@@ -28,16 +28,12 @@ from toy2d.model import (
     FlatAdam,
     FlatParams,
     MLPConfig,
-    StackedAdam,
-    StackedMLP,
     Workspace,
     backward_train,
-    forward,
     forward_fast,
     forward_train,
     init_params,
     joint_table,
-    param_names,
     step_denoiser,
 )
 from toy2d.sweep import run_name
@@ -95,13 +91,13 @@ def test_backward_train_equals_autograd(M, N):
     ws = Workspace()
     pred, saved = forward_train(params, x, t, c, CFG, ws)
     assert_close_f32(pred, out.detach(), ONE_PASS_ULPS)
-    first = {k: v.clone() for k, v in backward_train(params, saved, g_out, CFG, ws).items()}
+    first = {k: v.clone() for k, v in backward_train(params, saved, g_out, CFG).items()}
     assert_close_f32(first, want, ONE_PASS_ULPS)
     pred, saved = forward_train(params, x, t, c, CFG, ws)  # reuses every buffer
-    assert _equal(backward_train(params, saved, g_out, CFG, ws), first)
+    assert _equal(backward_train(params, saved, g_out, CFG), first)
     fp = FlatParams(params)
     pred, saved = forward_train(fp.params, x, t, c, CFG, ws)
-    backward_train(fp.params, saved, g_out, CFG, ws, fp.grads)  # into the flat buffer
+    backward_train(fp.params, saved, g_out, CFG, fp.grads)  # into the flat buffer
     assert _equal(fp.grads, first)
     other = backward_train(params, saved, -g_out, CFG)
     assert all(max_ulps(other[k], want[k]) > 1e4 for k in want)  # sees the output gradient
@@ -113,7 +109,7 @@ def test_stacked_mlp_gradcheck_float64():
     values = tuple(params[k].double().requires_grad_(True) for k in param_names(cfg))
     x = x.double()
     assert torch.autograd.gradcheck(
-        lambda *v: StackedMLP.apply(x, t, c, cfg, *v), values, eps=1e-6, atol=1e-6
+        lambda *v: KernelMLP.apply(x, t, c, cfg, *v), values, eps=1e-6, atol=1e-6
     )
 
 
@@ -171,7 +167,7 @@ def test_finetune_equals_autograd_path(runs, batch):
     refs = tt.load_references(TINY, [0, 1])
     ft = FinetuneConfig(steps=7, batch=batch, n_probe=16, lr=3e-3)
     new, nlog = tt.finetune(TINY, ft, runs, refs)
-    old, olog = tt._finetune_autograd(TINY, ft, runs, refs)
+    old, olog = oracle.finetune(TINY, ft, runs, refs)
     assert_close_f32(new, old, FINETUNE_ULPS)
     # the fine-tune moved every tensor by far more than the tolerance
     init = {k: torch.cat([refs[r.seed][k] for r in runs]) for k in new}
@@ -192,7 +188,7 @@ def test_finetune_equals_autograd_path(runs, batch):
 
 def test_references_equal_autograd_path():
     new = tt.train_references(TINY, [0, 2])
-    assert_close_f32(new, tt._train_references_autograd(TINY, [0, 2]), ONE_PASS_ULPS)
+    assert_close_f32(new, oracle.train_references(TINY, [0, 2]), ONE_PASS_ULPS)
     assert _equal(tt.train_references(TINY, [0, 2]), new)  # deterministic
 
 
@@ -200,13 +196,13 @@ def test_references_equal_autograd_path():
 def test_sampling_and_pairs_equal_old_path(sampler):
     params = init_params(CFG, [torch.Generator().manual_seed(s) for s in range(3)])
     new, labels = tt.sample(TINY, params, [0, 1, 0], 3, sampler, ddim_steps=7)
-    old, labels_old = tt.sample(TINY, params, [0, 1, 0], 3, sampler, ddim_steps=7, _fast=False)
+    old, labels_old = oracle.sample(TINY, params, [0, 1, 0], 3, sampler, ddim_steps=7)
     assert_close_f32(new, old, ONE_PASS_ULPS)
     assert torch.equal(labels, labels_old)
     assert max_ulps(new[[1, 0, 2]], old) > 1e4  # members stay in order
     one = {k: v[:1] for k, v in params.items()}
     a = tt.make_preference_pairs(TINY, "ref", 4, 0, one)
-    b = tt.make_preference_pairs(TINY, "ref", 4, 0, one, _fast=False)
+    b = oracle.make_preference_pairs(TINY, "ref", 4, 0, one)
     assert torch.equal(a.c, b.c) and torch.equal(a.c_neg, b.c_neg)
     assert_close_f32(a.x_w, b.x_w, ONE_PASS_ULPS)
     assert_close_f32(a.x_l, b.x_l, ONE_PASS_ULPS)
@@ -227,9 +223,9 @@ def test_sweep_results_equal_old_path(monkeypatch):
         return out, samples
 
     new_rows, new_samples = rows()
-    monkeypatch.setattr(sweep_cli, "finetune", tt._finetune_autograd)
-    monkeypatch.setattr(tt, "sample", partial(tt.sample, _fast=False))
-    old_rows, old_samples = rows()
+    monkeypatch.setattr(sweep_cli, "finetune", oracle.finetune)
+    with oracle.autograd_sampler():
+        old_rows, old_samples = rows()
     assert [r.keys() for r in new_rows] == [r.keys() for r in old_rows]
     for a, b in zip(new_rows, old_rows, strict=True):
         bad = {k: (a[k], b[k]) for k in a if not printed_close(str(a[k]), str(b[k]))}

@@ -3,9 +3,10 @@
 import pytest
 import torch
 from toy_helpers import TINY
+from toy_oracle import StackedAdam, forward
 
 import toy2d.train as tt
-from toy2d.model import StackedAdam, forward, init_params
+from toy2d.model import init_params
 from toy2d.train import FinetuneConfig, Run, Strategy, finetune, load_references, sample
 
 FT = FinetuneConfig(steps=6, batch=16, n_probe=16)

@@ -1,43 +1,41 @@
-"""Toy sweep speed, old and new batched path side by side in one process.
+"""Toy sweep speed: this checkout's fine-tuning and sampling, alone or against another
+checkout.
 
-    python -m toy2d.bench [--seeds 3] [--steps 400] [--repeats 1]   (or: python bench/bench_toy.py)
+    python -m toy2d.bench [--seeds 3] [--steps 400] [--repeats 1] [--baseline DIR]
     python -m toy2d.bench --sweeps [--repeats 2] [--baseline DIR] [--ablation]
 
 The workload is the 81-fine-tune one: dpo, dspo, ddspo x N {12,120,1200} x beta {200,400,800} x
 seeds (81 fine-tunes for 3 seeds) as one stacked model, pair generation included, then 256
-DDIM samples per class for every run. It is timed twice, alternately:
-
-* ``old``: the autograd path (``toy2d.train._finetune_autograd``, ``sample(_fast=False)``);
-* ``new``: the default path (``toy2d.train.finetune``, ``sample``) -- hand-written backward,
-  fused bias matmuls, reused buffers, one flat Adam; the same function in float32 (the script
-  reports the largest difference of the parameters and samples, in float32 ulps of their
-  magnitude, and whether they are bitwise equal: they are on some CPUs, e.g. the AVX-512
-  machine it was written on, and differ in the last bits where other kernels round
-  differently).
+DDIM samples per class for every run (references from the cache, trained first if missing,
+not timed). Without ``--baseline`` it is timed in this process, best of ``--repeats``. With
+``--baseline DIR`` (another checkout, e.g. ``git worktree add DIR REV``) the same workload
+runs from this checkout and from DIR, each in a fresh process, alternately: the script prints
+both times, their ratio, and the largest difference of the parameters and samples between
+the two, in float32 ulps of their magnitude, and whether they are bitwise equal.
 
 FLOPs are counted, not estimated: every matrix product the path dispatches (``bmm``,
 ``baddbmm``, ``mm``, ``addmm``; ``matmul`` lowers to them) is logged by a
 ``TorchDispatchMode`` as ``2 b m k n``, on 1- and 2-step runs (extrapolated linearly to
 ``--steps``) and on the sampling call. Elementwise work is not counted. The "bmm floor" replays
-the logged shapes of one new-path step as plain ``torch.bmm`` calls on random data: its
-GFLOP/s is what the matmuls alone reach, so ``FLOPs / floor rate`` is the time the sweep would
-take if nothing but its matmuls ran.
+the logged shapes of one step as plain ``torch.bmm`` calls on random data: its GFLOP/s is what
+the matmuls alone reach, so ``FLOPs / floor rate`` is the time the sweep would take if
+nothing but its matmuls ran.
 
 With ``--sweeps`` it instead times the commands the toy's speed targets are set for, each in a fresh
 process: the cold sweep of the 81-fine-tune workload (``--methods dpo,dspo,ddspo``: 3 references,
 81 fine-tunes), the cold default sweep (135 fine-tunes) and, with ``--ablation``, the ablation
-(cached references). ``--baseline DIR`` (another checkout, e.g. ``git worktree add DIR REV``)
-runs the same commands from DIR, alternating with this checkout, prints the ratios and
-checks that both wrote the same ``results.csv``.
+(cached references). ``--baseline DIR`` runs the same commands from DIR, alternating with this
+checkout, prints the ratios and checks that both wrote the same ``results.csv``.
 
-With ``--naive`` the same fine-tunes also run one at a time (M = 1, new path), as before
-the fast path (``--naive-subset K``: time K of them and extrapolate). ``--single-run`` also times
+With ``--naive`` the same fine-tunes also run one at a time (M = 1), as before the batched
+path (``--naive-subset K``: time K of them and extrapolate). ``--single-run`` also times
 one ``toy2d.run`` in-process (cached reference).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -49,7 +47,6 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import train as tt
 from .train import FinetuneConfig, Run, ToySetup, finetune, load_references, sample
 
 aten = torch.ops.aten
@@ -88,23 +85,17 @@ def workload(seeds: list[int]) -> list[Run]:
     ]
 
 
-def _paths():
-    old = (tt._finetune_autograd, lambda *a: sample(*a, _fast=False))
-    return {"old": old, "new": (finetune, sample)}
-
-
-def count_flops(setup, ft, runs, refs, path) -> tuple[int, int, list]:
+def count_flops(setup, ft, runs, refs) -> tuple[int, int, list]:
     """``(fine-tune FLOPs at ft.steps, sampling FLOPs, one step's matmul shapes)``."""
-    fine, samp = path
     logs = []
     for steps in (1, 2):
         with MatmulLog() as log:
-            params, _ = fine(setup, replace(ft, steps=steps), runs, refs)
+            params, _ = finetune(setup, replace(ft, steps=steps), runs, refs)
         logs.append(log)
     per_step = logs[1].shapes[len(logs[0].shapes) :]
     total = logs[0].flops + (ft.steps - 1) * (logs[1].flops - logs[0].flops)
     with MatmulLog() as slog:
-        samp(setup, params, [r.seed for r in runs], 256)
+        sample(setup, params, [r.seed for r in runs], 256)
     return total, slog.flops, per_step
 
 
@@ -135,12 +126,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Adam steps per fine-tune (default: the sweep's; fewer for a quick look)",
     )
     p.add_argument(
-        "--repeats", type=int, default=1, help="time old and new this many times, alternately"
+        "--repeats",
+        type=int,
+        default=1,
+        help="time this many times (with --baseline: each checkout, alternately); best counts",
     )
     p.add_argument(
         "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
     )
-    p.add_argument("--no-check", action="store_true", help="skip comparing the old and new results")
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="with --baseline: skip comparing the two checkouts' results",
+    )
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting and the bmm floor")
     p.add_argument(
         "--naive", action="store_true", help="also time the fine-tunes one at a time (M = 1)"
@@ -162,7 +160,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--baseline",
         type=Path,
         default=None,
-        help="with --sweeps: another checkout to run the same sweeps from, alternately",
+        help="another checkout to run the same workload (with --sweeps: the same sweeps) from, "
+        "alternately with this one, each in a fresh process",
     )
     p.add_argument(
         "--ablation", action="store_true", help="with --sweeps: also time the ablation sweep"
@@ -170,6 +169,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.baseline is not None and not (args.baseline / "toy2d" / "sweep.py").is_file():
         p.error(f"--baseline {args.baseline}: not a checkout (no toy2d/sweep.py)")
+    if args.baseline is not None and (args.naive or args.single_run):
+        p.error("--baseline times the workload of both checkouts: not with --naive/--single-run")
     return args
 
 
@@ -245,30 +246,91 @@ def time_sweeps(repeats: int, baseline: Path | None, ablation: bool) -> int:
     return 0 if same else 1
 
 
-def time_paths(setup, ft, runs, refs, repeats: int, check: bool) -> tuple[float, float]:
-    """Old and new path, alternately, best of ``repeats``; prints the times and the ratio."""
-    paths, times, out = _paths(), {"old": [], "new": []}, {}
+def time_here(setup, ft, runs, refs, repeats: int) -> float:
+    """This checkout's fine-tunes + sampling in this process, best of ``repeats``."""
+    times = []
     for _ in range(max(1, repeats)):
-        for name in ("old", "new"):
-            fine, samp = paths[name]
-            t0 = time.perf_counter()
-            params, _ = fine(setup, ft, runs, refs)
-            x, _ = samp(setup, params, [r.seed for r in runs], 256)
-            times[name].append(time.perf_counter() - t0)
-            out[name] = (params, x)
-    t_old, t_new = min(times["old"]), min(times["new"])
+        t0 = time.perf_counter()
+        params, _ = finetune(setup, ft, runs, refs)
+        sample(setup, params, [r.seed for r in runs], 256)
+        times.append(time.perf_counter() - t0)
+    print(f"fine-tunes + sampling: {min(times):7.1f} s  {_all(times)}")
+    return min(times)
+
+
+# One timed workload in a fresh process, run from a checkout (its packages first on the path):
+# only the API every version of the toy has (ToySetup, FinetuneConfig, Run, finetune,
+# load_references, sample). Prints the seconds; writes the parameters and samples.
+_JOB = """
+import json, sys, time, torch
+from safetensors.torch import save_file
+from toy2d.train import FinetuneConfig, Run, ToySetup, finetune, load_references, sample
+spec = json.loads(sys.argv[1])
+if spec["threads"] > 0:
+    torch.set_num_threads(spec["threads"])
+setup, ft = ToySetup(), FinetuneConfig(steps=spec["steps"])
+runs = [Run(m, n, b, s) for m, n, b, s in spec["runs"]]
+refs = load_references(setup, sorted({r.seed for r in runs}))
+t0 = time.perf_counter()
+params, _ = finetune(setup, ft, runs, refs)
+x, _ = sample(setup, params, [r.seed for r in runs], 256)
+seconds = time.perf_counter() - t0
+save_file({k: v.contiguous() for k, v in {**params, "samples": x}.items()}, spec["out"])
+print(json.dumps({"seconds": seconds}))
+"""
+
+
+def run_job_process(cwd: Path, runs: list[Run], steps: int, threads: int, out: Path) -> float:
+    """:data:`_JOB` from checkout ``cwd``: the seconds it took; its results go to ``out``."""
+    spec = {
+        "runs": [[r.method, r.n_pairs, r.beta, r.seed] for r in runs],
+        "steps": steps,
+        "threads": threads,
+        "out": str(out),
+    }
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    cmd = [sys.executable, "-c", _JOB, json.dumps(spec)]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"workload from {cwd} failed (rc {done.returncode}): {tail[0]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+
+
+def time_against_baseline(
+    runs: list[Run], steps: int, threads: int, repeats: int, baseline: Path, check: bool
+) -> float:
+    """The workload from this checkout and from ``baseline``, alternately, each in a fresh
+    process; prints both (best of ``repeats``), the ratio and how far the results differ."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    here = Path(__file__).resolve().parent.parent
+    sides = [("this", here), ("baseline", baseline.resolve())]
+    work = Path(tempfile.mkdtemp(prefix="toy2d-bench-"))
+    times: dict[str, list[float]] = {name: [] for name, _ in sides}
+    for r in range(max(1, repeats)):
+        for name, root in sides[:: 1 if r % 2 == 0 else -1]:
+            out = work / f"{name}-{len(times[name])}.safetensors"
+            times[name].append(run_job_process(root, runs, steps, threads, out))
+    best = {name: min(ts) for name, ts in times.items()}
     if check:
-        (po, xo), (pn, xn) = out["old"], out["new"]
-        print(compare_line({**po, "samples": xo}, {**pn, "samples": xn}))
-    print(f"old batched path (autograd)      : {t_old:7.1f} s  {_all(times['old'])}")
-    print(f"new batched path (manual backward): {t_new:7.1f} s  {_all(times['new'])}")
-    print(f"speed-up old / new               : {t_old / t_new:7.2f}x")
-    return t_old, t_new
+        print(compare_line(load_file(work / "baseline-0.safetensors"),
+                           load_file(work / "this-0.safetensors")))  # fmt: skip
+    print(f"this checkout    : {best['this']:7.1f} s  {_all(times['this'])}")
+    print(
+        f"baseline {str(baseline)[-8:]:>8s}: {best['baseline']:7.1f} s  {_all(times['baseline'])}"
+    )
+    print(f"baseline / this  : {best['baseline'] / best['this']:7.2f}x")
+    print(f"(outputs under {work})")
+    return best["this"]
 
 
 def compare_line(old: dict, new: dict) -> str:
-    """One line: the largest |new - old| over the tensors, in float32 ulps of each tensor's
-    largest magnitude (the worst tensor named), and whether all are bitwise equal."""
+    """One line: the largest |new - old| over the tensors (this checkout's results against
+    the baseline's), in float32 ulps of each tensor's largest magnitude (the worst tensor
+    named), and whether all are bitwise equal."""
     eps = torch.finfo(torch.float32).eps
     worst, name, bitwise = 0.0, "", True
     for k, a in old.items():
@@ -279,31 +341,23 @@ def compare_line(old: dict, new: dict) -> str:
         ulps = diff / (scale * eps) if scale > 0 else (0.0 if diff == 0 else float("inf"))
         if ulps > worst or not name:
             worst, name = ulps, k
-    note = (
-        ""
-        if torch.get_num_threads() == 1
-        else "; with > 1 thread the old path varies run to run itself (torch's parallel "
-        "index_put_ adds in a varying order)"
-    )
     return (
-        f"new vs old (parameters and samples): max difference {worst:.1f} float32 ulps of the "
-        f"tensor's magnitude ({name}); bitwise equal: {'yes' if bitwise else 'no'} "
-        f"(depends on the CPU's kernels{note})"
+        f"this vs baseline (parameters and samples): max difference {worst:.1f} float32 ulps "
+        f"of the tensor's magnitude ({name}); bitwise equal: {'yes' if bitwise else 'no'}"
     )
 
 
-def report_flops(setup, ft, runs, refs, t_old: float, t_new: float) -> None:
-    """Matmul FLOPs of both paths, their achieved rate and the bmm-only floor."""
-    paths = _paths()
-    fo, so, _ = count_flops(setup, ft, runs, refs, paths["old"])
-    fn, sn, step_shapes = count_flops(setup, ft, runs, refs, paths["new"])
+def report_flops(setup, ft, runs, refs, seconds: float) -> None:
+    """Matmul FLOPs of this checkout's path, their achieved rate and the bmm-only floor."""
+    fine, samp, step_shapes = count_flops(setup, ft, runs, refs)
     rate = bmm_rate(step_shapes)
     print("matmul FLOPs counted by dispatch (fine-tune incl. pairs + sampling):")
-    print(f"  old: {(fo + so) / 1e9:7.1f} GFLOP -> {(fo + so) / t_old / 1e9:6.1f} GFLOP/s achieved")
-    print(f"  new: {(fn + sn) / 1e9:7.1f} GFLOP -> {(fn + sn) / t_new / 1e9:6.1f} GFLOP/s achieved")
     print(
-        f"  bmm of one new step's shapes alone: {rate:6.1f} GFLOP/s "
-        f"-> matmul floor of the new path {(fn + sn) / rate / 1e9:.1f} s"
+        f"  {(fine + samp) / 1e9:7.1f} GFLOP -> {(fine + samp) / seconds / 1e9:6.1f} GFLOP/s achieved"
+    )
+    print(
+        f"  bmm of one step's shapes alone: {rate:6.1f} GFLOP/s "
+        f"-> matmul floor {(fine + samp) / rate / 1e9:.1f} s"
     )
 
 
@@ -322,7 +376,7 @@ def time_naive(setup, ft, runs, refs, subset: int, t_new: float) -> None:
         else f"EXTRAPOLATED from {len(todo)} of {len(runs)} fine-tunes ({measured:.1f} s)"
     )
     print(f"{len(runs)} fine-tunes + sampling, one-by-one: {t_naive:7.1f} s  ({note})")
-    print(f"speed-up one-by-one / new batched: {t_naive / t_new:.1f}x")
+    print(f"speed-up one-by-one / batched: {t_naive / t_new:.1f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,9 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     refs = load_references(setup, seeds)
     print(f"references (cache or train, not counted below): {time.perf_counter() - t0:.1f} s")
-    t_old, t_new = time_paths(setup, ft, runs, refs, args.repeats, not args.no_check)
+    if args.baseline is not None:
+        t_new = time_against_baseline(
+            runs, ft.steps, args.threads, args.repeats, args.baseline, not args.no_check
+        )
+    else:
+        t_new = time_here(setup, ft, runs, refs, args.repeats)
     if not args.no_flops:
-        report_flops(setup, ft, runs, refs, t_old, t_new)
+        report_flops(setup, ft, runs, refs, t_new)
     if args.single_run:
         from .run import main as run_main
 

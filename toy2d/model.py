@@ -1,13 +1,14 @@
-"""A stack of M small class-conditional epsilon-denoisers, written with a leading model dim.
+"""A stack of M small class-conditional epsilon-denoisers, written with a leading model dim,
+and the kernels that run them.
 
 Every parameter has shape ``(M, ...)``; member ``m`` is an independent MLP
 
     [x (2), sinusoidal(t) (temb), class embedding (cemb)] -> H -> H -> H -> eps (2),  SiLU
 
 so one ``bmm`` per layer runs all M fine-tunes of a sweep at once, and ``M = 1`` is the
-one-model-at-a-time path (same code, same arithmetic per member). :class:`StackedAdam`
-is ``torch.optim.Adam`` (no weight decay, no amsgrad) applied member-wise with a
-per-member learning rate.
+one-model-at-a-time path (same code, same arithmetic per member). Training goes through
+:class:`StackedNet` (forward, hand-written backward, Adam with a learning rate per member),
+a frozen reference through :class:`FrozenNet`, sampling through :func:`step_denoiser`.
 """
 
 from __future__ import annotations
@@ -55,11 +56,6 @@ def stack(members: list[Params]) -> Params:
     return {k: torch.stack([m[k] for m in members]) for k in members[0]}
 
 
-def unstack(params: Params) -> list[Params]:
-    n = next(iter(params.values())).shape[0]
-    return [{k: v[i].clone() for k, v in params.items()} for i in range(n)]
-
-
 def select(params: Params, idx: list[int] | slice) -> Params:
     return {k: v[idx] for k, v in params.items()}
 
@@ -72,64 +68,22 @@ def time_embedding(t: Tensor, dim: int, T: int) -> Tensor:
     return torch.cat([ang.sin(), ang.cos()], dim=-1)
 
 
-def forward(params: Params, x: Tensor, t: Tensor, c: Tensor, cfg: MLPConfig) -> Tensor:
-    """eps prediction. Shapes: x (M, B, 2), t (M, B) int, c (M, B) int -> (M, B, 2).
-
-    The first layer acts on ``[x, temb(t), cemb(c)]``; since t and c are discrete, their
-    parts of it are tabulated per member -- ``(M, T, H)`` and ``(M, K, H)`` -- and gathered,
-    which is the same function as the concatenation but moves far less memory.
-    """
-    M, B = t.shape
-    T, K, H = cfg.num_train_timesteps, cfg.num_classes, cfg.hidden
-    w_x, w_t, w_c = params["l1.w"].split([2, cfg.temb, cfg.cemb], dim=1)
-    grid = time_embedding(torch.arange(T), cfg.temb, T)  # (T, temb)
-    tab_t = torch.matmul(grid, w_t).reshape(M * T, H)  # (M T, H)
-    tab_c = (torch.bmm(params["cemb"], w_c) + params["l1.b"]).reshape(M * K, H)  # (M K, H)
-    off = torch.arange(M).unsqueeze(1)
-    h = torch.bmm(x, w_x)  # (M, B, H)
-    h = h + (tab_t[off * T + t] + tab_c[off * K + c])  # (M, B, H)
-    for name in ("l2", "l3", "l4"):
-        h = torch.bmm(torch.nn.functional.silu(h), params[name + ".w"]) + params[name + ".b"]
-    return h
-
-
-class StackedAdam:
-    """Adam (Kingma & Ba; torch.optim.Adam's update order) over stacked params, lr per member."""
-
-    def __init__(self, params: Params, lr: Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params, self.lr = params, lr.to(torch.float32)  # lr: (M,)
-        self.b1, self.b2, self.eps = betas[0], betas[1], eps
-        self.m = {k: torch.zeros_like(v) for k, v in params.items()}
-        self.v = {k: torch.zeros_like(v) for k, v in params.items()}
-        self.k = 0
-
-    @torch.no_grad()
-    def step(self, grads: dict[str, Tensor]) -> None:
-        self.k += 1
-        bc1, bc2 = 1 - self.b1**self.k, 1 - self.b2**self.k
-        for name, p in self.params.items():
-            g = grads[name]
-            m, v = self.m[name], self.v[name]
-            m.lerp_(g, 1 - self.b1)
-            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
-            step = (self.lr / bc1).reshape(-1, *([1] * (p.ndim - 1)))
-            p.addcdiv_(m * step, denom, value=-1.0)
-
-
 # ------------------------------------------------------------------------------------------
-# The fast path: the same function and the same float32 arithmetic as :func:`forward` with
-# autograd and :class:`StackedAdam` -- bit for bit (tests/test_toy_fast.py) -- in fewer passes
-# over memory and without an autograd graph:
+# The network's kernels. There is no autograd graph: the forward runs in reused buffers, the
+# backward is written out by hand with the ops autograd would run for the plain stacked MLP
+# (``grad.bmm(W^T)``, ``a^T.bmm(grad)``, ``silu_backward``, the bias ``sum`` and
+# ``index_put_``-with-accumulation for the gathered layer-1 tables), so the float32 results
+# are those of an autograd implementation to the last bit where both pick the same kernels
+# (tests/toy_oracle.py is that implementation; tests/test_toy_fast.py compares them):
 #
 # * the bias add is fused into the matmul (``baddbmm(b, a, W)`` == ``bmm(a, W) + b``);
-# * the backward of the stacked MLP is written out by hand with the ops autograd runs for
-#   :func:`forward` (``grad.bmm(W^T)``, ``a^T.bmm(grad)``, ``silu_backward``, the bias
-#   ``sum`` and ``index_put_`` with accumulation for the gathered layer-1 tables);
 # * activations and gradients go to a :class:`Workspace` of buffers reused from step to
 #   step: the stacked activations are MBs, and fresh ones cost a page fault per 4 KiB;
 # * constant layer-1 tables (a frozen reference, one sampling call) are built once;
 # * parameters, gradients and Adam moments each live in one flat buffer.
+#
+# A training loop uses :class:`StackedNet` (forward, backward, Adam step) and
+# :class:`FrozenNet` (a reference's forward); sampling uses :func:`step_denoiser`.
 # ------------------------------------------------------------------------------------------
 
 _silu_backward = torch.ops.aten.silu_backward.grad_input
@@ -137,10 +91,13 @@ _silu = torch.ops.aten.silu.out
 
 
 class Workspace:
-    """Named buffers reused across calls; a buffer is reallocated only when its shape changes."""
+    """What one loop reuses from call to call: named buffers (reallocated only when a shape
+    changes), the time-embedding grid and the per-member row offsets of the layer-1 tables."""
 
     def __init__(self) -> None:
         self._bufs: dict[str, Tensor] = {}
+        self._grids: dict[tuple, Tensor] = {}
+        self._offsets: dict[tuple[int, int], Tensor] = {}
 
     def __call__(self, name: str, shape: tuple[int, ...], dtype=torch.float32) -> Tensor:
         b = self._bufs.get(name)
@@ -148,28 +105,31 @@ class Workspace:
             b = self._bufs[name] = torch.empty(shape, dtype=dtype)
         return b
 
+    def grid(self, cfg: MLPConfig, dtype: torch.dtype) -> Tensor:
+        """``time_embedding(arange(T))`` in ``dtype`` (float64 only for gradcheck)."""
+        key = (cfg.temb, cfg.num_train_timesteps, dtype)
+        if key not in self._grids:
+            T = cfg.num_train_timesteps
+            self._grids[key] = time_embedding(torch.arange(T), cfg.temb, T).to(dtype)
+        return self._grids[key]
 
-def _buf(ws: Workspace | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    return torch.empty(shape, dtype=like.dtype) if ws is None else ws(name, shape, like.dtype)
+    def rows(self, idx: Tensor, n_rows: int) -> Tensor:
+        """Flat row indices ``m * n_rows + idx[m, b]`` into a ``(M n_rows, H)`` table."""
+        key = (idx.shape[0], n_rows)
+        if key not in self._offsets:
+            self._offsets[key] = torch.arange(idx.shape[0]).unsqueeze(1) * n_rows
+        return (idx + self._offsets[key]).reshape(-1)
 
 
-_GRIDS: dict[tuple, Tensor] = {}
-
-
-def _grid(cfg: MLPConfig, like: Tensor) -> Tensor:
-    """``time_embedding(arange(T))``, built once per size (float64 only for gradcheck)."""
-    key = (cfg.temb, cfg.num_train_timesteps, like.dtype)
-    if key not in _GRIDS:
-        T = cfg.num_train_timesteps
-        _GRIDS[key] = time_embedding(torch.arange(T), cfg.temb, T).to(like.dtype)
-    return _GRIDS[key]
-
-
-def layer1_tables(params: Params, cfg: MLPConfig) -> tuple[Tensor, Tensor]:
-    """``(tab_t (M, T, H), tab_c (M, K, H))``: the time and class parts of layer 1, with the
-    layer-1 bias in ``tab_c`` -- computed exactly as :func:`forward` does."""
+def layer1_tables(
+    params: Params, cfg: MLPConfig, ws: Workspace | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(tab_t (M, T, H), tab_c (M, K, H))``: the time and class parts of layer 1 (whose
+    input is ``[x, temb(t), cemb(c)]``; t and c are discrete, so their parts are tabulated
+    per member and gathered), with the layer-1 bias in ``tab_c``."""
+    ws = Workspace() if ws is None else ws
     _, w_t, w_c = params["l1.w"].split([2, cfg.temb, cfg.cemb], dim=1)
-    tab_t = torch.matmul(_grid(cfg, w_t), w_t)
+    tab_t = torch.matmul(ws.grid(cfg, w_t.dtype), w_t)
     tab_c = torch.bmm(params["cemb"], w_c) + params["l1.b"]
     return tab_t, tab_c
 
@@ -181,46 +141,33 @@ def joint_table(params: Params, cfg: MLPConfig) -> Tensor:
     return (tab_t.unsqueeze(2) + tab_c.unsqueeze(1)).reshape(M, T * cfg.num_classes, H)
 
 
-_OFFSETS: dict[tuple[int, int], Tensor] = {}
-
-
-def _rows(idx: Tensor, n_rows: int) -> Tensor:
-    """Flat row indices ``m * n_rows + idx[m, b]`` into a ``(M n_rows, H)`` table."""
-    key = (idx.shape[0], n_rows)
-    if key not in _OFFSETS:  # m * n_rows, built once per shape
-        _OFFSETS[key] = torch.arange(idx.shape[0]).unsqueeze(1) * n_rows
-    return (idx + _OFFSETS[key]).reshape(-1)
-
-
-def _gather(table: Tensor, idx: Tensor, out: Tensor, rows: Tensor | None = None) -> Tensor:
-    """``out[m, b] = table[m, idx[m, b]]`` for ``table (M, R, H)``, ``idx (M, B)``
-    (``rows``: ``_rows(idx, R)`` if the caller has it)."""
+def _gather(table: Tensor, rows: Tensor, out: Tensor) -> Tensor:
+    """``out[m, b] = table[m, idx[m, b]]`` for ``table (M, R, H)``, ``rows = ws.rows(idx, R)``."""
     M, R, H = table.shape
-    rows = _rows(idx, R) if rows is None else rows
     torch.index_select(table.reshape(M * R, H), 0, rows, out=out.view(-1, H))
     return out
 
 
-def _layer1(params, x, t, c, cfg, ws, joint=None, tag=""):
+def _layer1(params, x, t, c, cfg, ws: Workspace, joint=None, tag=""):
     """Layer 1's pre-activation ``bmm(x, w_x) + (tab_t[t] + tab_c[c])`` in a workspace buffer;
     also returns the flat table rows of ``t`` and ``c`` (None with ``joint``)."""
     M, N, _ = x.shape
-    h = _buf(ws, tag + "h1", (M, N, cfg.hidden), x)
+    h = ws(tag + "h1", (M, N, cfg.hidden), x.dtype)
     if joint is not None:
-        _gather(joint, t * cfg.num_classes + c, h)
+        _gather(joint, ws.rows(t * cfg.num_classes + c, joint.shape[1]), h)
         rows = None
     else:
-        tab_t, tab_c = layer1_tables(params, cfg)
-        rows = _rows(t, tab_t.shape[1]), _rows(c, tab_c.shape[1])
-        _gather(tab_t, t, h, rows[0])
-        h.add_(_gather(tab_c, c, _buf(ws, tag + "a1", h.shape, x), rows[1]))
+        tab_t, tab_c = layer1_tables(params, cfg, ws)
+        rows = ws.rows(t, tab_t.shape[1]), ws.rows(c, tab_c.shape[1])
+        _gather(tab_t, rows[0], h)
+        h.add_(_gather(tab_c, rows[1], ws(tag + "a1", h.shape, x.dtype)))
     return h.baddbmm_(x, params["l1.w"][:, :2]), rows
 
 
-def _trunk(params: Params, h: Tensor, ws: Workspace | None, tag: str = "") -> Tensor:
-    """Layers 2-4 after the layer-1 pre-activation ``h``, in place (no autograd)."""
+def _trunk(params: Params, h: Tensor, ws: Workspace, tag: str = "") -> Tensor:
+    """Layers 2-4 after the layer-1 pre-activation ``h``, in place."""
     for i, name in enumerate(("l2", "l3")):
-        out = _buf(ws, f"{tag}h{i % 2}", h.shape, h)
+        out = ws(f"{tag}h{i % 2}", h.shape, h.dtype)
         a = torch.nn.functional.silu(h, inplace=True)
         h = torch.baddbmm(params[name + ".b"], a, params[name + ".w"], out=out)
     return torch.baddbmm(params["l4.b"], torch.nn.functional.silu(h, inplace=True), params["l4.w"])
@@ -236,8 +183,10 @@ def forward_fast(
     joint: Tensor | None = None,
     ws: Workspace | None = None,
 ) -> Tensor:
-    """:func:`forward` without autograd (same values). ``joint``: :func:`joint_table` of
-    ``params`` when the caller reuses it across calls; ``ws``: buffers to reuse."""
+    """eps prediction ``(M, B, 2)`` of ``x (M, B, 2)``, ``t (M, B)``, ``c (M, B)``, no
+    gradients. ``joint``: :func:`joint_table` of ``params`` when the caller reuses it across
+    calls; ``ws``: buffers to reuse."""
+    ws = Workspace() if ws is None else ws
     h, _ = _layer1(params, x, t, c, cfg, ws, joint, "f")
     return _trunk(params, h, ws, "f")
 
@@ -246,11 +195,11 @@ def step_denoiser(params: Params, c: Tensor, cfg: MLPConfig):
     """``eps(x (M, n, 2), t (M,)) -> (M, n, 2)`` for a sampler that calls it with one
     timestep per member and fixed classes ``c (M, n)``: the tables and class rows are built
     once, so a step is one row add and four fused matmuls in reused buffers. Same values as
-    ``forward(params, x, t[:, None].expand(M, n), c, cfg)``."""
+    ``forward_fast(params, x, t[:, None].expand(M, n), c, cfg)``."""
     ws = Workspace()
     with torch.no_grad():
-        tab_t, tab_c = layer1_tables(params, cfg)
-        g_c = _gather(tab_c, c, torch.empty(*c.shape, cfg.hidden))
+        tab_t, tab_c = layer1_tables(params, cfg, ws)
+        g_c = _gather(tab_c, ws.rows(c, tab_c.shape[1]), torch.empty(*c.shape, cfg.hidden))
         w_x = params["l1.w"][:, :2]
         members = torch.arange(c.shape[0])
 
@@ -266,35 +215,32 @@ def step_denoiser(params: Params, c: Tensor, cfg: MLPConfig):
 def forward_train(
     params: Params, x: Tensor, t: Tensor, c: Tensor, cfg: MLPConfig, ws: Workspace | None = None
 ) -> tuple[Tensor, tuple]:
-    """:func:`forward` (same values) and what :func:`backward_train` needs; no autograd.
-    With ``ws`` the activations live in its buffers until the next call."""
+    """:func:`forward_fast` (same values) and what :func:`backward_train` needs. With ``ws``
+    the activations live in its buffers until the next call."""
+    ws = Workspace() if ws is None else ws
     with torch.no_grad():
         h, rows = _layer1(params, x, t, c, cfg, ws)
         hs, acts = [h], []
         for i, name in enumerate(("l2", "l3", "l4")):
-            a = _silu(h, out=_buf(ws, f"a{i + 1}", h.shape, h))
+            a = _silu(h, out=ws(f"a{i + 1}", h.shape, h.dtype))
             acts.append(a)
             if name == "l4":
                 h = torch.baddbmm(params[name + ".b"], a, params[name + ".w"])
             else:
-                out = _buf(ws, f"h{i + 2}", h.shape, h)
+                out = ws(f"h{i + 2}", h.shape, h.dtype)
                 h = torch.baddbmm(params[name + ".b"], a, params[name + ".w"], out=out)
                 hs.append(h)
-    return h, (x, rows, hs, acts)
+    return h, (x, rows, hs, acts, ws)
 
 
 def backward_train(
-    params: Params,
-    saved: tuple,
-    grad_out: Tensor,
-    cfg: MLPConfig,
-    ws: Workspace | None = None,
-    out: Params | None = None,
+    params: Params, saved: tuple, grad_out: Tensor, cfg: MLPConfig, out: Params | None = None
 ) -> Params:
     """Gradients of ``sum(grad_out * forward(params, x, t, c))`` w.r.t. every parameter,
-    op for op what autograd computes for :func:`forward`; written into ``out`` if given
-    (e.g. :attr:`FlatParams.grads`)."""
-    x, (rows_t, rows_c), hs, acts = saved
+    op for op what autograd computes for the plain stacked MLP; ``saved`` comes from
+    :func:`forward_train` (its workspace too); written into ``out`` if given (e.g.
+    :attr:`FlatParams.grads`)."""
+    x, (rows_t, rows_c), hs, acts, ws = saved
     T, K, H = cfg.num_train_timesteps, cfg.num_classes, cfg.hidden
     M = x.shape[0]
 
@@ -307,7 +253,7 @@ def backward_train(
             torch.sum(g, 1, keepdim=True, out=dst(name + ".b"))
             torch.bmm(acts[i].transpose(1, 2), g, out=dst(name + ".w"))
             da = torch.bmm(g, params[name + ".w"].transpose(1, 2),
-                           out=_buf(ws, f"g{i % 2}", hs[i].shape, g))  # fmt: skip
+                           out=ws(f"g{i % 2}", hs[i].shape, g.dtype))  # fmt: skip
             g = _silu_backward(da, hs[i], grad_input=da)
         # layer 1: h1 = bmm(x, w_x) + (tab_t[t] + tab_c[c])
         _, w_t, w_c = params["l1.w"].split([2, cfg.temb, cfg.cemb], dim=1)
@@ -315,10 +261,10 @@ def backward_train(
         flat_g = g.reshape(-1, H)
         # autograd's IndexBackward: index_put_(accumulate=True) into zeros, rows added in
         # index order (see _accumulate_rows)
-        g_tt = _accumulate_rows(_buf(ws, "g_tt", (M * T, H), g).zero_(), rows_t, flat_g)
-        g_tc = _accumulate_rows(_buf(ws, "g_tc", (M * K, H), g).zero_(), rows_c, flat_g)
+        g_tt = _accumulate_rows(ws("g_tt", (M * T, H), g.dtype).zero_(), rows_t, flat_g)
+        g_tc = _accumulate_rows(ws("g_tc", (M * K, H), g.dtype).zero_(), rows_c, flat_g)
         g_tt, g_tc = g_tt.view(M, T, H), g_tc.view(M, K, H)
-        g_wt = torch.matmul(_grid(cfg, w_t).t(), g_tt)
+        g_wt = torch.matmul(ws.grid(cfg, w_t.dtype).t(), g_tt)
         g_wc = params["cemb"].transpose(1, 2).bmm(g_tc)
         torch.bmm(g_tc, w_c.transpose(1, 2), out=dst("cemb"))
         torch.sum(g_tc, 1, keepdim=True, out=dst("l1.b"))
@@ -333,27 +279,6 @@ def _accumulate_rows(out: Tensor, rows: Tensor, src: Tensor) -> Tensor:
     reproducible with several threads, where torch 2.x's parallel ``index_put_`` is not.
     """
     return out.index_add_(0, rows, src)
-
-
-def param_names(cfg: MLPConfig) -> list[str]:
-    return ["cemb"] + [f"{n}.{s}" for n, _ in _layer_shapes(cfg) for s in ("w", "b")]
-
-
-class StackedMLP(torch.autograd.Function):
-    """:func:`forward_train` / :func:`backward_train` as an autograd function of the
-    parameters, given in :func:`param_names` order -- for gradcheck and mixed use."""
-
-    @staticmethod
-    def forward(ctx, x, t, c, cfg, *values):
-        params = dict(zip(param_names(cfg), values, strict=True))
-        out, saved = forward_train(params, x, t, c, cfg)
-        ctx.cfg, ctx.params, ctx.saved = cfg, params, saved
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grads = backward_train(ctx.params, ctx.saved, grad_out.contiguous(), ctx.cfg)
-        return (None, None, None, None, *(grads[k] for k in param_names(ctx.cfg)))
 
 
 class FlatParams:
@@ -387,8 +312,9 @@ class FlatParams:
 
 
 class FlatAdam:
-    """:class:`StackedAdam` over a :class:`FlatParams` buffer: the same update, element for
-    element, in a handful of kernels and no temporaries."""
+    """``torch.optim.Adam`` (no weight decay, no amsgrad; its update order) over a
+    :class:`FlatParams` buffer with a learning rate per member, in a handful of kernels and
+    no temporaries."""
 
     def __init__(self, fp: FlatParams, lr: Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
         self.fp, self.lr = fp, fp.member_vector(lr.to(torch.float32))
@@ -407,3 +333,71 @@ class FlatAdam:
         denom = torch.sqrt(v, out=self._denom).div_(math.sqrt(bc2)).add_(self.eps)
         step = torch.div(self.lr, bc1, out=self._step).mul_(m)  # m * (lr / bc1)
         self.fp.flat.addcdiv_(step, denom, value=-1.0)
+
+
+class StackedNet:
+    """M stacked MLPs being trained, each with its own learning rate: parameters, gradients
+    and Adam moments in flat buffers. A step is ``out = block.forward(x, t, c)`` for each
+    :meth:`block` of members, the loss's gradient w.r.t. ``out`` into ``block.backward``,
+    then :meth:`step`."""
+
+    def __init__(self, params: Params, lr: Tensor, cfg: MLPConfig):
+        self.cfg, self.fp = cfg, FlatParams(params)
+        self.params = self.fp.params
+        self.opt = FlatAdam(self.fp, lr)
+
+    def block(self, lo: int = 0, hi: int | None = None) -> Block:
+        """Members ``[lo, hi)`` (default: all), with their own workspace."""
+        return Block(self, lo, self.fp.shapes["cemb"][0] if hi is None else hi)
+
+    def step(self) -> None:
+        """One Adam step of every member on the gradients the blocks wrote."""
+        self.opt.step()
+
+    def detached_copy(self) -> Params:
+        return self.fp.detached_copy()
+
+
+class Block:
+    """Forward and backward of members ``[lo, hi)`` of a :class:`StackedNet`: parameters
+    and gradients are slices of its flat buffers, activations live in the block's workspace
+    from :meth:`forward` to :meth:`backward`."""
+
+    def __init__(self, net: StackedNet, lo: int, hi: int):
+        self.cfg, self.lo, self.hi = net.cfg, lo, hi
+        self.params = {k: v[lo:hi] for k, v in net.fp.params.items()}
+        self.grads = {k: v[lo:hi] for k, v in net.fp.grads.items()}
+        self.ws, self.saved = Workspace(), None
+
+    def __bool__(self) -> bool:
+        return self.hi > self.lo
+
+    def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        out, self.saved = forward_train(self.params, x, t, c, self.cfg, self.ws)
+        return out
+
+    def backward(self, grad_out: Tensor) -> None:
+        backward_train(self.params, self.saved, grad_out, self.cfg, self.grads)
+
+
+class FrozenNet:
+    """The forward of some members of a reference that changes rarely, with its layer-1
+    table built once and rebuilt only after :meth:`invalidate` names one of them."""
+
+    def __init__(self, members: list[int], M: int, cfg: MLPConfig):
+        self.members, self.whole, self.cfg = members, members == list(range(M)), cfg
+        self.params: Params | None = None
+        self.joint: Tensor | None = None
+        self.ws = Workspace()
+
+    def invalidate(self, due: list[int]) -> None:
+        if set(due) & set(self.members):
+            self.params = self.joint = None
+
+    def __call__(self, ref: Params, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        if self.params is None:
+            self.params = ref if self.whole else select(ref, self.members)
+            self.joint = joint_table(self.params, self.cfg)
+        if not self.whole:
+            x, t, c = x[self.members], t[self.members], c[self.members]
+        return forward_fast(self.params, x, t, c, self.cfg, self.joint, self.ws)

@@ -10,12 +10,10 @@ the same computation.
 Losses, schedules, timestep samplers/weights and the reference-update rule all come from
 :mod:`minddspo`; nothing here re-derives them.
 
-Speed: :func:`train_references`, :func:`finetune` and :func:`sample` run the
-network through :mod:`toy2d.model`'s fast path (hand-written backward, fused bias matmuls,
-reused buffers, one flat Adam buffer) and autograd only through the loss; they give the same
-float32 numbers as the autograd implementations kept as :func:`_train_references_autograd`,
-:func:`_finetune_autograd` and ``sample(..., _fast=False)``, bit for bit
-(tests/test_toy_fast.py; ``python -m toy2d.bench`` times both side by side).
+Speed: the network runs through :mod:`toy2d.model`'s kernels (hand-written backward, fused
+bias matmuls, reused buffers, one flat Adam buffer); autograd runs through the loss only.
+The float32 numbers are those of a plain autograd implementation (``tests/toy_oracle.py``)
+to float rounding, bit for bit where both pick the same kernels (tests/test_toy_fast.py).
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from minddspo.methods import METHODS as LOSS_METHODS
 from minddspo.methods import method_loss, method_spec
 from minddspo.refupdate import ReferenceUpdateRule, divergence_estimate
 from minddspo.sampling import ddim_sample, ddpm_sample
@@ -46,18 +45,12 @@ from .data import (
     sample_train,
 )
 from .model import (
-    FlatAdam,
-    FlatParams,
+    FrozenNet,
     MLPConfig,
     Params,
-    StackedAdam,
-    Workspace,
-    backward_train,
-    forward,
+    StackedNet,
     forward_fast,
-    forward_train,
     init_params,
-    joint_table,
     select,
     step_denoiser,
 )
@@ -70,7 +63,7 @@ SAMPLERS = ("ddim", "ddpm")
 # rows (members x samples) per sampling call: above ~64k the activations (16 MB each) fall
 # out of cache and a DDIM step costs ~1.8x as much per row (measured at 138 x 2048 rows)
 SAMPLE_ROWS = 65536
-METHODS = ("ref", "sft", "dpo", "dspo", "dspo_cpp", "ddspo")
+METHODS = ("ref", *LOSS_METHODS)  # "ref": the untuned reference, evaluated as a run
 
 
 @dataclass(frozen=True)
@@ -177,10 +170,6 @@ class ToySetup:
             raise ValueError("mlp and schedule must agree on T")
 
 
-def _mean_error(pred: Tensor, target: Tensor) -> Tensor:
-    return (pred - target).pow(2).mean(-1)  # (M, B)
-
-
 def _gather_stack(tensors: list[Tensor], idx: list[Tensor]) -> Tensor:
     return torch.stack([x[i] for x, i in zip(tensors, idx, strict=True)])
 
@@ -229,27 +218,17 @@ class _Noiser:
         return [a * x0 + s_eps for x0 in x0s]
 
 
-def _mean_error_grad(pred: Tensor, target: Tensor) -> Tensor:
-    """``d/d pred`` of ``_mean_error(pred, target).mean(1).sum()`` (members independent),
-    with autograd's arithmetic: ``(pred - target) * fl(1/B) / D * 2``, where ``/D * 2`` is
-    exact for the toy's D = 2, so the result is autograd's bit for bit."""
-    _, B, D = pred.shape
-    key = (B, D, pred.dtype)
-    if key not in _GRAD_SCALES:  # MeanBackward x2, PowBackward
-        _GRAD_SCALES[key] = torch.tensor(1.0 / B, dtype=pred.dtype).div_(D).mul_(2)
-    return torch.sub(pred, target).mul_(_GRAD_SCALES[key])
+def _mean_error_grad(pred: Tensor, target: Tensor, scale: Tensor) -> Tensor:
+    """``d/d pred`` of ``(pred - target).pow(2).mean(-1).mean(1).sum()`` (members
+    independent), with autograd's arithmetic: ``(pred - target) * scale``, ``scale =
+    _mean_error_scale(B, D)``."""
+    return torch.sub(pred, target).mul_(scale)
 
 
-_GRAD_SCALES: dict[tuple, Tensor] = {}
-
-
-def _output_grad(out: Tensor, loss_of: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-    """``(loss, d loss / d out)``, by autograd through the loss alone (the network's part
-    of the backward is :func:`toy2d.model.backward_train`)."""
-    leaf = out.detach().requires_grad_(True)
-    loss = loss_of(leaf)
-    (grad,) = torch.autograd.grad(loss, leaf)
-    return loss.detach(), grad
+def _mean_error_scale(B: int, D: int) -> Tensor:
+    """``fl(1/B) / D * 2`` as autograd's MeanBackward x2 and PowBackward compute it; ``/D * 2``
+    is exact for the toy's D = 2, so the gradient is autograd's bit for bit."""
+    return torch.tensor(1.0 / B, dtype=torch.float32).div_(D).mul_(2)
 
 
 # ----------------------------------------------------------------- reference model
@@ -258,11 +237,7 @@ def _output_grad(out: Tensor, loss_of: Callable[[Tensor], Tensor]) -> tuple[Tens
 def train_references(
     setup: ToySetup, seeds: list[int], progress: Callable[[int], None] | None = None
 ) -> Params:
-    """Train one reference per seed on its noisy set, all seeds in one batched loop.
-
-    Hand-written backward and one flat Adam buffer; the same arithmetic as
-    :func:`_train_references_autograd`, so the cached entries do not depend on the path.
-    """
+    """Train one reference per seed on its noisy set, all seeds in one batched loop."""
     sched, T, rc, mlp = (
         setup.schedule.build(),
         setup.schedule.num_train_timesteps,
@@ -270,11 +245,12 @@ def train_references(
         setup.mlp,
     )
     gens = [generator("ref", s, cache_key(setup, s)) for s in seeds]
-    fp = FlatParams(init_params(mlp, gens))
+    M = len(seeds)
+    net = StackedNet(init_params(mlp, gens), torch.full((M,), rc.lr), mlp)
     data = [sample_train(setup.toy, s) for s in seeds]
     src = _Rows(data)
-    X, Y, M = src.cat(lambda d: d[0]), src.cat(lambda d: d[1]), len(seeds)
-    opt, ws, noiser = FlatAdam(fp, torch.full((M,), rc.lr)), Workspace(), _Noiser(sched)
+    X, Y = src.cat(lambda d: d[0]), src.cat(lambda d: d[1])
+    members, noiser, scale = net.block(), _Noiser(sched), _mean_error_scale(rc.batch, 2)
     for _ in range(rc.steps):
         idx = [
             torch.randint(0, len(x), (rc.batch,), generator=g)
@@ -285,42 +261,12 @@ def train_references(
         rows = src.rows(idx)
         x0, c = src.take(X, rows, M), src.take(Y, rows, M)
         (xt,) = noiser(t, x0, eps=eps)
-        pred, saved = forward_train(fp.params, xt, t, c, mlp, ws)
-        g_out = _mean_error_grad(pred, eps)
-        backward_train(fp.params, saved, g_out, mlp, ws, fp.grads)
-        opt.step()
+        pred = members.forward(xt, t, c)
+        members.backward(_mean_error_grad(pred, eps, scale))
+        net.step()
         if progress:
             progress(1)
-    return fp.detached_copy()
-
-
-def _train_references_autograd(
-    setup: ToySetup, seeds: list[int], progress: Callable[[int], None] | None = None
-) -> Params:
-    """The autograd implementation of :func:`train_references` (kept for the benchmark and
-    the equality tests)."""
-    sched, T, rc = setup.schedule.build(), setup.schedule.num_train_timesteps, setup.ref
-    gens = [generator("ref", s, cache_key(setup, s)) for s in seeds]
-    params = init_params(setup.mlp, gens)
-    data = [sample_train(setup.toy, s) for s in seeds]
-    for p in params.values():
-        p.requires_grad_(True)
-    opt = StackedAdam(params, torch.full((len(seeds),), rc.lr))
-    for _ in range(rc.steps):
-        idx = [
-            torch.randint(0, len(x), (rc.batch,), generator=g)
-            for (x, _), g in zip(data, gens, strict=False)
-        ]
-        t = torch.stack([torch.randint(0, T, (rc.batch,), generator=g) for g in gens])
-        eps = torch.stack([torch.randn(rc.batch, 2, generator=g) for g in gens])
-        x0 = _gather_stack([x for x, _ in data], idx)
-        c = _gather_stack([y for _, y in data], idx)
-        pred = forward(params, sched.add_noise(x0, eps, t), t, c, setup.mlp)
-        loss = _mean_error(pred, eps).mean(1).sum()  # members are independent
-        opt.step(dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True)))
-        if progress:
-            progress(1)
-    return {k: v.detach() for k, v in params.items()}
+    return net.detached_copy()
 
 
 class CacheError(RuntimeError):
@@ -484,55 +430,6 @@ class FinetuneLog:
         )
 
 
-class _RefBlock:
-    """The reference forward of a subset of members, with its layer-1 table built once and
-    rebuilt only after one of them was copied from the policy (a frozen reference never)."""
-
-    def __init__(self, members: list[int], M: int):
-        self.members, self.whole = members, members == list(range(M))
-        self.params: Params | None = None
-        self.joint: Tensor | None = None
-        self.ws = Workspace()
-
-    def invalidate(self, due: list[int]) -> None:
-        if set(due) & set(self.members):
-            self.params = self.joint = None
-
-    def __call__(self, ref: Params, x: Tensor, t: Tensor, c: Tensor, mlp: MLPConfig) -> Tensor:
-        if self.params is None:
-            self.params = ref if self.whole else select(ref, self.members)
-            self.joint = joint_table(self.params, mlp)
-        if not self.whole:
-            x, t, c = x[self.members], t[self.members], c[self.members]
-        return forward_fast(self.params, x, t, c, mlp, self.joint, self.ws)
-
-
-class _PolicyBlock:
-    """The policy's forward/backward for members ``[lo, hi)`` on the first ``halves``
-    halves of the ``(M, 2B)`` rows, with parameters and gradients as slices of the flat
-    buffer and its own reused workspace."""
-
-    def __init__(self, fp: FlatParams, lo: int, hi: int, halves: int):
-        self.lo, self.hi, self.halves = lo, hi, halves
-        self.params = {k: v[lo:hi] for k, v in fp.params.items()}
-        self.grads = {k: v[lo:hi] for k, v in fp.grads.items()}
-        self.ws, self.saved = Workspace(), None
-
-    def __bool__(self) -> bool:
-        return self.hi > self.lo
-
-    def forward(self, x: Tensor, t: Tensor, c: Tensor, mlp: MLPConfig, B: int) -> Tensor:
-        n = self.halves * B
-        x, t, c = (z[self.lo : self.hi, :n] for z in (x, t, c))
-        if self.halves == 1:  # a contiguous copy of the winner rows
-            x, t, c = x.contiguous(), t.contiguous(), c.contiguous()
-        out, self.saved = forward_train(self.params, x, t, c, mlp, self.ws)
-        return out.requires_grad_(True)
-
-    def backward(self, g_out: Tensor, mlp: MLPConfig) -> None:
-        backward_train(self.params, self.saved, g_out, mlp, self.ws, self.grads)
-
-
 def _scatter_members(out: Tensor, members: list[int], M: int) -> Tensor:
     if len(members) == M:
         return out
@@ -661,12 +558,13 @@ def finetune(
 ) -> tuple[Params, FinetuneLog]:
     """Fine-tune one member per run from its seed's reference; returns stacked params.
 
-    The same computation as :func:`_finetune_autograd` (same draws, same float32 ops, so
-    the same parameters), with the network's backward written by hand
-    (:func:`toy2d.model.backward_train`), one flat Adam buffer, one gather per data tensor
-    per step, and the reference evaluated only on the rows a member's loss reads: none for
-    ``sft``, ``(x_t^w, c), (x_t^l, c)`` for all others and ``(x_t^l, c-)`` for the CPP
-    methods only, with its layer-1 table built once while the reference is frozen.
+    A step: the policy's forward (:class:`toy2d.model.StackedNet`), the reference's
+    (:class:`toy2d.model.FrozenNet`), one :func:`minddspo.methods.method_loss` call per
+    loss group, autograd through the losses only, the policy's backward, one Adam step.
+    One gather per data tensor per step; the reference runs only on the rows a member's
+    loss reads: none for ``sft``, ``(x_t^w, c), (x_t^l, c)`` for all others and
+    ``(x_t^l, c-)`` for the CPP methods only, with its layer-1 table built once while the
+    reference is frozen.
     """
     if any(r.method == "ref" for r in runs):
         raise ValueError("'ref' is not fine-tuned")
@@ -682,10 +580,8 @@ def finetune(
     snr = sched.snr()
     M, B = len(runs), ft.batch
     init = {k: torch.cat([refs[r.seed][k] for r in runs]) for k in refs[runs[0].seed]}
-    fp = FlatParams(init)
-    params = fp.params
+    net = StackedNet(init, torch.tensor([ft.lr_for(r.beta) for r in runs]), mlp)
     ref = {k: v.clone() for k, v in init.items()}  # per-member reference (periodic updates)
-    opt = FlatAdam(fp, torch.tensor([ft.lr_for(r.beta) for r in runs]))
     noiser = _Noiser(sched)
     cache: dict[tuple[int, int], Pairs] = {}
     for r in runs:  # one data set per (seed, N), shared by every method and beta
@@ -701,15 +597,16 @@ def finetune(
     XW, XL = src.cat(lambda p: p.x_w), src.cat(lambda p: p.x_l)
     C, CN = src.cat(lambda p: p.c), src.cat(lambda p: p.c_neg)
     # ATen multiplies matrices of < 400 multiply-adds with its own loop instead of BLAS, and
-    # the two round differently; evaluating fewer rows than the autograd path's 3B is exact
+    # the two round differently; evaluating fewer rows than an autograd loop's 3B is exact
     # only when no product crosses that line (always at the toy's sizes, B=128, H=64)
     split = 2 * mlp.hidden * B >= 400
-    ref_wl = _RefBlock([m for m in range(M) if specs[m].preference or not split], M)
-    ref_neg = _RefBlock([m for m in range(M) if specs[m].cpp and split], M)
+    ref_wl = FrozenNet([m for m in range(M) if specs[m].preference or not split], M, mlp)
+    ref_neg = FrozenNet([m for m in range(M) if specs[m].cpp and split], M, mlp)
     # the policy on (x_t^w, c), (x_t^l, c) for members [0, n_wl); on (x_t^w, c) alone for
-    # the others (sft reads no loser row)
+    # the others (sft reads no loser row): (block, its members, rows it reads)
     n_wl = sum(s.preference for s in specs) if split else M
-    blocks = [_PolicyBlock(fp, 0, n_wl, 2), _PolicyBlock(fp, n_wl, M, 1)]
+    policy = [(net.block(lo, hi), slice(lo, hi), n)
+              for lo, hi, n in ((0, n_wl, 2 * B), (n_wl, M, B)) if hi > lo]  # fmt: skip
 
     probe_xt, probe_t, probe_c = _probe_set(runs, pairs, ft.n_probe, sched)
     init_probe = forward_fast(init, probe_xt, probe_t, probe_c, mlp)
@@ -728,32 +625,32 @@ def finetune(
         x2, t2, c2 = torch.cat([xt_w, xt_l], 1), t.repeat(1, 2), torch.cat([c, c], 1)
         # f_ref(x_t^w, c), f_ref(x_t^l, c) where a loss reads them; f_ref(x_t^l, c-) for CPP
         r_w = r_l = r_l_neg = eps.new_zeros(M, B, 2)
-        if not split:  # the autograd path's layout: all members, rows (w, l, l-)
+        if not split:  # an autograd loop's layout: all members, rows (w, l, l-)
             x3, c3 = torch.cat([x2, xt_l], 1), torch.cat([c2, c_neg], 1)
-            r_w, r_l, r_l_neg = ref_wl(ref, x3, t.repeat(1, 3), c3, mlp).split(B, dim=1)
+            r_w, r_l, r_l_neg = ref_wl(ref, x3, t.repeat(1, 3), c3).split(B, dim=1)
         elif ref_wl.members:
-            r_w, r_l = _scatter_members(ref_wl(ref, x2, t2, c2, mlp), ref_wl.members, M).split(
-                B, dim=1
-            )
+            r_w, r_l = _scatter_members(ref_wl(ref, x2, t2, c2), ref_wl.members, M).split(B, 1)
         if ref_neg.members:
-            r_l_neg = _scatter_members(ref_neg(ref, xt_l, t, c_neg, mlp), ref_neg.members, M)
-        outs = [b.forward(x2, t2, c2, mlp, B) for b in blocks if b]
-        # leaves: autograd runs through the losses only
+            r_l_neg = _scatter_members(ref_neg(ref, xt_l, t, c_neg), ref_neg.members, M)
+        # policy forward; its outputs are leaves: autograd runs through the losses only
+        outs = [
+            block.forward(*(z[members, :n].contiguous() for z in (x2, t2, c2))).requires_grad_()
+            for block, members, n in policy
+        ]
         p_w = torch.cat([o[:, :B] for o in outs])
         p_l = torch.cat([o[:, B:] if o.shape[1] > B else torch.zeros_like(o) for o in outs])
         total = group_losses(
             groups, ft, (p_w, p_l, r_w, r_l, r_l_neg), eps, t, T, snr,
             (loss_acc, iacc_acc) if step > ft.steps - tail else None, tail,
         )  # fmt: skip
-        g_outs = torch.autograd.grad(total, outs)
-        for b, g_out in zip([b for b in blocks if b], g_outs, strict=True):
-            b.backward(g_out, mlp)
-        opt.step()
+        for (block, _, _), g_out in zip(policy, torch.autograd.grad(total, outs), strict=True):
+            block.backward(g_out)
+        net.step()
         due = [m for m in range(M) if rules[m].copy_due(step, frozen[m])]
         if due:
             with torch.no_grad():
                 for k in ref:
-                    ref[k][due] = params[k][due]
+                    ref[k][due] = net.params[k][due]
                 d_ref = forward_fast(
                     select(ref, due), probe_xt[due], probe_t[due], probe_c[due], mlp
                 )
@@ -764,85 +661,7 @@ def finetune(
             progress(1)
     log.final_loss = loss_acc.tolist()
     log.final_implicit_acc = iacc_acc.tolist()
-    return fp.detached_copy(), log
-
-
-def _finetune_autograd(
-    setup: ToySetup,
-    ft: FinetuneConfig,
-    runs: list[Run],
-    refs: dict[int, Params],
-    progress: Callable[[int], None] | None = None,
-) -> tuple[Params, FinetuneLog]:
-    """The autograd implementation of :func:`finetune` (kept for the benchmark and the
-    equality tests)."""
-    if any(r.method == "ref" for r in runs):
-        raise ValueError("'ref' is not fine-tuned")
-    sched, T, mlp = setup.schedule.build(), setup.schedule.num_train_timesteps, setup.mlp
-    snr = sched.snr()
-    M, B = len(runs), ft.batch
-    init = {k: torch.cat([refs[r.seed][k] for r in runs]) for k in refs[runs[0].seed]}
-    params = {k: v.clone().requires_grad_(True) for k, v in init.items()}
-    ref = {k: v.clone() for k, v in init.items()}  # per-member reference (periodic updates)
-    opt = StackedAdam(params, torch.tensor([ft.lr_for(r.beta) for r in runs]))
-    cache: dict[tuple[int, int], Pairs] = {}
-    for r in runs:  # one data set per (seed, N), shared by every method and beta
-        if (r.seed, r.n_pairs) not in cache:
-            cache[r.seed, r.n_pairs] = make_preference_pairs(
-                setup, ft.pairs, r.n_pairs, r.seed, refs[r.seed], _fast=False
-            )
-    pairs = [cache[r.seed, r.n_pairs] for r in runs]
-    gens = [generator("finetune", *r.key()) for r in runs]
-    rules = [r.strategy.rule() for r in runs]
-
-    probe_xt, probe_t, probe_c = _probe_set(runs, pairs, ft.n_probe, sched)
-    with torch.no_grad():
-        init_probe = forward(init, probe_xt, probe_t, probe_c, mlp)
-
-    log = FinetuneLog([[] for _ in runs], [None] * M, [[] for _ in runs], [0.0] * M, [0.0] * M)
-    frozen = [False] * M
-    groups = loss_groups(runs, ft, B)
-    tail = max(1, ft.steps // 10)
-    loss_acc, iacc_acc = torch.zeros(M), torch.zeros(M)
-    for step in range(1, ft.steps + 1):
-        idx, t, eps = _draw_step(runs, pairs, gens, B, T)
-        x_w = _gather_stack([p.x_w for p in pairs], idx)
-        x_l = _gather_stack([p.x_l for p in pairs], idx)
-        c = _gather_stack([p.c for p in pairs], idx)
-        c_neg = _gather_stack([p.c_neg for p in pairs], idx)
-        xt_w = sched.add_noise(x_w, eps, t)  # winner and loser share t and eps
-        xt_l = sched.add_noise(x_l, eps, t)
-        with torch.no_grad():  # f_ref(x_t^w, c), f_ref(x_t^l, c), f_ref(x_t^l, c-)
-            r_all = forward(
-                ref,
-                torch.cat([xt_w, xt_l, xt_l], 1),
-                t.repeat(1, 3),
-                torch.cat([c, c, c_neg], 1),
-                mlp,
-            )
-        r_w, r_l, r_l_neg = r_all.split(B, dim=1)
-        p_all = forward(
-            params, torch.cat([xt_w, xt_l], 1), t.repeat(1, 2), torch.cat([c, c], 1), mlp
-        )
-        p_w, p_l = p_all.split(B, dim=1)
-        total = group_losses(
-            groups, ft, (p_w, p_l, r_w, r_l, r_l_neg), eps, t, T, snr,
-            (loss_acc, iacc_acc) if step > ft.steps - tail else None, tail,
-        )  # fmt: skip
-        grads = torch.autograd.grad(total, list(params.values()))
-        opt.step(dict(zip(params, grads, strict=True)))
-        due = [m for m in range(M) if rules[m].copy_due(step, frozen[m])]
-        if due:
-            with torch.no_grad():
-                for k in ref:
-                    ref[k][due] = params[k][due].detach()
-                d_ref = forward(select(ref, due), probe_xt[due], probe_t[due], probe_c[due], mlp)
-            log.record_copies(step, due, d_ref, init_probe, rules, frozen)
-        if progress:
-            progress(1)
-    log.final_loss = loss_acc.tolist()
-    log.final_implicit_acc = iacc_acc.tolist()
-    return {k: v.detach() for k, v in params.items()}, log
+    return net.detached_copy(), log
 
 
 # ------------------------------------------------------------------- sampling
@@ -857,19 +676,17 @@ def denoise(
     gens: list[torch.Generator],
     sampler: str = "ddim",
     ddim_steps: int = 50,
-    *,
-    _fast: bool = True,
 ) -> Tensor:
     """Run the reverse process from noise ``x (M, n, 2)`` with classes ``c (M, n)``.
 
     DDIM (eta = 0, trailing spacing, so it starts at the noisiest step) or DDPM ancestral
     over all T steps, both from :mod:`minddspo.sampling`; DDPM noise from ``gens[m]``.
-    The fast path runs at most :data:`SAMPLE_ROWS` rows at a time (whole members).
+    At most :data:`SAMPLE_ROWS` rows run at a time (whole members).
     """
     sched, T, mlp = setup.schedule.build(), setup.schedule.num_train_timesteps, setup.mlp
     M, n = c.shape
     per_call = max(1, SAMPLE_ROWS // n)
-    if _fast and M > per_call:  # members are independent: the same numbers, chunk by chunk
+    if M > per_call:  # members are independent: the same numbers, chunk by chunk
         return torch.cat(
             [
                 denoise(setup, select(params, slice(i, i + per_call)), x[i : i + per_call],
@@ -877,12 +694,7 @@ def denoise(
                 for i in range(0, M, per_call)
             ]
         )  # fmt: skip
-
-    def eps(x: Tensor, t: Tensor) -> Tensor:  # t (M,): one step for all members
-        return forward(params, x, t[:, None].expand(M, n), c, mlp)
-
-    if _fast:  # the same values, with the tables built once for all steps
-        eps = step_denoiser(params, c, mlp)  # noqa: F811
+    eps = step_denoiser(params, c, mlp)  # t (M,): one step for all members
 
     if sampler == "ddim":
         return ddim_sample(
@@ -911,8 +723,6 @@ def sample(
     n_per_class: int,
     sampler: str = "ddim",
     ddim_steps: int = 50,
-    *,
-    _fast: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Samples ``(M, K n, 2)`` and labels ``(K n,)``; member m's noise comes from its seed.
 
@@ -923,11 +733,11 @@ def sample(
     gens = [generator("sample", s, sampler) for s in seeds]
     x = torch.stack([torch.randn(len(labels), 2, generator=g) for g in gens])  # (M, n, 2)
     c = labels.expand(len(seeds), len(labels))
-    return denoise(setup, params, x, c, gens, sampler, ddim_steps, _fast=_fast), labels
+    return denoise(setup, params, x, c, gens, sampler, ddim_steps), labels
 
 
 def make_preference_pairs(
-    setup: ToySetup, source: str, n_pairs: int, seed: int, ref: Params, *, _fast: bool = True
+    setup: ToySetup, source: str, n_pairs: int, seed: int, ref: Params
 ) -> Pairs:
     """``N`` pairs per class: winner of class ``c``, loser of a neighbouring class ``c-``.
 
@@ -944,5 +754,5 @@ def make_preference_pairs(
     c = class_labels(setup.toy, n_pairs)
     c_neg = neighbour(c, setup.toy, g)
     z = torch.randn(1, 2 * len(c), 2, generator=g)
-    x = denoise(setup, ref, z, torch.cat([c, c_neg]).unsqueeze(0), [g], _fast=_fast)[0]
+    x = denoise(setup, ref, z, torch.cat([c, c_neg]).unsqueeze(0), [g])[0]
     return Pairs(x_w=x[: len(c)], x_l=x[len(c) :], c=c, c_neg=c_neg)
