@@ -3,7 +3,6 @@
     minddspo        the math: imports none of toy2d, bench, paper_figures
     toy2d           the toy: imports minddspo, never bench or paper_figures
     bench           the T2I side: imports minddspo, never toy2d or paper_figures
-                    (except the shim command bench/bench_toy.py = python -m toy2d.bench)
     bench.t2i       the T2I library: never imports a command (a top-level bench/*.py
                     with an ``if __name__ == "__main__"`` block)
     bench/*.py      the commands: none imports another; none touches ``sys.path``
@@ -32,8 +31,6 @@ TINY_ENTRY_POINTS = {
     ("bench.evaluate", "evaluate"),  # evaluate.py --tiny: random tiny CLIP scorers
     ("bench.bench_step", "build_backbone"),  # bench_step --sd15-config: the tiny tokenizer
 }
-#: bench modules allowed to import toy2d: the shim that keeps ``python bench/bench_toy.py``
-BENCH_TO_TOY_SHIMS = ["bench.bench_toy"]
 
 
 def _module_name(path: Path) -> str:
@@ -131,8 +128,7 @@ def test_toy2d_imports_neither_bench_nor_paper_figures(path):
 @pytest.mark.parametrize("path", _in("bench"), ids=_module_name)
 def test_bench_imports_neither_toy2d_nor_paper_figures(path):
     name = _module_name(path)
-    banned = ("paper_figures",) if name in BENCH_TO_TOY_SHIMS else ("toy2d", "paper_figures")
-    bad = {m for m in imports_of(path) if _top(m) in banned}
+    bad = {m for m in imports_of(path) if _top(m) in ("toy2d", "paper_figures")}
     assert not bad, f"{name} imports {sorted(bad)}"
 
 

@@ -124,8 +124,12 @@ def test_bad_rules_raise(kwargs):
         ReferenceUpdateRule(**kwargs)
 
 
-def test_defaults():
+def test_the_default_rule_keeps_the_reference_fixed():
+    """The default is the plain protocol: no copy at any step, no freeze at any divergence;
+    and a rule cannot be changed after it is made."""
     rule = ReferenceUpdateRule()
-    assert (rule.mode, rule.tau, rule.delta) == ("frozen", 32, 0.005)
+    assert not any(rule.copy_due(step, frozen=False) for step in range(1, 1000))
+    assert not rule.freezes(1e9)
+    assert ReferenceUpdateRule("periodic").copy_due(rule.tau, frozen=False)  # periodic does
     with pytest.raises(AttributeError):  # frozen dataclass
         rule.tau = 16

@@ -35,7 +35,7 @@ def test_every_command_with_out_is_in_the_list(capsys):
     """A new command with --out joins OUT_COMMANDS (and so the test below)."""
     with_out = set()
     for path in sorted((Path(__file__).resolve().parents[1] / "bench").glob("*.py")):
-        if path.stem in ("__init__", "bench_toy"):  # the package; the toy2d shim
+        if path.stem == "__init__":  # the package
             continue
         module = importlib.import_module(f"bench.{path.stem}")
         with pytest.raises(SystemExit):

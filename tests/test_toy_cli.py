@@ -3,8 +3,10 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from toy_helpers import TINY, fake_cached_reference
 
 from toy2d import run as run_cli
 from toy2d import sweep as sweep_cli
+from toy2d import train as tt
 
 FAST = ["--steps", "3", "--batch", "8", "--n-eval", "8"]
 
@@ -183,17 +186,6 @@ def test_module_entry_point_exit_code(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_toy_bench_help_both_ways():
-    """``python -m toy2d.bench`` and the README's ``python bench/bench_toy.py`` shim."""
-    root = Path(__file__).resolve().parents[1]
-    for cmd in (["-m", "toy2d.bench"], [str(root / "bench" / "bench_toy.py")]):
-        out = subprocess.run(
-            [sys.executable, *cmd, "--help"], capture_output=True, text=True, cwd=root, timeout=120
-        )
-        assert out.returncode == 0, out.stderr
-        assert "--naive-subset" in out.stdout and "--seeds" in out.stdout
-
-
 @pytest.mark.slow
 def test_full_size_ddspo_beats_the_untuned_reference(tmp_path, monkeypatch):
     """The main job at full size (a real 3000-step reference, 400 fine-tuning steps, 256
@@ -232,6 +224,52 @@ def test_toy_bench_sweeps_times_both_checkouts_and_compares_results(monkeypatch,
     assert "target met, baseline / this =" in out
     assert "results.csv identical across runs and checkouts: True" in out
     assert len(list(tmp_path.glob("toy2d-bench-*/sweep0-*/results.csv"))) == 2
+
+
+def test_toy_bench_times_the_workload_against_a_baseline_checkout(monkeypatch, capsys, tmp_path):
+    """``--baseline DIR`` without ``--sweeps``: the fine-tunes + sampling run from this
+    checkout and from DIR, each in a fresh process; the times land on the right side and the
+    results are compared. DIR is a copy of this checkout whose fine-tuning is slower and
+    whose learning rate is doubled, so both show."""
+    import shutil
+
+    import toy2d.bench as tb
+
+    root = Path(__file__).resolve().parent.parent
+    base = tmp_path / "base"
+    for pkg in ("toy2d", "minddspo"):
+        shutil.copytree(root / pkg, base / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    train = base / "toy2d" / "train.py"
+    src = train.read_text()
+    src = src.replace(
+        "    lr: float = 1e-4  # learning rate at", "    lr: float = 2e-4  # learning rate at"
+    )
+    src = src.replace(
+        '    """Fine-tune one member per run',
+        '    __import__("time").sleep(3)\n    """Fine-tune one member per run',
+        1,
+    )
+    train.write_text(src)
+    monkeypatch.setattr(tb, "SETUP", TINY)
+    monkeypatch.setattr(tb, "N_EVAL", 4)
+    monkeypatch.setattr(
+        tb, "workload", lambda seeds: [tt.Run("dpo", 3, 400.0, 0), tt.Run("ddspo", 2, 200.0, 0)]
+    )
+    monkeypatch.setenv("MINDDSPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    argv = ["--seeds", "1", "--steps", "3", "--no-flops", "--baseline", str(base)]
+    assert tb.main(argv) == 0
+    out = capsys.readouterr().out
+    this = float(re.search(r"this checkout *: *([\d.]+) s", out).group(1))
+    slow = float(re.search(r"baseline .*: *([\d.]+) s", out).group(1))
+    assert slow >= this + 2.5, out  # the sleeping side is the baseline
+    assert "baseline / this  :" in out
+    assert "this vs baseline (parameters and samples)" in out and "bitwise equal: no" in out
+    assert len(list(tmp_path.glob("toy2d-bench-*/*.safetensors"))) == 2
+    # DIR's own copy without the changes: the same bits
+    train.write_text((root / "toy2d" / "train.py").read_text())
+    assert tb.main(argv) == 0
+    assert "bitwise equal: yes" in capsys.readouterr().out
 
 
 def test_toy_bench_baseline_must_be_a_checkout(tmp_path, capsys):

@@ -1,5 +1,5 @@
 """The fast toy path (hand-written backward, fused matmuls, reused buffers, flat Adam, cached
-tables) computes what the autograd path computes.
+tables) computes what the autograd oracle (tests/toy_oracle.py) computes.
 
 Two kinds of assertion. Where the same ops run in the same order (a fast variant against
 another, a run against itself, flat vs stacked Adam on the same gradients, thread counts,
@@ -334,8 +334,9 @@ def test_sampling_in_member_chunks_is_exact(monkeypatch, sampler):
 
 
 def test_bench_reports_the_largest_difference_not_a_claim():
-    """``toy2d.bench`` prints how far the new path is from the old (ulps of the tensor's
-    magnitude, the worst tensor named) and whether they are bitwise equal, as information."""
+    """``toy2d.bench --baseline`` prints how far this checkout's results are from the
+    baseline's (ulps of the tensor's magnitude, the worst tensor named) and whether they are
+    bitwise equal, as information."""
     from toy2d.bench import compare_line
 
     a = {"w": torch.tensor([1.0, -4.0, 2.0]), "samples": torch.tensor([[3.0, 0.5]])}

@@ -41,7 +41,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +50,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .train import FinetuneConfig, Run, ToySetup, finetune, load_references, sample
 
 aten = torch.ops.aten
+SETUP = ToySetup()  # the toy's full size (tests swap in a tiny one)
+N_EVAL = 256  # samples per class drawn from every fine-tuned model
 _MATMULS = {aten.bmm: (0, 1), aten.mm: (0, 1), aten.baddbmm: (1, 2), aten.addmm: (1, 2)}
 
 
@@ -95,7 +97,7 @@ def count_flops(setup, ft, runs, refs) -> tuple[int, int, list]:
     per_step = logs[1].shapes[len(logs[0].shapes) :]
     total = logs[0].flops + (ft.steps - 1) * (logs[1].flops - logs[0].flops)
     with MatmulLog() as slog:
-        sample(setup, params, [r.seed for r in runs], 256)
+        sample(setup, params, [r.seed for r in runs], N_EVAL)
     return total, slog.flops, per_step
 
 
@@ -252,7 +254,7 @@ def time_here(setup, ft, runs, refs, repeats: int) -> float:
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
         params, _ = finetune(setup, ft, runs, refs)
-        sample(setup, params, [r.seed for r in runs], 256)
+        sample(setup, params, [r.seed for r in runs], N_EVAL)
         times.append(time.perf_counter() - t0)
     print(f"fine-tunes + sampling: {min(times):7.1f} s  {_all(times)}")
     return min(times)
@@ -265,15 +267,20 @@ _JOB = """
 import json, sys, time, torch
 from safetensors.torch import save_file
 from toy2d.train import FinetuneConfig, Run, ToySetup, finetune, load_references, sample
+from toy2d.data import ToyConfig
+from toy2d.model import MLPConfig
+from toy2d.train import RefConfig, ScheduleConfig
 spec = json.loads(sys.argv[1])
 if spec["threads"] > 0:
     torch.set_num_threads(spec["threads"])
-setup, ft = ToySetup(), FinetuneConfig(steps=spec["steps"])
+parts = {"toy": ToyConfig, "mlp": MLPConfig, "schedule": ScheduleConfig, "ref": RefConfig}
+setup = ToySetup(**{k: parts[k](**v) for k, v in spec["setup"].items()})
+ft = FinetuneConfig(steps=spec["steps"])
 runs = [Run(m, n, b, s) for m, n, b, s in spec["runs"]]
 refs = load_references(setup, sorted({r.seed for r in runs}))
 t0 = time.perf_counter()
 params, _ = finetune(setup, ft, runs, refs)
-x, _ = sample(setup, params, [r.seed for r in runs], 256)
+x, _ = sample(setup, params, [r.seed for r in runs], spec["n_eval"])
 seconds = time.perf_counter() - t0
 save_file({k: v.contiguous() for k, v in {**params, "samples": x}.items()}, spec["out"])
 print(json.dumps({"seconds": seconds}))
@@ -283,6 +290,8 @@ print(json.dumps({"seconds": seconds}))
 def run_job_process(cwd: Path, runs: list[Run], steps: int, threads: int, out: Path) -> float:
     """:data:`_JOB` from checkout ``cwd``: the seconds it took; its results go to ``out``."""
     spec = {
+        "setup": asdict(SETUP),
+        "n_eval": N_EVAL,
         "runs": [[r.method, r.n_pairs, r.beta, r.seed] for r in runs],
         "steps": steps,
         "threads": threads,
@@ -367,7 +376,7 @@ def time_naive(setup, ft, runs, refs, subset: int, t_new: float) -> None:
     t0 = time.perf_counter()
     for r in todo:
         one, _ = finetune(setup, ft, [r], refs)
-        sample(setup, one, [r.seed], 256)
+        sample(setup, one, [r.seed], N_EVAL)
     measured = time.perf_counter() - t0
     t_naive = measured * len(runs) / len(todo)
     note = (
@@ -385,11 +394,13 @@ def main(argv: list[str] | None = None) -> int:
         return time_sweeps(args.repeats, args.baseline, args.ablation)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    setup, ft = ToySetup(), FinetuneConfig(steps=args.steps)
+    setup, ft = SETUP, FinetuneConfig(steps=args.steps)
     seeds = list(range(args.seeds))
     runs = workload(seeds)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    print(f"workload: {len(runs)} fine-tunes x {ft.steps} steps (+ pairs) + sampling 256/class")
+    print(
+        f"workload: {len(runs)} fine-tunes x {ft.steps} steps (+ pairs) + sampling {N_EVAL}/class"
+    )
     t0 = time.perf_counter()
     refs = load_references(setup, seeds)
     print(f"references (cache or train, not counted below): {time.perf_counter() - t0:.1f} s")

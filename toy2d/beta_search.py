@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from minddspo.methods import SCORE_MATCHING_METHODS
+
 from .cli import (
     Parser,
     Staging,
@@ -34,7 +36,8 @@ from .train import ToySetup
 
 PROG = "python -m toy2d.beta_search"
 GRID = "0.001,0.01,0.05,0.1,0.5"
-METHODS = ("dspo", "dspo_cpp")
+# the methods with an outside beta (DSPO, DSPO+CPP)
+METHODS = SCORE_MATCHING_METHODS
 
 
 def parse(argv: list[str] | None):

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from minddspo.methods import METHODS as LOSS_METHODS
+from minddspo.methods import method_spec
+
 from .cli import (
     Parser,
     Staging,
@@ -54,8 +57,8 @@ PROG = "python -m toy2d.sweep"
 # fine-tunes batched into one stacked model: the per-run cost falls up to ~150 (the
 # per-step Python work is shared) and rises again beyond a few hundred (memory traffic)
 MAX_MEMBERS = 160
-PAPER_METHODS = ("sft", "dpo", "dspo", "dspo_cpp", "ddspo")  # sft: a baseline row
-ABLATION_METHODS = ("dpo", "dspo", "dspo_cpp", "ddspo")
+PAPER_METHODS = LOSS_METHODS  # every loss of the method table; sft: a baseline row
+ABLATION_METHODS = tuple(m for m in LOSS_METHODS if method_spec(m).preference)
 CELL_FORMAT = 1
 # the sources whose code decides a seed's numbers: editing one invalidates stored cells
 CELL_SOURCES = ("toy2d/data.py", "toy2d/model.py", "toy2d/train.py", "toy2d/metrics.py")
@@ -250,8 +253,6 @@ def run_sweep(
     (None: ``ft.beta_out`` alone) -- the beta_out search uses it. ``store``: seeds it
     holds are loaded instead of trained, and each newly finished seed is saved to it."""
     from tqdm import tqdm
-
-    from minddspo.methods import method_spec
 
     from .metrics import gt_eval_set
 

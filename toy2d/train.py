@@ -538,6 +538,103 @@ def _probe_set(runs: list[Run], pairs: list[Pairs], n_probe: int, sched: DDPMSch
     return sched.add_noise(probe_x0, probe_eps, probe_t), probe_t, probe_c
 
 
+def _preference_pairs(setup, ft, runs, refs) -> list[Pairs]:
+    """Each run's preference pairs: one data set per (seed, N), shared by every method and
+    beta."""
+    cache: dict[tuple[int, int], Pairs] = {}
+    for r in runs:
+        if (r.seed, r.n_pairs) not in cache:
+            cache[r.seed, r.n_pairs] = make_preference_pairs(
+                setup, ft.pairs, r.n_pairs, r.seed, refs[r.seed]
+            )
+    return [cache[r.seed, r.n_pairs] for r in runs]
+
+
+class _Probes:
+    """Each member's fixed probe set (:func:`_probe_set`) and the initial model's
+    predictions on it, for the divergence estimate after a reference copy."""
+
+    def __init__(self, runs, pairs, n_probe: int, sched: DDPMSchedule, init: Params, mlp):
+        self.xt, self.t, self.c = _probe_set(runs, pairs, n_probe, sched)
+        self.init = forward_fast(init, self.xt, self.t, self.c, mlp)
+        self.mlp = mlp
+
+    def predict(self, params: Params, due: list[int]) -> Tensor:
+        """The predictions of members ``due`` of ``params`` on their probes."""
+        return forward_fast(params, self.xt[due], self.t[due], self.c[due], self.mlp)
+
+
+class _Reference:
+    """The fine-tunes' references: one copy of the initial parameters per member, updated by
+    each member's rule (:meth:`update`), evaluated only on the rows a loss reads."""
+
+    def __init__(self, init: Params, runs: list[Run], split: bool, mlp: MLPConfig):
+        M, specs = len(runs), [method_spec(r.method) for r in runs]
+        self.params = {k: v.clone() for k, v in init.items()}
+        self.split, self.M, self.frozen = split, M, [False] * M
+        self.rules = [r.strategy.rule() for r in runs]
+        self.wl = FrozenNet([m for m in range(M) if specs[m].preference or not split], M, mlp)
+        self.neg = FrozenNet([m for m in range(M) if specs[m].cpp and split], M, mlp)
+
+    def forward(self, x2, t2, c2, xt_l, t, c_neg) -> tuple[Tensor, Tensor, Tensor]:
+        """``f_ref(x_t^w, c), f_ref(x_t^l, c)`` where a loss reads them, ``f_ref(x_t^l, c-)``
+        for CPP; zeros elsewhere. ``x2, t2, c2``: the winner rows then the loser rows."""
+        M, B = t.shape
+        r_w = r_l = r_l_neg = xt_l.new_zeros(M, B, 2)
+        if not self.split:  # an autograd loop's layout: all members, rows (w, l, l-)
+            x3, c3 = torch.cat([x2, xt_l], 1), torch.cat([c2, c_neg], 1)
+            return self.wl(self.params, x3, t.repeat(1, 3), c3).split(B, dim=1)
+        if self.wl.members:
+            both = self.wl(self.params, x2, t2, c2)
+            r_w, r_l = _scatter_members(both, self.wl.members, M).split(B, dim=1)
+        if self.neg.members:
+            r_l_neg = self.neg(self.params, xt_l, t, c_neg)
+            r_l_neg = _scatter_members(r_l_neg, self.neg.members, M)
+        return r_w, r_l, r_l_neg
+
+    def update(self, step: int, policy: Params, probes: _Probes, log: FinetuneLog) -> None:
+        """After optimizer step ``step``: copy policy -> reference for the members whose rule
+        says so, log their divergence and freeze them once it is above their delta."""
+        due = [m for m in range(self.M) if self.rules[m].copy_due(step, self.frozen[m])]
+        if not due:
+            return
+        with torch.no_grad():
+            for k in self.params:
+                self.params[k][due] = policy[k][due]
+            d_ref = probes.predict(select(self.params, due), due)
+        self.wl.invalidate(due)
+        self.neg.invalidate(due)
+        log.record_copies(step, due, d_ref, probes.init, self.rules, self.frozen)
+
+
+class _Policy:
+    """The policy's blocks of a :class:`StackedNet`: members that read the loser rows
+    ``[0, n_wl)`` run on ``(x_t^w, c), (x_t^l, c)``, the others (sft) on ``(x_t^w, c)``."""
+
+    def __init__(self, net: StackedNet, specs, split: bool, B: int):
+        M = len(specs)
+        n_wl = sum(s.preference for s in specs) if split else M
+        self.B = B
+        self.blocks = [(net.block(lo, hi), slice(lo, hi), n)
+                       for lo, hi, n in ((0, n_wl, 2 * B), (n_wl, M, B)) if hi > lo]  # fmt: skip
+
+    def forward(self, x2: Tensor, t2: Tensor, c2: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+        """``(outs, p_w, p_l)``: each block's output (leaves: autograd runs through the losses
+        only), the winner and loser predictions of every member (zeros where not run)."""
+        B = self.B
+        outs = [
+            block.forward(*(z[members, :n].contiguous() for z in (x2, t2, c2))).requires_grad_()
+            for block, members, n in self.blocks
+        ]
+        p_w = torch.cat([o[:, :B] for o in outs])
+        p_l = torch.cat([o[:, B:] if o.shape[1] > B else torch.zeros_like(o) for o in outs])
+        return outs, p_w, p_l
+
+    def backward(self, grads: tuple[Tensor, ...]) -> None:
+        for (block, _, _), g_out in zip(self.blocks, grads, strict=True):
+            block.backward(g_out)
+
+
 def _draw_step(runs, pairs, gens, B: int, T: int) -> tuple[list[Tensor], Tensor, Tensor]:
     """One step's randomness, each member from its own generator in a fixed order: batch
     indices, timesteps, noise -- ``(idx per member, t (M, B), eps (M, B, 2))``."""
@@ -581,18 +678,9 @@ def finetune(
     M, B = len(runs), ft.batch
     init = {k: torch.cat([refs[r.seed][k] for r in runs]) for k in refs[runs[0].seed]}
     net = StackedNet(init, torch.tensor([ft.lr_for(r.beta) for r in runs]), mlp)
-    ref = {k: v.clone() for k, v in init.items()}  # per-member reference (periodic updates)
     noiser = _Noiser(sched)
-    cache: dict[tuple[int, int], Pairs] = {}
-    for r in runs:  # one data set per (seed, N), shared by every method and beta
-        if (r.seed, r.n_pairs) not in cache:
-            cache[r.seed, r.n_pairs] = make_preference_pairs(
-                setup, ft.pairs, r.n_pairs, r.seed, refs[r.seed]
-            )
-    pairs = [cache[r.seed, r.n_pairs] for r in runs]
+    pairs = _preference_pairs(setup, ft, runs, refs)
     gens = [generator("finetune", *r.key()) for r in runs]
-    rules = [r.strategy.rule() for r in runs]
-    specs = [method_spec(r.method) for r in runs]
     src = _Rows(pairs)
     XW, XL = src.cat(lambda p: p.x_w), src.cat(lambda p: p.x_l)
     C, CN = src.cat(lambda p: p.c), src.cat(lambda p: p.c_neg)
@@ -600,19 +688,11 @@ def finetune(
     # the two round differently; evaluating fewer rows than an autograd loop's 3B is exact
     # only when no product crosses that line (always at the toy's sizes, B=128, H=64)
     split = 2 * mlp.hidden * B >= 400
-    ref_wl = FrozenNet([m for m in range(M) if specs[m].preference or not split], M, mlp)
-    ref_neg = FrozenNet([m for m in range(M) if specs[m].cpp and split], M, mlp)
-    # the policy on (x_t^w, c), (x_t^l, c) for members [0, n_wl); on (x_t^w, c) alone for
-    # the others (sft reads no loser row): (block, its members, rows it reads)
-    n_wl = sum(s.preference for s in specs) if split else M
-    policy = [(net.block(lo, hi), slice(lo, hi), n)
-              for lo, hi, n in ((0, n_wl, 2 * B), (n_wl, M, B)) if hi > lo]  # fmt: skip
-
-    probe_xt, probe_t, probe_c = _probe_set(runs, pairs, ft.n_probe, sched)
-    init_probe = forward_fast(init, probe_xt, probe_t, probe_c, mlp)
+    reference = _Reference(init, runs, split, mlp)
+    policy = _Policy(net, [method_spec(r.method) for r in runs], split, B)
+    probes = _Probes(runs, pairs, ft.n_probe, sched, init, mlp)
 
     log = FinetuneLog([[] for _ in runs], [None] * M, [[] for _ in runs], [0.0] * M, [0.0] * M)
-    frozen = [False] * M
     groups = loss_groups(runs, ft, B)
     tail = max(1, ft.steps // 10)
     loss_acc, iacc_acc = torch.zeros(M), torch.zeros(M)
@@ -623,40 +703,15 @@ def finetune(
         c, c_neg = src.take(C, rows, M), src.take(CN, rows, M)
         xt_w, xt_l = noiser(t, x_w, x_l, eps=eps)  # winner and loser share t and eps
         x2, t2, c2 = torch.cat([xt_w, xt_l], 1), t.repeat(1, 2), torch.cat([c, c], 1)
-        # f_ref(x_t^w, c), f_ref(x_t^l, c) where a loss reads them; f_ref(x_t^l, c-) for CPP
-        r_w = r_l = r_l_neg = eps.new_zeros(M, B, 2)
-        if not split:  # an autograd loop's layout: all members, rows (w, l, l-)
-            x3, c3 = torch.cat([x2, xt_l], 1), torch.cat([c2, c_neg], 1)
-            r_w, r_l, r_l_neg = ref_wl(ref, x3, t.repeat(1, 3), c3).split(B, dim=1)
-        elif ref_wl.members:
-            r_w, r_l = _scatter_members(ref_wl(ref, x2, t2, c2), ref_wl.members, M).split(B, 1)
-        if ref_neg.members:
-            r_l_neg = _scatter_members(ref_neg(ref, xt_l, t, c_neg), ref_neg.members, M)
-        # policy forward; its outputs are leaves: autograd runs through the losses only
-        outs = [
-            block.forward(*(z[members, :n].contiguous() for z in (x2, t2, c2))).requires_grad_()
-            for block, members, n in policy
-        ]
-        p_w = torch.cat([o[:, :B] for o in outs])
-        p_l = torch.cat([o[:, B:] if o.shape[1] > B else torch.zeros_like(o) for o in outs])
+        r_w, r_l, r_l_neg = reference.forward(x2, t2, c2, xt_l, t, c_neg)
+        outs, p_w, p_l = policy.forward(x2, t2, c2)
         total = group_losses(
             groups, ft, (p_w, p_l, r_w, r_l, r_l_neg), eps, t, T, snr,
             (loss_acc, iacc_acc) if step > ft.steps - tail else None, tail,
         )  # fmt: skip
-        for (block, _, _), g_out in zip(policy, torch.autograd.grad(total, outs), strict=True):
-            block.backward(g_out)
+        policy.backward(torch.autograd.grad(total, outs))
         net.step()
-        due = [m for m in range(M) if rules[m].copy_due(step, frozen[m])]
-        if due:
-            with torch.no_grad():
-                for k in ref:
-                    ref[k][due] = net.params[k][due]
-                d_ref = forward_fast(
-                    select(ref, due), probe_xt[due], probe_t[due], probe_c[due], mlp
-                )
-            ref_wl.invalidate(due)
-            ref_neg.invalidate(due)
-            log.record_copies(step, due, d_ref, init_probe, rules, frozen)
+        reference.update(step, net.params, probes, log)
         if progress:
             progress(1)
     log.final_loss = loss_acc.tolist()
