@@ -272,6 +272,19 @@ def test_toy_bench_times_the_workload_against_a_baseline_checkout(monkeypatch, c
     assert "bitwise equal: yes" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flag", ["--naive", "--single-run"])
+def test_toy_bench_baseline_times_only_the_workload(flag, capsys):
+    """``--naive`` / ``--single-run`` time this checkout alone: with ``--baseline``, exit 2
+    before any work, naming both flags."""
+    import toy2d.bench as tb
+
+    root = Path(__file__).resolve().parent.parent
+    with pytest.raises(SystemExit) as e:
+        tb.main(["--baseline", str(root), flag])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--baseline" in err and flag in err.splitlines()[-1]
+
+
 def test_toy_bench_baseline_must_be_a_checkout(tmp_path, capsys):
     import toy2d.bench as tb
 
