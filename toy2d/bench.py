@@ -328,9 +328,7 @@ def time_against_baseline(
         print(compare_line(load_file(work / "baseline-0.safetensors"),
                            load_file(work / "this-0.safetensors")))  # fmt: skip
     print(f"this checkout    : {best['this']:7.1f} s  {_all(times['this'])}")
-    print(
-        f"baseline {str(baseline)[-8:]:>8s}: {best['baseline']:7.1f} s  {_all(times['baseline'])}"
-    )
+    print(f"baseline checkout: {best['baseline']:7.1f} s  {_all(times['baseline'])}")
     print(f"baseline / this  : {best['baseline'] / best['this']:7.2f}x")
     print(f"(outputs under {work})")
     return best["this"]
