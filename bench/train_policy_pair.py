@@ -2,14 +2,24 @@
 ``ddspo/train_lora_target.py``): fine-tune a *winning* model on the preferred samples and a
 *losing* model on the dispreferred samples of a pair dataset, with the plain diffusion loss.
 
-Two runs of ``bench/train_t2i.py --method sft``, one after the other::
+The winning model regresses x0_w with the prompt c, the losing model x0_l with the same
+prompt c, as the official code trains it (and as DDSPO then evaluates it: f_lose(x_t^l, c);
+``train_t2i.py --sft-branch loser_neg`` trains on the loser's prompt c- instead). Two forms:
 
-    OUT/winner   --sft-branch winner: x0_w with the prompt c
-    OUT/loser    --sft-branch loser:  x0_l with the prompt c, as the official code trains it
-                 (and as DDSPO then evaluates it: f_lose(x_t^l, c)); ``train_t2i.py
-                 --sft-branch loser_neg`` trains on the loser's prompt c- instead
+* ``--joint`` (the default), the official form: ONE run of ``bench/train_t2i.py --method sft
+  --sft-branch pair`` into OUT: two LoRA adapters on one frozen base, one optimizer over
+  both, the loss ``mse_w + mse_l``, one gradient clip over both adapters' joint norm, one
+  ``t`` per pair and separate noise for its two sides. OUT holds the run (config.json,
+  metrics.jsonl with each side's loss, checkpoints/ with both adapters); ``--resume`` goes to
+  that run.
+* ``--no-joint``: two runs of ``train_t2i.py --method sft``, one after the other, into
+  OUT/winner (``--sft-branch winner``) and OUT/loser (``--sft-branch loser``), each clipped
+  on its own norm; with the same ``--seed`` both sides see the same ``t`` and the same noise
+  (add ``--independent-noise`` for the joint form's draws). ``--lora 0`` (two full
+  fine-tunes) needs this form.
 
-then it prints the flags for the DDSPO run that uses the pair as its targets::
+Both write OUT/winner/final and OUT/loser/final and print the flags for the DDSPO run that
+uses the pair as its targets::
 
     python bench/train_policy_pair.py --pretrained SD15_DIR --data PAIRS_DIR --out runs/pair
     python bench/train_t2i.py --pretrained SD15_DIR --data PAIRS_DIR --method ddspo \\
@@ -23,17 +33,15 @@ accumulation follows; with ``--tiny`` one micro-step per step unless set). Every
 ``--seed``, ``--dtype``, ...) is passed unchanged to both runs; ``--method``/
 ``--sft-branch`` are this command's.
 
-What still differs from the official pair: it trains both adapters in ONE run, with one
-optimizer over both, the loss ``mse_win + mse_lose`` and one gradient clip (norm 1) over
-both adapters together, and draws one ``t`` but separate noise for the two sides of a pair.
-Here the two models train in two runs, each clipped on its own norm, and (same ``--seed``)
-see the same ``t`` and the same noise for a pair. AdamW is per-parameter, so given the same
-draws the two forms take the same steps whenever neither clip is active. With ``--tiny`` and no ``--data`` the winner run builds its demo pairs into
-``OUT/winner/data`` and the loser run reads the same ones.
+In both forms the two adapters start from the same draw (the official draws them one after
+the other). AdamW is per-parameter, so given the same draws (``--no-joint
+--independent-noise``) the two forms take the same steps whenever no clip is active. With
+``--tiny`` and no ``--data`` the (winner) run builds its demo pairs into ``OUT/data``
+(``OUT/winner/data``) and the loser run reads the same ones.
 
-Each fine-tune runs as its own ``train_t2i.py`` process (``--nproc N``: under
-``torch.distributed.run`` with N ranks), so the two never share memory. Exit code: the
-first failing run's (see ``train_t2i.py --help``); 2 for bad input here.
+Each run is its own ``train_t2i.py`` process (``--nproc N``: under ``torch.distributed.run``
+with N ranks). Exit code: the first failing run's (see ``train_t2i.py --help``); 2 for bad
+input here.
 """
 
 from __future__ import annotations
@@ -55,15 +63,21 @@ PAIR_LORA_RANK = 4
 PAIR_LR = 1e-4
 PAIR_STEPS = 300
 PAIR_PAIRS_PER_STEP = 2048  # --train_batch_size 1 --gradient_accumulation_steps 2048
-OWN = ("--method", "--sft-branch", "--winner-policy", "--loser-policy", "--resume")
+OWN = ("--method", "--sft-branch", "--winner-policy", "--loser-policy")
+SIDES = ("winner", "loser")
 
 
 @dataclass
 class PolicyPairConfig:
-    out: str = opt("runs/policy_pair", "OUT/winner and OUT/loser", metavar="DIR")
+    out: str = opt(
+        "runs/policy_pair",
+        "the run (--joint) or the runs OUT/winner and OUT/loser; the pair: OUT/winner/final, "
+        "OUT/loser/final",
+        metavar="DIR",
+    )
     lora: int = opt(
         PAIR_LORA_RANK,
-        "LoRA rank (the official DD-CPP pair's --lora_rank; 0 = full fine-tunes)",
+        "LoRA rank (the official DD-CPP pair's --lora_rank; 0 = full fine-tunes, --no-joint only)",
     )
     lora_init: str = opt(
         "kaiming",
@@ -81,11 +95,18 @@ class PolicyPairConfig:
     )
     batch_size: int = opt(8, "pairs per rank per micro-step (memory; only pairs per step count)")
     nproc: int = opt(1, "ranks per run (> 1: torch.distributed.run)")
+    joint: bool = opt(
+        True,
+        "train both LoRA adapters in one run, as the official pair: one optimizer, loss "
+        "mse_w + mse_l, one gradient clip over both, separate noise per side (default); "
+        "--no-joint: two train_t2i.py runs, one per side, each clipped on its own",
+    )
 
 
 DESCRIPTION = (
     "Fine-tune DD-CPP's winning and losing models (sft on the winners, sft on the losers) "
-    "for ddspo's --winner-policy/--loser-policy. Unknown flags go to both train_t2i.py runs."
+    "for ddspo's --winner-policy/--loser-policy. Unknown flags go to the train_t2i.py run "
+    "(to both runs with --no-joint)."
 )
 
 
@@ -102,7 +123,8 @@ def subprocess_runner(nproc: int) -> Callable[[list[str]], int]:
 
 
 def plan(argv: Sequence[str] | None) -> tuple[PolicyPairConfig, list[tuple[str, list[str]]]]:
-    """The two ``train_t2i.py`` argument lists ``[("winner", args), ("loser", args)]``."""
+    """The ``train_t2i.py`` argument lists: ``[("winner and loser", args)]`` (``--joint``)
+    or ``[("winner", args), ("loser", args)]``."""
     ns, rest = parse_known(
         PolicyPairConfig, argv, prog="train_policy_pair.py", description=DESCRIPTION
     )
@@ -111,7 +133,14 @@ def plan(argv: Sequence[str] | None) -> tuple[PolicyPairConfig, list[tuple[str, 
             raise UsageError(f"{flag.split('=')[0]} is set by this command")
         if flag.split("=")[0] == "--grad-accum":
             raise UsageError("--grad-accum is set by this command (from --pairs-per-step)")
+        if flag.split("=")[0] == "--resume" and not ns.joint:
+            raise UsageError("--resume applies to the one-run form only (drop --no-joint)")
     check_at_least(ns, ("lora",), 0)
+    if ns.joint and not ns.lora:
+        raise UsageError(
+            "--lora 0 (two full fine-tunes) needs --no-joint: the one-run form trains two "
+            "LoRA adapters"
+        )
     check_at_least(ns, ("max_steps", "nproc", "batch_size", "pairs_per_step"), 1)
     per_micro = ns.batch_size * ns.nproc
     tiny = any(a == "--tiny" or a.startswith("--tiny=") for a in rest)
@@ -127,9 +156,11 @@ def plan(argv: Sequence[str] | None) -> tuple[PolicyPairConfig, list[tuple[str, 
     common += ["--lr", repr(ns.lr), "--max-steps", str(ns.max_steps)]
     common += ["--batch-size", str(ns.batch_size)]
     common += ["--grad-accum", str(ns.pairs_per_step // per_micro), *rest]
+    if ns.joint:
+        return ns, [("winner and loser", [*common, "--sft-branch", "pair", "--out", str(out)])]
     has_data = any(a == "--data" or a.startswith("--data=") for a in rest)
     runs = []
-    for side in ("winner", "loser"):
+    for side in SIDES:
         extra = []
         if side == "loser" and not has_data and tiny:  # the winner run's demo pairs
             extra = ["--data", str(out / "winner" / "data")]
@@ -146,10 +177,12 @@ def main(argv: Sequence[str] | None = None, run: Callable[[list[str]], int] | No
         return 2
     run = run or subprocess_runner(ns.nproc)
     for side, args in runs:
-        print(f"== {side} model: train_t2i.py {shlex.join(args)}", flush=True)
+        what = "models in one run" if side == "winner and loser" else "model"
+        print(f"== {side} {what}: train_t2i.py {shlex.join(args)}", flush=True)
         rc = run(args)
         if rc != 0:
-            print(f"error: the {side} fine-tune failed (exit code {rc})", file=sys.stderr)
+            if rc != 2 and len(runs) > 1:  # 2: the run's own one line said it all
+                print(f"error: the {side} fine-tune failed (exit code {rc})", file=sys.stderr)
             return rc
     out = Path(ns.out)
     print("policy pair ready; train DDSPO on it with:")

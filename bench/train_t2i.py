@@ -21,6 +21,7 @@ with one line, earlier checkpoints intact. Exit codes: see ``--help``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -81,6 +82,7 @@ from bench.t2i.randcond import mix_rows, read_extra_prompts
 from bench.t2i.reference import DivergenceProbe, Reference
 from bench.t2i.step import (
     DIAG_KEYS,
+    PAIR_SFT_KEYS,
     build_optimizer,
     compute_loss,
     draw_noise,
@@ -115,6 +117,9 @@ from minddspo.methods import dspo_beta_warning
 from minddspo.refupdate import ReferenceUpdateRule
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "final")  # OUT holds a run
+#: --sft-branch pair: the two trained networks, each written to OUT/<side>/final and
+#: OUT/checkpoints/step-N/<side>/ (a plain run's one network: side "", OUT/final)
+PAIR_SIDES = ("winner", "loser")
 TRAINER_STATE_KEYS = ("optimizer", "scheduler", "scaler", "counters", "rng")
 
 
@@ -140,7 +145,8 @@ def check_run_dir(cfg: TrainConfig) -> None:
         check_out_dir(out)
     except OutputError as e:
         raise UsageError(str(e)) from None
-    held = [name for name in RUN_FILES if (out / name).exists()]
+    run_files = RUN_FILES + (PAIR_SIDES if cfg.sft_branch == "pair" else ())
+    held = [name for name in run_files if (out / name).exists()]
     if held and not cfg.resume:
         raise UsageError(
             f"{out} holds a run; pass --resume to continue it or choose another --out "
@@ -393,25 +399,26 @@ class Trainer:
         self._build_training()
         if ckpt is not None:
             self._resume(ckpt, saved)
-        self.ddp = (
-            DDP(self.policy, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.env.distributed
-            else self.policy
-        )
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddps = {
+            side: DDP(net, device_ids=ids) if self.env.distributed else net
+            for side, net in self.nets.items()
+        }
         on_rank0(self.env, self._start_run_dir)
         self._announce()
         with self._loop_context():
             while self.st.step < self.cfg.max_steps:
                 self._step()
             self.bar.close()
-            digests = gather_objects(param_digest(self.policy))
+            digests = gather_objects(param_digest(torch.nn.ModuleList(self.nets.values())))
             self._log_line({"step": self.st.step, "end": True, "param_sha256": digests})
         if len(set(digests)) != 1:
             raise RuntimeError(f"ranks ended with different parameters: {digests}")
         on_rank0(self.env, self._write_final)
+        finals = " and ".join(str(self.out / side / "final") for side in self.nets)
         self.print0(
             f"done: {self.st.step} steps ({self.st.nonfinite_total} skipped); final weights in "
-            f"{self.out / 'final'}"
+            f"{finals}"
         )
         return self.out
 
@@ -424,7 +431,10 @@ class Trainer:
         # read by every rank, so a bad file stops them all alike
         agree(lambda: self.val_prompts.extend(validation_prompts(cfg)))
         if env.is_main:  # left by a kill -9 mid-write
-            remove_stale_tmp(self.out, self.ckpt_root, self.out / SAMPLES_DIR)
+            sides = [self.out / side for side in PAIR_SIDES] if cfg.sft_branch == "pair" else []
+            for d in [self.out, *sides]:
+                remove_stale_tmp(d, d / SAMPLES_DIR)
+            remove_stale_tmp(self.ckpt_root)
 
     def _claim_run_dir(self) -> None:
         """Rank 0 takes OUT's lock for the whole run (another run on OUT is refused), then
@@ -466,12 +476,20 @@ class Trainer:
     def _build_training(self) -> None:
         """LoRA, the reference and its probe, the policy pair, the optimizer, the generator."""
         cfg, env, backbone, policy = self.cfg, self.env, self.backbone, self.policy
+        self.nets = {"": policy}  # the trained networks by side
+        if cfg.sft_branch == "pair":  # the loser: a copy sharing the frozen base weights
+            shared = {id(t): t for t in [*policy.parameters(), *policy.buffers()]}
+            self.nets = {"winner": policy, "loser": copy.deepcopy(policy, memo=shared)}
         if cfg.lora:
             targets = cfg.lora_target_list()
-            _usage(lambda: add_lora(policy, cfg.lora, cfg.lora_alpha, targets, cfg.lora_init))
-        if cfg.gradient_checkpointing:
-            policy.enable_gradient_checkpointing()
-        policy.train()
+            draws = rng_state()  # every adapter starts from the same draw (as separate runs)
+            for net in self.nets.values():
+                set_rng_state(draws)
+                _usage(lambda n=net: add_lora(n, cfg.lora, cfg.lora_alpha, targets, cfg.lora_init))
+        for net in self.nets.values():
+            if cfg.gradient_checkpointing:
+                net.enable_gradient_checkpointing()
+            net.train()
         self.periodic = cfg.ref_update == "periodic"
         needs_ref = cfg.method != "sft"
         self.reference = (
@@ -495,8 +513,9 @@ class Trainer:
             if cfg.policy_pair
             else None
         )
-        # only the trainable parameters: all, or the LoRA adapters
-        self.params = [p for p in policy.parameters() if p.requires_grad]
+        # only the trainable parameters (all, or the LoRA adapters), of every side: one
+        # optimizer, one gradient clip over them all
+        self.params = [p for net in self.nets.values() for p in net.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(cfg, self.params)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.dtype == "fp16")
         # t and noise, per rank
@@ -505,7 +524,8 @@ class Trainer:
     def _resume(self, ckpt: Path, saved: dict) -> None:
         env = self.env
         _usage(lambda: check_base(ckpt, self.base))
-        load_policy(self.backbone, self.policy, ckpt, self.cfg.lora > 0)
+        for side, net in self.nets.items():
+            load_policy(self.backbone, net, ckpt / side, self.cfg.lora > 0)
         if self.probe is not None:
             self.reference.load(ckpt / "reference")
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -577,8 +597,7 @@ class Trainer:
         st.step += 1
         self.bar.update(1)
         rec = {"step": st.step, "loss": stats[0], "grad_norm": grad_norm, "lr": lr}
-        if cfg.method != "sft":
-            rec.update({key: stats[1 + j] for j, key in enumerate(DIAG_KEYS)})
+        rec.update({key: stats[1 + j] for j, key in enumerate(self.diag_keys())})
         if self.extra:
             rec["rand_cond_share"] = stats[-1]  # share of rows swapped to extra prompts
         pairs = cfg.batch_size * cfg.grad_accum * self.env.world
@@ -611,7 +630,10 @@ class Trainer:
         """Loss and diagnostics averaged over the micro-steps and the ranks; gradients
         all-reduced on the last micro-step only."""
         cfg, env, bb, device = self.cfg, self.env, self.backbone, self.device
-        sums = torch.zeros(2 + len(DIAG_KEYS), dtype=torch.float64)  # loss, diag., swapped
+        keys = self.diag_keys()
+        sums = torch.zeros(2 + len(keys), dtype=torch.float64)  # loss, diag., swapped
+        ddps = list(self.ddps.values())
+        policy = ddps[0] if len(ddps) == 1 else tuple(ddps)  # pair: (winner, loser)
         for micro in range(cfg.grad_accum):
             idx = batch_indices(
                 len(self.dataset), seed=cfg.seed, step=self.st.step, micro=micro,
@@ -632,10 +654,12 @@ class Trainer:
                 bb, prompts, negs, need_neg=cfg.uses_neg, need_uncond=cfg.target_guidance != 1.0,
                 encode_empty=cfg.dropped_prompt_encoding == "encoded",
             )  # fmt: skip
-            with no_sync(self.ddp, sync=micro == cfg.grad_accum - 1):  # all-reduce on the last
+            with contextlib.ExitStack() as syncs:  # all-reduce on the last micro-step
+                for ddp in ddps:
+                    syncs.enter_context(no_sync(ddp, sync=micro == cfg.grad_accum - 1))
                 with self.autocast():
                     loss_vec, diag = compute_loss(
-                        cfg, bb, self.ddp, self.reference, x0_w, x0_l, conds, t, noise_w,
+                        cfg, bb, policy, self.reference, x0_w, x0_l, conds, t, noise_w,
                         noise_l, self.pair, swapped,
                     )  # fmt: skip
                 loss = loss_vec.mean()
@@ -643,10 +667,16 @@ class Trainer:
                     loss = loss * float("nan")
                 self.scaler.scale(loss / cfg.grad_accum).backward()
             sums[0] += loss.item()
-            for j, key in enumerate(DIAG_KEYS):
+            for j, key in enumerate(keys):
                 if key in diag:
                     sums[1 + j] += diag[key].double().mean().item()
         return all_reduce_mean((sums / cfg.grad_accum).to(device)).cpu().tolist()
+
+    def diag_keys(self) -> tuple[str, ...]:
+        """The diagnostics logged per step: the preference methods' or each side's loss."""
+        if self.cfg.method != "sft":
+            return DIAG_KEYS
+        return PAIR_SFT_KEYS if self.cfg.sft_branch == "pair" else ()
 
     def _optimizer_step(self, stats: list[float]) -> tuple[bool, float, float]:
         """The optimizer step, or a counted skip when the loss or gradient is not finite.
@@ -709,7 +739,7 @@ class Trainer:
         write = functools.partial(
             write_checkpoint,
             backbone=self.backbone,
-            policy=self.policy,
+            policies=self.nets,
             lora=cfg.lora > 0,
             reference=self.reference if self.periodic else None,
             trainer_state=trainer_state,
@@ -730,35 +760,42 @@ class Trainer:
 
     def _validate(self, step: int) -> None:
         """Validation images of the current policy (unwrapped: no DDP hooks; LoRA adapters
-        on). Dedicated generators, global RNG restored: the training is not changed."""
-        final = write_validation(
-            self.backbone, self.policy, self.val_prompts, self.out, step,
-            seed=self.cfg.validation_seed, steps=self.cfg.validation_steps,
-            resolution=self.dataset.latent_shape[-1] * self.backbone.vae_scale_factor,
-            batch_size=self.cfg.batch_size, autocast=self.autocast, progress=self.cfg.progress,
-        )  # fmt: skip
-        if self.tb is not None:
-            with writing(self.out / "tb"):
-                tb_image(self.tb, final / "grid.png", step)
+        on), of each side into OUT/<side>/samples with --sft-branch pair. Dedicated
+        generators, global RNG restored: the training is not changed."""
+        for side, net in self.nets.items():
+            final = write_validation(
+                self.backbone, net, self.val_prompts, self.out / side, step,
+                seed=self.cfg.validation_seed, steps=self.cfg.validation_steps,
+                resolution=self.dataset.latent_shape[-1] * self.backbone.vae_scale_factor,
+                batch_size=self.cfg.batch_size, autocast=self.autocast,
+                progress=self.cfg.progress,
+            )  # fmt: skip
+            if self.tb is not None:
+                with writing(self.out / "tb"):
+                    tag = f"validation/{side}/grid" if side else "validation/grid"
+                    tb_image(self.tb, final / "grid.png", step, tag=tag)
 
     def _write_final(self) -> None:
-        """A full pipeline in diffusers layout, or the LoRA weights (rank 0)."""
-        cfg, final = self.cfg, self.out / "final"
+        """A full pipeline in diffusers layout, or the LoRA weights (rank 0); with
+        --sft-branch pair each side's LoRA into OUT/<side>/final."""
+        cfg = self.cfg
         if not all_finite(self.params):  # never reached (checked after every step)
             raise NonFiniteError(f"step {self.st.step}: non-finite parameters; final/ not written")
 
-        def write(d: Path) -> None:
+        def write(net: torch.nn.Module, d: Path) -> None:
             if cfg.lora:
-                save_lora(self.backbone, self.policy, d)
+                save_lora(self.backbone, net, d)
             elif cfg.pretrained:  # the untouched components as given, the trained denoiser
-                save_final_pipeline(self.backbone, self.policy, cfg.pretrained, d)
-            else:
+                save_final_pipeline(self.backbone, net, cfg.pretrained, d)
+            else:  # the backbone's own denoiser: the one network of a full fine-tune
                 self.backbone.save_pretrained(d)
             write_pipeline_call(self.backbone, d)  # the call arguments that sample as we do (sd3)
             write_base(d, self.base)  # last: a base.json copied from --pretrained is replaced
 
-        with writing(final):
-            atomic_write_dir(final, write)
+        for side, net in self.nets.items():
+            final = self.out / side / "final"
+            with writing(final):
+                atomic_write_dir(final, functools.partial(write, net))
 
 
 def _usage(check) -> None:

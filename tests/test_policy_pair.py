@@ -1,12 +1,15 @@
 """DD-CPP, the data-driven policy pair (DDSPO paper Sec. 3.2, official train_lora_target):
-sft's loser branch, ``bench/train_policy_pair.py``, LoRA outputs as --winner/--loser-policy,
-and the pair's default beta. Tiny models, in-process, offline."""
+sft's loser branch, ``bench/train_policy_pair.py`` in its one-run (joint) and two-run forms,
+LoRA outputs as --winner/--loser-policy, and the pair's default beta. Tiny models,
+in-process, offline."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from bench import train_policy_pair, train_t2i
 from bench.t2i import step
@@ -14,7 +17,10 @@ from bench.t2i.config import TrainConfig, UsageError, parse_args, resolve
 from bench.t2i.pairs import build_pairs
 from bench.t2i.prompts import DEMO_PROMPTS
 from bench.t2i.tiny import tiny_backbone
-from bench.t2i.weights import LORA_FILE, add_lora
+from bench.t2i.weights import LORA_FILE, LORA_STATE, add_lora
+from tests.t2i_helpers import one_line, snapshot
+
+SIDES = ("winner", "loser")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -102,7 +108,12 @@ def test_default_beta_with_a_policy_pair_is_8000():
 
 
 def test_policy_pair_command_plan_and_errors(capsys):
-    _, runs = train_policy_pair.plan(["--tiny", "--out", "o"])
+    ((side, args),) = train_policy_pair.plan(["--tiny", "--out", "o", "--resume", "latest"])[1]
+    cfg = parse_args(args)  # the default: one run of both adapters into OUT
+    assert (side, cfg.method, cfg.sft_branch, cfg.out) == ("winner and loser", "sft", "pair", "o")
+    assert (cfg.lora, cfg.lr, cfg.max_steps, cfg.lora_init) == (4, 1e-4, 300, "kaiming")
+    assert (cfg.resume, cfg.independent_noise, cfg.max_grad_norm) == ("latest", True, 1.0)
+    _, runs = train_policy_pair.plan(["--tiny", "--out", "o", "--no-joint"])
     (w_side, w_args), (l_side, l_args) = runs
     assert (w_side, l_side) == ("winner", "loser")
     for args, side in ((w_args, "winner"), (l_args, "loser")):
@@ -111,18 +122,21 @@ def test_policy_pair_command_plan_and_errors(capsys):
         assert (cfg.lora, cfg.lr, cfg.max_steps) == (4, 1e-4, 300)  # the official pair recipe
         assert (cfg.lora_init, cfg.batch_size, cfg.grad_accum) == ("kaiming", 8, 1)  # --tiny
     assert parse_args(l_args).data == str(Path("o") / "winner" / "data")  # same demo pairs
-    _, runs = train_policy_pair.plan(["--tiny", "--batch-size", "4", "--nproc", "2"])
-    assert (parse_args(runs[0][1]).batch_size, parse_args(runs[0][1]).grad_accum) == (4, 1)
-    argv = ["--tiny", "--batch-size", "4", "--nproc", "2", "--pairs-per-step", "2048"]
-    _, runs = train_policy_pair.plan(argv)
-    assert (parse_args(runs[0][1]).batch_size, parse_args(runs[0][1]).grad_accum) == (4, 256)
-    _, runs = train_policy_pair.plan(["--pretrained", "m", "--batch-size", "4", "--nproc", "2"])
-    args = runs[0][1]  # a real model: the official 2048 pairs per step
-    assert args[args.index("--batch-size") + 1 :][:3] == ["4", "--grad-accum", "256"]
+    for form in (["--joint"], ["--no-joint"]):
+        argv = ["--tiny", "--batch-size", "4", "--nproc", "2", *form]
+        _, runs = train_policy_pair.plan(argv)
+        assert (parse_args(runs[0][1]).batch_size, parse_args(runs[0][1]).grad_accum) == (4, 1)
+        _, runs = train_policy_pair.plan([*argv, "--pairs-per-step", "2048"])
+        assert (parse_args(runs[0][1]).batch_size, parse_args(runs[0][1]).grad_accum) == (4, 256)
+        argv = ["--pretrained", "m", "--batch-size", "4", "--nproc", "2", *form]
+        args = train_policy_pair.plan(argv)[1][0][1]  # a real model: 2048 pairs per step
+        assert args[args.index("--batch-size") + 1 :][:3] == ["4", "--grad-accum", "256"]
     for argv, culprit in (
         (["--tiny", "--method", "dpo"], "--method is set by this command"),
         (["--tiny", "--grad-accum", "2"], "--grad-accum is set by this command"),
         (["--tiny", "--pairs-per-step", "100"], "--pairs-per-step 100 is not a multiple"),
+        (["--tiny", "--lora", "0"], "--lora 0 (two full fine-tunes) needs --no-joint"),
+        (["--tiny", "--no-joint", "--resume", "latest"], "--resume applies to the one-run"),
     ):
         assert train_policy_pair.main(argv) == 2
         err = capsys.readouterr().err
@@ -176,9 +190,11 @@ def test_policy_pair_range_errors_name_the_flag(capsys, tmp_path, flags, msg):
 def test_dd_cpp_chain_end_to_end(data, pair_run, tmp_path, capsys, monkeypatch):
     win, lose = pair_run / "winner" / "final", pair_run / "loser" / "final"
     assert (win / LORA_FILE).is_file() and (lose / LORA_FILE).is_file()
-    for side in ("winner", "loser"):
-        cfg = json.loads((pair_run / side / "config.json").read_text())
-        assert (cfg["method"], cfg["sft_branch"], cfg["lora"]) == ("sft", side, 4)
+    cfg = json.loads((pair_run / "config.json").read_text())  # the one run of the pair
+    assert (cfg["method"], cfg["sft_branch"], cfg["lora"]) == ("sft", "pair", 4)
+    assert sorted(p.name for p in pair_run.iterdir() if not p.name.startswith(".")) == [
+        "checkpoints", "config.json", "loser", "metrics.jsonl", "winner"
+    ]  # fmt: skip
 
     # the pair as the trainer loads it, next to a LoRA policy (whose adapters must not leak in)
     cfg = parse_args(
@@ -233,6 +249,11 @@ def test_policy_pair_prints_the_next_flags(pair_run, capsys):
         f"--winner-policy {pair_run / 'again' / 'winner' / 'final'} "
         f"--loser-policy {pair_run / 'again' / 'loser' / 'final'}"
     )
+    assert [a[a.index("--sft-branch") + 1] for a in calls] == ["pair"]
+    calls.clear()
+    argv = ["--tiny", "--out", str(pair_run / "again"), "--no-joint"]
+    assert train_policy_pair.main(argv, run=lambda a: calls.append(a) or 0) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == printed  # the same pair, either form
     assert [a[a.index("--sft-branch") + 1] for a in calls] == ["winner", "loser"]
     rc = train_policy_pair.main(["--tiny", "--out", str(pair_run / "x")], run=lambda a: 3)
     assert rc == 3
@@ -247,3 +268,138 @@ def test_a_bad_policy_lora_is_one_usage_error(tmp_path):
     )
     with pytest.raises(UsageError, match="policy"):
         train_t2i.load_policy_pair(cfg, tiny_backbone("sd"), torch.device("cpu"), torch.float32)
+
+
+# ------------------------------------------------- the one-run (joint) form of the pair
+
+
+@pytest.fixture(scope="module")
+def flow_data(tmp_path_factory):
+    """Demo pairs per backbone, built on first use."""
+    built = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = tmp_path_factory.mktemp(f"pairs-{name}")
+            build_pairs(tiny_backbone(name), DEMO_PROMPTS[:4], built[name], steps=2, progress=False)
+        return built[name]
+
+    return get
+
+
+def _pair(data: Path, out: Path, *flags: str, backbone: str = "sd") -> Path:
+    argv = ["--tiny", backbone, "--data", str(data), "--out", str(out), "--no-progress"]
+    assert train_policy_pair.main([*argv, "--batch-size", "2", *flags], run=train_t2i.main) == 0
+    return out
+
+
+def _adapter(out: Path, side: str) -> dict[str, torch.Tensor]:
+    return load_file(out / side / "final" / LORA_STATE)
+
+
+def _first_record(metrics: Path) -> dict:
+    return json.loads(metrics.read_text().splitlines()[0])
+
+
+@pytest.mark.parametrize("backbone", ["sd", "sdxl", "sd3", "sana", "flux"])
+def test_joint_run_takes_the_two_runs_steps_when_no_clip_is_active(
+    data, flow_data, tmp_path, backbone
+):
+    """With the same draws (the two-run form with --independent-noise: one t per pair, its
+    own noise per side) and no clipping, one optimizer over both adapters on mse_w + mse_l
+    takes, bit for bit, the steps of two runs (AdamW is per-parameter); two steps of two
+    accumulated micro-steps each."""
+    pairs = data if backbone == "sd" else flow_data(backbone)
+    flags = ["--max-steps", "2", "--pairs-per-step", "4", "--max-grad-norm", "0", "--lr", "1e-2"]
+    flags += ["--seed", "3"]
+    joint = _pair(pairs, tmp_path / "joint", *flags, backbone=backbone)
+    two = _pair(pairs, tmp_path / "two", *flags, "--no-joint", "--independent-noise",
+                backbone=backbone)  # fmt: skip
+    for side in SIDES:
+        a, b = _adapter(joint, side), _adapter(two, side)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), side
+    w, l_ = _adapter(joint, "winner"), _adapter(joint, "loser")
+    assert max((w[k] - l_[k]).abs().max().item() for k in w) > 1e-3  # a swap would show
+    recs = [json.loads(x) for x in (joint / "metrics.jsonl").read_text().splitlines()[:2]]
+    for i, rec in enumerate(recs):  # each side's loss logged, their sum the loss
+        assert rec["loss"] == pytest.approx(rec["loss_winner"] + rec["loss_loser"], rel=1e-6)
+        for side in SIDES:
+            other = json.loads((two / side / "metrics.jsonl").read_text().splitlines()[i])
+            assert rec[f"loss_{side}"] == pytest.approx(other["loss"], rel=1e-6)
+
+
+def test_joint_clip_is_over_both_adapters(data, tmp_path):
+    """One clip over the joint norm: the gradient norm logged is sqrt(|g_w|^2 + |g_l|^2) of
+    the two sides' gradients, and BOTH adapters' first steps are the unclipped ones scaled by
+    c / that norm, not each by c / its own norm (per-adapter clipping, the two-run form).
+    With adam-eps far above every gradient the first AdamW step is linear in the gradient."""
+    c = 1e-4
+    flags = ["--max-steps", "1", "--lr", "1e3", "--adam-eps", "1e4", "--weight-decay", "0"]
+    joint = _pair(data, tmp_path / "joint", *flags, "--max-grad-norm", str(c))
+    free = _pair(data, tmp_path / "free", *flags, "--no-joint", "--independent-noise",
+                 "--max-grad-norm", "0")  # fmt: skip
+    norms = {s: _first_record(free / s / "metrics.jsonl")["grad_norm"] for s in SIDES}
+    joint_norm = _first_record(joint / "metrics.jsonl")["grad_norm"]
+    assert joint_norm == pytest.approx(math.hypot(*norms.values()), rel=1e-5)
+    assert c < min(norms.values())  # the clip is active, per side and jointly
+    scale = c / (joint_norm + 1e-6)  # torch's clip_grad_norm_
+    for side in SIDES:
+        a, b = _adapter(joint, side), _adapter(free, side)
+        ups = [k for k in a if "lora_B" in k]  # zero before the step: the step itself
+        step_j = torch.cat([a[k].flatten() for k in ups])
+        step_free = torch.cat([b[k].flatten() for k in ups])
+        moved = step_free.abs() > 0
+        assert moved.sum() > 100
+        ratio = step_j[moved] / step_free[moved]
+        torch.testing.assert_close(ratio, torch.full_like(ratio, scale), rtol=1e-4, atol=0)
+        own = c / (norms[side] + 1e-6)  # what clipping this adapter on its own would give
+        assert abs(own / scale - 1) > 0.2
+
+
+def test_joint_run_resumes_bit_exact(data, tmp_path):
+    """--resume goes to the one run: 2 steps, then on to 4, equals 4 straight steps (both
+    adapters, the optimizer over both, each side's logged loss)."""
+    flags = ["--pairs-per-step", "2", "--lr", "1e-2", "--max-grad-norm", "0.01"]
+    straight = _pair(data, tmp_path / "straight", *flags, "--max-steps", "4")
+    resumed = _pair(data, tmp_path / "resumed", *flags, "--max-steps", "2")
+    _pair(data, resumed, *flags, "--max-steps", "4", "--resume", "latest")
+    for side in SIDES:
+        a, b = _adapter(straight, side), _adapter(resumed, side)
+        assert all(torch.equal(a[k], b[k]) for k in a), side
+    ra, rb = ([r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+               if "end" not in r] for d in (straight, resumed))  # fmt: skip
+    assert len(ra) == len(rb) == 4
+    for x, y in zip(ra, rb, strict=True):
+        x.pop("samples_per_s"), y.pop("samples_per_s")
+        assert x == y
+    ckpt = resumed / "checkpoints" / "step-000004"
+    for side in SIDES:
+        assert (ckpt / side / "lora" / LORA_STATE).is_file()
+
+
+def test_joint_run_refuses_bad_input_in_one_line(data, tmp_path, capsys):
+    """A joint run into a folder holding the two-run form's pair, --sft-branch pair without
+    LoRA: one line, exit 2, nothing written or lost."""
+    out = tmp_path / "pair"
+    (out / "winner" / "final").mkdir(parents=True)
+    (out / "winner" / "final" / LORA_FILE).write_bytes(b"an earlier pair")
+    before = snapshot(out)
+    capsys.readouterr()
+    argv = ["--tiny", "--data", str(data), "--out", str(out), "--no-progress", "--max-steps", "1"]
+    assert train_policy_pair.main(argv, run=train_t2i.main) == 2
+    assert one_line(capsys) == (
+        f"error: {out} holds a run; pass --resume to continue it or choose another --out "
+        "(found winner)"
+    )
+    assert snapshot(out) == before
+    bare = tmp_path / "bare"
+    argv = ["--tiny", "--method", "sft", "--sft-branch", "pair", "--out", str(bare)]
+    assert train_t2i.main(argv) == 2
+    assert one_line(capsys) == "error: --sft-branch pair trains two LoRA adapters: give --lora R"
+    assert not bare.exists()
+    assert train_policy_pair.main(["--tiny", "--out", str(bare), "--lora", "0"]) == 2
+    assert one_line(capsys) == (
+        "error: --lora 0 (two full fine-tunes) needs --no-joint: the one-run form trains two "
+        "LoRA adapters"
+    )
+    assert not bare.exists()

@@ -39,7 +39,8 @@ OPTIMIZERS = ("adamw", "adafactor")
 DEVICES = ("auto", "cpu", "cuda")
 RAND_COND_KEPT = ("contrastive", "forward")  # targets of the rows --rand-cond-prompts keeps
 RAND_COND_TIMINGS = ("step", "independent")  # which t decides a row's swap
-SFT_BRANCHES = ("winner", "loser", "loser_neg")  # sft: which side of each pair is regressed
+#: sft: which side of each pair is regressed; pair: both, by two LoRA adapters in one run
+SFT_BRANCHES = ("winner", "loser", "loser_neg", "pair")
 LR_PER_BETA = 1 / 2.048e8  # DDSPO App. E, after Diffusion-DPO: lr = beta / 2.048e8
 DPO_BETA = 8000.0  # Diffusion-DPO default (DDSPO App. E)
 PAIR_BETA = 8000.0  # ddspo with a DD-CPP policy pair (official scripts/train_ddspo_lora_target.sh)
@@ -170,7 +171,7 @@ class TrainConfig:
     method: str = opt("ddspo", "sft | dpo | dspo | dspo_cpp | ddspo")
     sft_branch: str = opt(
         "winner",
-        "sft: winner (x0_w, c) | loser (x0_l, c: DD-CPP's losing model, as the official code) | loser_neg (x0_l, c-)",
+        "sft: winner (x0_w, c) | loser (x0_l, c: DD-CPP's losing model, as the official code) | loser_neg (x0_l, c-) | pair (DD-CPP's pair in one run, as the official code: a winner and a loser LoRA adapter, one optimizer, loss mse_w + mse_l, one clip over both, separate noise per side; writes OUT/winner/final and OUT/loser/final; needs --lora)",
     )
     beta: float | None = opt(
         None,
@@ -192,7 +193,9 @@ class TrainConfig:
         None,
         "ddspo/dspo_cpp: denoiser dir or LoRA output (final/) giving y_l = f_lose(x_t^l, c)",
     )
-    independent_noise: bool = opt(False, "draw separate forward noise for the loser branch")
+    independent_noise: bool = opt(
+        False, "draw separate forward noise for the loser branch (always with --sft-branch pair)"
+    )
     proportion_empty_prompts: float = opt(
         0.0,
         "share of pairs trained on the empty prompt (Diffusion-DPO/DSPO use 0.2; DDSPO's official code 0)",
@@ -432,6 +435,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     _choice("dropped prompt encoding", cfg.dropped_prompt_encoding, ("encoded", "zeros"))
     if cfg.sft_branch != "winner" and cfg.method != "sft":
         raise UsageError("--sft-branch applies to --method sft only")
+    if cfg.sft_branch == "pair":
+        if not cfg.lora:
+            raise UsageError("--sft-branch pair trains two LoRA adapters: give --lora R")
+        cfg.independent_noise = True  # each side its own noise draw (one t per pair)
     if cfg.target_guidance != 1.0 and cfg.method not in CPP_METHODS:
         raise UsageError("--target-guidance applies to ddspo and dspo_cpp only")
     if cfg.policy_pair:

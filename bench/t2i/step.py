@@ -21,6 +21,7 @@ from minddspo.methods import method_loss, method_spec
 from minddspo.schedules import append_dims, cfg_combine
 
 DIAG_KEYS = ("implicit_acc", "gap_w", "gap_l", "err_w", "err_l")
+PAIR_SFT_KEYS = ("loss_winner", "loss_loser")  # sft --sft-branch pair: each side's own loss
 
 
 def encode_step(
@@ -61,7 +62,7 @@ def encode_step(
 def compute_loss(
     cfg: TrainConfig,
     backbone: Backbone,
-    policy: torch.nn.Module,
+    policy: torch.nn.Module,  # sft --sft-branch pair: (winner, loser), both trained
     reference: Reference | None,
     x0_w: torch.Tensor,  # (B, C, h, w) winner latents
     x0_l: torch.Tensor,  # (B, C, h, w) loser latents
@@ -83,6 +84,9 @@ def compute_loss(
     ``--rand-cond-kept forward`` the contrastive targets are used on the swapped rows only,
     the forward-process targets on the others; with ``contrastive`` (the default) every row
     uses the contrastive targets and the swapped rows differ only in their prompts.
+    sft with ``--sft-branch pair``: ``policy`` is ``(winner, loser)``, the loss the sum of
+    the winner's on ``x_t^w`` and the loser's on ``x_t^l`` (both with ``c``), each side's in
+    the diagnostics (:data:`PAIR_SFT_KEYS`).
     """
     if cfg.rand_cond_kept != "forward":  # contrastive (or unset): the mask changes nothing
         swapped = None
@@ -93,6 +97,16 @@ def compute_loss(
     y_w, y_l = proc.target(x0_w, noise_w, t), proc.target(x0_l, noise_l, t)
     w = backbone.t_weight(cfg.timestep_weight, t)
     beta, beta_logit = (cfg.beta, cfg.beta_logit) if spec.score_matching else (cfg.beta, None)
+    if not spec.preference and cfg.sft_branch == "pair":  # both sides, one adapter each
+        winner, loser = policy  # (f_win, f_lose) being trained: each on its side, with c
+        per_side = {}
+        for key, net, x, target in (("winner", winner, x_w, y_w), ("loser", loser, x_l, y_l)):
+            pred = proc.output(backbone.forward(net, x, t, c), x, t)
+            per_side[key] = method_loss(
+                cfg.method, pred_w=pred, target_w=target, weight=w, weight_kind=cfg.timestep_weight
+            ).loss
+        diag = {f"loss_{k}": v.detach() for k, v in per_side.items()}
+        return per_side["winner"] + per_side["loser"], diag
     if not spec.preference:  # sft: one side only, forward-process targets
         if cfg.sft_branch == "loser":  # DD-CPP's losing model (official): x0_l with c
             x, cc, target = x_l, c, y_l

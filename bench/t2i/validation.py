@@ -210,10 +210,10 @@ def tb_write(writer, rec: dict) -> None:
         writer.add_scalar(tag, value, rec["step"])
 
 
-def tb_image(writer, grid: Path, step: int) -> None:
-    """The validation grid of ``step`` as the ``validation/grid`` image."""
+def tb_image(writer, grid: Path, step: int, tag: str = "validation/grid") -> None:
+    """The validation grid of ``step`` as the ``tag`` image."""
     import numpy as np
     from PIL import Image
 
     with Image.open(grid) as img:
-        writer.add_image("validation/grid", np.asarray(img.convert("RGB")), step, dataformats="HWC")
+        writer.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")

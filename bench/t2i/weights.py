@@ -225,15 +225,17 @@ def write_checkpoint(
     d: Path,
     *,
     backbone,
-    policy,
+    policies: dict[str, torch.nn.Module],
     lora: bool,
     reference: Reference | None,
     trainer_state: dict,
     base: dict | None = None,
 ) -> None:
-    """Fill checkpoint directory ``d`` (a temporary one, renamed when complete); ``base``
+    """Fill checkpoint directory ``d`` (a temporary one, renamed when complete) with each
+    trained network of ``policies`` under ``d / side`` (side ``""``: ``d`` itself); ``base``
     (:func:`bench.t2i.provenance.base_record`) goes to ``base.json``."""
-    save_policy(backbone, policy, d, lora)
+    for side, policy in policies.items():
+        save_policy(backbone, policy, d / side, lora)
     if base is not None:
         write_base(d, base)
     if reference is not None:  # a periodically updated reference is state too
