@@ -308,9 +308,11 @@ def test_bench_step_evaluate_and_policy_pair_take_tiny_name():
     assert evaluate.parse_args(["--tiny", "sd", "--images", "s"]).tiny == "sd"
     assert evaluate.parse_args(["--images", "s", "--tiny"]).tiny is True
     for tiny in (["--tiny", "sdxl"], ["--tiny=sdxl"], ["--tiny"]):
-        _, runs = train_policy_pair.plan([*tiny, "--out", "o"])
+        _, runs = train_policy_pair.plan([*tiny, "--out", "o", "--no-joint"])
         loser = runs[1][1]
         assert loser[loser.index("--data") + 1] == str(Path("o") / "winner" / "data")
+        ((_, joint),) = train_policy_pair.plan([*tiny, "--out", "o"])[1]  # OUT/data: its own
+        assert "--data" not in joint and tiny[0] in joint
 
 
 def test_bare_tiny_leaves_a_following_token_that_names_no_backbone():

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from t2i_helpers import one_line, snapshot
 
-from bench import evaluate, import_pairs, make_pairs, sample, train_t2i
+from bench import evaluate, import_pairs, make_pairs, sample, train_policy_pair, train_t2i
 from bench.digits import __main__ as digits
 from bench.t2i import outdir
 from bench.t2i.checkpoint import atomic_write_dir, checkpoint_problem, list_checkpoints
@@ -70,6 +70,10 @@ def command(name: str, data: Path, out: Path, tmp: Path):
     """``() -> exit code`` of command ``name`` writing into ``out``."""
     if name == "train_t2i":
         return lambda: train_t2i.main(train_argv(data, out, "--resume", "latest"))
+    if name == "train_policy_pair":  # the one run of both adapters into OUT
+        return lambda: train_policy_pair.main(
+            train_argv(data, out, "--resume", "latest"), run=train_t2i.main
+        )
     if name == "make_pairs":
         return lambda: make_pairs.main(["--tiny", "sd", "--out", str(out), "--max-prompts", "2",
                                         "--steps", "1", "--no-progress"])  # fmt: skip
@@ -87,7 +91,15 @@ def command(name: str, data: Path, out: Path, tmp: Path):
     raise AssertionError(name)
 
 
-COMMANDS = ["train_t2i", "make_pairs", "sample", "evaluate", "import_pairs", "digits"]
+COMMANDS = [
+    "train_t2i",
+    "train_policy_pair",
+    "make_pairs",
+    "sample",
+    "evaluate",
+    "import_pairs",
+    "digits",
+]
 
 
 @pytest.fixture(scope="module")
