@@ -403,3 +403,27 @@ def test_joint_run_refuses_bad_input_in_one_line(data, tmp_path, capsys):
         "LoRA adapters"
     )
     assert not bare.exists()
+
+
+@pytest.mark.slow  # two gloo ranks: about a minute on a busy 2-core machine
+@pytest.mark.timeout(300)  # a hung gloo rank ignores SIGINT
+def test_joint_run_on_two_ranks_keeps_both_adapters_in_sync(data, tmp_path):
+    """``--nproc 2``: each rank reads other pairs, both adapters' gradients are all-reduced
+    (the end record's digest covers both): the ranks end with the same pair."""
+    import os
+    import subprocess
+    import sys
+
+    repo, out, timeout = Path(__file__).resolve().parents[1], tmp_path / "pair", 240
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    cmd = ["timeout", "-s", "KILL", str(timeout), sys.executable,
+           str(repo / "bench" / "train_policy_pair.py"), "--tiny", "--data", str(data),
+           "--out", str(out), "--nproc", "2", "--batch-size", "1", "--max-steps", "2",
+           "--lr", "1e-2", "--no-progress"]  # fmt: skip
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout + 30)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "world 2" in p.stdout
+    end = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(end["param_sha256"]) == 2 and len(set(end["param_sha256"])) == 1
+    w, l_ = _adapter(out, "winner"), _adapter(out, "loser")
+    assert max((w[k] - l_[k]).abs().max().item() for k in w) > 1e-4
