@@ -377,6 +377,21 @@ def test_joint_run_resumes_bit_exact(data, tmp_path):
         assert (ckpt / side / "lora" / LORA_STATE).is_file()
 
 
+def test_joint_run_validates_each_side_and_sweeps_its_stale_tmp(data, tmp_path):
+    """--validation-every: each side's images in OUT/<side>/samples (the adapters differ, so
+    do the images); a staging folder of a final/ killed mid-write goes on resume."""
+    out = tmp_path / "pair"
+    flags = ["--max-steps", "1", "--lr", "1", "--validation-every", "1", "--validation-steps"]
+    _pair(data, out, *flags, "2")
+    grids = [out / side / "samples" / "step-1" / "grid.png" for side in SIDES]
+    assert all(g.is_file() for g in grids) and grids[0].read_bytes() != grids[1].read_bytes()
+    assert not (out / "samples").exists()
+    stale = out / "loser" / ".tmp-final-1-x"
+    stale.mkdir()
+    _pair(data, out, *flags, "2", "--resume", "latest")
+    assert not stale.exists() and (out / "loser" / "final" / LORA_FILE).is_file()
+
+
 def test_joint_run_refuses_bad_input_in_one_line(data, tmp_path, capsys):
     """A joint run into a folder holding the two-run form's pair, --sft-branch pair without
     LoRA: one line, exit 2, nothing written or lost."""
