@@ -36,8 +36,8 @@ accumulation follows; with ``--tiny`` one micro-step per step unless set). Every
 In both forms the two adapters start from the same draw (the official draws them one after
 the other). AdamW is per-parameter, so given the same draws (``--no-joint
 --independent-noise``) the two forms take the same steps whenever no clip is active. With
-``--tiny`` and no ``--data`` the (winner) run builds its demo pairs into ``OUT/data``
-(``OUT/winner/data``) and the loser run reads the same ones.
+``--tiny`` and no ``--data`` the run builds its demo pairs into ``OUT/data`` (``--no-joint``:
+the winner run into ``OUT/winner/data``, which the loser run reads).
 
 Each run is its own ``train_t2i.py`` process (``--nproc N``: under ``torch.distributed.run``
 with N ranks). Exit code: the first failing run's (see ``train_t2i.py --help``); 2 for bad
@@ -64,7 +64,6 @@ PAIR_LR = 1e-4
 PAIR_STEPS = 300
 PAIR_PAIRS_PER_STEP = 2048  # --train_batch_size 1 --gradient_accumulation_steps 2048
 OWN = ("--method", "--sft-branch", "--winner-policy", "--loser-policy")
-SIDES = ("winner", "loser")
 
 
 @dataclass
@@ -160,7 +159,7 @@ def plan(argv: Sequence[str] | None) -> tuple[PolicyPairConfig, list[tuple[str, 
         return ns, [("winner and loser", [*common, "--sft-branch", "pair", "--out", str(out)])]
     has_data = any(a == "--data" or a.startswith("--data=") for a in rest)
     runs = []
-    for side in SIDES:
+    for side in ("winner", "loser"):
         extra = []
         if side == "loser" and not has_data and tiny:  # the winner run's demo pairs
             extra = ["--data", str(out / "winner" / "data")]

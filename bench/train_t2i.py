@@ -410,7 +410,10 @@ class Trainer:
             while self.st.step < self.cfg.max_steps:
                 self._step()
             self.bar.close()
-            digests = gather_objects(param_digest(torch.nn.ModuleList(self.nets.values())))
+            nets = list(self.nets.values())  # a pair: both networks in one digest
+            digests = gather_objects(
+                param_digest(nets[0] if len(nets) == 1 else torch.nn.ModuleList(nets))
+            )
             self._log_line({"step": self.st.step, "end": True, "param_sha256": digests})
         if len(set(digests)) != 1:
             raise RuntimeError(f"ranks ended with different parameters: {digests}")
