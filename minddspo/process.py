@@ -170,6 +170,9 @@ class FlowProcess:
 
     def sample(self, denoise, x, steps, *, sampler=None, generator=None, progress=None):
         """Euler integration of the probability-flow ODE (deterministic)."""
-        if sampler not in (None, "euler", "flow", "ddim"):  # ddim: the commands' default name
-            raise ValueError(f"a flow model samples with the Euler sampler, got {sampler!r}")
+        if sampler not in (None, *self.samplers):
+            raise ValueError(
+                f"a flow model samples with the Euler sampler (sampler='euler' or None), "
+                f"got {sampler!r}"
+            )
         return flow_sample(denoise, x, self.schedule, steps, progress=progress)

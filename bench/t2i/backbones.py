@@ -367,12 +367,13 @@ class Backbone:
         net: torch.nn.Module | None = None,
         progress: Callable | None = None,
         resolution: int | None = None,
-        sampler: str = "ddim",
+        sampler: str | None = None,
     ) -> Tensor:
         """Sample latents ``(B, C, h, w)`` (float32) with batched classifier-free guidance.
 
-        ``latents`` overrides the initial noise. ``sampler`` is ``ddim`` (eta 0) or ``ddpm``
-        for DDPM backbones; flow backbones always integrate with Euler. Steps and guidance
+        ``latents`` overrides the initial noise. ``sampler`` is one of the process's
+        ``samplers``, by default its first: ``ddim`` (eta 0) or ``ddpm`` for DDPM backbones,
+        ``euler`` for flow backbones. Steps and guidance
         default to the paper's settings for the backbone (App. E).
         """
         prompts = list(prompts)

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import torch
 
 from bench.t2i.backbones import BACKBONES
+from bench.t2i.errors import UsageError
 from minddspo.extras import missing_extra
 
 T = TypeVar("T")
@@ -35,10 +36,6 @@ T = TypeVar("T")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
-class UsageError(ValueError):
-    """Bad input from the user: reported as one ``error:`` line and exit code 2."""
 
 
 def opt(
@@ -400,12 +397,13 @@ def check_positive(cfg: Any, names: Sequence[str]) -> None:
 
 
 def run_command(main: Callable[[], int]) -> int:
-    """Run a command's body: a :class:`UsageError` (or ``ValueError``) is one ``error:`` line
-    on stderr and exit code 2; so is a missing optional package, named with its extra
-    (:func:`minddspo.extras.missing_extra`)."""
+    """Run a command's body: a :class:`UsageError` (bad input) is one ``error:`` line on
+    stderr and exit code 2; so is a missing optional package, named with its extra
+    (:func:`minddspo.extras.missing_extra`). Anything else, a ``ValueError`` included, is a
+    bug and keeps its traceback."""
     try:
         return main()
-    except (UsageError, ValueError) as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
