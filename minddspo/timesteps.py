@@ -12,7 +12,6 @@ from torch import Tensor
 
 SAMPLERS = ("uniform", "geometric", "logit_normal")
 WEIGHTS = ("none", "lambda", "linear")
-RAND_COND_SCHEDULES = ("sigmoid", "exponential", "constant")
 
 
 def _check(batch: int, T: int) -> None:
@@ -158,24 +157,3 @@ def timestep_weight(kind: str, t: Tensor, T: int, snr: Tensor | None = None) -> 
     if kind == "linear":
         return t.float() / max(T - 1, 1)
     raise ValueError(f"timestep weight must be one of {WEIGHTS}, got {kind!r}")
-
-
-def rand_cond_probability(kind: str, frac: Tensor, lam: float = 20.0) -> Tensor:
-    """Probability that a row is swapped to an unpaired prompt (random-condition mixing, the
-    official DDSPO trainer's ``--rand_cond``), as a function of the noise level
-    ``frac = t / T`` in [0, 1] (``sigma`` for flows):
-
-    * ``sigmoid``     ``1 / (1 + exp(-lam (frac - 0.7)))``: mostly at high noise, half at 0.7;
-    * ``exponential`` ``exp(-lam (1 - frac))``: 1 at pure noise, decaying towards data;
-    * ``constant``    1 (the official ``constant_1``).
-
-    float32, shaped like ``frac``.
-    """
-    frac = frac.float()
-    if kind == "sigmoid":
-        return torch.sigmoid(lam * (frac - 0.7))
-    if kind == "exponential":
-        return torch.exp(-lam * (1 - frac))
-    if kind == "constant":
-        return torch.ones_like(frac)
-    raise ValueError(f"rand-cond schedule must be one of {RAND_COND_SCHEDULES}, got {kind!r}")

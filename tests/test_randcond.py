@@ -13,11 +13,10 @@ from bench import train_t2i
 from bench.t2i.config import TrainConfig, UsageError, resolve
 from bench.t2i.pairs import build_pairs
 from bench.t2i.prompts import DEMO_PROMPTS
-from bench.t2i.randcond import ExtraPrompt, mix_rows, read_extra_prompts
+from bench.t2i.randcond import ExtraPrompt, mix_rows, rand_cond_probability, read_extra_prompts
 from bench.t2i.reference import Reference
 from bench.t2i.step import compute_loss, encode_step
 from bench.t2i.tiny import tiny_backbone
-from minddspo.timesteps import rand_cond_probability
 
 
 def test_schedules():

@@ -31,9 +31,10 @@ from bench.t2i.cli import (
     tiny_name,
 )
 from bench.t2i.outdir import write_text_atomic
+from bench.t2i.randcond import RAND_COND_SCHEDULES
 from minddspo.methods import CPP_METHODS, METHODS, SCORE_MATCHING_METHODS, method_spec
 from minddspo.refupdate import REF_UPDATES
-from minddspo.timesteps import RAND_COND_SCHEDULES, SAMPLERS, WEIGHTS
+from minddspo.timesteps import SAMPLERS, WEIGHTS
 
 OPTIMIZERS = ("adamw", "adafactor")
 DEVICES = ("auto", "cpu", "cuda")

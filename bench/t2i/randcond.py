@@ -2,7 +2,7 @@
 
 The official DDSPO trainer's ``--rand_cond --extra_text_path`` (KU-MIIL/DDSPO,
 ``ddspo/data.py`` and ``ddspo/adapters/sd.py``), re-derived: every training row draws its
-timestep first; with probability ``p(t / T)`` (:func:`minddspo.timesteps.rand_cond_probability`,
+timestep first; with probability ``p(t / T)`` (:func:`rand_cond_probability`,
 by default a sigmoid that is 1/2 at 70 % noise) its prompt pair ``(c, c-)`` is swapped for an
 extra prompt and one of its degraded prompts, while its images ``(x0_w, x0_l)`` stay. A
 swapped row trains towards the contrastive targets on the new prompts, ``f_ref(x_t^w, c')``
@@ -36,7 +36,30 @@ import torch
 from torch import Tensor
 
 from minddspo.perturb import random_removal
-from minddspo.timesteps import rand_cond_probability
+
+#: the swap schedules p(t / T) of ``--rand-cond-schedule`` (:func:`rand_cond_probability`)
+RAND_COND_SCHEDULES = ("sigmoid", "exponential", "constant")
+
+
+def rand_cond_probability(kind: str, frac: Tensor, lam: float = 20.0) -> Tensor:
+    """Probability that a row is swapped to an unpaired prompt (random-condition mixing, the
+    official DDSPO trainer's ``--rand_cond``), as a function of the noise level
+    ``frac = t / T`` in [0, 1] (``sigma`` for flows):
+
+    * ``sigmoid``     ``1 / (1 + exp(-lam (frac - 0.7)))``: mostly at high noise, half at 0.7;
+    * ``exponential`` ``exp(-lam (1 - frac))``: 1 at pure noise, decaying towards data;
+    * ``constant``    1 (the official ``constant_1``).
+
+    float32, shaped like ``frac``.
+    """
+    frac = frac.float()
+    if kind == "sigmoid":
+        return torch.sigmoid(lam * (frac - 0.7))
+    if kind == "exponential":
+        return torch.exp(-lam * (1 - frac))
+    if kind == "constant":
+        return torch.ones_like(frac)
+    raise ValueError(f"rand-cond schedule must be one of {RAND_COND_SCHEDULES}, got {kind!r}")
 
 
 @dataclass(frozen=True)
