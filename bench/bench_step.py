@@ -46,7 +46,7 @@ from unittest import mock
 import torch
 
 from bench.t2i import backbones, gpu_cost
-from bench.t2i.backbones import BACKBONES, open_backbone
+from bench.t2i.backbones import BACKBONES
 from bench.t2i.cli import (
     DTYPES,
     TINY_HELP,
@@ -60,6 +60,7 @@ from bench.t2i.cli import (
     torch_dtype,
 )
 from bench.t2i.config import TrainConfig, resolve
+from bench.t2i.models import open_backbone
 from bench.t2i.reference import Reference
 from bench.t2i.step import compute_loss, encode_step
 from minddspo.methods import METHODS

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.t2i.backbones import BACKBONES, load_backbone, move_module, open_backbone
+from bench.t2i.backbones import BACKBONES, load_backbone, move_module
 from bench.t2i.cli import (
     DeviceArgs,
     ModelArgs,
@@ -39,6 +39,7 @@ from bench.t2i.importers import (
     import_ddspo,
     import_pickapic,
 )
+from bench.t2i.models import open_backbone
 from bench.t2i.outdir import run_lock
 from bench.t2i.pairs import latent_dtype_name, storage_dtype
 

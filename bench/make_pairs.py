@@ -19,7 +19,6 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from bench.t2i.backbones import open_backbone
 from bench.t2i.cli import (
     DeviceArgs,
     ModelArgs,
@@ -34,6 +33,7 @@ from bench.t2i.cli import (
     torch_dtype,
 )
 from bench.t2i.dist import die_with_launcher
+from bench.t2i.models import open_backbone
 from bench.t2i.outdir import run_lock
 from bench.t2i.pairs import PairConfig, build_pairs
 from bench.t2i.prompts import cli_prompts

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from bench.t2i.backbones import Backbone, move_module, open_backbone, prompt_generator
+from bench.t2i.backbones import Backbone, move_module, prompt_generator
 from bench.t2i.cli import (
     DeviceArgs,
     ModelArgs,
@@ -58,6 +58,7 @@ from bench.t2i.cli import (
     run_command,
     torch_dtype,
 )
+from bench.t2i.models import open_backbone
 from bench.t2i.outdir import (
     OutputError,
     check_out_dir,

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from bench.t2i.backbones import Backbone, move_module, open_backbone
+from bench.t2i.backbones import Backbone, move_module
 from bench.t2i.checkpoint import (
     atomic_write_dir,
     checkpoint_name,
@@ -67,6 +67,7 @@ from bench.t2i.dist import (
     no_sync,
 )
 from bench.t2i.interrupt import exit_code, handle_signals
+from bench.t2i.models import open_backbone
 from bench.t2i.outdir import (
     OutputError,
     check_out_dir,

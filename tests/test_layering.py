@@ -8,6 +8,8 @@
     bench/*.py      the commands: none imports another; none touches ``sys.path``
     paper_figures   thin commands over toy2d
 
+No module imports itself through others (no import cycle), inside functions included.
+
 The tiny test models (``bench.t2i.tiny``) are imported by tests and on ``--tiny`` paths
 only: never at module level by a production module, and inside a function only in the
 ``--tiny`` entry points of :data:`TINY_ENTRY_POINTS`. Imports inside functions count;
@@ -27,7 +29,7 @@ PACKAGES = ("minddspo", "toy2d", "bench", "paper_figures")
 
 #: the functions that build tiny models for ``--tiny`` (module, function); nothing else may
 TINY_ENTRY_POINTS = {
-    ("bench.t2i.backbones", "open_backbone"),  # --tiny NAME of every command
+    ("bench.t2i.models", "open_backbone"),  # --tiny NAME of every command
     ("bench.evaluate", "evaluate"),  # evaluate.py --tiny: random tiny CLIP scorers
     ("bench.bench_step", "build_backbone"),  # bench_step --sd15-config: the tiny tokenizer
 }
@@ -176,7 +178,7 @@ def test_tiny_models_only_on_tiny_paths():
 
 
 def test_the_tiny_check_sees_a_module_level_import():
-    f = ROOT / "bench" / "t2i" / "backbones.py"
+    f = ROOT / "bench" / "t2i" / "models.py"
     assert tiny_import_sites(f) == {"open_backbone"}
     assert None in tiny_import_sites(ROOT / "tests" / "test_train_t2i.py")
 
@@ -208,3 +210,52 @@ def test_no_command_imports_another():
 @pytest.mark.parametrize("path", sorted((ROOT / "bench").glob("*.py")), ids=lambda p: p.name)
 def test_commands_leave_sys_path_alone(path):
     assert "sys.path" not in path.read_text(), f"{path.name}: the installed package is the path"
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or through others (the
+    strongly connected components of more than one module), each sorted."""
+    order: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        order[v] = low[v] = len(order)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in order:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], order[w])
+        if low[v] == order[v]:
+            group = [stack.pop()]
+            while group[-1] != v:
+                group.append(stack.pop())
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in order:
+            visit(v)
+    return out
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (not itself)."""
+    names = set(IDS)
+    return {
+        n: {m for m in imports_of(p) if m in names and m != n}
+        for p, n in zip(FILES, IDS, strict=True)
+    }
+
+
+def test_cycle_finder_sees_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    assert import_cycles(graph) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    assert import_cycles(module_graph()) == []

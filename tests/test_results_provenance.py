@@ -13,7 +13,7 @@ import torch
 from sample_records import write_sample_record
 
 from bench import evaluate, sample, train_t2i
-from bench.t2i.backbones import open_backbone
+from bench.t2i.models import open_backbone
 from bench.t2i.provenance import SAMPLE_FILE, base_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
