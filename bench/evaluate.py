@@ -123,10 +123,7 @@ class EvalConfig:
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts in index order, read by the same function bench/sample.py uses (.txt: one per
     line; .jsonl: {"prompt": ...}; blank lines skipped), so image indices agree."""
-    try:
-        return _read_prompts(path)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    return _read_prompts(path)
 
 
 def resolve_prompts(prompts: str | None, images: str | None) -> tuple[list[str], Path]:
@@ -202,10 +199,7 @@ def check_settings(
     ``allow_unrecorded``."""
     records = {}
     for name, folder in folders.items():
-        try:
-            records[name] = read_sample_record(folder)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        records[name] = read_sample_record(folder)
     unrecorded = [n for n, r in records.items() if r is None]
     if unrecorded and not allow_unrecorded:
         n = unrecorded[0]

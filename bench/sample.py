@@ -86,24 +86,24 @@ def parse_checkpoint(spec: str) -> tuple[str, Path]:
     """``NAME=PATH`` -> ``(NAME, PATH)``; NAME must be a plain file name, not ``base``."""
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
-        raise ValueError(f"--checkpoint expects NAME=PATH, got {spec!r}")
+        raise UsageError(f"--checkpoint expects NAME=PATH, got {spec!r}")
     if not _NAME.match(name) or name == "base":
-        raise ValueError(f"checkpoint name {name!r} must match [A-Za-z0-9_.-]+ and not be 'base'")
+        raise UsageError(f"checkpoint name {name!r} must match [A-Za-z0-9_.-]+ and not be 'base'")
     return name, Path(path)
 
 
 def resolve_checkpoint(backbone: Backbone, path: str | Path) -> tuple[str, Path]:
-    """``("lora", dir)`` or ``("full", dir)`` for a checkpoint path; ValueError otherwise."""
+    """``("lora", dir)`` or ``("full", dir)`` for a checkpoint path; UsageError otherwise."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: checkpoint not found")
+        raise UsageError(f"{path}: checkpoint not found")
     lora_dir = find_lora(path)
     if lora_dir is not None:
         return "lora", lora_dir
     for d in (path, path / backbone.denoiser_subfolder):
         if (d / "config.json").is_file():
             return "full", d
-    raise ValueError(
+    raise UsageError(
         f"{path}: neither {backbone.denoiser_subfolder} weights (config.json) nor {LORA_FILE}"
     )
 
@@ -112,7 +112,7 @@ _LORA_KEY = re.compile(r"^(.+)\.(lora\.down|lora\.up|lora_A|lora_B)(?:\.[\w-]+)?
 
 
 def check_fits(backbone: Backbone, path: str | Path, base: dict | None = None) -> None:
-    """ValueError (one line) unless the checkpoint at ``path`` is for ``backbone``'s
+    """UsageError (one line) unless the checkpoint at ``path`` is for ``backbone``'s
     denoiser: full weights of the same class and config, or LoRA weights on layers it has,
     with matching shapes, trained on ``base`` (:func:`bench.t2i.provenance.base_record` of
     the model loaded, when the checkpoint records its base). Reads only config.json,
@@ -133,7 +133,7 @@ def check_fits(backbone: Backbone, path: str | Path, base: dict | None = None) -
     else:
         diffs = _lora_mismatches(backbone, d / LORA_FILE)
     if diffs:
-        raise ValueError(
+        raise UsageError(
             f"{path}: not a checkpoint of this {backbone.name} model "
             f"({', '.join(diffs[:3])}{', ...' if len(diffs) > 3 else ''})"
         )
@@ -237,7 +237,7 @@ def sample_models(
                 if path is None or isinstance(e, OutputError):
                     raise
                 line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ValueError(f"checkpoint {name}={path} failed to sample: {line}") from e
+                raise UsageError(f"checkpoint {name}={path} failed to sample: {line}") from e
         bar.close()
         with writing(out):
             save_grid(cells, [m for m, _ in models], prompts, stage / "grid.png")
@@ -270,7 +270,7 @@ def _sample_one(
 
 
 def check_out_settings(out: Path, record: dict, replaced: list[str]) -> None:
-    """A one-line ValueError when ``out`` holds a model folder this run keeps (not in
+    """A one-line UsageError when ``out`` holds a model folder this run keeps (not in
     ``replaced``) that was sampled with other settings than ``record``, or has no record."""
     if not out.is_dir():
         return
@@ -279,7 +279,7 @@ def check_out_settings(out: Path, record: dict, replaced: list[str]) -> None:
             continue
         old = read_sample_record(folder)
         if old is None:
-            raise ValueError(
+            raise UsageError(
                 f"--out {out} holds {folder.name}/ with no {SAMPLE_FILE} (sampled before "
                 "settings were recorded): its settings cannot be checked against this run's; "
                 "move it away or choose another --out"
@@ -287,7 +287,7 @@ def check_out_settings(out: Path, record: dict, replaced: list[str]) -> None:
         diff = settings_mismatch(old, record)
         if diff is not None:
             key, was, now = diff
-            raise ValueError(
+            raise UsageError(
                 f"--out {out} holds {folder.name}/ sampled with {key} {was!r}, this run has "
                 f"{now!r}: images of different settings must not be compared; choose another --out"
             )

@@ -169,7 +169,7 @@ def load_model(cfg: TrainConfig) -> Backbone:
         if bb.name == "flux" and cfg.flux_guidance is not None:  # unset: the pipeline's 3.5
             bb.guidance = cfg.flux_guidance
         return bb
-    except (ValueError, OSError) as e:
+    except (UsageError, OSError) as e:
         raise UsageError(
             f"--pretrained {cfg.pretrained}: {e}" if cfg.pretrained else str(e)
         ) from None
@@ -206,7 +206,7 @@ def open_data(cfg: TrainConfig, env: DistEnv, backbone: Backbone | None = None) 
     def open_pairs() -> None:  # rank 0 reads every shard in full; the others their headers
         try:
             opened.append(PairDataset(path, verify=env.is_main))
-        except (ValueError, OSError) as e:
+        except (UsageError, OSError) as e:
             raise UsageError(str(e)) from None
 
     agree(open_pairs)  # a damaged shard stops every rank with rank 0's line
@@ -229,7 +229,7 @@ def check_data(dataset: PairDataset, backbone: Backbone) -> None:
     if hasattr(backbone, "resolution"):  # the training image size: SDXL's micro-conditioning,
         try:  # FLUX's resolution-dependent shift
             backbone.resolution = w * backbone.vae_scale_factor
-        except ValueError as e:
+        except UsageError as e:
             raise UsageError(f"{dataset.root}: {e}") from None
 
 
@@ -241,7 +241,7 @@ def find_checkpoint(
     config matches in everything that changes what is trained."""
     try:
         ckpt, state, damaged = find_resume(cfg.resume, ckpt_root)
-    except (FileNotFoundError, ValueError) as e:
+    except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     if ckpt is None:
         return None, None, cfg
@@ -431,7 +431,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         agree(self._claim_run_dir)  # no rank writes into OUT before rank 0 holds its lock
         if cfg.tensorboard:
-            agree(lambda: _usage(check_tensorboard))
+            agree(check_tensorboard)
         # read by every rank, so a bad file stops them all alike
         agree(lambda: self.val_prompts.extend(validation_prompts(cfg)))
         if env.is_main:  # left by a kill -9 mid-write
@@ -473,7 +473,7 @@ class Trainer:
         if cfg.rand_cond_prompts:
             train_prompts = {r["prompt"] for r in self.dataset.records}
             read = functools.partial(read_extra_prompts, cfg.rand_cond_prompts, train_prompts)
-            agree(lambda: _usage(lambda: self.extra.extend(read())))
+            agree(lambda: self.extra.extend(read()))
         ckpt, state, self.cfg = find_checkpoint(cfg, env, self.ckpt_root, self.fingerprint)
         return ckpt, state
 
@@ -489,7 +489,7 @@ class Trainer:
             draws = rng_state()  # every adapter starts from the same draw (as separate runs)
             for net in self.nets.values():
                 set_rng_state(draws)
-                _usage(lambda n=net: add_lora(n, cfg.lora, cfg.lora_alpha, targets, cfg.lora_init))
+                add_lora(net, cfg.lora, cfg.lora_alpha, targets, cfg.lora_init)
         for net in self.nets.values():
             if cfg.gradient_checkpointing:
                 net.enable_gradient_checkpointing()
@@ -527,7 +527,7 @@ class Trainer:
 
     def _resume(self, ckpt: Path, saved: dict) -> None:
         env = self.env
-        _usage(lambda: check_base(ckpt, self.base))
+        check_base(ckpt, self.base)
         for side, net in self.nets.items():
             load_policy(self.backbone, net, ckpt / side, self.cfg.lora > 0)
         if self.probe is not None:
@@ -802,14 +802,6 @@ class Trainer:
                 atomic_write_dir(final, functools.partial(write, net))
 
 
-def _usage(check) -> None:
-    """``check()``, its one-line ValueError turned into a :class:`UsageError`."""
-    try:
-        check()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
 def validation_prompts(cfg: TrainConfig) -> list[str]:
     """The validation prompts (read before any work; [] when validation is off)."""
     if not cfg.validation_every:
@@ -820,7 +812,7 @@ def validation_prompts(cfg: TrainConfig) -> list[str]:
         prompts = cli_prompts(
             cfg.validation_prompts or None, tiny=cfg.tiny, max_prompts=None, demo=4
         )
-    except ValueError as e:
+    except UsageError as e:
         raise UsageError(f"--validation-prompts: {e}") from None
     warning = many_prompts_warning(len(prompts), f"--validation-prompts {cfg.validation_prompts}")
     if warning and int(os.environ.get("RANK", "0")) == 0:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bench.t2i.errors import UsageError
 from minddspo.process import DDPMProcess, DiffusionProcess, FlowProcess
 from minddspo.sampling import guided
 from minddspo.schedules import DDPMSchedule, FlowSchedule, ddpm_schedule, resolution_shift
@@ -175,7 +176,7 @@ class Backbone:
         cfg = self.scheduler_config
         pt = prediction_type or cfg.get("prediction_type") or "epsilon"
         if pt not in ("epsilon", "v_prediction"):
-            raise ValueError(
+            raise UsageError(
                 f"{self.name}: prediction_type must be epsilon or v_prediction, got {pt!r}"
             )
         if cfg.get("trained_betas") is not None:
@@ -329,7 +330,7 @@ class Backbone:
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         res = resolution or self.default_resolution
         if res % self.vae_scale_factor:
-            raise ValueError(f"resolution {res} is not a multiple of {self.vae_scale_factor}")
+            raise UsageError(f"resolution {res} is not a multiple of {self.vae_scale_factor}")
         side = res // self.vae_scale_factor
         return (self.latent_channels, side, side)
 
@@ -430,7 +431,7 @@ class Backbone:
         if (path / self.denoiser_subfolder / "config.json").is_file():
             path = path / self.denoiser_subfolder
         if not (path / "config.json").is_file():
-            raise ValueError(f"{path}: no config.json of a saved {self.denoiser_subfolder}")
+            raise UsageError(f"{path}: no config.json of a saved {self.denoiser_subfolder}")
         return type(self.denoiser).from_pretrained(path, local_files_only=True)
 
 
@@ -534,7 +535,7 @@ class SanaBackbone(Backbone):
 
     def _make_process(self, prediction_type):
         if prediction_type not in (None, "flow"):
-            raise ValueError(
+            raise UsageError(
                 f"sana is a flow model; prediction_type {prediction_type!r} is invalid"
             )
         cfg = self.scheduler_config
@@ -546,7 +547,7 @@ class SanaBackbone(Backbone):
 
     def _encode(self, prompts: list[str]) -> Cond:
         if self.prompt_style not in SANA_PROMPT_STYLES:
-            raise ValueError(
+            raise UsageError(
                 f"sana prompt style must be one of {SANA_PROMPT_STYLES}, got {self.prompt_style!r}"
             )
         if self.prompt_style == "plain":
@@ -655,7 +656,7 @@ class SD3Backbone(Backbone):
 
     def _make_process(self, prediction_type):
         if prediction_type not in (None, "flow"):
-            raise ValueError(f"sd3 is a flow model; prediction_type {prediction_type!r} is invalid")
+            raise UsageError(f"sd3 is a flow model; prediction_type {prediction_type!r} is invalid")
         cfg = self.scheduler_config
         T = int(cfg.get("num_train_timesteps", 1000))
         self.max_sequence_length = min(
@@ -758,7 +759,7 @@ class FluxBackbone(Backbone):
 
     def _make_process(self, prediction_type):
         if prediction_type not in (None, "flow"):
-            raise ValueError(
+            raise UsageError(
                 f"flux is a flow model; prediction_type {prediction_type!r} is invalid"
             )
         cfg = self.scheduler_config
@@ -773,7 +774,7 @@ class FluxBackbone(Backbone):
         ):
             unsupported.append("time_shift_type")
         if unsupported:
-            raise ValueError(f"flux scheduler: unsupported settings {unsupported}")
+            raise UsageError(f"flux scheduler: unsupported settings {unsupported}")
         self._resolution = self._default_resolution()
         return self._process_for(self._resolution // self._vae_scale_factor())
 
@@ -807,7 +808,7 @@ class FluxBackbone(Backbone):
     def latent_shape(self, resolution=None):
         shape = super().latent_shape(resolution)
         if shape[-1] % 2:
-            raise ValueError(
+            raise UsageError(
                 f"resolution {resolution or self.default_resolution} gives an odd latent side "
                 f"{shape[-1]}; flux packs 2 x 2 latent patches"
             )
@@ -916,7 +917,7 @@ def _detect(index: dict, path: Path) -> str:
         return "sd3"
     if "transformer" in index and "FluxTransformer2DModel" in str(index["transformer"]):
         return "flux"
-    raise ValueError(f"{path}: unsupported pipeline class {cls!r} (supported: {BACKBONES})")
+    raise UsageError(f"{path}: unsupported pipeline class {cls!r} (supported: {BACKBONES})")
 
 
 def _load_component(path: Path, key: str, entry) -> Any:
@@ -929,11 +930,11 @@ def _load_component(path: Path, key: str, entry) -> Any:
     if cls is None and key.startswith("tokenizer") and lib_name == "transformers":
         cls = transformers.AutoTokenizer  # e.g. a *TokenizerFast name a newer release dropped
     if cls is None:
-        raise ValueError(
+        raise UsageError(
             f"{path / 'model_index.json'}: unknown class {lib_name}.{cls_name} for {key!r}"
         )
     if not (path / key).is_dir():
-        raise ValueError(f"{path / key}: missing component folder")
+        raise UsageError(f"{path / key}: missing component folder")
     try:
         if key == "scheduler":
             return cls.from_pretrained(path, subfolder=key, local_files_only=True)
@@ -941,7 +942,7 @@ def _load_component(path: Path, key: str, entry) -> Any:
     except (OSError, ValueError, pickle.UnpicklingError) as e:  # a .bin that needs more than
         # tensors: diffusers and transformers read .bin files with torch.load(weights_only=True)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path / key}: cannot load {cls_name} ({first})") from None
+        raise UsageError(f"{path / key}: cannot load {cls_name} ({first})") from None
 
 
 def load_backbone(
@@ -950,25 +951,25 @@ def load_backbone(
     """Load a backbone from a local diffusers pipeline directory (never the network).
 
     ``name`` is detected from ``model_index.json`` when not given; ``prediction_type``
-    overrides the scheduler config's (SD/SDXL). Raises a one-line ``ValueError`` when the
+    overrides the scheduler config's (SD/SDXL). Raises a one-line ``UsageError`` when the
     directory is missing, not a diffusers pipeline, or holds an unknown class.
     """
     path = Path(pretrained_dir)
     if not path.is_dir():
-        raise ValueError(f"{path}: not a directory")
+        raise UsageError(f"{path}: not a directory")
     index_file = path / "model_index.json"
     if not index_file.is_file():
-        raise ValueError(f"{path}: no model_index.json, not a diffusers pipeline directory")
+        raise UsageError(f"{path}: no model_index.json, not a diffusers pipeline directory")
     try:
         index = json.loads(index_file.read_text())
     except ValueError as e:
-        raise ValueError(f"{index_file}: invalid JSON ({e})") from None
+        raise UsageError(f"{index_file}: invalid JSON ({e})") from None
     if not isinstance(index, dict):
-        raise ValueError(f"{index_file}: not a diffusers model index")
+        raise UsageError(f"{index_file}: not a diffusers model index")
     detected = _detect(index, path)
     name = name or detected
     if name not in ADAPTERS:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+        raise UsageError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
     adapter = ADAPTERS[name]
     needed = (adapter.denoiser_subfolder, "vae", "scheduler", *adapter.text_keys) + tuple(
         k.replace("text_encoder", "tokenizer") for k in adapter.text_keys
@@ -976,7 +977,7 @@ def load_backbone(
     entries = {k: v for k, v in index.items() if not k.startswith("_")}
     missing = [k for k in needed if not (isinstance(entries.get(k), list) and entries[k][0])]
     if missing:
-        raise ValueError(f"{index_file}: missing components {missing} for backbone {name!r}")
+        raise UsageError(f"{index_file}: missing components {missing} for backbone {name!r}")
     components = {k: _load_component(path, k, entries[k]) for k in needed}
     # keep plain settings (e.g. force_zeros_for_empty_prompt); drop components we do not load
     extra = {

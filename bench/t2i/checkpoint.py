@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.t2i.errors import UsageError
 from bench.t2i.interrupt import critical
 from bench.t2i.outdir import stage_dir, tmp_path_for
 
@@ -179,7 +180,7 @@ def find_resume(resume: str, root: Path) -> tuple[Path | None, dict | None, list
     """The checkpoint ``--resume`` names, its loaded state, and one note per damaged
     checkpoint passed over. ``"latest"`` takes the newest intact one under ``root``
     (``(None, None, notes)`` when there is none: a fresh start); a named directory must be
-    intact. Raises ``FileNotFoundError`` (or ``ValueError`` for a damaged named one, or when
+    intact. Raises ``FileNotFoundError`` (or ``UsageError`` for a damaged named one, or when
     every checkpoint under ``root`` is damaged)."""
     if not resume:
         return None, None, []
@@ -187,7 +188,7 @@ def find_resume(resume: str, root: Path) -> tuple[Path | None, dict | None, list
         path = resolve_resume(resume, root)
         state, problem = checkpoint_problem(path)
         if problem:
-            raise ValueError(f"--resume {resume}: damaged checkpoint: {problem}")
+            raise UsageError(f"--resume {resume}: damaged checkpoint: {problem}")
         return path, state, []
     notes = []
     candidates = list_checkpoints(root)
@@ -197,7 +198,7 @@ def find_resume(resume: str, root: Path) -> tuple[Path | None, dict | None, list
             return path, state, notes
         notes.append(f"{path} is damaged ({problem})")
     if candidates:
-        raise ValueError(f"--resume latest: every checkpoint under {root} is damaged: {notes[0]}")
+        raise UsageError(f"--resume latest: every checkpoint under {root} is damaged: {notes[0]}")
     return None, None, notes
 
 

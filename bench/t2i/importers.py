@@ -54,6 +54,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from bench.t2i.errors import UsageError
 from bench.t2i.pairdata import LATENT_DTYPES, finalize, read_shard_header, shard_path, write_shard
 
 # field-name defaults of the DDSPO layout's metadata.jsonl
@@ -72,9 +73,9 @@ TABLE_SUFFIXES = (".parquet", ".arrow")
 
 def _check_common(shard_size: int, batch_size: int, latent_dtype: str) -> None:
     if shard_size < 1 or batch_size < 1:
-        raise ValueError("shard_size and batch_size must be >= 1")
+        raise UsageError("shard_size and batch_size must be >= 1")
     if latent_dtype not in LATENT_DTYPES:
-        raise ValueError(
+        raise UsageError(
             f"latent dtype must be one of {tuple(LATENT_DTYPES)}, got {latent_dtype!r}"
         )
 
@@ -91,11 +92,11 @@ def _todo_shards(out: Path, params: dict, num_shards: int, prompts: Sequence[str
         try:
             _, recs, old = read_shard_header(path)
         except Exception:
-            raise ValueError(f"{path}: unreadable shard; delete it and rerun") from None
+            raise UsageError(f"{path}: unreadable shard; delete it and rerun") from None
         if old != want:
-            raise ValueError(f"{path}: made with different settings; use a fresh --out directory")
+            raise UsageError(f"{path}: made with different settings; use a fresh --out directory")
         if any(r["index"] >= len(prompts) or prompts[r["index"]] != r["prompt"] for r in recs):
-            raise ValueError(f"{path}: made from different data; use a fresh --out directory")
+            raise UsageError(f"{path}: made from different data; use a fresh --out directory")
     return todo
 
 
@@ -121,9 +122,9 @@ def read_ddspo_metadata(
     order; ``files`` is the line's ``(pos_file, neg_file)`` or None when it names none."""
     meta = Path(src) / "metadata.jsonl"
     if not Path(src).is_dir():
-        raise ValueError(f"{src}: not a directory")
+        raise UsageError(f"{src}: not a directory")
     if not meta.is_file():
-        raise ValueError(f"{meta}: missing (not a DDSPO dataset directory)")
+        raise UsageError(f"{meta}: missing (not a DDSPO dataset directory)")
     rows, seen = [], set()
     for lineno, line in enumerate(meta.read_text().splitlines(), 1):
         if not line.strip():
@@ -131,28 +132,28 @@ def read_ddspo_metadata(
         try:
             obj = json.loads(line)
         except ValueError:
-            raise ValueError(f"{meta}:{lineno}: invalid JSON") from None
+            raise UsageError(f"{meta}:{lineno}: invalid JSON") from None
         if not isinstance(obj, dict):
-            raise ValueError(f"{meta}:{lineno}: not a JSON object")
+            raise UsageError(f"{meta}:{lineno}: not a JSON object")
         if id_key not in obj:
-            raise ValueError(f"{meta}:{lineno}: missing id field {id_key!r}")
+            raise UsageError(f"{meta}:{lineno}: missing id field {id_key!r}")
         pkey = next((k for k in prompt_keys if k in obj), None)
         if pkey is None:
-            raise ValueError(f"{meta}:{lineno}: missing prompt field (one of {list(prompt_keys)})")
+            raise UsageError(f"{meta}:{lineno}: missing prompt field (one of {list(prompt_keys)})")
         if neg_key not in obj:
-            raise ValueError(f"{meta}:{lineno}: missing perturbed-prompt field {neg_key!r}")
+            raise UsageError(f"{meta}:{lineno}: missing perturbed-prompt field {neg_key!r}")
         pid = str(obj[id_key])
         files = _named_files(meta, lineno, obj)
         if files is None and (not pid or "/" in pid or "\\" in pid or pid.startswith(".")):
-            raise ValueError(f"{meta}:{lineno}: id {pid!r} is not a plain file name")
+            raise UsageError(f"{meta}:{lineno}: id {pid!r} is not a plain file name")
         if pid in seen:
-            raise ValueError(f"{meta}:{lineno}: duplicate id {pid!r}")
+            raise UsageError(f"{meta}:{lineno}: duplicate id {pid!r}")
         seen.add(pid)
         rows.append(
             {"id": pid, "prompt": str(obj[pkey]), "neg_prompt": str(obj[neg_key]), "files": files}
         )
     if not rows:
-        raise ValueError(f"{meta}: no pairs")
+        raise UsageError(f"{meta}: no pairs")
     return rows
 
 
@@ -163,7 +164,7 @@ def _named_files(meta: Path, lineno: int, obj: dict) -> tuple[str, str] | None:
     if not given:
         return None
     if len(given) == 1:
-        raise ValueError(
+        raise UsageError(
             f"{meta}:{lineno}: {given[0]!r} without {DDSPO_FILE_KEYS[given[0] == 'pos_file']!r}"
         )
     names = []
@@ -171,7 +172,7 @@ def _named_files(meta: Path, lineno: int, obj: dict) -> tuple[str, str] | None:
         v = obj[k]
         parts = PurePosixPath(v.replace("\\", "/")).parts if isinstance(v, str) else ()
         if not parts or v.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
-            raise ValueError(
+            raise UsageError(
                 f"{meta}:{lineno}: {k} {v!r} is not a file name inside the latents folder"
             )
         names.append(v)
@@ -201,31 +202,31 @@ def _source_dtype(paths: Sequence[Path], key: str | None) -> str:
 
 def _load_latent(path: Path, pid: str, key: str | None) -> Tensor:
     if not path.is_file():
-        raise ValueError(f"{path}: missing latent file for id {pid!r}")
+        raise UsageError(f"{path}: missing latent file for id {pid!r}")
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
             if key is None:
                 if len(keys) != 1:
-                    raise ValueError(
+                    raise UsageError(
                         f"{path}: holds tensors {keys}; name the latent with --latent-key"
                     )
                 name = keys[0]
             elif key not in keys:
-                raise ValueError(f"{path}: no tensor {key!r} (has {keys})")
+                raise UsageError(f"{path}: no tensor {key!r} (has {keys})")
             else:
                 name = key
             t = f.get_tensor(name)
     except ValueError:
         raise
     except Exception as e:
-        raise ValueError(f"{path}: unreadable latent file ({type(e).__name__})") from None
+        raise UsageError(f"{path}: unreadable latent file ({type(e).__name__})") from None
     if t.dim() == 4 and t.shape[0] == 1:
         t = t[0]
     if t.dim() != 3:
-        raise ValueError(f"{path}: latent shape {tuple(t.shape)}, expected (C, h, w)")
+        raise UsageError(f"{path}: latent shape {tuple(t.shape)}, expected (C, h, w)")
     if not t.is_floating_point():
-        raise ValueError(f"{path}: latent dtype {t.dtype} is not floating point")
+        raise UsageError(f"{path}: latent dtype {t.dtype} is not floating point")
     return t.float()
 
 
@@ -249,12 +250,12 @@ def import_ddspo(
 
     ``backbone`` is recorded in info.json (the trainer refuses latents of another VAE);
     every latent file must exist and all must share one shape (else a one-line
-    ``ValueError`` naming the file and id). ``latent_dtype`` None: the source's precision.
+    ``UsageError`` naming the file and id). ``latent_dtype`` None: the source's precision.
     """
     if latent_dtype is not None:
         _check_common(shard_size, 1, latent_dtype)
     if not math.isfinite(latent_scale) or latent_scale <= 0:
-        raise ValueError(f"latent scale must be a positive number, got {latent_scale}")
+        raise UsageError(f"latent scale must be a positive number, got {latent_scale}")
     src = Path(src)
     rows = read_ddspo_metadata(src, id_key=id_key, prompt_keys=prompt_keys, neg_key=neg_key)
     lat_root = src / latents_dir
@@ -271,7 +272,7 @@ def import_ddspo(
             _inside(lat_root, name, src / "metadata.jsonl", f"{key} of id {r['id']!r}")
         for name in _latent_names(r, neg_suffix):
             if not (lat_root / name).is_file():
-                raise ValueError(f"{lat_root / name}: missing latent file for id {r['id']!r}")
+                raise UsageError(f"{lat_root / name}: missing latent file for id {r['id']!r}")
     if latent_dtype is None:  # keep the source's precision
         names = [lat_root / n for r in rows for n in _latent_names(r, neg_suffix)]
         latent_dtype = _source_dtype(names, latent_key)
@@ -301,7 +302,7 @@ def import_ddspo(
             w, lo = pair(r)
             for name, t in zip(_latent_names(r, neg_suffix), (w, lo), strict=True):
                 if tuple(t.shape) != shape:
-                    raise ValueError(
+                    raise UsageError(
                         f"{lat_root / name}: latent shape "
                         f"{tuple(t.shape)} for id {r['id']!r}, expected {shape} (as the first)"
                     )
@@ -330,17 +331,17 @@ def table_files(src: str | Path, split: str = "train") -> list[Path]:
     src = Path(src)
     if src.is_file():
         if src.suffix not in TABLE_SUFFIXES:
-            raise ValueError(f"{src}: not a .parquet or .arrow file")
+            raise UsageError(f"{src}: not a .parquet or .arrow file")
         return [src]
     if not src.is_dir():
-        raise ValueError(f"{src}: no such file or directory")
+        raise UsageError(f"{src}: no such file or directory")
     if (src / "dataset_dict.json").is_file():
         try:
             splits = json.loads((src / "dataset_dict.json").read_text()).get("splits", [])
         except ValueError:
-            raise ValueError(f"{src / 'dataset_dict.json'}: invalid JSON") from None
+            raise UsageError(f"{src / 'dataset_dict.json'}: invalid JSON") from None
         if split not in splits:
-            raise ValueError(f"{src}: no split {split!r} (has {splits}); choose one with --split")
+            raise UsageError(f"{src}: no split {split!r} (has {splits}); choose one with --split")
         return table_files(_inside(src, split, src / "dataset_dict.json", "split"), split)
     if (src / "state.json").is_file():
         try:
@@ -348,22 +349,22 @@ def table_files(src: str | Path, split: str = "train") -> list[Path]:
                 d["filename"] for d in json.loads((src / "state.json").read_text())["_data_files"]
             ]
         except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{src / 'state.json'}: not a datasets save_to_disk state") from None
+            raise UsageError(f"{src / 'state.json'}: not a datasets save_to_disk state") from None
         return [_inside(src, f, src / "state.json", "_data_files entry") for f in files]
     files = sorted(p for p in src.rglob("*") if p.suffix in TABLE_SUFFIXES and p.is_file())
     if not files:
-        raise ValueError(f"{src}: no .parquet or .arrow files")
+        raise UsageError(f"{src}: no .parquet or .arrow files")
     return files
 
 
 def _inside(folder: Path, name: Any, source: Path, what: str) -> Path:
-    """``folder / name`` for a name read from the file ``source``; ValueError unless it is a
+    """``folder / name`` for a name read from the file ``source``; UsageError unless it is a
     relative path that stays inside ``folder`` (links resolved)."""
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{source}: {what} {name!r} is not a file name")
+        raise UsageError(f"{source}: {what} {name!r} is not a file name")
     path = folder / name
     if Path(name).is_absolute() or not path.resolve().is_relative_to(folder.resolve()):
-        raise ValueError(f"{source}: {what} {name!r} is outside {folder}")
+        raise UsageError(f"{source}: {what} {name!r} is outside {folder}")
     return path
 
 
@@ -405,7 +406,7 @@ def _open_table(path: Path) -> _Table:
     import pyarrow.parquet as pq
 
     if not path.is_file():
-        raise ValueError(f"{path}: missing data file")
+        raise UsageError(f"{path}: missing data file")
     try:
         if path.suffix == ".parquet":
             schema = pq.ParquetFile(path).schema_arrow
@@ -413,7 +414,7 @@ def _open_table(path: Path) -> _Table:
             schema = _open_ipc(path)[0]
     except (pa.ArrowException, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: unreadable table ({first})") from None
+        raise UsageError(f"{path}: unreadable table ({first})") from None
     return _Table(path, list(schema.names))
 
 
@@ -455,7 +456,7 @@ def scan_pickapic(
     for fi, t in enumerate(tables):
         missing = [c for c in cols.values() if c not in t.columns]
         if missing:
-            raise ValueError(f"{t.path}: missing column(s) {missing} (has {t.columns})")
+            raise UsageError(f"{t.path}: missing column(s) {missing} (has {t.columns})")
         row = 0
         for b in t.batches([cols["caption"], cols["label_0"]], 4096):
             caps = b.column(0).to_pylist()
@@ -465,14 +466,14 @@ def scan_pickapic(
                 if lab is None or (isinstance(lab, float) and math.isnan(lab)):
                     counts["unlabeled"] += 1
                 elif not 0 <= float(lab) <= 1:
-                    raise ValueError(
+                    raise UsageError(
                         f"{t.path}: row {row}: {cols['label_0']} = {lab}, expected 0, 0.5 or 1"
                     )
                 elif float(lab) == 0.5:
                     counts["ties"] += 1
                 else:
                     if cap is None:
-                        raise ValueError(f"{t.path}: row {row}: empty {cols['caption']}")
+                        raise UsageError(f"{t.path}: row {row}: empty {cols['caption']}")
                     pairs.append((fi, row, str(cap), float(lab) >= 0.5))
                 row += 1
     return tables, pairs, counts
@@ -509,7 +510,7 @@ def import_pickapic(
     if max_pairs is not None:
         pairs = pairs[:max_pairs]
     if not pairs:
-        raise ValueError(
+        raise UsageError(
             f"{src}: no preference pairs (all {counts['rows']} rows ties or unlabeled)"
         )
     params = dict(
@@ -554,7 +555,7 @@ def import_pickapic(
                     pix.append(_decode(images[i][j], resolution, files[fi], frow, col))
             lat = encode(torch.stack(pix)).detach().float().cpu()
             if tuple(lat.shape[1:]) != tuple(latent_shape):
-                raise ValueError(
+                raise UsageError(
                     f"encoder gave latents {tuple(lat.shape[1:])}, expected {tuple(latent_shape)}"
                 )
             w, lo = lat.chunk(2)
@@ -588,7 +589,7 @@ def import_pickapic(
                 done_upto += 1
     if done_upto < len(todo):  # a file shrank between the scan and the read
         i = next(i for i in want[todo[done_upto]] if i not in images)
-        raise ValueError(f"{files[pairs[i][0]]}: rows changed while reading; rerun")
+        raise UsageError(f"{files[pairs[i][0]]}: rows changed while reading; rerun")
     if bar is not None:
         bar.close()
     info = dict(params, task="alignment", perturb="none (human preference)", dropped=counts)
@@ -599,10 +600,10 @@ def import_pickapic(
 def _decode(v: Any, resolution: int, path: Path, row: int, col: str) -> Tensor:
     data = _image_bytes(v)
     if data is None:
-        raise ValueError(f"{path}: row {row}: {col} holds no image bytes")
+        raise UsageError(f"{path}: row {row}: {col} holds no image bytes")
     try:
         return load_image(data, resolution)
     except Exception as e:
-        raise ValueError(
+        raise UsageError(
             f"{path}: row {row}: {col} is not a readable image ({type(e).__name__})"
         ) from None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from bench.t2i.errors import UsageError
 from minddspo.perturb import PerturbResult, llama3_prompt, llm_messages, llm_perturb
 
 
@@ -36,7 +37,7 @@ class LocalLM:
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise ValueError(f"{path}: not a local transformers model directory (no config.json)")
+            raise UsageError(f"{path}: not a local transformers model directory (no config.json)")
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:

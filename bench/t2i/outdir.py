@@ -12,7 +12,7 @@ Shared by the trainer, ``bench/sample.py`` and ``bench/evaluate.py``:
 * :func:`run_lock` makes a command the only writer of its output folder for its whole run,
   and :func:`remove_stale_tmp` (leftovers of a killed writer) works only under that lock.
 
-Errors are :class:`OutputError` (a ``ValueError``); each command reports them as one line.
+Errors are :class:`OutputError` (a :class:`~bench.t2i.errors.UsageError`); each command reports them as one line.
 """
 
 from __future__ import annotations

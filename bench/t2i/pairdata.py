@@ -47,6 +47,7 @@ from safetensors.torch import load, save
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from bench.t2i.errors import UsageError
 from bench.t2i.outdir import write_text_atomic
 
 FORMAT = "minddspo-pairs"
@@ -168,7 +169,7 @@ def finalize(root: str | Path, info: dict, num_shards: int) -> Path:
     for k in range(num_shards):
         path = shard_path(root, k)
         if not path.is_file():
-            raise ValueError(f"{path}: missing shard; rerun make_pairs to finish the dataset")
+            raise UsageError(f"{path}: missing shard; rerun make_pairs to finish the dataset")
         records.extend(read_shard_header(path)[1])
         with safe_open(str(path), framework="pt") as f:
             sealed = sealed and CHECKSUM_KEY in (f.metadata() or {})
@@ -188,7 +189,7 @@ def finalize(root: str | Path, info: dict, num_shards: int) -> Path:
 class PairDataset(Dataset):
     """Preference pairs ``(x0_w, x0_l, prompt, neg_prompt)`` from a dataset directory.
 
-    Validates the whole directory on open and raises a one-line ``ValueError`` naming the
+    Validates the whole directory on open and raises a one-line ``UsageError`` naming the
     offending file. With ``verify`` every shard is read in full once, on open (checksum,
     finite latents): about one read of the dataset's bytes; without it only the shards'
     headers are read (the other ranks of a distributed run, which agree on rank 0's
@@ -208,44 +209,44 @@ class PairDataset(Dataset):
         self.root = root = Path(path)
         self.verify = verify
         if not root.is_dir():
-            raise ValueError(f"{root}: dataset directory not found")
+            raise UsageError(f"{root}: dataset directory not found")
         if not any(root.iterdir()):
-            raise ValueError(
+            raise UsageError(
                 f"{root}: empty dataset directory (build one with bench/make_pairs.py)"
             )
         info_file, meta_file = root / "info.json", root / "metadata.jsonl"
         for f in (info_file, meta_file):
             if not f.is_file():
-                raise ValueError(f"{f}: missing (not a finished make_pairs dataset)")
+                raise UsageError(f"{f}: missing (not a finished make_pairs dataset)")
         try:
             self.info: dict[str, Any] = json.loads(info_file.read_text())
         except ValueError as e:
-            raise ValueError(f"{info_file}: invalid JSON ({e})") from None
+            raise UsageError(f"{info_file}: invalid JSON ({e})") from None
         if not isinstance(self.info, dict) or self.info.get("format") != FORMAT:
-            raise ValueError(f"{info_file}: not a {FORMAT} info file")
+            raise UsageError(f"{info_file}: not a {FORMAT} info file")
         version = self.info.get("version")
         if version not in READS_VERSIONS or isinstance(version, bool):
-            raise ValueError(
+            raise UsageError(
                 f"{info_file}: version {version!r}; this program reads versions "
                 f"{', '.join(map(str, READS_VERSIONS))}"
             )
         self.sealed = version >= 2  # every shard carries its checksum
         shape = self.info.get("latent_shape")
         if not (isinstance(shape, list) and len(shape) == 3 and all(_count(n, 1) for n in shape)):
-            raise ValueError(f"{info_file}: latent_shape must be [C, h, w], got {shape!r}")
+            raise UsageError(f"{info_file}: latent_shape must be [C, h, w], got {shape!r}")
         self.latent_shape = shape = tuple(shape)
         for key in ("num_shards", "num_pairs"):
             if self.info.get(key) is not None and not _count(self.info[key], 0):
-                raise ValueError(f"{info_file}: {key} must be a count, got {self.info[key]!r}")
+                raise UsageError(f"{info_file}: {key} must be a count, got {self.info[key]!r}")
         self.records = self._read_records(meta_file)
         if not self.records:
-            raise ValueError(f"{meta_file}: no pairs")
+            raise UsageError(f"{meta_file}: no pairs")
         if latent_shape is not None and tuple(latent_shape) != shape:
-            raise ValueError(
+            raise UsageError(
                 f"{info_file}: latent shape {shape}, but the model needs {tuple(latent_shape)}"
             )
         if backbone is not None and self.info.get("backbone") != backbone:
-            raise ValueError(
+            raise UsageError(
                 f"{info_file}: built for backbone {self.info.get('backbone')!r}, not {backbone!r}"
             )
         self._check_shards()
@@ -265,12 +266,12 @@ class PairDataset(Dataset):
             try:
                 rec = json.loads(line)
             except ValueError:
-                raise ValueError(f"{meta_file}:{lineno}: invalid JSON") from None
+                raise UsageError(f"{meta_file}:{lineno}: invalid JSON") from None
             missing = [k for k in RECORD_KEYS if k not in rec]
             if missing:
-                raise ValueError(f"{meta_file}:{lineno}: missing keys {missing}")
+                raise UsageError(f"{meta_file}:{lineno}: missing keys {missing}")
             if rec["variant"] == "rand_positive" and "pos_prompt" not in rec:
-                raise ValueError(f"{meta_file}:{lineno}: rand_positive record without pos_prompt")
+                raise UsageError(f"{meta_file}:{lineno}: rand_positive record without pos_prompt")
             records.append(rec)
         return records
 
@@ -284,9 +285,9 @@ class PairDataset(Dataset):
         for lineno, rec in enumerate(self.records, 1):
             k = rec["shard"]
             if not _count(k, 0) or not _count(rec["row"], 0):
-                raise ValueError(f"{meta_file}: pair {lineno}: shard and row must be counts")
+                raise UsageError(f"{meta_file}: pair {lineno}: shard and row must be counts")
             if num_shards is not None and k >= num_shards:
-                raise ValueError(
+                raise UsageError(
                     f"{info_file}: num_shards {num_shards}, but {meta_file.name} lists pairs in "
                     f"{shard_name(k)}"
                 )
@@ -296,48 +297,48 @@ class PairDataset(Dataset):
             path = shard_path(self.root, k)
             if not path.is_file():
                 if not rs:
-                    raise ValueError(
+                    raise UsageError(
                         f"{info_file}: num_shards {num_shards}, but {path.name} does not exist "
                         f"and {meta_file.name} lists no pair in it"
                     )
-                raise ValueError(f"{path}: missing shard file")
+                raise UsageError(f"{path}: missing shard file")
             shapes = self._verify_shard(path) if self.verify else self._header_shapes(path)
             for key in ("x0_w", "x0_l"):
                 got = shapes[key]
                 if tuple(got[1:]) != self.latent_shape:
-                    raise ValueError(
+                    raise UsageError(
                         f"{info_file}: latent_shape {list(self.latent_shape)}, but {path.name}"
                         f"{' (checksum intact)' if self.sealed else ''} holds {key} of shape {got}"
                     )
                 if got[0] != len(rs):
-                    raise ValueError(
+                    raise UsageError(
                         f"{meta_file}: lists {len(rs)} pairs in {path.name}, which holds "
                         f"{got[0]} latents"
                     )
             if sorted(rs) != list(range(len(rs))):
-                raise ValueError(f"{meta_file}: rows of {path.name} are not 0..{len(rs) - 1}")
+                raise UsageError(f"{meta_file}: rows of {path.name} are not 0..{len(rs) - 1}")
             total += len(rs)
         n_info = self.info.get("num_pairs")
         if n_info is not None and n_info != total:
-            raise ValueError(
+            raise UsageError(
                 f"{info_file}: num_pairs {n_info}, but {meta_file.name} and the shards hold {total}"
             )
 
     @staticmethod
     def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-        """The shard's tensor shapes from its header alone; ValueError naming it when the
+        """The shard's tensor shapes from its header alone; UsageError naming it when the
         header is unreadable or lacks x0_w or x0_l."""
         try:
             shapes = read_shard_header(path)[0]
         except Exception as e:  # a truncated or foreign file
-            raise ValueError(f"{path}: unreadable shard ({type(e).__name__})") from None
+            raise UsageError(f"{path}: unreadable shard ({type(e).__name__})") from None
         for key in ("x0_w", "x0_l"):
             if key not in shapes:
-                raise ValueError(f"{path}: no tensor {key!r}")
+                raise UsageError(f"{path}: no tensor {key!r}")
         return shapes
 
     def _verify_shard(self, path: Path) -> dict[str, tuple[int, ...]]:
-        """Read the whole shard once: ValueError naming it unless it is readable, holds
+        """Read the whole shard once: UsageError naming it unless it is readable, holds
         x0_w and x0_l, matches its checksum, and its latents are finite. Its shapes."""
         try:
             blob = path.read_bytes()
@@ -345,31 +346,31 @@ class PairDataset(Dataset):
             n = int.from_bytes(blob[:8], "little")
             meta = json.loads(blob[8 : 8 + n]).get("__metadata__") or {}
         except Exception as e:  # a truncated or foreign file
-            raise ValueError(f"{path}: unreadable shard ({type(e).__name__})") from None
+            raise UsageError(f"{path}: unreadable shard ({type(e).__name__})") from None
         for key in ("x0_w", "x0_l"):
             if key not in tensors:
-                raise ValueError(f"{path}: no tensor {key!r}")
+                raise UsageError(f"{path}: no tensor {key!r}")
         digest = meta.get(CHECKSUM_KEY)
         if digest is None and self.sealed:
-            raise ValueError(
+            raise UsageError(
                 f"{path}: no {CHECKSUM_KEY} in its header (not written with this dataset); "
                 "rebuild the dataset"
             )
         if digest is not None and digest != _sha256(_data_bytes(blob)):
-            raise ValueError(
+            raise UsageError(
                 f"{path}: checksum mismatch (the file changed after it was written); "
                 "rebuild the dataset"
             )
         for key in ("x0_w", "x0_l"):
             x = tensors[key]
             if x.dtype not in LATENT_DTYPES.values():
-                raise ValueError(f"{path}: {key} is {x.dtype}, not one of {tuple(LATENT_DTYPES)}")
+                raise UsageError(f"{path}: {key} is {x.dtype}, not one of {tuple(LATENT_DTYPES)}")
             if x.dim() != 4:
-                raise ValueError(f"{path}: {key} has shape {tuple(x.shape)}, not (N, C, h, w)")
+                raise UsageError(f"{path}: {key} has shape {tuple(x.shape)}, not (N, C, h, w)")
             finite = np.isfinite(x.numpy())  # numpy's check: several times torch's on float16
             if not finite.all():
                 row = int(np.flatnonzero(~finite.reshape(len(x), -1).all(1))[0])
-                raise ValueError(f"{path}: {key} row {row} holds non-finite values (NaN or inf)")
+                raise UsageError(f"{path}: {key} row {row} holds non-finite values (NaN or inf)")
         return {key: tuple(t.shape) for key, t in tensors.items()}
 
     def _shard(self, k: int) -> dict[str, Tensor]:

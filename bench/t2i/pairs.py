@@ -36,6 +36,7 @@ import torch
 
 from bench.t2i.backbones import Backbone, prompt_generator
 from bench.t2i.cli import SamplingArgs, opt
+from bench.t2i.errors import UsageError
 from bench.t2i.pairdata import (
     VARIANTS,
     finalize,
@@ -59,7 +60,7 @@ def latent_dtype_name(value: str) -> str:
     """Canonical ``fp16``/``fp32`` of a latent storage dtype (``float16``/``float32`` accepted)."""
     name = {v: k for k, v in LATENT_STORAGE.items()}.get(value, value)
     if name not in LATENT_STORAGE:
-        raise ValueError(f"latent dtype must be one of fp16, fp32, got {value!r}")
+        raise UsageError(f"latent dtype must be one of fp16, fp32, got {value!r}")
     return name
 
 
@@ -82,19 +83,19 @@ class PairConfig(SamplingArgs):
     )
 
     def check(self, world: int = 1) -> None:
-        """Raise a one-line ``ValueError`` for a bad setting."""
+        """Raise a one-line ``UsageError`` for a bad setting."""
         if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+            raise UsageError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.perturb not in PERTURBS:
-            raise ValueError(f"perturb must be one of {PERTURBS}, got {self.perturb!r}")
+            raise UsageError(f"perturb must be one of {PERTURBS}, got {self.perturb!r}")
         if self.task not in TASKS:
-            raise ValueError(f"task must be one of {tuple(TASKS)}, got {self.task!r}")
+            raise UsageError(f"task must be one of {tuple(TASKS)}, got {self.task!r}")
         if self.shard_size < 1 or self.batch_size < 1:
-            raise ValueError("shard_size and batch_size must be >= 1")
+            raise UsageError("shard_size and batch_size must be >= 1")
         for name in ("steps", "resolution"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
+                raise UsageError(f"{name} must be >= 1, got {v}")
         latent_dtype_name(self.latent_dtype)
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         if world > 1 and not dist:
@@ -139,18 +140,18 @@ def build_pairs(
     any object with a ``perturb(prompts, rngs, task) -> PerturbResult`` method. Finished
     shards are skipped; a shard made with different settings or prompts is an error.
     ``base`` (:func:`bench.t2i.provenance.base_record`) is recorded in ``info.json``. No
-    pairs at all (every prompt skipped) is a ``ValueError``, and nothing is left behind.
+    pairs at all (every prompt skipped) is a ``UsageError``, and nothing is left behind.
     """
     cfg = dataclasses.replace(config or PairConfig(), **overrides)
     cfg.check(world)
     if cfg.perturb == "llm" and llm is None:
-        raise ValueError("perturb='llm' needs a local language model (--llm DIR)")
+        raise UsageError("perturb='llm' needs a local language model (--llm DIR)")
     prompts = list(prompts)
     n = len(prompts)
     if n == 0:
-        raise ValueError("no prompts")
+        raise UsageError("no prompts")
     if cfg.variant != "paired" and n < 2:
-        raise ValueError(f"variant {cfg.variant!r} needs at least 2 prompts")
+        raise UsageError(f"variant {cfg.variant!r} needs at least 2 prompts")
     steps = cfg.steps or backbone.default_steps
     guidance = backbone.default_guidance if cfg.guidance is None else float(cfg.guidance)
     resolution = cfg.resolution or backbone.default_resolution
@@ -235,7 +236,7 @@ def _no_pairs(out: Path, num_shards: int, n: int, variant: str, rank: int, creat
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
     _barrier()
-    raise ValueError(
+    raise UsageError(
         f"no pairs: all {n} prompts were skipped because the degraded prompt equals the "
         f"prompt (one word or emoji only; --variant {variant} needs c- != c); nothing "
         f"written to {out}"
@@ -246,11 +247,11 @@ def _check_existing(path: Path, params: dict, prompts: list[str]) -> None:
     try:
         _, recs, old = read_shard_header(path)
     except Exception:
-        raise ValueError(f"{path}: unreadable shard; delete it and rerun") from None
+        raise UsageError(f"{path}: unreadable shard; delete it and rerun") from None
     if old != json.loads(json.dumps(params, sort_keys=True)):
-        raise ValueError(f"{path}: made with different settings; use a fresh --out directory")
+        raise UsageError(f"{path}: made with different settings; use a fresh --out directory")
     if any(r["index"] >= len(prompts) or prompts[r["index"]] != r["prompt"] for r in recs):
-        raise ValueError(f"{path}: made from different prompts; use a fresh --out directory")
+        raise UsageError(f"{path}: made from different prompts; use a fresh --out directory")
 
 
 def _count_fallbacks(out: Path, num_shards: int) -> int:

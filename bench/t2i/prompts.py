@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.t2i.errors import UsageError
+
 DEMO_PROMPTS = [
     "a red fox sitting in fresh snow at dawn",
     "a bowl of ramen with a soft boiled egg, top view",
@@ -41,13 +43,13 @@ def read_prompts(path: str | Path) -> list[str]:
     naming the file and the first such line."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: prompts file not found")
+        raise UsageError(f"{path}: prompts file not found")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise ValueError(
+        raise UsageError(
             f"{path}: not UTF-8 text (byte offset {e.start}, line {line}: {e.reason})"
         ) from None
     numbered = [(i, ln.strip()) for i, ln in enumerate(text.splitlines(), 1)]
@@ -59,15 +61,15 @@ def read_prompts(path: str | Path) -> list[str]:
             try:
                 obj = json.loads(ln)
             except ValueError:
-                raise ValueError(f"{path}:{i}: invalid JSON") from None
+                raise UsageError(f"{path}:{i}: invalid JSON") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise ValueError(f'{path}:{i}: expected {{"prompt": "..."}}')
+                raise UsageError(f'{path}:{i}: expected {{"prompt": "..."}}')
             prompts.append((i, obj["prompt"].strip()))
     else:
         prompts = numbered
     prompts = [(i, p) for i, p in prompts if p]
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise UsageError(f"{path}: no prompts")
     long = [(i, len(p)) for i, p in prompts if len(p) > MAX_PROMPT_CHARS]
     if long:
         i, n = long[0]
@@ -84,11 +86,11 @@ def cli_prompts(
     prompts_file: str | None, *, tiny: bool, max_prompts: int | None, demo: int | None = None
 ) -> list[str]:
     """The prompts of a CLI run: ``prompts_file``, else (``--tiny`` only) the first ``demo``
-    demo prompts; cut to ``max_prompts``. Raises ``ValueError`` with a one-line message."""
+    demo prompts; cut to ``max_prompts``. Raises ``UsageError`` with a one-line message."""
     if prompts_file:
         prompts = read_prompts(prompts_file)
     elif tiny:
         prompts = list(DEMO_PROMPTS[:demo])
     else:
-        raise ValueError("--prompts FILE is required with --pretrained")
+        raise UsageError("--prompts FILE is required with --pretrained")
     return prompts[:max_prompts] if max_prompts else prompts

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from bench.t2i.errors import UsageError
+
 BASE_FILE = "base.json"
 SAMPLE_FILE = "sample.json"
 #: the settings recorded per sampled model folder that must agree between compared folders
@@ -84,7 +86,7 @@ def write_base(folder: str | Path, record: dict) -> Path:
 def read_base(checkpoint: str | Path) -> tuple[dict | None, Path | None]:
     """The base record of a checkpoint and its file: ``base.json`` in ``checkpoint`` or, when
     ``checkpoint`` is its ``lora/``, ``unet/`` or ``transformer/`` folder, in the parent.
-    ``(None, None)`` when there is none; a ``ValueError`` naming the file when unreadable."""
+    ``(None, None)`` when there is none; a ``UsageError`` naming the file when unreadable."""
     checkpoint = Path(checkpoint)
     for d in (checkpoint, checkpoint.parent):
         f = d / BASE_FILE
@@ -92,9 +94,9 @@ def read_base(checkpoint: str | Path) -> tuple[dict | None, Path | None]:
             try:
                 rec = json.loads(f.read_text())
             except (ValueError, OSError) as e:
-                raise ValueError(f"{f}: unreadable ({e})") from None
+                raise UsageError(f"{f}: unreadable ({e})") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("denoiser"), str):
-                raise ValueError(f"{f}: not a base record (no denoiser fingerprint)")
+                raise UsageError(f"{f}: not a base record (no denoiser fingerprint)")
             return rec, f
         if checkpoint.name not in ("lora", "unet", "transformer"):
             break
@@ -102,14 +104,14 @@ def read_base(checkpoint: str | Path) -> tuple[dict | None, Path | None]:
 
 
 def check_base(checkpoint: str | Path, base: dict | None) -> None:
-    """A one-line ``ValueError`` when the checkpoint records another base than ``base``
+    """A one-line ``UsageError`` when the checkpoint records another base than ``base``
     (:func:`base_record` of the model it is about to be loaded onto)."""
     if base is None:
         return
     rec, f = read_base(checkpoint)
     if rec is None or rec["denoiser"] == base["denoiser"]:
         return
-    raise ValueError(
+    raise UsageError(
         f"{checkpoint} was trained on another base model: {rec.get('base')} "
         f"(denoiser {rec['denoiser'][:12]}, {f}), not {base['base']} "
         f"(denoiser {base['denoiser'][:12]}); load it onto the base it was trained on"
@@ -146,9 +148,9 @@ def read_sample_record(folder: str | Path) -> dict | None:
     try:
         rec = json.loads(f.read_text())
     except (ValueError, OSError) as e:
-        raise ValueError(f"{f}: unreadable ({e})") from None
+        raise UsageError(f"{f}: unreadable ({e})") from None
     if not isinstance(rec, dict):
-        raise ValueError(f"{f}: not a JSON object")
+        raise UsageError(f"{f}: not a JSON object")
     return rec
 
 

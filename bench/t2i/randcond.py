@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from bench.t2i.errors import UsageError
 from minddspo.perturb import random_removal
 
 #: the swap schedules p(t / T) of ``--rand-cond-schedule`` (:func:`rand_cond_probability`)
@@ -72,13 +73,13 @@ def _jsonl_item(path: Path, n: int, line: str) -> ExtraPrompt | None:
     try:
         item = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-        raise ValueError(f'{path}:{n}: expected an object with a "prompt" string')
+        raise UsageError(f'{path}:{n}: expected an object with a "prompt" string')
     negs = item.get("neg_prompts", item.get("neg_prompt", []))
     negs = [negs] if isinstance(negs, str) else negs
     if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
-        raise ValueError(f'{path}:{n}: "neg_prompts" must be a list of strings')
+        raise UsageError(f'{path}:{n}: "neg_prompts" must be a list of strings')
     # as the official loader: every listed degraded prompt counts, even one equal to the
     # prompt (that row's contrast is then zero); an empty list makes the entry unusable
     return ExtraPrompt(item["prompt"], tuple(negs)) if negs and item["prompt"] else None
@@ -88,16 +89,16 @@ def read_extra_prompts(
     paths: Sequence[str | Path], exclude: Iterable[str] = ()
 ) -> list[ExtraPrompt]:
     """The usable extra prompts of ``paths`` (see the module docstring); ``exclude``: the
-    training set's prompts. Raises a one-line ``ValueError`` naming the file (and line)."""
+    training set's prompts. Raises a one-line ``UsageError`` naming the file (and line)."""
     exclude = set(exclude)
     out: list[ExtraPrompt] = []
     for path in map(Path, paths):
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
-            raise ValueError(f"{path}: extra prompt file not found") from None
+            raise UsageError(f"{path}: extra prompt file not found") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: cannot read ({e})") from None
+            raise UsageError(f"{path}: cannot read ({e})") from None
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -108,7 +109,7 @@ def read_extra_prompts(
             if item is not None and item.prompt not in exclude:
                 out.append(item)
     if not out:
-        raise ValueError(
+        raise UsageError(
             f"no usable extra prompt in {', '.join(map(str, paths))} (each needs a degraded "
             "prompt, or two words for random removal; prompts of the "
             "training set are left out)"

@@ -16,6 +16,7 @@ import torch
 
 from bench.t2i.backbones import Backbone, Cond
 from bench.t2i.config import TrainConfig
+from bench.t2i.errors import UsageError
 from bench.t2i.reference import Reference
 from minddspo.methods import method_loss, method_spec
 from minddspo.schedules import append_dims, cfg_combine
@@ -192,7 +193,7 @@ def loss_process(cfg: TrainConfig, backbone: Backbone):
     if not cfg.precondition_outputs:
         return backbone.process
     if not hasattr(backbone.process, "precondition_outputs"):
-        raise ValueError(f"--precondition-outputs needs a flow backbone, not {backbone.name}")
+        raise UsageError(f"--precondition-outputs needs a flow backbone, not {backbone.name}")
     return dataclasses.replace(backbone.process, precondition_outputs=True)
 
 
@@ -205,7 +206,7 @@ def train_process(cfg: TrainConfig, backbone: Backbone):
     if shift is None or shift == getattr(backbone.schedule, "shift", None):
         return backbone.process
     if not hasattr(backbone.schedule, "shift"):
-        raise ValueError(f"--train-shift needs a flow backbone, not {backbone.name}")
+        raise UsageError(f"--train-shift needs a flow backbone, not {backbone.name}")
     schedule = dataclasses.replace(backbone.schedule, shift=float(shift))
     return dataclasses.replace(backbone.process, schedule=schedule)
 

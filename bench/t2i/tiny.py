@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from bench.t2i.backbones import ADAPTERS, BACKBONES, Backbone, save_components
+from bench.t2i.errors import UsageError
 from bench.t2i.scorers import ClipScorer
 from bench.t2i.tokens import byte_chars
 
@@ -189,7 +190,7 @@ def _sd3_components(build, prediction_type: str | None) -> dict[str, Any]:
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     if prediction_type not in (None, "flow"):
-        raise ValueError(f"sd3 is a flow model; prediction_type {prediction_type!r} is invalid")
+        raise UsageError(f"sd3 is a flow model; prediction_type {prediction_type!r} is invalid")
     tok3 = t5_tokenizer()
     t5_cfg = _t5_config(len(tok3))
     clip_l, clip_g = _clip_text_config(True, hidden=32), _clip_text_config(True, hidden=48)
@@ -226,7 +227,7 @@ def _flux_components(build, prediction_type: str | None) -> dict[str, Any]:
     from transformers import CLIPTextModel, T5EncoderModel
 
     if prediction_type not in (None, "flow"):
-        raise ValueError(f"flux is a flow model; prediction_type {prediction_type!r} is invalid")
+        raise UsageError(f"flux is a flow model; prediction_type {prediction_type!r} is invalid")
     tok2 = t5_tokenizer()
     t5_cfg, clip_cfg = _t5_config(len(tok2)), _clip_text_config(hidden=32)
     return dict(
@@ -301,9 +302,9 @@ def tiny_components(name: str, seed: int = 0, prediction_type: str | None = None
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if name not in ADAPTERS:
-        raise ValueError(f"tiny backbone must be one of {tuple(ADAPTERS)}, got {name!r}")
+        raise UsageError(f"tiny backbone must be one of {tuple(ADAPTERS)}, got {name!r}")
     if name == "sana" and prediction_type not in (None, "flow"):
-        raise ValueError(f"sana is a flow model; prediction_type {prediction_type!r} is invalid")
+        raise UsageError(f"sana is a flow model; prediction_type {prediction_type!r} is invalid")
     state = torch.random.get_rng_state()
     try:
 
@@ -437,7 +438,7 @@ def save_tiny_causal_lm(out_dir: str | Path, seed: int = 0) -> Path:
 def tiny_backbone(name: str, seed: int = 0, prediction_type: str | None = None) -> Backbone:
     """A backbone of tiny random models built from configs (this module), CPU-fast."""
     if name not in ADAPTERS:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+        raise UsageError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
     extra = {"force_zeros_for_empty_prompt": True} if name == "sdxl" else {}
     return ADAPTERS[name](
         tiny_components(name, seed, prediction_type),

@@ -10,7 +10,7 @@ the optional TensorBoard sink.
   dedicated generators are drawn from and the global RNG is restored afterwards: training
   with validation on is bit-identical to training with it off.
 * :func:`open_tensorboard`: ``torch.utils.tensorboard.SummaryWriter`` when the
-  ``tensorboard`` package is importable, else a one-line :class:`ValueError`.
+  ``tensorboard`` package is importable, else a one-line :class:`~bench.t2i.errors.UsageError`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bench.t2i.backbones import Backbone, prompt_generator
+from bench.t2i.errors import UsageError
 from bench.t2i.outdir import publish_dir, stage_dir, writing
 
 SAMPLES_DIR = "samples"  # OUT/samples/step-K/
@@ -175,11 +176,11 @@ def tensorboard_available() -> bool:
 
 
 def check_tensorboard() -> None:
-    """ValueError (one line) unless the ``tensorboard`` package can be imported."""
+    """UsageError (one line) unless the ``tensorboard`` package can be imported."""
     try:
         _import_summary_writer()
     except ImportError:
-        raise ValueError(
+        raise UsageError(
             "--tensorboard needs the tensorboard package (pip install tensorboard); "
             "metrics.jsonl is written without it"
         ) from None

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.t2i.checkpoint import FILES_KEY, STATE_FILE, file_sizes, safetensors_problem
+from bench.t2i.errors import UsageError
 from bench.t2i.provenance import write_base
 from bench.t2i.reference import Reference, trainable_state
 
@@ -48,17 +49,17 @@ def add_lora(
 ) -> None:
     """peft LoRA through diffusers' adapter API on ``targets`` (default :func:`lora_targets`),
     initialised as ``init`` (:data:`LORA_INITS`); only the adapters train. A target no
-    module of ``net`` has is a ``ValueError``."""
+    module of ``net`` has is a ``UsageError``."""
     from peft import LoraConfig
 
     if init not in LORA_INITS:
-        raise ValueError(f"--lora-init must be one of {', '.join(LORA_INITS)}, got {init!r}")
+        raise UsageError(f"--lora-init must be one of {', '.join(LORA_INITS)}, got {init!r}")
     if targets is not None:  # any dotted suffix of a module name (to_q, to_out.0, ff.net.2)
         parts = [n.split(".") for n, _ in net.named_modules()]
         names = {".".join(p[i:]) for p in parts for i in range(len(p))}
         missing = [t for t in targets if t not in names]
         if missing or not targets:
-            raise ValueError(
+            raise UsageError(
                 f"--lora-targets: no module named {missing or targets} in the denoiser"
             )
     net.requires_grad_(False)
@@ -133,15 +134,15 @@ def find_lora(path: str | Path) -> Path | None:
 
 
 def check_weight_files(files: list[Path], where: str | Path) -> None:
-    """A one-line ``ValueError`` naming the first of ``files`` (safetensors) that cannot be
+    """A one-line ``UsageError`` naming the first of ``files`` (safetensors) that cannot be
     read: empty, truncated (its header does not cover the file) or not safetensors at all;
     also when ``files`` is empty. Reads the headers only."""
     if not files:
-        raise ValueError(f"{where}: no .safetensors weights file")
+        raise UsageError(f"{where}: no .safetensors weights file")
     for f in files:
         reason = safetensors_problem(f)
         if reason is not None:
-            raise ValueError(f"{f}: unreadable weights ({f.stat().st_size} bytes; {reason})")
+            raise UsageError(f"{f}: unreadable weights ({f.stat().st_size} bytes; {reason})")
 
 
 def check_denoiser_files(path: str | Path, subfolder: str) -> None:
