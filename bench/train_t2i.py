@@ -156,13 +156,12 @@ def check_run_dir(cfg: TrainConfig) -> None:
 
 
 def load_model(cfg: TrainConfig) -> Backbone:
-    pt = cfg.prediction_type or None
     try:
         bb = open_backbone(
             cfg.pretrained,
             cfg.backbone if cfg.tiny else None,
-            backbone=cfg.backbone or None,
-            prediction_type=pt,
+            backbone=cfg.backbone,
+            prediction_type=cfg.prediction_type,
         )
         if bb.name == "sana":  # official (pipeline preprocessing + instruction prefix) or plain
             bb.prompt_style = cfg.sana_prompt_style

@@ -171,15 +171,35 @@ def test_every_help_works_and_explains_every_flag(module, monkeypatch, capsys):
 # ------------------------------------------------------------- compatibility with older runs
 
 
-def test_zero_and_empty_still_mean_the_default():
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("beta", 0.0, "--beta must be > 0, got 0.0"),
+        ("lr", 0.0, "--lr must be > 0, got 0.0"),
+        ("lora_alpha", 0.0, "--lora-alpha must be > 0, got 0.0"),
+        ("validation_steps", 0, "--validation-steps must be >= 1, got 0"),
+        ("data", "", "--data is empty; leave it out for the default"),
+        ("resume", "", "--resume is empty; leave it out for the default"),
+        ("backbone", "", "--backbone is empty; leave it out for the default"),
+    ],
+)
+def test_zero_and_empty_are_values_not_the_default(field, value, message):
     from bench.t2i.config import TrainConfig, resolve
 
-    old = resolve(TrainConfig(tiny=True, beta=0.0, lr=0.0, lora_alpha=0.0, validation_steps=0,
-                              backbone="", data="", resume=""))  # fmt: skip
-    new = resolve(TrainConfig(tiny=True))
-    assert old == new and new.beta == 16000.0 and new.lora_alpha is None
-    with pytest.raises(UsageError, match="beta must be > 0"):
-        resolve(TrainConfig(tiny=True, beta=-1.0))
+    with pytest.raises(UsageError) as e:
+        resolve(TrainConfig(tiny=True, **{field: value}))
+    assert str(e.value) == message
+
+
+def test_an_empty_flag_is_one_line_and_exit_2(tmp_path, capsys):
+    from bench import train_t2i
+
+    out = tmp_path / "out"
+    assert train_t2i.main(["--tiny", "--out", str(out), "--prediction-type", ""]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --prediction-type is empty; leave it out for the default"
+    )
+    assert not out.exists()
 
 
 def test_a_checkpoint_config_from_before_the_new_fields_resumes():
@@ -192,8 +212,11 @@ def test_a_checkpoint_config_from_before_the_new_fields_resumes():
     for name in ("precondition_outputs", "rand_cond_prompts", "rand_cond_schedule",
                  "rand_cond_lambda", "lora_targets"):  # fmt: skip
         saved.pop(name)
-    saved.update(lora_alpha=0.0, validation_steps=0, resume="", data="", pretrained="")
+    saved.update(resume="", data="", pretrained="")  # written for "unset" before null was
     assert resume_mismatches(cfg, saved, world=1, saved_world=1) == []
+    saved["lora_alpha"] = 0.0  # a number is a value: 0 -> unset is a change
+    assert resume_mismatches(cfg, saved, world=1, saved_world=1) == ["--lora-alpha 0.0 -> None"]
+    saved["lora_alpha"] = None
     saved["method"] = "ddspo"
     assert resume_mismatches(cfg, saved, world=1, saved_world=1) == ["--method 'ddspo' -> 'dpo'"]
     pre = resolve(TrainConfig(tiny=True, backbone="sd3", method="dpo"))  # on by default: differs

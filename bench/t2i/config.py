@@ -91,21 +91,13 @@ _ONLY_WHEN = {
     "warmup_from": lambda c: bool(c.warmup_steps),
     "dropped_prompt_encoding": lambda c: c.proportion_empty_prompts > 0 and c.backbone == "sdxl",
 }
-#: fields whose unset value was written 0 or "" before it became None (older flags, --config
-#: files and saved config.json files keep working: 0 / "" still mean "the default")
-_LEGACY_UNSET = (
-    "beta", "beta_logit", "lr", "lora_alpha", "validation_steps", "resume", "backbone",
-    "pretrained", "prediction_type", "winner_policy", "loser_policy", "timestep_sampler", "data",
-    "validation_prompts", "debug_nan_steps",
-)  # fmt: skip
-
 FLOAT32_MAX = 3.4028234663852886e38  # a larger lr overflows the optimizer's float32 math
 #: allowed ranges of the float fields (all must also be finite)
 _RANGES = {
-    "beta": (lambda v: v > 0, "> 0 (unset or 0: the method's default)"),
-    "beta_logit": (lambda v: v > 0, "> 0 (unset or 0: the default)"),
-    "lr": (lambda v: v > 0, "> 0 (unset or 0: the default)"),
-    "lora_alpha": (lambda v: v > 0, "> 0 (unset or 0: the rank)"),
+    "beta": (lambda v: v > 0, "> 0"),
+    "beta_logit": (lambda v: v > 0, "> 0"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "lora_alpha": (lambda v: v > 0, "> 0"),
     "timestep_gamma": (lambda v: v > 0, "> 0"),
     "ref_delta": (lambda v: v > 0, "> 0"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
@@ -403,9 +395,9 @@ def _choice(name: str, value: str, allowed) -> None:
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Validate and fill method/backbone-dependent defaults; returns a new config."""
     cfg = dataclasses.replace(cfg)
-    for name in _LEGACY_UNSET:  # 0 / "" meant "the default" before None did
-        if getattr(cfg, name) in (0, ""):
-            setattr(cfg, name, None)
+    for f in fields(TrainConfig):  # no field takes "": leaving a flag out is the default
+        if getattr(cfg, f.name) == "":
+            raise UsageError(f"{flag(f.name)} is empty; leave it out for the default")
     _choice("method", cfg.method, METHODS)
     if cfg.backbone:
         _choice("backbone", cfg.backbone, BACKBONES)
@@ -577,7 +569,7 @@ def resume_mismatches(
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         new, old = getattr(cfg, f.name), saved.get(f.name, _LEGACY_MISSING.get(f.name, default))
-        if old in ("", 0) and new is None and f.name in _LEGACY_UNSET:  # saved before None
+        if old == "" and new is None:  # an unset path or name in an old config.json
             continue
         if f.name == "rand_cond_prompts" and _same_paths(new, old):
             continue
