@@ -55,6 +55,15 @@ def test_prompt_generator():
 # ---------------------------------------------------------------- shapes and hooks
 
 
+def test_flow_backbones_are_the_ones_with_a_flow_process(backbones):
+    from bench.t2i.backbones import FLOW_BACKBONES
+    from minddspo.process import FlowProcess
+
+    flow = [n for n, bb in backbones.items() if isinstance(bb.process, FlowProcess)]
+    assert FLOW_BACKBONES == tuple(flow) and set(flow) < set(BACKBONES)
+    assert [bb.name for bb in backbones.values()] == list(BACKBONES)
+
+
 @pytest.mark.parametrize("name", BACKBONES)
 def test_backbone_shapes_and_hooks(backbones, name):
     bb = backbones[name]

@@ -37,10 +37,6 @@ from minddspo.process import DDPMProcess, DiffusionProcess, FlowProcess
 from minddspo.sampling import guided
 from minddspo.schedules import DDPMSchedule, FlowSchedule, ddpm_schedule, resolution_shift
 
-#: every backbone name (``--backbone``, ``--tiny NAME``); the one list the commands import
-BACKBONES = ("sd", "sdxl", "sana", "sd3", "flux")
-#: the rectified-flow backbones (``--precondition-outputs`` applies, flow training defaults)
-FLOW_BACKBONES = ("sana", "sd3", "flux")
 SANA_PROMPT_STYLES = ("official", "plain")  # SanaBackbone.prompt_style
 
 
@@ -140,6 +136,7 @@ class Backbone:
     """Base adapter. Subclasses set the class attributes and the text/denoiser glue."""
 
     name: str = ""
+    flow: bool = False  # a rectified-flow model (FlowProcess), not a DDPM one
     pipeline_class: str = ""  # the diffusers pipeline this backbone loads and saves as
     denoiser_subfolder: str = "unet"
     default_guidance: float = 7.5
@@ -525,6 +522,7 @@ class SanaBackbone(Backbone):
     """
 
     name = "sana"
+    flow = True
     pipeline_class = "SanaPipeline"
     denoiser_subfolder = "transformer"
     default_guidance = 4.5
@@ -647,6 +645,7 @@ class SD3Backbone(Backbone):
     """
 
     name = "sd3"
+    flow = True
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_subfolder = "transformer"
     default_guidance = 7.0
@@ -731,6 +730,7 @@ class FluxBackbone(Backbone):
     """
 
     name = "flux"
+    flow = True
     pipeline_class = "FluxPipeline"
     denoiser_subfolder = "transformer"
     default_guidance = 3.5
@@ -883,13 +883,14 @@ class FluxBackbone(Backbone):
         return self._process_for(x.shape[-1])  # the shift of these latents' token count
 
 
+#: backbone name -> its adapter, each under its own ``name``
 ADAPTERS: dict[str, type[Backbone]] = {
-    "sd": SDBackbone,
-    "sdxl": SDXLBackbone,
-    "sana": SanaBackbone,
-    "sd3": SD3Backbone,
-    "flux": FluxBackbone,
+    cls.name: cls for cls in (SDBackbone, SDXLBackbone, SanaBackbone, SD3Backbone, FluxBackbone)
 }
+#: every backbone name (``--backbone``, ``--tiny NAME``); the one list the commands import
+BACKBONES = tuple(ADAPTERS)
+#: the rectified-flow backbones (``--precondition-outputs`` applies, flow training defaults)
+FLOW_BACKBONES = tuple(name for name, cls in ADAPTERS.items() if cls.flow)
 
 
 # ---------------------------------------------------------------------------- loading

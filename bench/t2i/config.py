@@ -127,7 +127,7 @@ class TrainConfig:
     )
     backbone: str | None = opt(
         None,
-        "sd | sdxl | sana | sd3 | flux; unset: auto-detected with --pretrained (with --tiny, the "
+        " | ".join(BACKBONES) + "; unset: auto-detected with --pretrained (with --tiny, the "
         "same as --tiny NAME)",
     )
     pretrained: str | None = opt(

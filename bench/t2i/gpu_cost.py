@@ -55,12 +55,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.t2i.cli import torch_dtype
 from minddspo.methods import METHODS, method_spec
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 H100_BF16_DENSE = 989e12  # FLOP/s: H100 SXM dense bf16 tensor-core peak (1979 is with sparsity)
 UTILISATION = 0.40  # assumed fraction of that peak a training step reaches
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GIB = 2**30
 
 
@@ -389,7 +389,7 @@ def memory(built: Built, recipe: Recipe) -> Memory:
     from bench.t2i.reference import Reference
     from bench.t2i.step import build_optimizer
 
-    net, dtype = built.denoiser, DTYPES[recipe.dtype]
+    net, dtype = built.denoiser, torch_dtype(recipe.dtype)
     trainable = [p for p in net.parameters() if p.requires_grad]
     cfg = resolve(TrainConfig(tiny=True, optimizer=recipe.optimizer, lr=1e-6))
     opt, _ = build_optimizer(cfg, trainable)
