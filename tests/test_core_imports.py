@@ -21,11 +21,6 @@ FORBIDDEN = ("diffusers", "transformers", "matplotlib", "safetensors", "scipy", 
 ALLOWED = {"torch", "numpy", "minddspo"}
 
 
-def test_required_modules_are_listed():
-    for name in ("losses", "schedules", "timesteps", "perturb", "refupdate", "sampling"):
-        assert f"minddspo.{name}" in CORE_MODULES
-
-
 def test_importing_the_core_pulls_in_no_heavy_dependency():
     # torch itself imports tqdm when it is installed (torch.hub), so the check is on what
     # importing minddspo adds after torch and numpy.

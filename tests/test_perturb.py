@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minddspo.perturb import (
-    AESTHETIC_INSTRUCTION,
-    ALIGNMENT_INSTRUCTION,
+    TASKS,
     llama3_prompt,
     llm_messages,
     llm_perturb,
@@ -323,16 +322,22 @@ def test_llm_perturb_picks_among_all_negatives_and_passes_the_task():
 
 
 def test_instruction_templates():
-    for task, instruction in (
-        ("alignment", ALIGNMENT_INSTRUCTION),
-        ("aesthetic", AESTHETIC_INSTRUCTION),
-    ):
-        system, user = llm_messages("a cat", task)
-        assert system == {"role": "system", "content": instruction}
-        assert user["role"] == "user" and user["content"].endswith("prompt: a cat")
-        text = llama3_prompt("a cat", task)
-        assert instruction in text and text.startswith("<|begin_of_text|>")
+    """Each task's instruction is the system message and asks for the key the parser reads;
+    the prompt goes into the user message only; the Llama-3 layout holds both, in order."""
+    systems = {}
+    for task in TASKS:
+        system, user = llm_messages("a cat on a mat", task)
+        assert system["role"] == "system" and user["role"] == "user"
+        assert user["content"].endswith("prompt: a cat on a mat")
+        assert "a cat on a mat" not in system["content"]
+        assert '"neg_prompts"' in system["content"]  # parse_neg_prompts reads that key
+        text = llama3_prompt("a cat on a mat", task)
+        assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n")
         assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n")
-    assert '"neg_prompts"' in ALIGNMENT_INSTRUCTION and '"neg_prompts"' in AESTHETIC_INSTRUCTION
-    with pytest.raises(ValueError):
+        at = text.index(system["content"])
+        assert text.index(user["content"], at) > at
+        systems[task] = system["content"]
+    assert len(set(systems.values())) == len(TASKS) >= 2  # the tasks ask different things
+    assert llm_messages("x")[0]["content"] == systems["alignment"]  # the default task
+    with pytest.raises(ValueError, match="task must be one of"):
         llm_messages("a cat", "style")

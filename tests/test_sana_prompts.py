@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from bench.t2i.backbones import (
-    SANA_PROMPT_STYLES,
     official_complex_human_instruction,
 )
 from bench.t2i.config import TrainConfig, UsageError, parse_args, resolve
@@ -65,9 +64,21 @@ def _old_plain(bb, prompts):
     return h, batch.attention_mask
 
 
-def test_default_style_is_official(bb):
-    assert bb.prompt_style == "official" and SANA_PROMPT_STYLES == ("official", "plain")
-    assert TrainConfig().sana_prompt_style == "official"
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unset_style_encodes_as_official(bb, style):
+    """A backbone opened as is, and the trainer's with no --sana-prompt-style, encode like
+    the official style, not like the plain one."""
+    from bench import train_t2i
+
+    fresh = tiny_backbone("sana").encode_prompts(PROMPTS).tensors
+    trained = train_t2i.load_model(resolve(TrainConfig(tiny="sana"))).encode_prompts(PROMPTS)
+    official = style("official").encode_prompts(PROMPTS).tensors
+    plain = style("plain").encode_prompts(PROMPTS).tensors
+    assert _same(fresh, official) and _same(trained.tensors, official)
+    assert not _same(official, plain)
 
 
 def test_official_instruction_is_the_pipeline_default_without_trailing_space():
