@@ -121,7 +121,10 @@ def check_fits(backbone: Backbone, path: str | Path, base: dict | None = None) -
     check_denoiser_files(path, backbone.denoiser_subfolder)
     check_base(path, base)
     if kind == "full":
-        cfg = json.loads((d / "config.json").read_text())
+        try:
+            cfg = json.loads((d / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{d / 'config.json'}: not valid JSON ({e})") from None
         base = json.loads(json.dumps(dict(backbone.denoiser.config), default=str))
         cls, want = cfg.get("_class_name"), type(backbone.denoiser).__name__
         diffs = [] if cls in (None, want) else [f"class {cls} (not {want})"]

@@ -9,6 +9,8 @@ import sys
 import textwrap
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from t2i_helpers import one_line, snapshot
 
 import minddspo.process
@@ -109,3 +111,16 @@ def test_bad_input_met_deep_in_the_library_is_still_one_line(tmp_path, capsys):
         f"error: {empty}: neither unet weights (config.json) nor pytorch_lora_weights.safetensors"
     )
     assert snapshot(out) == before
+
+
+def test_a_checkpoint_with_a_broken_config_is_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    ckpt = tmp_path / "ckpt" / "unet"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text('{"_class_name": "UNet2DConditionModel",')
+    save_file({"w": torch.zeros(1)}, str(ckpt / "diffusion_pytorch_model.safetensors"))
+    argv = ["--tiny", "sd", "--out", str(out), "--checkpoint", f"mine={ckpt.parent}"]
+    assert sample.main([*argv, "--no-progress"]) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"error: {ckpt / 'config.json'}: not valid JSON (")
+    assert not out.exists()
