@@ -124,3 +124,14 @@ def test_a_checkpoint_with_a_broken_config_is_one_line(tmp_path, capsys):
     line = one_line(capsys)
     assert line.startswith(f"error: {ckpt / 'config.json'}: not valid JSON (")
     assert not out.exists()
+
+
+def test_an_llm_folder_that_is_no_model_is_one_line(tmp_path, capsys):
+    llm = tmp_path / "llm"
+    llm.mkdir()
+    (llm / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    argv = ["--tiny", "sd", "--out", str(out), "--perturb", "llm", "--llm", str(llm)]
+    assert make_pairs.main([*argv, "--max-prompts", "2", "--no-progress"]) == 2
+    assert one_line(capsys).startswith(f"error: {llm}: cannot load a causal language model (")
+    assert not (out / "info.json").exists()

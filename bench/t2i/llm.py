@@ -38,13 +38,16 @@ class LocalLM:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise UsageError(f"{path}: not a local transformers model directory (no config.json)")
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError) as e:  # a folder that is not a usable causal LM
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"{path}: cannot load a causal language model ({first})") from None
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=dtype
-        ).to(device)
+        self.model = model.to(device)
         self.model.eval().requires_grad_(False)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
