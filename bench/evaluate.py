@@ -381,24 +381,14 @@ def evaluate(cfg: EvalConfig) -> dict:
             file=sys.stderr,
         )
     processors = {k: getattr(cfg, f"{k}_processor") for k in chosen}
-    for k, d in chosen.items():
-        if cfg.tiny:
-            continue
-        check_clip_dir(d, f"--{k}")
-        if processors[k] is None:
-            check_processor_dir(d, f"--{k}")
-        else:
-            check_processor_dir(processors[k], f"--{k}-processor")
+    if not cfg.tiny:
+        _check_scorer_dirs(chosen, processors)
     if cfg.out is not None:  # a file or a read-only disk fails now, not after the scoring
         try:
             check_out_dir(cfg.out)
         except OutputError as e:
             raise UsageError(str(e)) from None
-    all_paths = [p for paths in model_images.values() for p in paths]
-    from tqdm.auto import tqdm
-
-    for p in tqdm(all_paths, unit="img", desc="checking", disable=not cfg.progress):
-        verify_image(p)
+    _verify_images(model_images, cfg.progress)
 
     device = cfg.device if cfg.device not in (None, "auto") else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -435,6 +425,25 @@ def evaluate(cfg: EvalConfig) -> dict:
         "models": {m: {"dir": str(folders[m]), **summary[m]} for m in folders},
         "per_prompt": {m: {k: x.tolist() for k, x in per.items()} for m, per in scores.items()},
     }
+
+
+def _check_scorer_dirs(chosen: dict[str, str], processors: dict[str, str | None]) -> None:
+    """Each scorer's model folder, and its processor's (its own folder unless given apart)."""
+    for k, d in chosen.items():
+        check_clip_dir(d, f"--{k}")
+        if processors[k] is None:
+            check_processor_dir(d, f"--{k}")
+        else:
+            check_processor_dir(processors[k], f"--{k}-processor")
+
+
+def _verify_images(model_images: dict[str, list[Path]], progress: bool) -> None:
+    """Open every image once before any weights are loaded (a bad one fails now)."""
+    all_paths = [p for paths in model_images.values() for p in paths]
+    from tqdm.auto import tqdm
+
+    for p in tqdm(all_paths, unit="img", desc="checking", disable=not progress):
+        verify_image(p)
 
 
 def _nan_to_none(obj):

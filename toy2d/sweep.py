@@ -258,19 +258,8 @@ def run_sweep(
 
     t0 = time.perf_counter()
 
-    def outs(m: str) -> list[float | None]:
-        return list(beta_outs) if beta_outs and method_spec(m).score_matching else [None]
-
     def runs_of(s: int) -> list[Run]:
-        return [
-            Run(m, n, b, s, st, bo)
-            for st in strategies
-            for m in methods
-            if m != "ref"
-            for bo in outs(m)
-            for n in ns
-            for b in betas
-        ]
+        return sweep_runs(s, methods, ns, betas, strategies, beta_outs)
 
     done = {s: cell for s in seeds if store and (cell := store.load(s)) is not None}
     todo = [s for s in seeds if s not in done]
@@ -279,11 +268,7 @@ def run_sweep(
     def tick(k: int) -> None:
         bar.update(k)
 
-    refs = {}
-    if todo:
-        if missing_references(setup, todo):
-            _grow(bar, setup.ref.steps, "references", tick)
-        refs = load_references(setup, todo, tick)
+    refs = _todo_references(setup, todo, bar, tick)
     t_ref = time.perf_counter() - t0
     t_ft = t_eval = 0.0
     n_ft = 0
@@ -306,11 +291,7 @@ def run_sweep(
                 store.save(s, *done[s])
         t_ft, t_eval, n_ft = t_ft + tb - ta, t_eval + time.perf_counter() - tb, n_ft + len(runs)
     bar.close()
-    rows = [r for s in seeds for r in done[s][0]]
-    rows = [r for r in rows if r["method"] == "ref"] + [r for r in rows if r["method"] != "ref"]
-    samples: dict[str, np.ndarray] = {}
-    for s in seeds:
-        samples.update(done[s][1])
+    rows, samples = _gather(seeds, done)
     times = {
         "references": t_ref,
         "finetune": t_ft,
@@ -319,6 +300,53 @@ def run_sweep(
         "n_resumed_seeds": len(seeds) - len(todo),
     }
     return rows, samples, times
+
+
+def sweep_runs(
+    seed: int,
+    methods: list[str],
+    ns: list[int],
+    betas: list[float],
+    strategies: list[Strategy],
+    beta_outs: list[float] | None,
+) -> list[Run]:
+    """The fine-tunes of one seed, in the sweep's order (``ref`` is sampled, not trained);
+    ``beta_outs`` gives one run per value to the score-matching methods only."""
+
+    def outs(m: str) -> list[float | None]:
+        return list(beta_outs) if beta_outs and method_spec(m).score_matching else [None]
+
+    return [
+        Run(m, n, b, seed, st, bo)
+        for st in strategies
+        for m in methods
+        if m != "ref"
+        for bo in outs(m)
+        for n in ns
+        for b in betas
+    ]
+
+
+def _todo_references(setup: ToySetup, todo: list[int], bar, tick) -> dict:
+    """The references of the seeds still to train (training the missing ones first)."""
+    if not todo:
+        return {}
+    if missing_references(setup, todo):
+        _grow(bar, setup.ref.steps, "references", tick)
+    return load_references(setup, todo, tick)
+
+
+def _gather(
+    seeds: list[int], done: dict[int, tuple[list[dict], dict[str, np.ndarray]]]
+) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """All seeds' rows (every ``ref`` row first, then the fine-tunes, each in seed order) and
+    samples by run name."""
+    rows = [r for s in seeds for r in done[s][0]]
+    rows = [r for r in rows if r["method"] == "ref"] + [r for r in rows if r["method"] != "ref"]
+    samples: dict[str, np.ndarray] = {}
+    for s in seeds:
+        samples.update(done[s][1])
+    return rows, samples
 
 
 def seed_chunks(seeds: list[int], per_seed: int, max_members: int) -> list[list[int]]:

@@ -230,6 +230,29 @@ def _load_latent(path: Path, pid: str, key: str | None) -> Tensor:
     return t.float()
 
 
+def _check_ddspo_files(src: Path, lat_root: Path, rows: list[dict], neg_suffix: str) -> None:
+    """Every file a row names lies inside the latents folder and exists: a missing one fails
+    before anything is written."""
+    for r in rows:
+        for key, name in zip(DDSPO_FILE_KEYS, r["files"] or (), strict=False):
+            _inside(lat_root, name, src / "metadata.jsonl", f"{key} of id {r['id']!r}")
+        for name in _latent_names(r, neg_suffix):
+            if not (lat_root / name).is_file():
+                raise UsageError(f"{lat_root / name}: missing latent file for id {r['id']!r}")
+
+
+def _check_ddspo_shapes(
+    lat_root: Path, r: dict, neg_suffix: str, latents: tuple[Tensor, Tensor], shape: tuple
+) -> None:
+    """A row's two latents have the first row's shape (else a line naming the file)."""
+    for name, t in zip(_latent_names(r, neg_suffix), latents, strict=True):
+        if tuple(t.shape) != shape:
+            raise UsageError(
+                f"{lat_root / name}: latent shape "
+                f"{tuple(t.shape)} for id {r['id']!r}, expected {shape} (as the first)"
+            )
+
+
 def import_ddspo(
     src: str | Path,
     out_dir: str | Path,
@@ -266,13 +289,7 @@ def import_ddspo(
         lo = _load_latent(lat_root / neg, r["id"], latent_key)
         return w, lo
 
-    # check every file exists up front: a missing one fails before anything is written
-    for r in rows:
-        for key, name in zip(DDSPO_FILE_KEYS, r["files"] or (), strict=False):
-            _inside(lat_root, name, src / "metadata.jsonl", f"{key} of id {r['id']!r}")
-        for name in _latent_names(r, neg_suffix):
-            if not (lat_root / name).is_file():
-                raise UsageError(f"{lat_root / name}: missing latent file for id {r['id']!r}")
+    _check_ddspo_files(src, lat_root, rows, neg_suffix)
     if latent_dtype is None:  # keep the source's precision
         names = [lat_root / n for r in rows for n in _latent_names(r, neg_suffix)]
         latent_dtype = _source_dtype(names, latent_key)
@@ -300,12 +317,7 @@ def import_ddspo(
         for row, i in enumerate(range(k * shard_size, min((k + 1) * shard_size, n))):
             r = rows[i]
             w, lo = pair(r)
-            for name, t in zip(_latent_names(r, neg_suffix), (w, lo), strict=True):
-                if tuple(t.shape) != shape:
-                    raise UsageError(
-                        f"{lat_root / name}: latent shape "
-                        f"{tuple(t.shape)} for id {r['id']!r}, expected {shape} (as the first)"
-                    )
+            _check_ddspo_shapes(lat_root, r, neg_suffix, (w, lo), shape)
             xw.append(w * latent_scale)
             xl.append(lo * latent_scale)
             recs.append(
@@ -505,14 +517,7 @@ def import_pickapic(
     """
     _check_common(shard_size, batch_size, latent_dtype)
     cols = {**PICKAPIC_COLUMNS, **(columns or {})}
-    files = table_files(src, split)
-    tables, pairs, counts = scan_pickapic(files, cols)
-    if max_pairs is not None:
-        pairs = pairs[:max_pairs]
-    if not pairs:
-        raise UsageError(
-            f"{src}: no preference pairs (all {counts['rows']} rows ties or unlabeled)"
-        )
+    files, tables, pairs, counts = _pickapic_pairs(src, split, cols, max_pairs)
     params = dict(
         source="pickapic",
         source_files=[str(Path(f).resolve()) for f in files],
@@ -532,46 +537,75 @@ def import_pickapic(
     todo = _todo_shards(out, params, num_shards, [p[2] for p in pairs])
     bar = _bar(progress, sum(min(shard_size, n - k * shard_size) for k in todo), "import pickapic")
     want = {k: range(k * shard_size, min((k + 1) * shard_size, n)) for k in todo}
-    # which pair indices each (file, row) feeds; read image bytes only of unfinished shards
-    need: dict[int, dict[int, int]] = {}
-    for k in todo:
-        for i in want[k]:
-            fi, row = pairs[i][:2]
-            need.setdefault(fi, {})[row] = i
     images: dict[int, tuple[bytes, bytes]] = {}
     done_upto = 0  # shards in `todo` are written as soon as all their images are read
 
     def flush(k: int) -> None:
         idx = list(want[k])
-        recs, xw, xl = [], [], []
+        xw, xl = [], []
         for s in range(0, len(idx), batch_size):
             chunk = idx[s : s + batch_size]
-            pix = []
-            for side in (0, 1):  # winners first, then losers
-                for i in chunk:
-                    fi, frow, _, first_wins = pairs[i]
-                    j = side if first_wins else 1 - side  # which image: 0 or 1
-                    col = cols[f"jpg_{j}"]
-                    pix.append(_decode(images[i][j], resolution, files[fi], frow, col))
-            lat = encode(torch.stack(pix)).detach().float().cpu()
-            if tuple(lat.shape[1:]) != tuple(latent_shape):
-                raise UsageError(
-                    f"encoder gave latents {tuple(lat.shape[1:])}, expected {tuple(latent_shape)}"
-                )
-            w, lo = lat.chunk(2)
+            w, lo = _encode_pairs(
+                chunk, pairs, images, files, cols, resolution, encode, latent_shape
+            )
             xw.append(w)
             xl.append(lo)
             if bar is not None:
                 bar.update(len(chunk))
-        for row, i in enumerate(idx):
-            fi, frow, cap, _ = pairs[i]
-            recs.append(
-                dict(index=i, prompt=cap, neg_prompt=cap, shard=k, row=row, variant="human",
-                     seed=0, source_file=files[fi].name, source_row=frow)
-            )  # fmt: skip
+        recs = _pickapic_records(k, idx, pairs, files)
+        for i in idx:
             images.pop(i)
         write_shard(out, k, torch.cat(xw), torch.cat(xl), recs, params, latent_dtype)
 
+    # read image bytes only of the pairs of unfinished shards
+    for got in _pair_image_bytes(tables, _rows_needed(todo, want, pairs), cols):
+        images.update(got)
+        while done_upto < len(todo) and all(i in images for i in want[todo[done_upto]]):
+            flush(todo[done_upto])
+            done_upto += 1
+    if done_upto < len(todo):  # a file shrank between the scan and the read
+        i = next(i for i in want[todo[done_upto]] if i not in images)
+        raise UsageError(f"{files[pairs[i][0]]}: rows changed while reading; rerun")
+    if bar is not None:
+        bar.close()
+    info = dict(params, task="alignment", perturb="none (human preference)", dropped=counts)
+    finalize(out, info, num_shards)
+    return out
+
+
+def _pickapic_pairs(
+    src: str | Path, split: str, cols: dict[str, str], max_pairs: int | None
+) -> tuple[list[Path], list[_Table], list[tuple[int, int, str, bool]], dict]:
+    """The split's files, their tables, the kept pairs (the first ``max_pairs``) and the
+    counts of :func:`scan_pickapic`; none kept is a one-line ``UsageError``."""
+    files = table_files(src, split)
+    tables, pairs, counts = scan_pickapic(files, cols)
+    if max_pairs is not None:
+        pairs = pairs[:max_pairs]
+    if not pairs:
+        raise UsageError(
+            f"{src}: no preference pairs (all {counts['rows']} rows ties or unlabeled)"
+        )
+    return files, tables, pairs, counts
+
+
+def _rows_needed(
+    todo: list[int], want: dict[int, range], pairs: list[tuple[int, int, str, bool]]
+) -> dict[int, dict[int, int]]:
+    """Which pair index each (file, row) of the shards in ``todo`` feeds."""
+    need: dict[int, dict[int, int]] = {}
+    for k in todo:
+        for i in want[k]:
+            fi, row = pairs[i][:2]
+            need.setdefault(fi, {})[row] = i
+    return need
+
+
+def _pair_image_bytes(
+    tables: list[_Table], need: dict[int, dict[int, int]], cols: dict[str, str]
+) -> Iterator[dict[int, tuple[Any, Any]]]:
+    """The two images' bytes of the needed rows, by pair index, one table batch at a time
+    (batches without a needed row are skipped)."""
     for fi in sorted(need):
         rows = need[fi]
         r0 = 0
@@ -582,19 +616,48 @@ def import_pickapic(
             if not hit:
                 continue
             c0, c1 = b.column(0), b.column(1)
-            for r in hit:
-                images[rows[r]] = (c0[r - lo_row].as_py(), c1[r - lo_row].as_py())
-            while done_upto < len(todo) and all(i in images for i in want[todo[done_upto]]):
-                flush(todo[done_upto])
-                done_upto += 1
-    if done_upto < len(todo):  # a file shrank between the scan and the read
-        i = next(i for i in want[todo[done_upto]] if i not in images)
-        raise UsageError(f"{files[pairs[i][0]]}: rows changed while reading; rerun")
-    if bar is not None:
-        bar.close()
-    info = dict(params, task="alignment", perturb="none (human preference)", dropped=counts)
-    finalize(out, info, num_shards)
-    return out
+            yield {rows[r]: (c0[r - lo_row].as_py(), c1[r - lo_row].as_py()) for r in hit}
+
+
+def _encode_pairs(
+    chunk: list[int],
+    pairs: list[tuple[int, int, str, bool]],
+    images: dict[int, tuple[Any, Any]],
+    files: Sequence[Path],
+    cols: dict[str, str],
+    resolution: int,
+    encode: Callable[[Tensor], Tensor],
+    latent_shape: Sequence[int],
+) -> tuple[Tensor, Tensor]:
+    """The winners' and the losers' latents of the pairs in ``chunk``, in one encoder call
+    (latents of another shape than ``latent_shape``: a one-line ``UsageError``)."""
+    pix = []
+    for side in (0, 1):  # winners first, then losers
+        for i in chunk:
+            fi, frow, _, first_wins = pairs[i]
+            j = side if first_wins else 1 - side  # which image: 0 or 1
+            col = cols[f"jpg_{j}"]
+            pix.append(_decode(images[i][j], resolution, files[fi], frow, col))
+    lat = encode(torch.stack(pix)).detach().float().cpu()
+    if tuple(lat.shape[1:]) != tuple(latent_shape):
+        raise UsageError(
+            f"encoder gave latents {tuple(lat.shape[1:])}, expected {tuple(latent_shape)}"
+        )
+    return lat.chunk(2)
+
+
+def _pickapic_records(
+    k: int, idx: list[int], pairs: list[tuple[int, int, str, bool]], files: Sequence[Path]
+) -> list[dict]:
+    """The records of shard ``k`` (pairs ``idx``)."""
+    recs = []
+    for row, i in enumerate(idx):
+        fi, frow, cap, _ = pairs[i]
+        recs.append(
+            dict(index=i, prompt=cap, neg_prompt=cap, shard=k, row=row, variant="human",
+                 seed=0, source_file=files[fi].name, source_row=frow)
+        )  # fmt: skip
+    return recs
 
 
 def _decode(v: Any, resolution: int, path: Path, row: int, col: str) -> Tensor:

@@ -143,15 +143,9 @@ def build_pairs(
     pairs at all (every prompt skipped) is a ``UsageError``, and nothing is left behind.
     """
     cfg = dataclasses.replace(config or PairConfig(), **overrides)
-    cfg.check(world)
-    if cfg.perturb == "llm" and llm is None:
-        raise UsageError("perturb='llm' needs a local language model (--llm DIR)")
     prompts = list(prompts)
+    _check_inputs(cfg, world, llm, prompts)
     n = len(prompts)
-    if n == 0:
-        raise UsageError("no prompts")
-    if cfg.variant != "paired" and n < 2:
-        raise UsageError(f"variant {cfg.variant!r} needs at least 2 prompts")
     steps = cfg.steps or backbone.default_steps
     guidance = backbone.default_guidance if cfg.guidance is None else float(cfg.guidance)
     resolution = cfg.resolution or backbone.default_resolution
@@ -177,14 +171,7 @@ def build_pairs(
         num_prompts=n,
     )
     num_shards = (n + shard_size - 1) // shard_size
-    mine = [k for k in range(num_shards) if k % world == rank]
-    todo = []
-    for k in mine:
-        path = shard_path(out, k)
-        if path.is_file():
-            _check_existing(path, params, prompts)
-            continue
-        todo.append(k)
+    todo = _unfinished_shards(out, params, prompts, num_shards, rank, world)
     bar = None
     if progress and rank == 0 and todo:
         from tqdm import tqdm
@@ -206,24 +193,57 @@ def build_pairs(
     if not any(read_shard_header(shard_path(out, k))[1] for k in range(num_shards)):
         _no_pairs(out, num_shards, n, variant, rank, created)
     if rank == 0:
-        info = dict(params, prompts_file=prompts_file, base=base)
-        info["llm_fallbacks"] = _count_fallbacks(out, num_shards) if perturb == "llm" else 0
-        skipped = sorted(i for k in range(num_shards) for i in shard_skipped(shard_path(out, k)))
-        info["skipped_identical_neg"] = {"count": len(skipped), "indices": skipped}
-        finalize(out, info, num_shards)
-        if skipped:
-            head = ", ".join(str(i) for i in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
-            print(
-                f"skipped {len(skipped)} of {n} prompts whose degraded prompt equals the prompt "
-                f"(one word or emoji only; index {head}); recorded in info.json",
-                file=sys.stderr,
-            )
-        if perturb == "llm":
-            print(
-                f"llm perturbation: {info['llm_fallbacks']} of {n} prompts fell back to random_removal"
-            )
+        _finalize_pairs(out, dict(params, prompts_file=prompts_file, base=base), num_shards)
     _barrier()
     return out
+
+
+def _check_inputs(cfg: PairConfig, world: int, llm: Callable | None, prompts: list[str]) -> None:
+    """The settings, the language model ``perturb="llm"`` needs and the prompt count
+    (a one-line ``UsageError``)."""
+    cfg.check(world)
+    if cfg.perturb == "llm" and llm is None:
+        raise UsageError("perturb='llm' needs a local language model (--llm DIR)")
+    if len(prompts) == 0:
+        raise UsageError("no prompts")
+    if cfg.variant != "paired" and len(prompts) < 2:
+        raise UsageError(f"variant {cfg.variant!r} needs at least 2 prompts")
+
+
+def _unfinished_shards(
+    out: Path, params: dict, prompts: list[str], num_shards: int, rank: int, world: int
+) -> list[int]:
+    """This rank's shards still to make; a finished one must match ``params`` and
+    ``prompts`` (:func:`_check_existing`)."""
+    todo = []
+    for k in (k for k in range(num_shards) if k % world == rank):
+        path = shard_path(out, k)
+        if path.is_file():
+            _check_existing(path, params, prompts)
+            continue
+        todo.append(k)
+    return todo
+
+
+def _finalize_pairs(out: Path, info: dict, num_shards: int) -> None:
+    """Rank 0, once every shard is written: info.json with the LLM fallbacks and the skipped
+    prompts (both also said on the terminal)."""
+    n, perturb = info["num_prompts"], info["perturb"]
+    info["llm_fallbacks"] = _count_fallbacks(out, num_shards) if perturb == "llm" else 0
+    skipped = sorted(i for k in range(num_shards) for i in shard_skipped(shard_path(out, k)))
+    info["skipped_identical_neg"] = {"count": len(skipped), "indices": skipped}
+    finalize(out, info, num_shards)
+    if skipped:
+        head = ", ".join(str(i) for i in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        print(
+            f"skipped {len(skipped)} of {n} prompts whose degraded prompt equals the prompt "
+            f"(one word or emoji only; index {head}); recorded in info.json",
+            file=sys.stderr,
+        )
+    if perturb == "llm":
+        print(
+            f"llm perturbation: {info['llm_fallbacks']} of {n} prompts fell back to random_removal"
+        )
 
 
 def _no_pairs(out: Path, num_shards: int, n: int, variant: str, rank: int, created: bool) -> None:

@@ -293,6 +293,67 @@ def _frozen(m: torch.nn.Module) -> torch.nn.Module:
     return m.eval().requires_grad_(False)
 
 
+def _sana_components(build) -> dict[str, Any]:
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tok = gemma_tokenizer()
+    text_cfg = Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    return dict(
+        transformer=build(
+            0,
+            lambda: SanaTransformer2DModel(
+                in_channels=TINY_CHANNELS,
+                out_channels=TINY_CHANNELS,
+                num_attention_heads=2,
+                attention_head_dim=16,
+                num_layers=2,
+                num_cross_attention_heads=2,
+                cross_attention_head_dim=16,
+                cross_attention_dim=32,
+                caption_channels=32,
+                mlp_ratio=2.0,
+                sample_size=TINY_LATENT,
+                patch_size=1,
+            ),
+        ),
+        vae=_frozen(
+            build(
+                1,
+                lambda: AutoencoderDC(
+                    in_channels=3,
+                    latent_channels=TINY_CHANNELS,
+                    attention_head_dim=8,
+                    encoder_block_types=("ResBlock", "ResBlock"),
+                    decoder_block_types=("ResBlock", "ResBlock"),
+                    encoder_block_out_channels=(8, 16),
+                    decoder_block_out_channels=(8, 16),
+                    encoder_layers_per_block=(1, 1),
+                    decoder_layers_per_block=(1, 1),
+                    encoder_qkv_multiscales=((), ()),
+                    decoder_qkv_multiscales=((), ()),
+                    scaling_factor=0.41407,
+                ),
+            )
+        ),
+        text_encoder=_frozen(build(2, lambda: Gemma2Model(text_cfg))),
+        tokenizer=tok,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    )
+
+
 def tiny_components(name: str, seed: int = 0, prediction_type: str | None = None) -> dict[str, Any]:
     """The components of a tiny pipeline, keyed by diffusers' pipeline component names.
 
@@ -336,64 +397,7 @@ def tiny_components(name: str, seed: int = 0, prediction_type: str | None = None
             return _sd3_components(build, prediction_type)
         if name == "flux":
             return _flux_components(build, prediction_type)
-        from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
-        from transformers import Gemma2Config, Gemma2Model
-
-        tok = gemma_tokenizer()
-        text_cfg = Gemma2Config(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=64,
-            pad_token_id=0,
-            eos_token_id=1,
-            bos_token_id=2,
-        )
-        return dict(
-            transformer=build(
-                0,
-                lambda: SanaTransformer2DModel(
-                    in_channels=TINY_CHANNELS,
-                    out_channels=TINY_CHANNELS,
-                    num_attention_heads=2,
-                    attention_head_dim=16,
-                    num_layers=2,
-                    num_cross_attention_heads=2,
-                    cross_attention_head_dim=16,
-                    cross_attention_dim=32,
-                    caption_channels=32,
-                    mlp_ratio=2.0,
-                    sample_size=TINY_LATENT,
-                    patch_size=1,
-                ),
-            ),
-            vae=_frozen(
-                build(
-                    1,
-                    lambda: AutoencoderDC(
-                        in_channels=3,
-                        latent_channels=TINY_CHANNELS,
-                        attention_head_dim=8,
-                        encoder_block_types=("ResBlock", "ResBlock"),
-                        decoder_block_types=("ResBlock", "ResBlock"),
-                        encoder_block_out_channels=(8, 16),
-                        decoder_block_out_channels=(8, 16),
-                        encoder_layers_per_block=(1, 1),
-                        decoder_layers_per_block=(1, 1),
-                        encoder_qkv_multiscales=((), ()),
-                        decoder_qkv_multiscales=((), ()),
-                        scaling_factor=0.41407,
-                    ),
-                )
-            ),
-            text_encoder=_frozen(build(2, lambda: Gemma2Model(text_cfg))),
-            tokenizer=tok,
-            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        )
+        return _sana_components(build)
     finally:
         torch.random.set_rng_state(state)
 
