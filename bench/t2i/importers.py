@@ -230,29 +230,6 @@ def _load_latent(path: Path, pid: str, key: str | None) -> Tensor:
     return t.float()
 
 
-def _check_ddspo_files(src: Path, lat_root: Path, rows: list[dict], neg_suffix: str) -> None:
-    """Every file a row names lies inside the latents folder and exists: a missing one fails
-    before anything is written."""
-    for r in rows:
-        for key, name in zip(DDSPO_FILE_KEYS, r["files"] or (), strict=False):
-            _inside(lat_root, name, src / "metadata.jsonl", f"{key} of id {r['id']!r}")
-        for name in _latent_names(r, neg_suffix):
-            if not (lat_root / name).is_file():
-                raise UsageError(f"{lat_root / name}: missing latent file for id {r['id']!r}")
-
-
-def _check_ddspo_shapes(
-    lat_root: Path, r: dict, neg_suffix: str, latents: tuple[Tensor, Tensor], shape: tuple
-) -> None:
-    """A row's two latents have the first row's shape (else a line naming the file)."""
-    for name, t in zip(_latent_names(r, neg_suffix), latents, strict=True):
-        if tuple(t.shape) != shape:
-            raise UsageError(
-                f"{lat_root / name}: latent shape "
-                f"{tuple(t.shape)} for id {r['id']!r}, expected {shape} (as the first)"
-            )
-
-
 def import_ddspo(
     src: str | Path,
     out_dir: str | Path,
@@ -331,6 +308,29 @@ def import_ddspo(
         bar.close()
     finalize(out, dict(params, task="alignment", perturb="ddspo-import"), num_shards)
     return out
+
+
+def _check_ddspo_files(src: Path, lat_root: Path, rows: list[dict], neg_suffix: str) -> None:
+    """Every file a row names lies inside the latents folder and exists: a missing one fails
+    before anything is written."""
+    for r in rows:
+        for key, name in zip(DDSPO_FILE_KEYS, r["files"] or (), strict=False):
+            _inside(lat_root, name, src / "metadata.jsonl", f"{key} of id {r['id']!r}")
+        for name in _latent_names(r, neg_suffix):
+            if not (lat_root / name).is_file():
+                raise UsageError(f"{lat_root / name}: missing latent file for id {r['id']!r}")
+
+
+def _check_ddspo_shapes(
+    lat_root: Path, r: dict, neg_suffix: str, latents: tuple[Tensor, Tensor], shape: tuple
+) -> None:
+    """A row's two latents have the first row's shape (else a line naming the file)."""
+    for name, t in zip(_latent_names(r, neg_suffix), latents, strict=True):
+        if tuple(t.shape) != shape:
+            raise UsageError(
+                f"{lat_root / name}: latent shape "
+                f"{tuple(t.shape)} for id {r['id']!r}, expected {shape} (as the first)"
+            )
 
 
 # -------------------------------------------------------------------------- Pick-a-Pic
