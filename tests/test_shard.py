@@ -93,17 +93,18 @@ def test_fsdp_equals_ddp_on_tiny_sd_and_final_loads_in_the_pipeline(pairs, tmp_p
     """Full fine-tune, 2 micro-steps a step, a periodic reference kept whole (its update
     gathers the sharded policy): losses and final weights as DDP's within 1e-5."""
     flags = ["--tiny", "sd", "--data", str(pairs("sd")), "--method", "dpo", "--grad-accum", "2",
-             "--ref-update", "periodic", "--ref-tau", "2", "--max-steps", "3", *PARITY]  # fmt: skip
+             "--ref-update", "periodic", "--ref-tau", "2", "--max-steps", "2", *PARITY,
+             "--batch-size", "1"]  # fmt: skip
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     finish(launch(2, *flags, "--out", str(ddp)), launch(2, *flags, "--out", str(fsdp), "--shard", "fsdp"))  # fmt: skip
     a, b = losses(ddp), losses(fsdp)
-    assert len(a) == len(b) == 3 and a[1] != a[0]  # the loss moved off log 2
+    assert len(a) == len(b) == 2 and a[1] != a[0]  # the loss moved off log 2
     assert b == pytest.approx(a, rel=1e-5)
-    assert [r.get("ref_updated") for r in records(fsdp)][:3] == [None, True, None]
+    assert [r.get("ref_updated") for r in records(fsdp)][:2] == [None, True]
     assert_close(unet_of(ddp), unet_of(fsdp), rel=1e-5)
     # checkpoint: rank shards in dcp/ (their metadata reads safely), no whole-model copy
     ckpt = latest_checkpoint(fsdp / "checkpoints")
-    assert ckpt.name == "step-000003" and not (ckpt / "unet").exists()
+    assert ckpt.name == "step-000002" and not (ckpt / "unet").exists()
     assert sorted(p.name for p in (ckpt / DCP_DIR).iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # fmt: skip
     read_metadata_safely(ckpt / DCP_DIR)
     assert load_state(ckpt)["world"] == 2 and "state" not in load_state(ckpt)["optimizer"]
