@@ -3,7 +3,8 @@
 Launched by ``torchrun`` (``WORLD_SIZE`` in the environment) the trainer initialises a
 process group and wraps the policy in DDP, even for one process. Started as a plain
 ``python`` process, or called in-process by tests, it runs with world size 1 and no
-process group; every helper here is then a no-op, so the training loop is the same code.
+process group; every helper here is then a no-op, so the training loop is the same code
+(``--shard fsdp`` alone gives such a process a group of one: FSDP2 needs one).
 """
 
 from __future__ import annotations
