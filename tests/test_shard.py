@@ -7,6 +7,7 @@ in another order than DDP (float rounding, ~1e-8 relative), and at step 1 AdamW 
 each gradient by its own size, so with a tiny eps an element whose gradient is rounding
 noise moves by +-lr either way; beta then scales the weights' difference into the loss."""
 
+import errno
 import json
 import os
 import pickle
@@ -17,12 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from t2i_helpers import one_line, snapshot
+from t2i_helpers import one_line, pairs_cache, snapshot
 
 from bench import train_t2i
 from bench.t2i.checkpoint import STATE_FILE, find_resume, latest_checkpoint, load_state
-from bench.t2i.pairs import build_pairs
-from bench.t2i.prompts import DEMO_PROMPTS
 from bench.t2i.sharding import DCP_DIR, TensorsOnlyPlanner, read_metadata_safely
 from bench.t2i.tiny import tiny_backbone
 from bench.t2i.weights import LORA_STATE, param_digest
@@ -33,18 +32,7 @@ PARITY = ["--batch-size", "2", "--no-progress", "--beta", "200", "--lr", "1e-4",
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    """``pairs(backbone)``: 8 tiny pairs built with that backbone, once per module."""
-    cache = {}
-
-    def get(backbone: str) -> Path:
-        if backbone not in cache:
-            out = tmp_path_factory.mktemp(f"pairs-{backbone}")
-            build_pairs(tiny_backbone(backbone), DEMO_PROMPTS[:8], out, steps=2, shard_size=4,
-                        progress=False)  # fmt: skip
-            cache[backbone] = out
-        return cache[backbone]
-
-    return get
+    return pairs_cache(tmp_path_factory)
 
 
 def launch(nproc: int, *args: str, timeout: int = 240) -> subprocess.Popen:
@@ -209,6 +197,34 @@ def test_a_ddp_checkpoint_is_not_resumed_sharded(pairs, tmp_path, capsys):
         "'fsdp' (see --help for what may change on resume)"
     )
     assert snapshot(out) == before
+
+
+def test_a_full_disk_while_ranks_write_shards_leaves_the_last_checkpoint(pairs, tmp_path, capsys, monkeypatch):  # fmt: skip
+    """One process (a group of one), step 2's shards fail to write: one line, exit 2, the
+    staging folder gone, step 1 intact; --resume latest then finishes the run."""
+    out, calls = tmp_path / "run", []
+    real = train_t2i.save_sharded
+
+    def save_sharded(state, folder):
+        calls.append(folder)
+        real(state, folder)  # the shards are written, then the disk is full
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_t2i, "save_sharded", save_sharded)
+    argv = ["--tiny", "--data", str(pairs("sd")), "--out", str(out), "--no-progress",
+            "--batch-size", "2", "--method", "dpo", "--lora", "2", "--shard", "fsdp",
+            "--max-steps", "3", "--ckpt-every", "1"]  # fmt: skip
+    assert train_t2i.main(argv) == 2
+    assert one_line(capsys) == (
+        f"error: no space left on device while writing {out}/checkpoints/step-000002"
+    )
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000001"]  # no .tmp-*, no step 2
+    assert find_resume("latest", root)[0] == root / "step-000001"
+    monkeypatch.undo()
+    assert train_t2i.main([*argv, "--resume", "latest"]) == 0
+    assert [r["step"] for r in records(out) if "end" not in r] == [1, 2, 3]
 
 
 # ------------------------------------------------------------------ never unpickled
