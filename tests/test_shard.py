@@ -121,6 +121,42 @@ def test_fsdp_equals_ddp_on_tiny_flux_lora(pairs, tmp_path):
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--method", "ddspo", "--rand-cond-prompts", "EXTRA", "--rand-cond-schedule", "constant",
+         "--rand-cond-kept", "forward", "--timestep-sampler", "logit_normal"],
+        ["--method", "dspo_cpp", "--lora", "2", "--ref-update", "periodic", "--ref-tau", "1",
+         "--timestep-weight", "lambda", "--grad-accum", "2", "--batch-size", "1"],
+        ["--method", "dspo", "--ref-update", "periodic", "--ref-tau", "1",
+         "--shard-reference", "shard", "--timestep-sampler", "geometric"],
+        ["--method", "sft", "--gradient-checkpointing"],
+    ],
+    ids=["ddspo-randcond", "dspo_cpp-lora-periodic", "dspo-sharded-reference", "sft-ckpt"],
+)  # fmt: skip
+def test_one_process_fsdp_trains_as_unsharded(pairs, tmp_path, flags):
+    """One process (a group of one): the FSDP2 code paths (sharded parameters, swapped
+    LoRA reference by copy, sharded reference copy, rand-cond rows, samplers, gradient
+    checkpointing) give the unsharded run's losses and weights."""
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"prompt": "a green tree", "neg_prompts": ["a tree"]}) + "\n")
+    flags = [str(extra) if f == "EXTRA" else f for f in flags]
+    if "--shard-reference" in flags:
+        plain = [f for f in flags if f not in ("--shard-reference", "shard")]
+    else:
+        plain = flags
+    base = ["--tiny", "--data", str(pairs("sd")), "--no-progress", "--batch-size", "2",
+            "--max-steps", "2", "--beta", "200", "--lr", "1e-4", "--adam-eps", "1e-5"]  # fmt: skip
+    a, b = tmp_path / "plain", tmp_path / "fsdp"
+    assert train_t2i.main([*base, *plain, "--out", str(a)]) == 0
+    assert train_t2i.main([*base, *flags, "--out", str(b), "--shard", "fsdp"]) == 0
+    assert losses(b) == pytest.approx(losses(a), rel=1e-5) and losses(a)[0] != losses(a)[1]
+    if "--lora" in flags:
+        assert_close(*(load_file(r / "final" / LORA_STATE) for r in (a, b)), rel=1e-5)
+    else:
+        assert_close(unet_of(a), unet_of(b), rel=1e-5)
+
+
 # ------------------------------------------------------------------------------ resume
 
 
