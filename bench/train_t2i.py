@@ -4,8 +4,9 @@
     torchrun --nproc_per_node=8 bench/train_t2i.py --pretrained SD15_DIR --data PAIRS_DIR \\
         --method ddspo --beta 16000 --batch-size 8 --grad-accum 32 --warmup-steps 100 ...
 
-Plain torch.distributed + DDP (gloo on CPU, NCCL on CUDA); ``python bench/train_t2i.py``
-without torchrun runs the same code with world size 1. The file reads top to bottom:
+Plain torch.distributed + DDP (gloo on CPU, NCCL on CUDA), or FSDP2 with ``--shard fsdp``
+(``bench.t2i.sharding``); ``python bench/train_t2i.py`` without torchrun runs the same code
+with world size 1. The file reads top to bottom:
 one step's math (:func:`compute_loss`), then :func:`train` — config -> distributed init ->
 backbone -> data -> reference -> optimizer -> resume -> loop -> checkpoint. All loss,
 schedule, timestep and reference-update math comes from ``minddspo``; backbone glue from
