@@ -71,12 +71,6 @@ def shard_module(module: nn.Module, mp_policy=None) -> nn.Module:
     return module
 
 
-def is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
 def meta_copy(module: nn.Module) -> nn.Module:
     """A copy of the (not yet sharded) ``module`` whose parameters live on the meta device
     (no memory); buffers are copied. :func:`full_module` fills it."""
