@@ -4,8 +4,9 @@
     torchrun --nproc_per_node=8 bench/train_t2i.py --pretrained SD15_DIR --data PAIRS_DIR \\
         --method ddspo --beta 16000 --batch-size 8 --grad-accum 32 --warmup-steps 100 ...
 
-Plain torch.distributed + DDP (gloo on CPU, NCCL on CUDA); ``python bench/train_t2i.py``
-without torchrun runs the same code with world size 1. The file reads top to bottom:
+Plain torch.distributed + DDP (gloo on CPU, NCCL on CUDA), or FSDP2 with ``--shard fsdp``
+(``bench.t2i.sharding``); ``python bench/train_t2i.py`` without torchrun runs the same code
+with world size 1. The file reads top to bottom:
 one step's math (:func:`compute_loss`), then :func:`train` — config -> distributed init ->
 backbone -> data -> reference -> optimizer -> resume -> loop -> checkpoint. All loss,
 schedule, timestep and reference-update math comes from ``minddspo``; backbone glue from
@@ -27,6 +28,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -45,6 +47,7 @@ from bench.t2i.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    stage_checkpoint,
 )
 from bench.t2i.cli import DTYPES, torch_dtype
 from bench.t2i.config import (
@@ -81,6 +84,21 @@ from bench.t2i.pairdata import PairDataset, collate_pairs
 from bench.t2i.provenance import base_record, check_base, write_base
 from bench.t2i.randcond import mix_rows, read_extra_prompts
 from bench.t2i.reference import DivergenceProbe, Reference
+from bench.t2i.sharding import (
+    DCP_DIR,
+    all_finite_sharded,
+    as_float,
+    full_module,
+    full_state,
+    load_sharded,
+    meta_copy,
+    mixed_precision,
+    model_state,
+    optimizer_state,
+    save_sharded,
+    set_states,
+    shard_module,
+)
 from bench.t2i.step import (
     DIAG_KEYS,
     PAIR_SFT_KEYS,
@@ -342,7 +360,7 @@ class LoopState:
 
 def train(cfg: TrainConfig) -> Path:
     """Run the training described by ``cfg`` (validated); returns the run directory."""
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, group=cfg.shard == "fsdp")
     state = LoopState()
     ok = False
     try:
@@ -382,6 +400,7 @@ class Trainer:
         self.log = self.out / "metrics.jsonl"
         self.metrics = self.tb = self.bar = None
         self.val_prompts: list[str] = []
+        self.sharded = cfg.shard == "fsdp"  # FSDP2 (bench.t2i.sharding), else DDP
 
     def print0(self, *a, **k) -> None:
         if self.env.is_main:
@@ -400,8 +419,8 @@ class Trainer:
         if ckpt is not None:
             self._resume(ckpt, saved)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        self.ddps = {
-            side: DDP(net, device_ids=ids) if self.env.distributed else net
+        self.ddps = {  # an FSDP2 policy is its own wrapper
+            side: DDP(net, device_ids=ids) if self.env.distributed and not self.sharded else net
             for side, net in self.nets.items()
         }
         on_rank0(self.env, self._start_run_dir)
@@ -410,10 +429,7 @@ class Trainer:
             while self.st.step < self.cfg.max_steps:
                 self._step()
             self.bar.close()
-            nets = list(self.nets.values())  # a pair: both networks in one digest
-            digests = gather_objects(
-                param_digest(nets[0] if len(nets) == 1 else torch.nn.ModuleList(nets))
-            )
+            digests = self._digests()
             self._log_line({"step": self.st.step, "end": True, "param_sha256": digests})
         if len(set(digests)) != 1:
             raise RuntimeError(f"ranks ended with different parameters: {digests}")
@@ -501,6 +517,13 @@ class Trainer:
             else None
         )
         self.rule = ReferenceUpdateRule(cfg.ref_update, cfg.ref_tau, cfg.ref_delta)
+        self.pair = (
+            load_policy_pair(cfg, backbone, self.device, self.dtype, self.base)
+            if cfg.policy_pair
+            else None
+        )
+        if self.sharded:  # after the reference's copy and the pair: both from the whole model
+            self._shard()
         self.probe = None
         if self.periodic and needs_ref:  # the initial model on fixed samples, before any resume
             items = collate_pairs(
@@ -511,27 +534,59 @@ class Trainer:
             self.probe = DivergenceProbe(
                 backbone, x0, cond, self.reference, cfg.seed, self.autocast
             )
-        self.pair = (
-            load_policy_pair(cfg, backbone, self.device, self.dtype, self.base)
-            if cfg.policy_pair
-            else None
-        )
-        # only the trainable parameters (all, or the LoRA adapters), of every side: one
-        # optimizer, one gradient clip over them all
+        # only the trainable parameters (all, or the LoRA adapters; FSDP2: their shards), of
+        # every side: one optimizer, one gradient clip over them all
         self.params = [p for net in self.nets.values() for p in net.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(cfg, self.params)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.dtype == "fp16")
         # t and noise, per rank
         self.gen = torch.Generator().manual_seed(cfg.seed * env.world + env.rank)
 
+    def _shard(self) -> None:
+        """FSDP2: the policy sharded per block (an empty twin kept for final/), and the
+        reference adapted (:meth:`Reference.after_sharding`)."""
+        cfg, policy = self.cfg, self.policy
+        mp = mixed_precision(self.device, self.dtype)
+        self.skeleton = meta_copy(policy)  # filled with the gathered weights for final/
+        shard_module(policy, mp)
+        if self.reference is not None:
+            shard_copy = (
+                functools.partial(shard_module, mp_policy=mp)
+                if cfg.shard_reference == "shard"
+                else None
+            )
+            gather = functools.partial(full_state, all_ranks=True)
+            self.reference.after_sharding(shard_copy, gather)
+
+    def _sharded_state(self) -> tuple[dict, list]:
+        """A sharded checkpoint's tensors (live: a load fills them in place) and the
+        optimizer's param groups (plain data, for trainer_state.pt). A collective."""
+        lora = self.cfg.lora > 0
+        optim = optimizer_state(self.policy, self.optimizer)
+        tensors = {"model": model_state(self.policy, trainable_only=lora), "optim": optim["state"]}
+        if self.probe is not None:  # a periodically updated reference is state too
+            tensors["reference"] = self.reference.state_tensors()
+        return tensors, optim["param_groups"]
+
     def _resume(self, ckpt: Path, saved: dict) -> None:
         env = self.env
         check_base(ckpt, self.base)
-        for side, net in self.nets.items():
-            load_policy(self.backbone, net, ckpt / side, self.cfg.lora > 0)
-        if self.probe is not None:
-            self.reference.load(ckpt / "reference")
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.sharded:  # the tensors from dcp/, resharded to this world
+            tensors, _ = self._sharded_state()
+            load_sharded(tensors, ckpt / DCP_DIR)
+            optim = {"state": tensors["optim"], "param_groups": saved["optimizer"]["param_groups"]}
+            set_states(
+                self.policy, self.optimizer, tensors["model"], optim,
+                trainable_only=self.cfg.lora > 0,
+            )  # fmt: skip
+            if self.probe is not None:
+                self.reference.load_tensors(tensors["reference"])
+        else:
+            for side, net in self.nets.items():
+                load_policy(self.backbone, net, ckpt / side, self.cfg.lora > 0)
+            if self.probe is not None:
+                self.reference.load(ckpt / "reference")
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
         for key, value in saved["counters"].items():
@@ -687,7 +742,7 @@ class Trainer:
         cfg, st = self.cfg, self.st
         self.scaler.unscale_(self.optimizer)
         clip = cfg.max_grad_norm or math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        grad_norm = as_float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         lr = self.scheduler.get_last_lr()[0]
         # fp16: an overflowing gradient is the GradScaler's business (it skips and
         # rescales). Loss and grad norm are the same on every rank: all decide alike.
@@ -699,7 +754,7 @@ class Trainer:
             st.nonfinite_run = 0
             # A finite loss and gradient can still overflow the weights (a huge --lr):
             # stop before such weights reach a checkpoint or final/.
-            if not all_finite(self.params):
+            if not self._all_finite():
                 raise NonFiniteError(
                     f"step {st.step + 1}: the optimizer step (lr {lr:.3g}) made the "
                     "parameters non-finite; stopped without saving them. Lower --lr"
@@ -726,11 +781,44 @@ class Trainer:
             )
         return True
 
+    def _all_finite(self) -> bool:
+        """Every trainable parameter finite (FSDP2: every rank's shards; a collective)."""
+        return all_finite_sharded(self.params) if self.sharded else all_finite(self.params)
+
+    def _digests(self) -> list[str]:
+        """sha256 of the final parameters: one per rank (DDP: all must agree), or one of
+        the gathered full weights (FSDP2), which become :attr:`final_nets` for final/."""
+        if not self.sharded:
+            self.final_nets = self.nets
+            nets = list(self.nets.values())  # a pair: both networks in one digest
+            net = nets[0] if len(nets) == 1 else torch.nn.ModuleList(nets)
+            return gather_objects(param_digest(net))
+        full = full_module(self.skeleton, self.policy)  # rank 0; None elsewhere
+        self.final_nets = {"": full}
+        return [gather_objects(param_digest(full) if self.env.is_main else None)[0]]
+
     def _checkpoint(self) -> None:
-        """Rank 0 writes everything, including every rank's RNG streams."""
+        """Rank 0 writes everything, including every rank's RNG streams (FSDP2: every
+        rank writes its shards into dcp/ first)."""
         cfg, st = self.cfg, self.st
+        path = self.ckpt_root / checkpoint_name(st.step)
+        stage = groups = None
+        if self.sharded:
+            if not self._all_finite():  # never reached (checked after every step)
+                raise NonFiniteError(f"step {st.step}: non-finite parameters; not saved")
+            tensors, groups = self._sharded_state()
+            made: list[Path] = []
+            on_rank0(self.env, lambda: made.append(stage_checkpoint(self.ckpt_root, st.step)))
+            stage = Path(gather_objects(str(made[0]) if made else None)[0])
+            try:
+                with writing(path):
+                    save_sharded(tensors, stage / DCP_DIR)
+            except BaseException:
+                if self.env.is_main:
+                    shutil.rmtree(stage, ignore_errors=True)
+                raise
         trainer_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": {"param_groups": groups} if self.sharded else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "counters": dataclasses.asdict(st),
@@ -742,14 +830,16 @@ class Trainer:
         write = functools.partial(
             write_checkpoint,
             backbone=self.backbone,
-            policies=self.nets,
+            policies={} if self.sharded else self.nets,  # FSDP2: in dcp/ already
             lora=cfg.lora > 0,
-            reference=self.reference if self.periodic else None,
+            reference=self.reference if self.periodic and not self.sharded else None,
             trainer_state=trainer_state,
             base=self.base,
         )
-        path = self.ckpt_root / checkpoint_name(st.step)
-        save = functools.partial(save_finite, self.params, st.step, path, write, cfg.keep_last)
+        params = [] if self.sharded else self.params  # FSDP2: checked on every rank above
+        save = functools.partial(
+            save_finite, params, st.step, path, write, cfg.keep_last, stage=stage
+        )
         on_rank0(self.env, save)
 
     def _log_line(self, rec: dict) -> None:
@@ -781,8 +871,8 @@ class Trainer:
     def _write_final(self) -> None:
         """A full pipeline in diffusers layout, or the LoRA weights (rank 0); with
         --sft-branch pair each side's LoRA into OUT/<side>/final."""
-        cfg = self.cfg
-        if not all_finite(self.params):  # never reached (checked after every step)
+        cfg, nets = self.cfg, self.final_nets  # FSDP2: the full weights gathered on rank 0
+        if not all_finite(p for net in nets.values() for p in net.parameters()):
             raise NonFiniteError(f"step {self.st.step}: non-finite parameters; final/ not written")
 
         def write(net: torch.nn.Module, d: Path) -> None:
@@ -790,15 +880,36 @@ class Trainer:
                 save_lora(self.backbone, net, d)
             elif cfg.pretrained:  # the untouched components as given, the trained denoiser
                 save_final_pipeline(self.backbone, net, cfg.pretrained, d)
-            else:  # the backbone's own denoiser: the one network of a full fine-tune
-                self.backbone.save_pretrained(d)
+            else:  # the one network of a full fine-tune (FSDP2: its gathered weights)
+                with denoiser_as(self.backbone, net):
+                    self.backbone.save_pretrained(d)
             write_pipeline_call(self.backbone, d)  # the call arguments that sample as we do (sd3)
             write_base(d, self.base)  # last: a base.json copied from --pretrained is replaced
 
-        for side, net in self.nets.items():
+        for side, net in nets.items():
             final = self.out / side / "final"
             with writing(final):
                 atomic_write_dir(final, functools.partial(write, net))
+
+
+@contextlib.contextmanager
+def denoiser_as(backbone: Backbone, net: torch.nn.Module):
+    """``backbone``'s components with ``net`` as the denoiser (e.g. the gathered full
+    weights of a sharded policy) for the duration."""
+    key, old = backbone.denoiser_subfolder, backbone.components[backbone.denoiser_subfolder]
+    backbone.components[key] = net
+    try:
+        yield
+    finally:
+        backbone.components[key] = old
+
+
+def _usage(check) -> None:
+    """``check()``, its one-line ValueError turned into a :class:`UsageError`."""
+    try:
+        check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def validation_prompts(cfg: TrainConfig) -> list[str]:
@@ -819,12 +930,15 @@ def validation_prompts(cfg: TrainConfig) -> list[str]:
     return prompts
 
 
-def save_finite(params, step: int, path: Path, write, keep_last: int) -> None:
-    """An atomic checkpoint, written only if every parameter is finite."""
+def save_finite(params, step: int, path: Path, write, keep_last: int, stage=None) -> None:
+    """An atomic checkpoint, written only if every parameter is finite (``stage``: its
+    staging folder, already holding the ranks' shards)."""
     if not all_finite(params):  # never reached (checked after every step): belt and braces
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         raise NonFiniteError(f"step {step}: non-finite parameters; checkpoint not written")
     with writing(path):
-        save_checkpoint(path.parent, step, write, keep_last)
+        save_checkpoint(path.parent, step, write, keep_last, stage)
 
 
 def main(argv: list[str] | None = None) -> int:

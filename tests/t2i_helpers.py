@@ -29,3 +29,23 @@ def one_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     return err[0]
+
+
+def pairs_cache(tmp_path_factory, cache: dict | None = None):
+    """``get(backbone)``: 8 demo pairs (two shards) built with that tiny backbone, once per
+    ``cache`` (the trainer refuses a dataset whose info.json names another backbone)."""
+    from bench.t2i.pairs import build_pairs
+    from bench.t2i.prompts import DEMO_PROMPTS
+    from bench.t2i.tiny import tiny_backbone
+
+    cache = {} if cache is None else cache
+
+    def get(backbone: str) -> Path:
+        if backbone not in cache:
+            out = tmp_path_factory.mktemp(f"pairs-{backbone}")
+            build_pairs(tiny_backbone(backbone), DEMO_PROMPTS[:8], out, steps=2, shard_size=4,
+                        progress=False)  # fmt: skip
+            cache[backbone] = out
+        return cache[backbone]
+
+    return get

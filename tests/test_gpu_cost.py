@@ -193,6 +193,12 @@ def test_fsdp_recipe_shards_weights_grads_and_optimizer_only(root):
     for field in ("weights", "grads", "optimizer"):
         assert getattr(sharded, field) == -(-getattr(whole, field) // 8)
     assert (sharded.reference, sharded.frozen) == (whole.reference, whole.frozen) != (0, 0)
+    # --shard-reference shard: the reference divided too; unsharded recipes keep it whole
+    assert sharded.reference_sharded == -(-whole.reference // 8) < whole.reference_sharded
+    assert whole.reference_sharded == whole.reference
+    assert sharded.total(shard_reference=True) == sharded.total() - sharded.reference + (
+        sharded.reference_sharded
+    )
     assert sharded.params == whole.params and sharded.trainable == whole.trainable
     assert (
         "FSDP x8 (computed)" in Recipe("x", 0, "adamw", "bf16", True, 1, 1, 8, fsdp=True).describe()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from t2i_helpers import LOG2, LOG2_TOL
+from t2i_helpers import LOG2, LOG2_TOL, pairs_cache
 
 from bench import train_t2i
 from bench.t2i import weights
@@ -45,19 +45,8 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data_for(data, tmp_path_factory):
-    """``data_for(backbone)``: pairs built with that tiny backbone (the trainer refuses a
-    dataset whose info.json names another backbone), built once per module."""
-    cache = {"sd": data}
-
-    def get(backbone: str) -> Path:
-        if backbone not in cache:
-            out = tmp_path_factory.mktemp(f"pairs-{backbone}")
-            build_pairs(tiny_backbone(backbone), DEMO_PROMPTS[:8], out, steps=2, shard_size=4,
-                        progress=False)  # fmt: skip
-            cache[backbone] = out
-        return cache[backbone]
-
-    return get
+    """``data_for(backbone)``: pairs built with that tiny backbone, once per module."""
+    return pairs_cache(tmp_path_factory, {"sd": data})
 
 
 def run(data: Path, out: Path, *flags: str) -> int:

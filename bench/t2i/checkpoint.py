@@ -14,6 +14,11 @@ there, complete, and readable, and says which damaged ones it passed over.
 :func:`rng_state`) and is read with ``torch.load(weights_only=True)``: a file that needs
 anything else unpickled (a crafted one, or one written before this format) is refused
 like a damaged checkpoint, never unpickled.
+
+A ``--shard fsdp`` checkpoint keeps its tensors (model, optimizer, periodic reference) in
+``dcp/`` (``torch.distributed.checkpoint``, written by every rank into the staging folder
+of :func:`stage_checkpoint`); its ``.metadata`` is read with the restricted unpickler of
+:mod:`bench.t2i.sharding`, refused like a damaged checkpoint if it names anything else.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from bench.t2i.errors import UsageError
 from bench.t2i.interrupt import critical
 from bench.t2i.outdir import stage_dir, tmp_path_for
+from bench.t2i.sharding import DCP_DIR, read_metadata_safely
 
 STATE_FILE = "trainer_state.pt"
 FILES_KEY = "files"  # in STATE_FILE: {relative path: size in bytes} of the other files
@@ -61,10 +67,12 @@ def latest_checkpoint(root: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_dir)`` then rename ``tmp_dir`` to ``final`` (replacing it)."""
+def atomic_write_dir(final: Path, write: Callable[[Path], None], stage: Path | None = None) -> Path:
+    """Run ``write(tmp_dir)`` then rename ``tmp_dir`` to ``final`` (replacing it).
+    ``stage``: a staging folder already made (and partly filled) for ``final``."""
     final = Path(final)
-    tmp = stage_dir(final)  # a name of this process's own: never another writer's folder
+    # a name of this process's own: never another writer's folder
+    tmp = stage_dir(final) if stage is None else Path(stage)
     try:
         write(tmp)
     except BaseException:
@@ -84,13 +92,29 @@ def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> Path:
     return final
 
 
-def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
-    """Write ``root/step-XXXXXX`` atomically, then delete all but the newest ``keep_last``."""
+def stage_checkpoint(root: Path, step: int) -> Path:
+    """The staging folder of ``root/step-XXXXXX``, made after removing stale ones: for a
+    checkpoint that several ranks fill before :func:`save_checkpoint` completes it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(TMP_PREFIX + "*"):
         shutil.rmtree(stale, ignore_errors=True)
-    path = atomic_write_dir(root / checkpoint_name(step), write)
+    return stage_dir(root / checkpoint_name(step))
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    write: Callable[[Path], None],
+    keep_last: int,
+    stage: Path | None = None,
+) -> Path:
+    """Write ``root/step-XXXXXX`` atomically, then delete all but the newest ``keep_last``.
+    ``stage``: the folder of :func:`stage_checkpoint`, already partly filled."""
+    root = Path(root)
+    if stage is None:
+        stage = stage_checkpoint(root, step)
+    path = atomic_write_dir(root / checkpoint_name(step), write, stage)
     for old in list_checkpoints(root)[:-keep_last]:
         doomed = root / (TMP_PREFIX + "del-" + old.name)  # renamed first: never half-deleted
         os.replace(old, doomed)
@@ -138,6 +162,11 @@ def checkpoint_problem(path: Path) -> tuple[dict | None, str | None]:
         reason = safetensors_problem(f)
         if reason is not None:
             return None, f"{f.relative_to(path)} unreadable ({reason})"
+    if (path / DCP_DIR).is_dir():
+        try:
+            read_metadata_safely(path / DCP_DIR)
+        except Exception as e:  # UnpicklingError (refused), EOFError, OSError, ...
+            return None, f"{DCP_DIR}/.metadata unreadable or refused ({_first_line(e)})"
     return state, None
 
 

@@ -38,6 +38,8 @@ from minddspo.timesteps import SAMPLERS, WEIGHTS
 
 OPTIMIZERS = ("adamw", "adafactor")
 DEVICES = ("auto", "cpu", "cuda")
+SHARDS = ("ddp", "fsdp")  # --shard: a whole policy per rank, or FSDP2 shards
+SHARD_REFERENCES = ("whole", "shard")  # --shard-reference: the full fine-tune's frozen copy
 RAND_COND_KEPT = ("contrastive", "forward")  # targets of the rows --rand-cond-prompts keeps
 RAND_COND_TIMINGS = ("step", "independent")  # which t decides a row's swap
 #: sft: which side of each pair is regressed; pair: both, by two LoRA adapters in one run
@@ -67,6 +69,7 @@ RESUME_MAY_CHANGE = (
     "validation_steps",
     "validation_seed",
     "tensorboard",
+    "shard_reference",  # where the reference's weights live; its values are the same
 )
 #: may change on resume as long as batch_size x grad_accum x ranks (the pairs per optimizer
 #: step) stays: every step then reads the same pairs (bench/t2i/data.py)
@@ -302,6 +305,22 @@ class TrainConfig:
         choices=tuple(DTYPES),
         parse=dtype_name,
     )
+    shard: str = opt(
+        "ddp",
+        "ddp: every rank holds the whole policy, gradients all-reduced | fsdp: FSDP2 "
+        "(torch.distributed.fsdp.fully_shard per block): parameters, gradients and "
+        "optimizer state split over the ranks (bf16 gathered weights, fp32 reduction with "
+        "--dtype bf16 on CUDA); sharded checkpoints (torch.distributed.checkpoint) that "
+        "resume on another number of ranks",
+        choices=SHARDS,
+    )
+    shard_reference: str | None = opt(
+        None,
+        "--shard fsdp, full fine-tune: the frozen reference copy kept whole on every rank "
+        "(fastest; one full copy per GPU) or shard (1/ranks of it per GPU, its weights "
+        "gathered block by block for every reference forward). LoRA has no copy. Unset: whole",
+        choices=SHARD_REFERENCES,
+    )
     # --- logging, checkpoints, faults
     log_every: int = opt(1, "write a metrics.jsonl line every n steps")
     ckpt_every: int = opt(0, "checkpoint every n steps (0 = only at the end)")
@@ -465,6 +484,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UsageError("--beta-logit applies to dspo and dspo_cpp only")
     if cfg.dtype == "fp16" and cfg.device == "cpu":
         raise UsageError("--dtype fp16 needs CUDA; use bf16 or fp32 on CPU")
+    _check_shard(cfg)
     if cfg.text_dtype is not None:
         _choice("text dtype", cfg.text_dtype, tuple(DTYPES))
         if cfg.text_dtype == "fp16" and cfg.device == "cpu":
@@ -479,6 +499,30 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         _choice("timestep sampler", cfg.timestep_sampler, SAMPLERS)
     _check_numbers(cfg)
     return resolve_for_backbone(cfg, cfg.backbone) if cfg.backbone else cfg
+
+
+def _check_shard(cfg: TrainConfig) -> None:
+    """--shard and what it cannot be combined with (one line each)."""
+    _choice("shard", cfg.shard, SHARDS)
+    if cfg.shard_reference is not None:
+        _choice("shard reference", cfg.shard_reference, SHARD_REFERENCES)
+    if cfg.shard != "fsdp":
+        if cfg.shard_reference is not None:
+            raise UsageError("--shard-reference applies with --shard fsdp only")
+        return
+    if cfg.shard_reference is None:
+        cfg.shard_reference = "whole"
+    if cfg.dtype == "fp16":  # torch.amp.GradScaler does not unscale sharded gradients
+        raise UsageError("--shard fsdp runs --dtype bf16 or fp32, not fp16")
+    if cfg.optimizer != "adamw":
+        raise UsageError(f"--shard fsdp supports --optimizer adamw only, not {cfg.optimizer}")
+    if cfg.sft_branch == "pair":  # two networks in one run: each would need its own shards
+        raise UsageError("--shard fsdp trains one network, not --sft-branch pair")
+    if cfg.validation_every:  # validation samples on rank 0 alone: a sharded model needs all
+        raise UsageError(
+            "--validation-every is not available with --shard fsdp (sample final/ with "
+            "bench/sample.py instead)"
+        )
 
 
 def _check_numbers(cfg: TrainConfig) -> None:

@@ -3,7 +3,8 @@
 Launched by ``torchrun`` (``WORLD_SIZE`` in the environment) the trainer initialises a
 process group and wraps the policy in DDP, even for one process. Started as a plain
 ``python`` process, or called in-process by tests, it runs with world size 1 and no
-process group; every helper here is then a no-op, so the training loop is the same code.
+process group; every helper here is then a no-op, so the training loop is the same code
+(``--shard fsdp`` alone gives such a process a group of one: FSDP2 needs one).
 """
 
 from __future__ import annotations
@@ -77,14 +78,21 @@ def _die() -> None:
     os._exit(128 + 9)
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Set up the process group when launched by torchrun; pick this rank's device."""
+def init_distributed(device: str = "auto", group: bool = False) -> DistEnv:
+    """Set up the process group when launched by torchrun; pick this rank's device.
+    ``group``: a plain process gets a process group of one too (FSDP2 needs one)."""
     die_with_launcher()  # before any work: a rank never outlives torchrun
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but CUDA is not available")
     if "WORLD_SIZE" not in os.environ:
-        return DistEnv(0, 1, 0, torch.device("cuda" if use_cuda else "cpu"))
+        dev = torch.device("cuda" if use_cuda else "cpu")
+        if group and not dist.is_initialized():  # in-process: a store of its own, no port
+            dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0,
+                world_size=1, **({"device_id": torch.device("cuda", 0)} if use_cuda else {}),
+            )  # fmt: skip
+        return DistEnv(0, 1, 0, dev)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
@@ -145,7 +153,11 @@ def gather_objects(obj) -> list:
 
 
 def no_sync(model, sync: bool):
-    """DDP's ``no_sync()`` on micro-steps that must not all-reduce; a null context otherwise."""
+    """DDP's ``no_sync()`` on micro-steps that must not all-reduce; a null context otherwise.
+    An FSDP2 model is told whether to reduce-scatter this micro-step's gradients."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
     if sync or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()

@@ -36,9 +36,11 @@ and buffers, fp32 gradients of the trainable ones, the optimizer state after one
 (``Reference``: a copy in the compute dtype for a full fine-tune, nothing with LoRA), and
 the frozen text encoders and VAE as ``Backbone.to`` places them (compute dtype; a VAE with
 ``force_upcast`` stays fp32). A recipe marked ``fsdp`` (FLUX.1-dev's full fine-tune over 8
-GPUs) divides the policy's weights, gradients and optimizer state by its GPU count, as a fully
-sharded data-parallel run would hold them; the reference and the frozen encoders stay whole
-on every GPU. This is computed only: the trainer itself runs DDP. Activations are NOT included: their size depends on the
+GPUs) divides the policy's weights, gradients and optimizer state by its GPU count, as
+``train_t2i.py --shard fsdp`` holds them; the frozen encoders stay whole on every GPU, and
+the reference copy too (``--shard-reference whole``, the default; with ``shard`` it is divided
+as well: :attr:`Memory.reference_sharded`). Computed only: the sharded trainer has run on
+CPUs, never on a GPU. Activations are NOT included: their size depends on the
 attention kernel, gradient checkpointing and the allocator; measure them on a GPU with
 ``bench_step.py --device cuda``.
 """
@@ -375,11 +377,12 @@ class Memory:
     grads: int  # fp32 gradients of the trainable parameters
     optimizer: int  # optimizer state after one step
     reference: int  # frozen reference copy; 0 with LoRA (adapters off)
+    reference_sharded: int  # the same copy per GPU under --shard-reference shard (fsdp recipes)
     frozen: int  # text encoders + VAE
     base_cast: int  # LoRA: bytes saved if the frozen base were kept in the compute dtype
 
-    def total(self, with_reference: bool = True) -> int:
-        ref = self.reference if with_reference else 0
+    def total(self, with_reference: bool = True, shard_reference: bool = False) -> int:
+        ref = (self.reference_sharded if shard_reference else self.reference) * with_reference
         return self.weights + self.grads + self.optimizer + ref + self.frozen
 
 
@@ -401,9 +404,8 @@ def memory(built: Built, recipe: Recipe) -> Memory:
     for p in trainable:
         p.grad = None
     weights = _module_bytes(net)
-    if recipe.fsdp:  # sharded over the GPUs (rounded up); the rest stays whole per GPU
-        shard = lambda n: -(-n // recipe.gpus)  # noqa: E731
-        weights, grads, optimizer = shard(weights), shard(grads), shard(optimizer)
+    shard = (lambda n: -(-n // recipe.gpus)) if recipe.fsdp else (lambda n: n)  # rounded up
+    weights, grads, optimizer = shard(weights), shard(grads), shard(optimizer)
     ref = Reference(None, net, lora=built.lora > 0, periodic=False, dtype=dtype)
     reference = 0 if built.lora else _module_bytes(ref.net)
     cast = None if dtype == torch.float32 else dtype
@@ -420,6 +422,7 @@ def memory(built: Built, recipe: Recipe) -> Memory:
         grads=grads,
         optimizer=optimizer,
         reference=reference,
+        reference_sharded=shard(reference),
         frozen=frozen,
         base_cast=base_cast,
     )
@@ -501,8 +504,10 @@ def _notes(rows: Sequence[Row]) -> list[str]:
         if rc.fsdp:
             notes.append(
                 f"- {arch.label} {rc.describe()}: weights, grads and AdamW state divided by "
-                f"{rc.gpus} (fully sharded), the bf16 reference copy and the text encoders whole "
-                "on every GPU; computed only, the trainer runs DDP."
+                f"{rc.gpus} (`train_t2i.py --shard fsdp`), the text encoders whole on every GPU, "
+                f"the bf16 reference copy too (`--shard-reference whole`: {_gib(mem.reference)} "
+                f"GiB); with `--shard-reference shard` it takes {_gib(mem.reference_sharded)} "
+                f"GiB, {_gib(mem.total(shard_reference=True))} GiB in all."
             )
         if rc.lora and arch.kind == "sd3":
             notes.append(

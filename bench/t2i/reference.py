@@ -8,6 +8,11 @@
   reference forward; it starts equal to the freshly initialised adapters, whose
   ``lora_B = 0`` makes it the base model, as in the frozen case.
 
+Under ``--shard fsdp`` (:meth:`Reference.after_sharding`) the policy's parameters are FSDP2
+shards whose storage FSDP owns: the periodic LoRA tensors are then copied in and out
+instead of pointer-swapped, and the full fine-tune's copy is sharded too or kept whole
+(``--shard-reference``).
+
 The reference forward must run *before* the policy forward of a step: the swap would
 otherwise alter weights that the policy's autograd graph has saved.
 
@@ -59,6 +64,23 @@ def swapped_params(module: nn.Module, tensors: dict[str, Tensor]):
             params[n].data = x
 
 
+@contextlib.contextmanager
+def copied_params(module: nn.Module, tensors: dict[str, Tensor]):
+    """Temporarily give the named parameters the values of ``tensors`` (copied in, and the
+    old values copied back): for parameters whose storage is not theirs to re-point."""
+    params = dict(module.named_parameters())
+    saved = {n: params[n].detach().clone() for n in tensors}
+    try:
+        with torch.no_grad():
+            for n, x in tensors.items():
+                params[n].copy_(x)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, x in saved.items():
+                params[n].copy_(x)
+
+
 class Reference:
     """``forward(x_t, t, cond)`` of the reference, with copy and checkpoint support."""
 
@@ -75,6 +97,8 @@ class Reference:
         self.lora = lora
         self.policy = policy  # the unwrapped trainable module
         self.lora_state: dict[str, Tensor] | None = None
+        self.sharded_policy = False  # after_sharding(): FSDP2 shards
+        self.full_policy_state = None  # after_sharding(): the policy's full weights, gathered
         if lora:
             self.net = policy
             if periodic:
@@ -89,15 +113,32 @@ class Reference:
     def forward(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
         if not self.lora:
             return self.backbone.forward(self.net, x_t, t, cond)
+        swap = copied_params if self.sharded_policy else swapped_params
         ctx = (
             adapters_disabled(self.net)
             if self.lora_state is None
-            else swapped_params(self.net, self.lora_state)
+            else swap(self.net, self.lora_state)
         )
         with ctx:
             return self.backbone.forward(self.net, x_t, t, cond)
 
     __call__ = forward
+
+    def after_sharding(self, shard_copy=None, full_state=None) -> None:
+        """The policy has just been sharded (FSDP2). LoRA: the periodic tensors are taken
+        again from the sharded adapters (the same values). Full fine-tune: ``shard_copy(net)``
+        shards the copy too; without it the copy stays whole on every rank and each update
+        gathers the policy's full weights with ``full_state(policy)`` (a collective)."""
+        self.sharded_policy = True
+        if self.lora:
+            if self.lora_state is not None:
+                self.lora_state = {
+                    n: p.detach().clone() for n, p in trainable_state(self.policy).items()
+                }
+        elif shard_copy is not None:
+            shard_copy(self.net)
+        else:
+            self.full_policy_state = full_state
 
     @torch.no_grad()
     def copy_from_policy(self) -> None:
@@ -106,8 +147,25 @@ class Reference:
             assert self.lora_state is not None, "a frozen LoRA reference is never updated"
             for n, p in trainable_state(self.policy).items():
                 self.lora_state[n].copy_(p)
-        else:
+        elif self.full_policy_state is not None:  # a whole copy of a sharded policy
+            self.net.load_state_dict(self.full_policy_state(self.policy))
+        else:  # both whole, or both sharded alike (shard by shard)
             self.net.load_state_dict(self.policy.state_dict())
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """What a sharded checkpoint keeps of a periodic reference (live tensors: a DCP
+        load fills them in place)."""
+        return dict(self.lora_state) if self.lora else self.net.state_dict()
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """The inverse of :meth:`state_tensors` (a no-op for tensors loaded in place)."""
+        if self.lora:
+            for n, x in tensors.items():
+                if x is not self.lora_state[n]:
+                    self.lora_state[n].copy_(x)
+        else:
+            self.net.load_state_dict(tensors)
 
     def save(self, out_dir: Path) -> None:
         out_dir = Path(out_dir)

@@ -233,7 +233,8 @@ def write_checkpoint(
     base: dict | None = None,
 ) -> None:
     """Fill checkpoint directory ``d`` (a temporary one, renamed when complete) with each
-    trained network of ``policies`` under ``d / side`` (side ``""``: ``d`` itself); ``base``
+    trained network of ``policies`` under ``d / side`` (side ``""``: ``d`` itself; none: the
+    weights are in ``d/dcp/`` already, a sharded run's, :mod:`bench.t2i.sharding`); ``base``
     (:func:`bench.t2i.provenance.base_record`) goes to ``base.json``."""
     for side, policy in policies.items():
         save_policy(backbone, policy, d / side, lora)
