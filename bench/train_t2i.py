@@ -6,11 +6,12 @@
 
 Plain torch.distributed + DDP (gloo on CPU, NCCL on CUDA), or FSDP2 with ``--shard fsdp``
 (``bench.t2i.sharding``); ``python bench/train_t2i.py`` without torchrun runs the same code
-with world size 1. The file reads top to bottom:
-one step's math (:func:`compute_loss`), then :func:`train` — config -> distributed init ->
-backbone -> data -> reference -> optimizer -> resume -> loop -> checkpoint. All loss,
-schedule, timestep and reference-update math comes from ``minddspo``; backbone glue from
-``bench.t2i.backbones``; config, checkpoint and reference helpers from ``bench.t2i``.
+with world size 1. :func:`train` reads top to bottom: config -> distributed init ->
+backbone -> data -> reference -> optimizer -> resume -> loop -> checkpoint. One step's math
+(``encode_step``, ``compute_loss``) is in ``bench.t2i.step``; backbones are opened by
+``bench.t2i.models.open_backbone``, random-condition mixing is ``bench.t2i.randcond``. All
+loss, schedule, timestep and reference-update math comes from ``minddspo``; backbone glue
+from ``bench.t2i.backbones``; config, checkpoint and reference helpers from ``bench.t2i``.
 
 Nothing is lost and nothing fails silently: OUT is checked before any work (a file, an
 unwritable disk, or another run without --resume is refused), --resume must match the

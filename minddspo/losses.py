@@ -263,18 +263,10 @@ def _score_matching_loss(
 
 
 _DSPO_DOC_REGIMES = """
-    **Two scales.** ``beta`` multiplies the preference term outside (the official SD-1.5
-    runs use 0.001, searched over {0.001, 0.01, 0.05}); ``beta_logit`` scales the reward
-    inside the sigmoid on the Diffusion-DPO scale (``None``: the same value as ``beta``,
-    as the official code does). With ``k = beta (1 - sigma(s))`` the loss is minimised at
-    ``p_w = r_w + (y_w - r_w) / (1 - k)``, so three regimes follow:
-
-    * ``k < 1``: just beyond the winner target (small ``k``: close to SFT on the winners,
-      pushed a little further where the preference is not yet met) -- the useful regime;
-    * ``k = 1``: the residual no longer depends on ``p_w`` along ``p_w - y_w``: no gradient;
-    * ``k > 1``: the policy is held ~``1/k`` of the way from the reference and pushed
-      *away* from the winner -- degenerate. Any ``beta >= 2`` reaches it near the start
-      (``sigma(s) = 1/2`` at the reference), so it is never meaningful.
+    **Two scales.** ``beta`` multiplies the preference term outside; ``beta_logit`` scales
+    the reward inside the sigmoid (``None``: the same value as ``beta``, as the official
+    code does). Which values are meaningful, and why the official ``beta = 0.001`` alone is
+    numerically SFT: SPEC §3.
 """
 
 

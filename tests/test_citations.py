@@ -5,7 +5,9 @@
   capitalised name such as ``README.md``, ``bench/RESULTS.md``) exists in the repository:
   relative to the citing file, to the repository root, or as the one file of that name
   (lower-case names like ``results.md`` are outputs a command writes, not citations);
-* nothing points outside the checkout (``../shared``) or at an issue tracker's numbers.
+* nothing points outside the checkout (``../shared``) or at an issue tracker's numbers;
+* every relative link of a Markdown document resolves: its file or folder exists, and its
+  ``#anchor`` is a heading of the linked (or the same) Markdown file, slugged as GitHub does.
 """
 
 from __future__ import annotations
@@ -96,3 +98,66 @@ def test_every_citation_resolves(path: Path):
     if path == Path(__file__).resolve():
         return  # this file quotes bad citations on purpose
     assert not bad, f"{path.relative_to(ROOT)} cites what the repository does not hold: {bad}"
+
+
+LINK = re.compile(r"\]\((?!https?:|mailto:)([^)\s]+)\)")
+FENCE = re.compile(r"^(```|~~~).*?^\1", flags=re.M | re.S)
+HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", flags=re.M)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: link text kept, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors of a Markdown file's headings; a repeated heading gets -1, -2, ..."""
+    found: set[str] = set()
+    count: dict[str, int] = {}
+    for heading in HEADING.findall(FENCE.sub("", path.read_text(encoding="utf-8"))):
+        base = slug(heading)
+        n = count.get(base, 0)
+        count[base] = n + 1
+        found.add(base if n == 0 else f"{base}-{n}")
+    return found
+
+
+def broken_links(text: str, cited_from: Path) -> list[str]:
+    bad = []
+    for target in LINK.findall(FENCE.sub("", text)):
+        name, _, anchor = target.partition("#")
+        path = (cited_from.parent / name).resolve() if name else cited_from
+        if not path.exists():
+            bad.append(target)
+        elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+            bad.append(target)
+    return bad
+
+
+def test_link_checker_sees_what_it_must():
+    readme = ROOT / "README.md"
+    assert slug("The GPU cost on paper — computed, not measured") == (
+        "the-gpu-cost-on-paper--computed-not-measured"
+    )
+    assert slug("Backbones (`bench/t2i/backbones.py`)") == "backbones-bencht2ibackbonespy"
+    assert slug("See [the spec](x.md) §3") == "see-the-spec-3"
+    assert "text-to-image-in-one-example" in anchors(readme)
+    text = (
+        "[a](bench/README.md#install) [b](bench/README.md#no-such-heading) [c](#minddspo) "
+        "[d](no/such/file.md) [e](https://example.org/x.md#y) [f](bench/t2i)\n"
+        "```\n[g](not/checked.md)\n```\n"
+    )
+    assert broken_links(text, readme) == ["bench/README.md#no-such-heading", "no/such/file.md"]
+    assert "tiny-smoke-run-built-in-demo-prompts-random-tiny-sd" not in anchors(
+        ROOT / "bench" / "README.md"
+    )  # a comment line in a fenced block is no heading
+
+
+MARKDOWN = [p for p in tracked() if p.suffix == ".md"]
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_markdown_link_resolves(path: Path):
+    bad = broken_links(path.read_text(encoding="utf-8"), path)
+    assert not bad, f"{path.relative_to(ROOT)} links to what the repository does not hold: {bad}"

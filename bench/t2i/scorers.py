@@ -14,8 +14,7 @@ image and text embeddings becomes a score:
 * ``hps``       an HPS-style preference model (Wu et al. 2023) converted to transformers'
   CLIP format, ``100 * cos``: HPSv2 scores an image by the raw cosine and papers (the
   DDSPO paper's Table 4 included) report it times 100. The official HPSv2 checkpoint is an
-  open_clip model; converting it is up to the user (bench/README.md, "Evaluating a
-  fine-tune").
+  open_clip model; converting it is up to the user (bench/REFERENCE.md, "Evaluation").
 """
 
 from __future__ import annotations
