@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import sys
@@ -12,10 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.t2i.cli import opt, parse
-from bench.t2i.outdir import OutputError, check_out_dir, run_lock
+from bench.t2i.errors import UsageError
+from bench.t2i.outdir import check_out_dir, run_lock
 
 from . import experiment, report, scenes
 from .util import StageError, write_json
+
+REPORT_FILES = ("table1.md", "grid.png", "accuracy.png", "results.json")
 
 
 @dataclass
@@ -26,25 +28,36 @@ class DigitsArgs:
     cache: str | None = opt(
         None, "cache of base models and scorer (default: OUT/cache)", metavar="DIR"
     )
-    preset: str = opt("full", "full benchmark or smoke test", choices=("full", "smoke"))
+    preset: str = opt(
+        "full",
+        "full: the benchmark; smoke: the whole pipeline in seconds (tests)",
+        choices=("full", "smoke"),
+    )
+    quick: bool = opt(
+        False,
+        "a fast look, not the benchmark: one evaluation seed, one dev seed, the guidance "
+        "search and the grid cut to the full run's choices' neighbourhood (lr factor 1)",
+    )
     methods: str | None = opt(
         None, f"comma-separated subset of {','.join(experiment.METHODS)} (default: the preset's)"
     )
-    publish: str | None = opt(
-        None, "also copy table1.md, grid.png, results.json here", metavar="DIR"
-    )
+    publish: str | None = opt(None, f"also copy {', '.join(REPORT_FILES)} here", metavar="DIR")
     threads: int = opt(1, "torch threads per process (1 is fastest on a busy CPU)")
-    lr_scale: float | None = opt(
-        None, "fine-tune lr = trainer default x this (default: the preset's rule, base lr / 1e-4)"
+    jobs: int = opt(1, "fine-tunes run at once (e.g. 2 on 2 cores with --threads 1)")
+    train_base: bool = opt(
+        False,
+        "train the base model from scratch (cached in --cache) even when the repository "
+        "ships the pipeline of this config (bench/digits/base)",
     )
     progress: bool = opt(True, "progress bars (--no-progress: none)")
 
 
 DESCRIPTION = (
     "Table 1 on a laptop: train (once, cached) a tiny Stable Diffusion on scenes of real "
-    "handwritten digits, build Rand-removal preference pairs, fine-tune with each method, "
-    "sample held-out prompts and score them exactly with DigitEval. Resumable: rerun the same "
-    "command to continue."
+    "handwritten digits, pick its best guidance on dev prompts, build Rand-removal preference "
+    "pairs and measure them, tune every method on the same dev grid, fine-tune at the chosen "
+    "settings with controls, sample held-out prompts and score them exactly with DigitEval. "
+    "Resumable: rerun the same command to continue."
 )
 
 
@@ -53,44 +66,77 @@ def parse_args(argv) -> DigitsArgs:
 
 
 def check_args(a: DigitsArgs) -> experiment.RunConfig:
-    """The run config; ValueError (one line) on bad input."""
+    """The run config; UsageError (one line) on bad input."""
     if a.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {a.seeds}")
+        raise UsageError(f"--seeds must be >= 1, got {a.seeds}")
     if a.first_seed < 0:
-        raise ValueError(f"--first-seed must be >= 0, got {a.first_seed}")
+        raise UsageError(f"--first-seed must be >= 0, got {a.first_seed}")
     if a.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {a.threads}")
-    cfg = experiment.preset(a.preset)
+        raise UsageError(f"--threads must be >= 1, got {a.threads}")
+    if a.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {a.jobs}")
+    cfg = experiment.preset("quick" if a.quick else a.preset)
+    if a.quick and a.preset != "full":
+        raise UsageError("--quick is a cut of the full preset; drop --preset")
+    if a.quick:
+        a.seeds = 1
     if a.methods is not None:
         names = [m.strip() for m in a.methods.split(",") if m.strip()]
         if not names:
-            raise ValueError("--methods is empty")
+            raise UsageError("--methods is empty")
         cfg = experiment.with_methods(cfg, names)
-    if a.lr_scale is not None:
-        if not a.lr_scale > 0:
-            raise ValueError(f"--lr-scale must be > 0, got {a.lr_scale}")
-        cfg = dataclasses.replace(cfg, lr_scale=a.lr_scale)
     experiment.check_out_config(cfg, Path(a.out))
     return cfg
 
 
 def write_report(out: Path, cfg, seeds: list[int], info: dict, publish: Path | None) -> Path:
-    """table1.md, grid.png and results.json under ``out`` (and ``publish``)."""
-    models = ["real", "base", *cfg.methods]
+    """table1.md, grid.png, accuracy.png and results.json under ``out`` (and ``publish``)."""
+    names = [*cfg.methods, *cfg.controls]
     scores = report.load_scores(out, seeds)
-    agg = report.aggregate(scores, models)
+    agg = report.aggregate(scores, ["real", "base", *names])
     prompts = scenes.eval_prompts(cfg.eval_per_kind)
-    md = report.table_markdown(agg, len(scores), len(prompts))
+    g = info["guidance"]["guidance"]
+    sets, tuning = info["sets"], info["tuning"]
+    md = "\n\n".join(
+        [
+            report.table_markdown(agg, len(scores), len(prompts), g),
+            "### The pairs, before any training (DigitEval against the full prompt)\n\n"
+            + report.quality_markdown(sets["quality"], "Rand-removal pairs")
+            + (
+                "\n"
+                + report.quality_markdown(
+                    sets["ranked"]["quality"],
+                    f"DigitEval-ranked pairs (control; {sets['ranked']['pairs']} of "
+                    f"{sets['ranked']['of']} prompts had exactly one right sample)",
+                )
+                if sets["ranked"]
+                else ""
+            ),
+            "### The base's guidance (dev prompts, dev seeds)\n\n"
+            + report.guidance_markdown(info["guidance"]["rows"], g),
+            "### The tuning grid (dev prompts, dev seeds; the same size for every method)\n\n"
+            + report.grid_markdown(tuning),
+            "### Latents: encoded real scenes vs sampled winners\n\n"
+            + report.latents_markdown(sets["latents"]),
+        ]
+    )
     (out / "table1.md").write_text(md)
     images = out / f"seed-{seeds[0]}" / "samples" / "images"
-    report.grid_figure(images, prompts, models[1:], out / "grid.png")
+    report.grid_figure(images, prompts, ["base", *names], out / "grid.png")
+    report.accuracy_figure(agg, out / "accuracy.png")
     write_json(
         out / "results.json",
         {
             "config": experiment.config_dict(cfg),
             "seeds": seeds,
+            "helps_rule": report.HELPS,
+            "control_valid": report.control_valid(agg),
             "scorer_test_accuracy": info["scorer"]["test_accuracy"],
             "base": {k: v for k, v in info["base"].items() if k != "pipeline"},
+            "guidance": info["guidance"],
+            "pairs": info["pairs"],
+            "sets": sets,
+            "tuning": tuning,
             "table": agg,
             "stages": {k: v for k, v in info.items() if k.startswith("seed-")},
             "per_seed": scores,
@@ -99,7 +145,7 @@ def write_report(out: Path, cfg, seeds: list[int], info: dict, publish: Path | N
     )
     if publish is not None:
         publish.mkdir(parents=True, exist_ok=True)
-        for name in ("table1.md", "grid.png", "results.json"):
+        for name in REPORT_FILES:
             shutil.copyfile(out / name, publish / name)
     return out / "table1.md"
 
@@ -112,7 +158,7 @@ def main(argv=None) -> int:
             if a.cache:
                 check_out_dir(a.cache, "--cache")
             cfg = check_args(a)
-        except ValueError as e:  # UsageError included
+        except UsageError as e:  # OutputError included
             print(f"error: {e}", file=sys.stderr)
             return 2
         return _run(a, cfg)
@@ -125,16 +171,17 @@ def _run(a: DigitsArgs, cfg: experiment.RunConfig) -> int:
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     seeds = list(range(a.first_seed, a.first_seed + a.seeds))
-    runner = experiment.Runner(cfg, out, Path(a.cache) if a.cache else out / "cache", a.progress)
+    cache = Path(a.cache) if a.cache else out / "cache"
+    runner = experiment.Runner(cfg, out, cache, a.progress, a.jobs, a.train_base, a.threads)
     t0 = time.perf_counter()
     try:
         info = runner.run(seeds)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except OutputError as e:  # a shared cache stage being written by another experiment
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UsageError as e:  # a shipped base file that fails its checksum (ShippedBaseError),
+        print(f"error: {e}", file=sys.stderr)  # a shared cache stage being written by
+        return 2  # another experiment (OutputError)
     publish = Path(a.publish) if a.publish else None
     table = write_report(out, cfg, seeds, info, publish)
     print(table.read_text())

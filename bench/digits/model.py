@@ -6,8 +6,11 @@ scenes, saved as a standard ``StableDiffusionPipeline`` directory, cached by its
 * ``AutoencoderKL`` (16 x 16 x 3 pixels <-> 4 x 8 x 8 latents), trained first on scenes;
 * ``CLIPTextModel`` (hidden 32, 2 layers) and ``UNet2DConditionModel`` (32/64 channels,
   cross-attention at both levels), trained together on (latent, caption) with captions
-  dropped to "" 10 % of the time (so classifier-free guidance works) and a share of the
-  captions wrong (``caption_error``), so the base model follows prompts only partly.
+  dropped to "" 10 % of the time (so classifier-free guidance works), a share of the
+  captions' content wrong (``caption_error``), so the base model follows prompts only
+  partly, and each detail phrase named half of the time (``detail``), so shorter prompts
+  are in its distribution too. Constant learning rate after a warm-up; the saved weights
+  are an exponential moving average (``ema``) of the trained ones.
 """
 
 from __future__ import annotations
@@ -17,19 +20,23 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from bench.t2i.errors import UsageError
 from bench.t2i.tokens import byte_chars
 
 from . import scenes
 from .util import atomic_dir, done, mark_done
 
-MAX_TOKENS = 16
+MAX_TOKENS = 20
+SHIPPED = Path(__file__).resolve().parent / "base"  # the base pipeline shipped in the repo
+MANIFEST = "manifest.json"  # its config, training stats and the sha256 of every file
 
 
 @dataclass(frozen=True)
@@ -37,27 +44,20 @@ class BaseConfig:
     """Everything that decides the base pipeline's weights (its cache key)."""
 
     n_scenes: int = 24000
-    caption_error: float = 0.3
+    caption_error: float = 0.2
+    detail: float = 0.5  # probability that each detail phrase is named in a caption
     cfg_dropout: float = 0.1
-    vae_steps: int = 300
-    vae_lr: float = 2e-3
-    unet_steps: int = 1500
+    vae_steps: int = 1000  # 300 left the digits unreadable after a VAE round trip
+    vae_lr: float = 5e-3
+    unet_steps: int = 4000  # the first snapshot in the target regime (see the README)
     unet_lr: float = 1e-3
     batch_size: int = 64
+    ema: float = 0.999
     seed: int = 0
-    refine_steps: int = 1200  # phase 2: a warm restart of the UNet + text encoder schedule
-    refine_lr: float = 5e-4
-
-    def phase1(self) -> BaseConfig:
-        """The config of the first phase (no refinement), whose cache phase 2 starts from."""
-        return replace(self, refine_steps=0, refine_lr=0.0)
 
     def key(self) -> str:
         d = asdict(self)
-        if self.refine_steps == 0:  # phase-1 keys predate the refine fields: keep them
-            d.pop("refine_steps")
-            d.pop("refine_lr")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        return "v3-" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ------------------------------------------------------------------------ tokenizer
@@ -154,11 +154,16 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
 
 
 def _lr_at(step: int, total: int, peak: float) -> float:
-    """Linear warmup over 5 % of the steps, then cosine decay to 0."""
+    """Linear warmup over 5 % of the steps, then cosine decay to 0 (the VAE)."""
     warm = max(1, total // 20)
     if step < warm:
         return peak * (step + 1) / warm
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _ema_decay(step: int, decay: float) -> float:
+    """The EMA's decay at ``step``: ``(1 + step) / (10 + step)`` early on, at most ``decay``."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 def train_vae(vae, pixels: torch.Tensor, cfg: BaseConfig, progress: bool) -> float:
@@ -200,13 +205,17 @@ def train_unet(
     texts: list[str],
     cfg: BaseConfig,
     progress: bool,
-    phase: int = 1,
+    snapshot=None,
 ):
-    """Joint text-encoder + UNet epsilon-prediction training (phase 1: ``unet_steps`` at
-    ``unet_lr``; phase 2: ``refine_steps`` at ``refine_lr``); returns the losses."""
-    steps, peak = (cfg.unet_steps, cfg.unet_lr) if phase == 1 else (cfg.refine_steps, cfg.refine_lr)
+    """Joint text-encoder + UNet epsilon-prediction training: ``unet_steps`` at ``unet_lr``
+    (linear warm-up over 200 steps), then the EMA weights are loaded; returns the losses.
+
+    ``snapshot(step, dry)``, if given, is asked after every step whether to save (``dry``)
+    and then called with the EMA weights loaded: the learning rate does not depend on
+    ``unet_steps``, so the snapshot at step N is the base of the same config with
+    ``unet_steps=N``, bit for bit."""
     unet, text, tok, sched = (comps[k] for k in ("unet", "text_encoder", "tokenizer", "scheduler"))
-    gen = torch.Generator().manual_seed(cfg.seed + 2 if phase == 1 else cfg.seed + 3)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
     unet.requires_grad_(True)
     text.requires_grad_(True)
     ids = tok(
@@ -215,14 +224,15 @@ def train_unet(
     empty = tok([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
     ids = ids.input_ids
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.01)
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     abar = sched.alphas_cumprod.float()
     unet.train()
     text.train()
     losses: list[float] = []
-    for step in tqdm(range(steps), desc=f"base: unet ({phase})", disable=not progress):
+    for step in tqdm(range(cfg.unet_steps), desc="base: unet", disable=not progress):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, peak)
+            g["lr"] = cfg.unet_lr * min(1.0, (step + 1) / 200)
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
         x0, c = latents[idx], ids[idx].clone()
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cfg_dropout
@@ -237,10 +247,35 @@ def train_unet(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        with torch.no_grad():
+            decay = _ema_decay(step, cfg.ema)
+            for e, p in zip(ema, params, strict=True):
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         losses.append(loss.item())
+        if snapshot is not None and snapshot(step + 1, dry=True):
+            with _loaded(params, ema):
+                snapshot(step + 1, dry=False)
+    with torch.no_grad():
+        for e, p in zip(ema, params, strict=True):
+            p.copy_(e)
     unet.eval().requires_grad_(False)
     text.eval().requires_grad_(False)
     return losses
+
+
+@contextmanager
+def _loaded(params: list[torch.Tensor], values: list[torch.Tensor]):
+    """Temporarily copy ``values`` into ``params`` (restored afterwards, bit for bit)."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved, strict=True):
+                p.copy_(v)
 
 
 def save_pipeline(comps: dict, out: Path) -> None:
@@ -256,7 +291,7 @@ def save_pipeline(comps: dict, out: Path) -> None:
 def training_set(cfg: BaseConfig, digits: scenes.Digits):
     """The base model's scenes (as pixels) and captions, a pure function of ``cfg``."""
     rng = np.random.default_rng(cfg.seed)
-    prompts = scenes.sample_train_prompts(cfg.n_scenes, rng)
+    prompts = scenes.sample_train_prompts(cfg.n_scenes, rng, cfg.detail)
     images = scenes.make_scenes(prompts, digits.train_x, digits.train_y, rng)
     texts, wrong = scenes.captions(prompts, cfg.caption_error, rng)
     return to_pixels(images), texts, wrong
@@ -282,22 +317,28 @@ def train_base(
     digits: scenes.Digits,
     out: Path,
     progress: bool = True,
-    start: Path | None = None,
+    snapshots: tuple[int, ...] = (),
+    snapshot_dir: Path | None = None,
 ) -> dict:
     """Train the base pipeline into ``out`` (atomically) and return its training stats.
-    Phase 1 trains everything from scratch; phase 2 (``start`` = the phase-1 pipeline)
-    continues the UNet and text encoder for ``refine_steps``."""
+    ``snapshots``: steps at which the EMA pipeline is also saved, as
+    ``snapshot_dir/step-N/pipeline`` (the base of ``unet_steps=N``; see :func:`train_unet`)."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     pixels, texts, wrong = training_set(cfg, digits)
-    if start is None:
-        comps = build_components(cfg.seed)
-        vae_l1 = train_vae(comps["vae"], pixels, cfg, progress)
-    else:
-        comps = load_components(Path(start))
-        vae_l1 = json.loads((Path(start).parent / "stats.json").read_text())["vae_l1"]
+    comps = build_components(cfg.seed)
+    vae_l1 = train_vae(comps["vae"], pixels, cfg, progress)
     latents = encode_latents(comps["vae"], pixels)
-    losses = train_unet(comps, latents, texts, cfg, progress, phase=1 if start is None else 2)
+
+    def snapshot(step: int, dry: bool) -> bool:
+        if step not in snapshots or snapshot_dir is None:
+            return False
+        if not dry:
+            with atomic_dir(Path(snapshot_dir) / f"step-{step}") as tmp:
+                save_pipeline(comps, tmp / "pipeline")
+        return True
+
+    losses = train_unet(comps, latents, texts, cfg, progress, snapshot)
     stats = {
         "config": asdict(cfg),
         "vae_l1": vae_l1,
@@ -316,11 +357,54 @@ def cached_base(cfg: BaseConfig, digits, cache: Path, progress: bool = True) -> 
     """The pipeline dir of ``cfg`` under ``cache/base-<key>``, trained on first use."""
     out = Path(cache) / f"base-{cfg.key()}"
     if not done(out):
-        start = (
-            None if cfg.refine_steps == 0 else cached_base(cfg.phase1(), digits, cache, progress)
-        )
         if out.exists():
             shutil.rmtree(out)
-        train_base(cfg, digits, out, progress, start)
+        train_base(cfg, digits, out, progress)
         mark_done(out, {"key": cfg.key()})
     return out / "pipeline"
+
+
+class ShippedBaseError(UsageError):
+    """A file of the shipped base pipeline is missing or differs from its checksum."""
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_manifest(folder: Path, cfg: BaseConfig, stats: dict, command: str) -> Path:
+    """``folder/manifest.json`` for the pipeline in ``folder/pipeline``: the config (and its
+    key), the training stats, the command that trains it and every file's sha256."""
+    pipe = Path(folder) / "pipeline"
+    files = sorted(p for p in pipe.rglob("*") if p.is_file())
+    manifest = {
+        "key": cfg.key(),
+        "config": asdict(cfg),
+        "stats": stats,
+        "command": command,
+        "sha256": {p.relative_to(pipe).as_posix(): _sha256(p) for p in files},
+    }
+    out = Path(folder) / MANIFEST
+    out.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def shipped_base(cfg: BaseConfig, folder: Path = SHIPPED) -> tuple[Path, dict] | None:
+    """The shipped pipeline and its stats when it was made with ``cfg`` (None when it was
+    not, or none is shipped); :class:`ShippedBaseError` naming the first file that is missing or differs
+    from its checksum."""
+    man = Path(folder) / MANIFEST
+    if not man.is_file():
+        return None
+    manifest = json.loads(man.read_text())
+    if manifest.get("key") != cfg.key():
+        return None
+    pipe = Path(folder) / "pipeline"
+    for rel, digest in sorted(manifest["sha256"].items()):
+        f = pipe / rel
+        if not f.is_file() or _sha256(f) != digest:
+            raise ShippedBaseError(
+                f"{f}: missing or changed (sha256 differs from {man.name}); restore it with "
+                "git checkout, or train the base with --train-base"
+            )
+    return pipe, manifest["stats"]

@@ -62,11 +62,14 @@ def command(script: str, *args: str) -> list[str]:
     return [sys.executable, str(REPO / "bench" / script), *map(str, args)]
 
 
-def run_command(cmd: list[str], log: Path) -> float:
-    """Run ``cmd`` from the repo root with its output in ``log``; seconds taken.
-    Raises ``StageError`` with the last lines of the log when it fails."""
+def run_command(cmd: list[str], log: Path, threads: int | None = None) -> float:
+    """Run ``cmd`` from the repo root with its output in ``log`` (and ``threads`` torch
+    threads, default: inherited); seconds taken. Raises ``StageError`` with the last lines
+    of the log when it fails."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("DIFFUSERS_VERBOSITY", "error")
     t0 = time.perf_counter()
