@@ -205,15 +205,15 @@ def train_unet(
     texts: list[str],
     cfg: BaseConfig,
     progress: bool,
-    snapshot=None,
+    snapshots: tuple[int, ...] = (),
+    save=None,
 ):
     """Joint text-encoder + UNet epsilon-prediction training: ``unet_steps`` at ``unet_lr``
     (linear warm-up over 200 steps), then the EMA weights are loaded; returns the losses.
 
-    ``snapshot(step, dry)``, if given, is asked after every step whether to save (``dry``)
-    and then called with the EMA weights loaded: the learning rate does not depend on
-    ``unet_steps``, so the snapshot at step N is the base of the same config with
-    ``unet_steps=N``, bit for bit."""
+    ``save(step)`` is called after each step in ``snapshots`` with the EMA weights loaded
+    (and may save them): the learning rate does not depend on ``unet_steps``, so the
+    snapshot at step N is the base of the same config with ``unet_steps=N``, bit for bit."""
     unet, text, tok, sched = (comps[k] for k in ("unet", "text_encoder", "tokenizer", "scheduler"))
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     unet.requires_grad_(True)
@@ -252,9 +252,9 @@ def train_unet(
             for e, p in zip(ema, params, strict=True):
                 e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         losses.append(loss.item())
-        if snapshot is not None and snapshot(step + 1, dry=True):
+        if step + 1 in snapshots:
             with _loaded(params, ema):
-                snapshot(step + 1, dry=False)
+                save(step + 1)
     with torch.no_grad():
         for e, p in zip(ema, params, strict=True):
             p.copy_(e)
@@ -330,15 +330,12 @@ def train_base(
     vae_l1 = train_vae(comps["vae"], pixels, cfg, progress)
     latents = encode_latents(comps["vae"], pixels)
 
-    def snapshot(step: int, dry: bool) -> bool:
-        if step not in snapshots or snapshot_dir is None:
-            return False
-        if not dry:
-            with atomic_dir(Path(snapshot_dir) / f"step-{step}") as tmp:
-                save_pipeline(comps, tmp / "pipeline")
-        return True
+    def save(step: int) -> None:
+        with atomic_dir(Path(snapshot_dir) / f"step-{step}") as tmp:
+            save_pipeline(comps, tmp / "pipeline")
 
-    losses = train_unet(comps, latents, texts, cfg, progress, snapshot)
+    steps = snapshots if snapshot_dir is not None else ()
+    losses = train_unet(comps, latents, texts, cfg, progress, steps, save)
     stats = {
         "config": asdict(cfg),
         "vae_l1": vae_l1,
