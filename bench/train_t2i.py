@@ -60,7 +60,7 @@ from bench.t2i.config import (
     resume_mismatches,
     write_config,
 )
-from bench.t2i.data import batch_indices, dataset_fingerprint
+from bench.t2i.data import batch_indices, batch_positions, dataset_fingerprint, row_generators
 from bench.t2i.dist import (
     DistEnv,
     all_reduce_mean,
@@ -140,7 +140,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "final")  # OUT hold
 #: --sft-branch pair: the two trained networks, each written to OUT/<side>/final and
 #: OUT/checkpoints/step-N/<side>/ (a plain run's one network: side "", OUT/final)
 PAIR_SIDES = ("winner", "loser")
-TRAINER_STATE_KEYS = ("optimizer", "scheduler", "scaler", "counters", "rng")
+TRAINER_STATE_KEYS = ("optimizer", "scheduler", "scaler", "counters")
 
 
 class NonFiniteError(RuntimeError):
@@ -494,8 +494,8 @@ class Trainer:
         return ckpt, state
 
     def _build_training(self) -> None:
-        """LoRA, the reference and its probe, the policy pair, the optimizer, the generator."""
-        cfg, env, backbone, policy = self.cfg, self.env, self.backbone, self.policy
+        """LoRA, the reference and its probe, the policy pair, the optimizer."""
+        cfg, backbone, policy = self.cfg, self.backbone, self.policy
         self.nets = {"": policy}  # the trained networks by side
         if cfg.sft_branch == "pair":  # the loser: a copy sharing the frozen base weights
             shared = {id(t): t for t in [*policy.parameters(), *policy.buffers()]}
@@ -540,8 +540,6 @@ class Trainer:
         self.params = [p for net in self.nets.values() for p in net.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(cfg, self.params)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.dtype == "fp16")
-        # t and noise, per rank
-        self.gen = torch.Generator().manual_seed(cfg.seed * env.world + env.rank)
 
     def _shard(self) -> None:
         """FSDP2: the policy sharded per block (an empty twin kept for final/), and the
@@ -570,7 +568,6 @@ class Trainer:
         return tensors, optim["param_groups"]
 
     def _resume(self, ckpt: Path, saved: dict) -> None:
-        env = self.env
         check_base(ckpt, self.base)
         if self.sharded:  # the tensors from dcp/, resharded to this world
             tensors, _ = self._sharded_state()
@@ -592,14 +589,6 @@ class Trainer:
         self.scaler.load_state_dict(saved["scaler"])
         for key, value in saved["counters"].items():
             setattr(self.st, key, value)
-        if saved_world(saved) == env.world:
-            set_rng_state(saved["rng"][env.rank], self.gen)
-        elif env.is_main:
-            print(
-                f"warning: checkpoint from world size {saved_world(saved)}, this run has "
-                f"{env.world}: the noise streams restart (every step reads the same pairs)",
-                file=sys.stderr,
-            )
         self.print0(f"resumed from {ckpt} at step {self.st.step}")
 
     def _start_run_dir(self) -> None:
@@ -694,21 +683,27 @@ class Trainer:
         ddps = list(self.ddps.values())
         policy = ddps[0] if len(ddps) == 1 else tuple(ddps)  # pair: (winner, loser)
         for micro in range(cfg.grad_accum):
-            idx = batch_indices(
-                len(self.dataset), seed=cfg.seed, step=self.st.step, micro=micro,
-                accum=cfg.grad_accum, rank=env.rank, world=env.world, batch=cfg.batch_size,
+            pos = batch_positions(
+                step=self.st.step, micro=micro, accum=cfg.grad_accum, rank=env.rank,
+                world=env.world, batch=cfg.batch_size,
             )  # fmt: skip
-            batch = collate_pairs([self.dataset[i] for i in idx])
+            batch = collate_pairs(
+                [
+                    self.dataset[i]
+                    for i in batch_indices(len(self.dataset), seed=cfg.seed, positions=pos)
+                ]
+            )
             x0_w, x0_l = batch["x0_w"].to(device), batch["x0_l"].to(device)  # (B, C, h, w)
-            t, noise_w, noise_l = draw_noise(cfg, bb, self.gen, x0_w)
+            gens = row_generators(cfg.seed, pos)  # every draw of row i: from gens[i]
+            t, noise_w, noise_l = draw_noise(cfg, bb, gens, x0_w)
             prompts, negs, swapped = batch["prompt"], batch["neg_prompt"], None
             if self.extra:  # random-condition mixing: rows swapped by their noise level
                 prompts, negs, swapped = mix_rows(
-                    prompts, negs, t, bb.num_train_timesteps, self.gen, self.extra,
+                    prompts, negs, t, bb.num_train_timesteps, gens, self.extra,
                     cfg.rand_cond_schedule, cfg.rand_cond_lambda, cfg.rand_cond_timing,
                 )  # fmt: skip
                 sums[-1] += swapped.double().mean().item()
-            prompts, negs = drop_prompts(cfg, self.gen, prompts, negs)
+            prompts, negs = drop_prompts(cfg, gens, prompts, negs)
             conds = encode_step(
                 bb, prompts, negs, need_neg=cfg.uses_neg, need_uncond=cfg.target_guidance != 1.0,
                 encode_empty=cfg.dropped_prompt_encoding == "encoded",
@@ -823,7 +818,6 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "counters": dataclasses.asdict(st),
-            "rng": gather_objects(rng_state(self.gen)),  # per rank; the data order needs none
             "world": self.env.world,
             "data_fingerprint": self.fingerprint,
             "config": dataclasses.asdict(cfg),

@@ -314,7 +314,7 @@ def test_one_step_every_method_same_guidance_in_every_row(method):
     handle = policy.register_forward_pre_hook(hook, with_kwargs=True)
     g = torch.Generator().manual_seed(5)
     x0_w, x0_l = torch.randn(2, 16, 16, 16, generator=g), torch.randn(2, 16, 16, 16, generator=g)
-    t, noise, _ = step.draw_noise(cfg, b, g, x0_w)
+    t, noise, _ = step.draw_noise(cfg, b, [g, g], x0_w)
     conds = step.encode_step(
         b, ["a cat", "a dog"], ["a", "dog"], need_neg=cfg.uses_neg, need_uncond=False
     )

@@ -20,6 +20,7 @@ from bench.t2i.config import (
     resume_mismatches,
     to_dict,
 )
+from bench.t2i.data import row_generators
 from bench.t2i.pairs import build_pairs
 from bench.t2i.prompts import DEMO_PROMPTS
 from bench.t2i.step import build_optimizer, draw_noise
@@ -32,6 +33,10 @@ def _flow_backbone(shift: float):
     """Just what ``draw_noise`` reads of a flow backbone."""
     proc = FlowProcess(FlowSchedule(shift=shift, num_train_timesteps=1000))
     return types.SimpleNamespace(name="sana", process=proc, schedule=proc.schedule)
+
+
+def _gens(n: int) -> list[torch.Generator]:
+    return row_generators(0, range(n))
 
 
 def test_official_sana_scheduler_ignores_flow_shift():
@@ -50,12 +55,12 @@ def test_official_sana_scheduler_ignores_flow_shift():
     cfg = resolve(TrainConfig(tiny=True, backbone="sana"))
     assert cfg.train_shift == 1.0
     x0 = torch.zeros(20000, 1, 1, 1)
-    t, _, _ = draw_noise(cfg, _flow_backbone(3.0), torch.Generator().manual_seed(0), x0)
+    t, _, _ = draw_noise(cfg, _flow_backbone(3.0), _gens(20000), x0)
     assert set(t.tolist()) <= set(grid.tolist())
     assert (t / 1000).mean().item() == pytest.approx(0.5, abs=0.01)
     # the pipeline's shift 3 (--train-shift 3, our old default): mean sigma 0.676
     t3, _, _ = draw_noise(dataclasses.replace(cfg, train_shift=3.0), _flow_backbone(1.0),
-                          torch.Generator().manual_seed(0), x0)  # fmt: skip
+                          _gens(20000), x0)  # fmt: skip
     assert (t3 / 1000).mean().item() == pytest.approx(0.676, abs=0.01)
 
 
@@ -74,10 +79,10 @@ def test_winner_and_loser_share_their_noise():
     bb = _flow_backbone(1.0)
     x0 = torch.zeros(3, 2, 4, 4)
     cfg = resolve(TrainConfig(tiny=True, backbone="sana"))
-    _, nw, nl = draw_noise(cfg, bb, torch.Generator().manual_seed(0), x0)
+    _, nw, nl = draw_noise(cfg, bb, _gens(3), x0)
     assert torch.equal(nw, nl)
     cfg = dataclasses.replace(cfg, independent_noise=True)
-    t2, nw2, nl2 = draw_noise(cfg, bb, torch.Generator().manual_seed(0), x0)
+    t2, nw2, nl2 = draw_noise(cfg, bb, _gens(3), x0)
     assert torch.equal(nw2, nw) and not torch.allclose(nw2, nl2)  # the winner's draw is kept
 
 

@@ -81,18 +81,26 @@ EXTRA = [ExtraPrompt("a blue ball", ("a ball",)), ExtraPrompt("three small dogs"
 def test_mix_rows_follows_the_noise_level():
     prompts, negs = ["p0", "p1", "p2", "p3"], ["n0", "n1", "n2", "n3"]
     t = torch.tensor([0, 999, 0, 999])
-    g = torch.Generator().manual_seed(0)
-    p, n, swapped = mix_rows(prompts, negs, t, 1000, g, EXTRA, "sigmoid", 20.0)
+    p, n, swapped = mix_rows(prompts, negs, t, 1000, gens(0, 4), EXTRA, "sigmoid", 20.0)
     assert swapped.tolist() == [False, True, False, True]  # p(0) ~ 1e-6, p(1) ~ 0.998
     assert p[0] == "p0" and n[2] == "n2"
     for i in (1, 3):
         item = next(e for e in EXTRA if e.prompt == p[i])
         assert n[i] in item.negs or (not item.negs and set(n[i].split()) < set(p[i].split()))
-    # the stream advances alike whatever is swapped
-    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    # each row's stream advances alike whatever is swapped
+    g1, g2 = gens(1, 4), gens(1, 4)
     mix_rows(prompts, negs, t, 1000, g1, EXTRA, "constant")
     mix_rows(prompts, negs, torch.zeros(4, dtype=torch.long), 1000, g2, EXTRA, "exponential")
-    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))
+    # a row's swap and prompt do not depend on the rows beside it
+    alone = mix_rows(prompts[2:], negs[2:], t[2:], 1000, gens(0, 4)[2:], EXTRA, "constant")
+    both = mix_rows(prompts, negs, t, 1000, gens(0, 4), EXTRA, "constant")
+    assert (alone[0], alone[1]) == (both[0][2:], both[1][2:])
+
+
+def gens(seed: int, n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed * 1000 + i) for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +195,7 @@ def test_rand_cond_timing_sets_the_swap_rate_per_noise_level():
     prompts, negs = ["p"] * n, ["n"] * n
     for sigma, step_rate in ((0.2, 4.5e-5), (0.9, 0.982)):
         t = torch.full((n,), int(sigma * T))
-        g = torch.Generator().manual_seed(0)
+        g = gens(0, n)
         _, _, indep = mix_rows(prompts, negs, t, T, g, EXTRA, "sigmoid", 20.0, "independent")
         _, _, step = mix_rows(prompts, negs, t, T, g, EXTRA, "sigmoid", 20.0, "step")
         assert indep.float().mean().item() == pytest.approx(expected, abs=0.03)

@@ -180,7 +180,7 @@ def test_resume_is_bit_exact(data, tmp_path, flags):
         ref = "diffusion_pytorch_model.safetensors"
     assert tensors_equal(load_file(ca / "reference" / ref), load_file(cb / "reference" / ref))
     sa, sb = load_state(ca), load_state(cb)
-    for key in ("optimizer", "scheduler", "counters", "rng"):
+    for key in ("optimizer", "scheduler", "counters"):
         assert state_equal(sa[key], sb[key]), key
     ra, rb = step_records(a), step_records(b)
     assert len(ra) == len(rb) == 4
@@ -403,7 +403,7 @@ def test_torchrun_two_ranks_stay_identical(data, tmp_path, flags):
     assert len(digests) == 2 and digests[0] == digests[1]  # one sha256 per rank
     unet = tiny_backbone("sd").load_denoiser(latest_checkpoint(out / "checkpoints"))
     assert param_digest(unet) == digests[0]
-    assert len(load_state(latest_checkpoint(out / "checkpoints"))["rng"]) == 2
+    assert load_state(latest_checkpoint(out / "checkpoints"))["world"] == 2
     assert re.search(r"world 2", p.stdout)
 
 
@@ -452,19 +452,41 @@ def test_each_range_error_names_its_flag_and_value(flag, value, low):
 
 
 def test_data_order_shards_epochs_across_ranks():
-    from bench.t2i.data import batch_indices
+    from bench.t2i.data import batch_indices, batch_positions
 
-    def idx(step, rank, world=2, accum=2, micro=0):
-        return batch_indices(10, seed=0, step=step, micro=micro, accum=accum, rank=rank,
-                             world=world, batch=1)  # fmt: skip
+    def idx(step, rank, world=2, accum=2, micro=0, batch=1):
+        pos = batch_positions(step=step, micro=micro, accum=accum, rank=rank, world=world,
+                              batch=batch)  # fmt: skip
+        return batch_indices(10, seed=0, positions=pos)
 
     # one epoch of 10 = 2 steps x 2 micro x 2 ranks x 1 ... + 2 more: a permutation, no repeats
     first = [idx(s, r, micro=m)[0] for s in range(2) for m in range(2) for r in range(2)]
     assert len(set(first)) == 8
     assert idx(1, 1) == idx(1, 1)  # a pure function of the step: nothing to save for resume
-    epoch0 = [batch_indices(10, seed=0, step=s, micro=0, accum=1, rank=0, world=1, batch=5)
-              for s in range(2)]  # fmt: skip
+    epoch0 = [idx(s, 0, world=1, accum=1, batch=5) for s in range(2)]
     assert sorted(epoch0[0] + epoch0[1]) == list(range(10))
+    # a step's pairs are the same however they are split into ranks and micro-steps
+    for step in range(3):
+        one = idx(step, 0, world=1, accum=1, batch=4)
+        assert [i for r in range(2) for i in idx(step, r, world=2, accum=1, batch=2)] == one
+        assert [
+            i for m in range(2) for i in idx(step, 0, world=1, accum=2, micro=m, batch=2)
+        ] == one
+        assert [i for m in range(2) for r in range(2) for i in idx(step, r, micro=m)] == one
+
+
+def test_each_pair_position_draws_from_its_own_stream():
+    """Row p's draws depend on the seed and p only: not on the rows drawn beside it."""
+    from bench.t2i.data import row_generators
+
+    def first_draws(seed, positions):
+        return [torch.rand(2, generator=g).tolist() for g in row_generators(seed, positions)]
+
+    assert first_draws(0, [5, 6]) == first_draws(0, range(7))[5:]
+    assert first_draws(0, [5]) != first_draws(0, [6])  # neighbours differ
+    assert first_draws(0, [5]) != first_draws(1, [5])  # so do seeds
+    draws = first_draws(3, range(1000))
+    assert len({tuple(d) for d in draws}) == 1000
 
 
 def test_lora_with_alpha_not_rank_loads_at_the_trained_scale(data, tmp_path):
@@ -535,12 +557,15 @@ def test_final_copies_untouched_components_and_writes_only_the_denoiser(data, tm
 
 def test_proportion_empty_prompts_drops_whole_pairs_reproducibly():
     from bench.t2i.config import TrainConfig, UsageError, resolve
+    from bench.t2i.data import row_generators
 
     cfg = resolve(TrainConfig(tiny=True, proportion_empty_prompts=0.5))
     prompts, negs = [f"prompt {i}" for i in range(400)], [f"neg {i}" for i in range(400)]
-    p1, n1 = drop_prompts(cfg, torch.Generator().manual_seed(0), prompts, negs)
-    p2, _ = drop_prompts(cfg, torch.Generator().manual_seed(0), prompts, negs)
-    assert p1 == p2  # from the rank's generator: reproducible, and resumable
+    p1, n1 = drop_prompts(cfg, row_generators(0, range(400)), prompts, negs)
+    p2, _ = drop_prompts(cfg, row_generators(0, range(400)), prompts, negs)
+    assert p1 == p2  # from the rows' generators: reproducible, and resumable
+    tail, _ = drop_prompts(cfg, row_generators(0, range(200, 400)), prompts[200:], negs[200:])
+    assert tail == p1[200:]  # a row's draw is its own
     dropped = [i for i, p in enumerate(p1) if p == ""]
     assert dropped == [i for i, n in enumerate(n1) if n == ""]  # prompt and c- together
     assert 150 < len(dropped) < 250
@@ -549,7 +574,7 @@ def test_proportion_empty_prompts_drops_whole_pairs_reproducibly():
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
     none = resolve(TrainConfig(tiny=True))
-    assert drop_prompts(none, g, prompts, negs) == (prompts, negs)
+    assert drop_prompts(none, [g] * 400, prompts, negs) == (prompts, negs)
     assert torch.equal(g.get_state(), state)
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(UsageError, match="proportion-empty-prompts"):

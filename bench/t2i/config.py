@@ -122,7 +122,9 @@ class TrainConfig:
         None,
         'checkpoint dir to continue from, or "latest" (newest in OUT/checkpoints)',
     )
-    seed: int = opt(0, "rank r of world w seeds its noise with seed * w + r")
+    seed: int = opt(
+        0, "data order, and each pair's noise keyed by its place in the data (any rank count)"
+    )
     # --- model
     # after resolve(): True/False, with the tiny backbone's name in `backbone` (config.json)
     tiny: str | bool | None = opt(
@@ -382,7 +384,8 @@ def epilog() -> str:
         "On --resume the config must match the checkpoint's in everything that changes what "
         "is trained; a mismatch is one error line naming the fields. May change on resume: "
         f"{may}; and --batch-size, --grad-accum as long as batch-size x grad-accum x ranks "
-        "stays the same (another number of ranks restarts the noise streams, with a warning). A "
+        "stays the same: each pair's timestep and noise are keyed by its place in the data, so "
+        "the run goes on as it would have on the old number of ranks, up to float rounding. A "
         "flag left at its default keeps the old behaviour of a checkpoint saved before it existed.",
         "Exit codes: 0 done; 1 training aborted (non-finite loss, gradient or parameters; "
         "nothing non-finite is ever saved); 2 bad input, refused, or a write failed such as a "

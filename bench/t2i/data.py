@@ -5,6 +5,11 @@ out as one long stream; micro-step ``m`` of step ``k`` on rank ``r`` takes the n
 ``batch`` positions of its slot, exactly as a ``DistributedSampler`` with ``set_epoch``
 would shard an epoch across ranks. Because nothing is stateful, ``--resume`` continues the
 data order bit for bit with no sampler state to save.
+
+A pair's place in that stream (its *position*) also keys its random draws (timestep,
+noise, prompt dropping, random-condition swaps: :func:`row_generators`), so a run reads the
+same pairs with the same noise whatever its number of ranks, batch size and accumulation,
+as long as the pairs per optimizer step stay the same.
 """
 
 from __future__ import annotations
@@ -22,16 +27,26 @@ def _epoch_perm(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=g).tolist())
 
 
-def batch_indices(
-    n: int, *, seed: int, step: int, micro: int, accum: int, rank: int, world: int, batch: int
-) -> list[int]:
-    """Dataset indices of one rank's micro-batch. Shape comment: ``len == batch``."""
+def batch_positions(*, step: int, micro: int, accum: int, rank: int, world: int, batch: int):
+    """Stream positions of one rank's micro-batch: ``range`` of length ``batch``. Step ``k``
+    covers positions ``[k P, (k + 1) P)`` with ``P = batch * accum * world`` pairs per step,
+    however they are split into ranks and micro-steps."""
     start = ((step * accum + micro) * world + rank) * batch
-    out = []
-    for pos in range(start, start + batch):
-        epoch, i = divmod(pos, n)
-        out.append(_epoch_perm(n, seed, epoch)[i])
-    return out
+    return range(start, start + batch)
+
+
+def batch_indices(n: int, *, seed: int, positions) -> list[int]:
+    """Dataset indices of the stream ``positions`` (:func:`batch_positions`)."""
+    return [_epoch_perm(n, seed, epoch)[i] for epoch, i in (divmod(pos, n) for pos in positions)]
+
+
+def row_generators(seed: int, positions) -> list[torch.Generator]:
+    """One CPU generator per stream position: every random draw of that pair's row comes
+    from it, in a fixed order. torch seeds its CPU generator with 32 bits, so position ``p``
+    gets ``(h(seed) + p) mod 2**32`` (``h`` a fixed 32-bit hash of the run's seed): no two
+    rows of a run share a stream before 2**32 pairs."""
+    base = int.from_bytes(hashlib.sha256(f"minddspo-rows:{seed}".encode()).digest()[:4], "big")
+    return [torch.Generator().manual_seed((base + pos) % 2**32) for pos in positions]
 
 
 def dataset_fingerprint(root: str | Path) -> str:

@@ -122,39 +122,39 @@ def mix_rows(
     negs: Sequence[str],
     t: Tensor,
     num_train_timesteps: int,
-    gen: torch.Generator,
+    gens: Sequence[torch.Generator],
     extra: Sequence[ExtraPrompt],
     schedule: str = "sigmoid",
     lam: float = 20.0,
     timing: str = "step",
 ) -> tuple[list[str], list[str], Tensor]:
     """Swap rows to extra prompts with probability ``p(t / T)``; returns the new prompts,
-    degraded prompts and the swap mask ``(B,)`` (bool, on ``t``'s device). The same number
-    of draws is taken from ``gen`` whatever is swapped, so the stream stays aligned.
+    degraded prompts and the swap mask ``(B,)`` (bool, on ``t``'s device). Row i draws from
+    ``gens[i]``, the same number of draws whatever is swapped, so its stream stays aligned.
 
     ``timing``: ``"step"`` decides with the step's ``t``; ``"independent"`` with a separate
     uniform integer draw ``t' ~ U{0, ..., T-1}`` per row, as the official SD3/SANA trainers
     (their data loader draws ``t'`` for the swap, their step then its own ``t``), so a row
     is swapped with probability ``E[p(t'/T)]`` (0.30 for the default sigmoid) at every
     noise level. On SD-1.x/SDXL the official trainer uses one draw for both (``"step"``)."""
-    n = len(prompts)
-    if timing == "independent":
-        t = torch.randint(num_train_timesteps, (n,), generator=gen).to(t.device)
-    elif timing != "step":
+    if timing not in ("step", "independent"):
         raise ValueError(f"rand-cond timing must be step or independent, got {timing!r}")
-    p = rand_cond_probability(schedule, t.detach().float().cpu() / num_train_timesteps, lam)
-    swap = torch.rand(n, generator=gen) < p
-    pick = torch.randint(len(extra), (n,), generator=gen).tolist()
-    which = torch.rand(n, generator=gen).tolist()
-    seeds = torch.randint(0, 2**62, (n,), generator=gen).tolist()  # random removal, per row
-    out_p, out_n = list(prompts), list(negs)
-    for i in range(n):
-        if not swap[i]:
+    out_p, out_n, swap = list(prompts), list(negs), []
+    for i, g in enumerate(gens):
+        ti = t[i : i + 1].detach().cpu()
+        if timing == "independent":
+            ti = torch.randint(num_train_timesteps, (1,), generator=g)
+        p = rand_cond_probability(schedule, ti.float() / num_train_timesteps, lam)
+        swap.append(bool(torch.rand(1, generator=g) < p))
+        pick = int(torch.randint(len(extra), (1,), generator=g))
+        which = torch.rand(1, generator=g).item()
+        seed = int(torch.randint(0, 2**62, (1,), generator=g))  # random removal, this row
+        if not swap[-1]:
             continue
-        item = extra[pick[i]]
+        item = extra[pick]
         out_p[i] = item.prompt
         if item.negs:
-            out_n[i] = item.negs[min(int(which[i] * len(item.negs)), len(item.negs) - 1)]
+            out_n[i] = item.negs[min(int(which * len(item.negs)), len(item.negs) - 1)]
         else:
-            out_n[i] = random_removal(item.prompt, random.Random(seeds[i]))
-    return out_p, out_n, swap.to(t.device)
+            out_n[i] = random_removal(item.prompt, random.Random(seed))
+    return out_p, out_n, torch.tensor(swap, dtype=torch.bool, device=t.device)

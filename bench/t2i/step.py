@@ -3,7 +3,7 @@
 :func:`encode_step` encodes a batch's prompts in one text-encoder call, :func:`compute_loss`
 runs the policy and the reference rows the method needs (``minddspo.methods``) and returns
 the method's loss and diagnostics, :func:`draw_noise` and :func:`drop_prompts` draw the
-step's randomness from the rank's generator (:func:`train_process`: the training
+step's randomness from one generator per pair (:func:`train_process`: the training
 timesteps' process), and :func:`build_optimizer` builds AdamW or Adafactor with the linear
 warmup.
 """
@@ -212,28 +212,35 @@ def train_process(cfg: TrainConfig, backbone: Backbone):
 
 
 def drop_prompts(
-    cfg: TrainConfig, gen: torch.Generator, prompts: list[str], negs: list[str]
+    cfg: TrainConfig, gens: list[torch.Generator], prompts: list[str], negs: list[str]
 ) -> tuple[list[str], list[str]]:
     """``--proportion-empty-prompts p``: each pair's prompt (and its degraded prompt) becomes
     "" with probability p, as the Diffusion-DPO and DSPO trainers do (their default 0.2), so
-    the model keeps an unconditional branch for CFG. p = 0 draws nothing from ``gen``."""
+    the model keeps an unconditional branch for CFG; one uniform draw from each row's
+    generator. p = 0 draws nothing."""
     p = cfg.proportion_empty_prompts
     if p <= 0:
         return list(prompts), list(negs)
-    drop = (torch.rand(len(prompts), generator=gen) < p).tolist()
+    drop = [torch.rand(1, generator=g).item() < p for g in gens]
     return (
         ["" if d else c for c, d in zip(prompts, drop, strict=True)],
         ["" if d else c for c, d in zip(negs, drop, strict=True)],
     )
 
 
-def draw_noise(cfg: TrainConfig, backbone: Backbone, gen: torch.Generator, x0: torch.Tensor):
-    """Timesteps and forward noise from this rank's generator (drawn on the CPU, so a run
-    does not depend on the device). Winner and loser share both unless --independent-noise."""
+def draw_noise(
+    cfg: TrainConfig, backbone: Backbone, gens: list[torch.Generator], x0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Timesteps ``(B,)`` and forward noise ``(B, C, h, w)``, row i from ``gens[i]``
+    (:func:`bench.t2i.data.row_generators`; drawn on the CPU, so a run does not depend on the
+    device or on how its rows are split over ranks). Winner and loser share both unless
+    --independent-noise. Each row draws t, then the winner's noise, then the loser's."""
     proc = train_process(cfg, backbone)
-    t = proc.sample_t(x0.shape[0], gen, cfg.timestep_sampler, cfg.timestep_gamma)  # (B,)
-    noise_w = torch.randn(x0.shape, generator=gen)  # (B, C, h, w)
-    noise_l = torch.randn(x0.shape, generator=gen) if cfg.independent_noise else noise_w
+    t = torch.cat([proc.sample_t(1, g, cfg.timestep_sampler, cfg.timestep_gamma) for g in gens])
+    noise_w = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+    noise_l = noise_w
+    if cfg.independent_noise:
+        noise_l = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
     return t.to(x0.device), noise_w.to(x0.device), noise_l.to(x0.device)
 
 
