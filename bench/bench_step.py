@@ -62,7 +62,7 @@ from bench.t2i.cli import (
 from bench.t2i.config import TrainConfig, resolve
 from bench.t2i.models import open_backbone
 from bench.t2i.reference import Reference
-from bench.t2i.step import compute_loss, encode_step
+from bench.t2i.step import compute_loss, encode_step, loss_spec
 from minddspo.methods import METHODS
 from minddspo.schedules import cfg_combine
 
@@ -266,6 +266,7 @@ class StepBench:
             m: resolve(TrainConfig(tiny=True, backbone=cfg.backbone, method=m))
             for m in _methods(cfg)
         }
+        self.specs = {m: loss_spec(c, self.bb) for m, c in self.train_cfgs.items()}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -284,8 +285,8 @@ class StepBench:
         with SavedBytes() as saved:
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 loss, _ = compute_loss(
-                    cfg, bb, self.policy, self.reference, self.x0_w, self.x0_l, conds, t,
-                    noise, noise,
+                    self.specs[method], bb, self.policy, self.reference, self.x0_w, self.x0_l,
+                    conds, t, noise, noise,
                 )  # fmt: skip
             loss.mean().backward()
         if self.cfg.with_optimizer:

@@ -108,6 +108,7 @@ from bench.t2i.step import (
     draw_noise,
     drop_prompts,
     encode_step,
+    loss_spec,
 )
 from bench.t2i.validation import (
     SAMPLES_DIR,
@@ -540,6 +541,7 @@ class Trainer:
         self.params = [p for net in self.nets.values() for p in net.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(cfg, self.params)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.dtype == "fp16")
+        self.spec = loss_spec(cfg, backbone)  # what every step computes
 
     def _shard(self) -> None:
         """FSDP2: the policy sharded per block (an empty twin kept for final/), and the
@@ -713,7 +715,7 @@ class Trainer:
                     syncs.enter_context(no_sync(ddp, sync=micro == cfg.grad_accum - 1))
                 with self.autocast():
                     loss_vec, diag = compute_loss(
-                        cfg, bb, policy, self.reference, x0_w, x0_l, conds, t, noise_w,
+                        self.spec, bb, policy, self.reference, x0_w, x0_l, conds, t, noise_w,
                         noise_l, self.pair, swapped,
                     )  # fmt: skip
                 loss = loss_vec.mean()

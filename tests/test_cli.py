@@ -124,6 +124,30 @@ def test_help_shows_defaults_and_renamed_flags():
     assert "--two A B" in text and "(default: 1.5)" in text and "(required)" in text
 
 
+def test_train_help_lists_each_flag_under_its_option_group():
+    """train_t2i's flags come in one --help section per option group (the dataclass base
+    that declares them), in the groups' order; each field is declared by exactly one group."""
+    import dataclasses
+
+    from bench.t2i import config
+    from bench.t2i.cli import flag
+
+    groups = [b for b in config.TrainConfig.__mro__[1:] if dataclasses.is_dataclass(b)]
+    own = {g: [f.name for f in dataclasses.fields(g)] for g in groups}
+    every = [n for names in own.values() for n in names]
+    assert sorted(every) == sorted(f.name for f in dataclasses.fields(config.TrainConfig))
+    text = build_parser(config.TrainConfig, prog="t", description="d").format_help()
+    titles = [g.__doc__.splitlines()[0] for g in reversed(groups)]  # fields' order
+    at = [text.index(f"\n{t}:\n") for t in titles]
+    assert at == sorted(at) and len(titles) == len(config.VALIDATORS) == 6
+    for g, title in zip(reversed(groups), titles, strict=True):
+        start = text.index(f"\n{title}:\n")
+        end = min([i for i in at if i > start] or [len(text)])
+        section = text[start:end]
+        for name in own[g]:
+            assert f"  {flag(name)}" in section, (name, title)
+
+
 # --------------------------------------------------------------------- every --help
 
 COMMANDS = [

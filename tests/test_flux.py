@@ -318,7 +318,9 @@ def test_one_step_every_method_same_guidance_in_every_row(method):
     conds = step.encode_step(
         b, ["a cat", "a dog"], ["a", "dog"], need_neg=cfg.uses_neg, need_uncond=False
     )
-    loss, _ = step.compute_loss(cfg, b, policy, reference, x0_w, x0_l, conds, t, noise, noise)
+    loss, _ = step.compute_loss(
+        step.loss_spec(cfg, b), b, policy, reference, x0_w, x0_l, conds, t, noise, noise
+    )
     loss.mean().backward()
     handle.remove()
     assert torch.isfinite(loss).all() and loss.shape == (2,)

@@ -183,17 +183,20 @@ def test_trainer_step_is_a_method_table_call_on_the_right_tensors(
     from minddspo.schedules import cfg_combine
 
     bb, policy, ref = t2i
+    policies = dict(winner_policy="W", loser_policy="L") if pair else {}
     cfg = resolve(
-        TrainConfig(tiny=True, method=method, target_guidance=guidance, timestep_weight=weight)
-    )
+        TrainConfig(tiny=True, method=method, target_guidance=guidance, timestep_weight=weight,
+                    **policies)
+    )  # fmt: skip
     x0_w, x0_l, conds, t, n_w, n_l = _t2i_inputs(bb, guidance)
     c, c_neg, c_unc = conds
     win = lose = None
     if pair:  # two distinct "fine-tunes": the reference net, perturbed two ways
         win, lose = (ref.net, policy)
     calls = spy_method_loss(tr)
+    spec = tr.loss_spec(cfg, bb)
     loss, _ = tr.compute_loss(
-        cfg, bb, policy, ref, x0_w, x0_l, conds, t, n_w, n_l, (win, lose) if pair else None
+        spec, bb, policy, ref, x0_w, x0_l, conds, t, n_w, n_l, (win, lose) if pair else None
     )
     ((m, kw, out),) = calls
     assert m == method and torch.equal(loss, out.loss)
@@ -229,3 +232,36 @@ def test_trainer_step_is_a_method_table_call_on_the_right_tensors(
         assert kw["weight"] is None
     else:
         torch.testing.assert_close(kw["weight"], bb.t_weight(weight, t))
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "dspo", "dspo_cpp", "ddspo"])
+def test_a_step_is_one_reference_forward_then_one_policy_forward(t2i, method):
+    """The trainer's step runs the denoisers as the GPU cost counts them
+    (:func:`bench.t2i.gpu_cost.method_rows`): one batched reference forward over the
+    method's rows, then one policy forward over ``[x_t^w; x_t^l]`` (sft: the winners)."""
+    import bench.t2i.step as tr
+    from bench.t2i.config import TrainConfig, resolve
+    from bench.t2i.gpu_cost import method_rows
+
+    bb, policy, ref = t2i
+    calls = []
+
+    def spy(name):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["sample"]
+            calls.append((name, x.shape[0]))
+
+        return hook
+
+    handles = [policy.register_forward_pre_hook(spy("policy"), with_kwargs=True),
+               ref.net.register_forward_pre_hook(spy("reference"), with_kwargs=True)]  # fmt: skip
+    try:
+        spec = tr.loss_spec(resolve(TrainConfig(tiny=True, method=method)), bb)
+        with torch.no_grad():
+            tr.compute_loss(spec, bb, policy, ref, *_t2i_inputs(bb))
+    finally:
+        for h in handles:
+            h.remove()
+    _, ref_rows, policy_rows = method_rows(method)
+    want = [("reference", 2 * ref_rows)] if ref_rows else []
+    assert calls == [*want, ("policy", 2 * policy_rows)]  # 2 pairs per batch

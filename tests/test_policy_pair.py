@@ -69,7 +69,9 @@ def test_sft_branch_regresses_its_side_with_its_prompt(spy_method_loss, branch):
     )
     c, c_neg, _ = conds
     calls = spy_method_loss(step)
-    loss, _ = step.compute_loss(cfg, bb, policy, None, x0_w, x0_l, conds, t, n_w, n_l)
+    loss, _ = step.compute_loss(
+        step.loss_spec(cfg, bb), bb, policy, None, x0_w, x0_l, conds, t, n_w, n_l
+    )
     ((method, kw, out),) = calls
     assert method == "sft" and torch.equal(loss, out.loss)
     with torch.no_grad():

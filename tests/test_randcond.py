@@ -15,7 +15,7 @@ from bench.t2i.pairs import build_pairs
 from bench.t2i.prompts import DEMO_PROMPTS
 from bench.t2i.randcond import ExtraPrompt, mix_rows, rand_cond_probability, read_extra_prompts
 from bench.t2i.reference import Reference
-from bench.t2i.step import compute_loss, encode_step
+from bench.t2i.step import compute_loss, encode_step, loss_spec
 from bench.t2i.tiny import tiny_backbone
 
 
@@ -129,12 +129,12 @@ def test_kept_rows_train_like_the_forward_target_method(step_inputs, method):
     cfg_base = resolve(TrainConfig(tiny=True, method=base, beta=5.0, beta_logit=cfg.beta_logit))
     with torch.no_grad():
         none = torch.zeros(3, dtype=torch.bool)
-        kept, _ = compute_loss(cfg, bb, policy, ref, *args, swapped=none)
-        forward, _ = compute_loss(cfg_base, bb, policy, ref, *args)
-        swapped, _ = compute_loss(cfg, bb, policy, ref, *args, swapped=~none)
-        contrastive, _ = compute_loss(cfg, bb, policy, ref, *args)
+        kept, _ = compute_loss(loss_spec(cfg, bb), bb, policy, ref, *args, swapped=none)
+        forward, _ = compute_loss(loss_spec(cfg_base, bb), bb, policy, ref, *args)
+        swapped, _ = compute_loss(loss_spec(cfg, bb), bb, policy, ref, *args, swapped=~none)
+        contrastive, _ = compute_loss(loss_spec(cfg, bb), bb, policy, ref, *args)
         mask = torch.tensor([True, False, True])
-        mixed, _ = compute_loss(cfg, bb, policy, ref, *args, swapped=mask)
+        mixed, _ = compute_loss(loss_spec(cfg, bb), bb, policy, ref, *args, swapped=mask)
     torch.testing.assert_close(kept, forward)  # Diffusion-DPO / DSPO on kept rows
     torch.testing.assert_close(swapped, contrastive)  # TF-CPP on swapped rows
     assert not torch.allclose(kept, contrastive)
@@ -179,7 +179,9 @@ def test_rand_cond_kept_rows_match_the_official_with_and_without_cpp(step_inputs
             rc = dict(rand_cond_prompts=["x.jsonl"], rand_cond_kept=kept)
             cfg = resolve(TrainConfig(tiny=True, method="ddspo", beta=beta, **rc))
             args = (x0_w, x0_l, (c, c_neg, None), t, noise, noise)
-            losses[kept], _ = compute_loss(cfg, bb, policy, ref, *args, swapped=swapped)
+            losses[kept], _ = compute_loss(
+                loss_spec(cfg, bb), bb, policy, ref, *args, swapped=swapped
+            )
     torch.testing.assert_close(losses["contrastive"], official(cpp=True))
     torch.testing.assert_close(losses["forward"], official(cpp=False))
     torch.testing.assert_close(losses[None], losses["contrastive"])  # the default

@@ -240,7 +240,7 @@ def test_precondition_outputs_converts_every_prediction(bb, spy_method_loss):
             TrainConfig(tiny=True, backbone="sd3", method="ddspo", precondition_outputs=on)
         )
         losses[on], _ = step.compute_loss(
-            cfg, bb, policy, reference, x0_w, x0_l, conds, t, noise, noise
+            step.loss_spec(cfg, bb), bb, policy, reference, x0_w, x0_l, conds, t, noise, noise
         )
     kw = calls[-1][1]
     c, c_neg, _ = conds

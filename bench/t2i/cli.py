@@ -209,23 +209,39 @@ def build_parser(
         p.add_argument(
             "--config", metavar="FILE", help="JSON object of field values (flags override it)"
         )
-    hints = _hints(cls)
+    hints, sections = _hints(cls), {}
     for f in fields(cls):
+        title = _section(cls, f.name)
+        if title and title not in sections:
+            sections[title] = p.add_argument_group(title)
+        g = sections.get(title, p)
         kind, many = _base_type(hints[f.name])
         m = f.metadata
         kw: dict[str, Any] = dict(default=None, help=_help(f), dest=f.name)
         if kind is bool:
-            p.add_argument(flag(f.name, cls), action=argparse.BooleanOptionalAction, **kw)
+            g.add_argument(flag(f.name, cls), action=argparse.BooleanOptionalAction, **kw)
             continue
         kw.update(type=m.get("parse") or kind, choices=m.get("choices"))
         kw["metavar"] = m.get("metavar") or (None if m.get("choices") else kind.__name__.upper())
         if m.get("nargs") == "?":
-            p.add_argument(flag(f.name, cls), nargs="?", const=m.get("const"), **kw)
+            g.add_argument(flag(f.name, cls), nargs="?", const=m.get("const"), **kw)
         elif m.get("nargs"):
-            p.add_argument(flag(f.name, cls), nargs=m["nargs"], **kw)
+            g.add_argument(flag(f.name, cls), nargs=m["nargs"], **kw)
         else:
-            p.add_argument(flag(f.name, cls), action="append" if many else "store", **kw)
+            g.add_argument(flag(f.name, cls), action="append" if many else "store", **kw)
     return p
+
+
+def _section(cls: type, name: str) -> str | None:
+    """The ``--help`` section of field ``name``: the first docstring line of the dataclass
+    base of ``cls`` that declares it (an option group), or None where ``cls`` declares it."""
+    for base in reversed(cls.__mro__[1:]):
+        own = getattr(base, "__dataclass_fields__", {}).keys() - {
+            n for b in base.__bases__ for n in getattr(b, "__dataclass_fields__", {})
+        }
+        if name in own and base.__doc__:
+            return base.__doc__.strip().splitlines()[0]
+    return None
 
 
 def load_config(path: str, cls: type) -> dict[str, Any]:

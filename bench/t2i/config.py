@@ -115,17 +115,9 @@ _RANGES = {
 
 
 @dataclass
-class TrainConfig:
-    # --- run
-    out: str = opt("runs/t2i", "run directory: config.json, metrics.jsonl, checkpoints/, final/")
-    resume: str | None = opt(
-        None,
-        'checkpoint dir to continue from, or "latest" (newest in OUT/checkpoints)',
-    )
-    seed: int = opt(
-        0, "data order, and each pair's noise keyed by its place in the data (any rank count)"
-    )
-    # --- model
+class ModelOptions:
+    """model: the backbone, where its weights come from, LoRA"""
+
     # after resolve(): True/False, with the tiny backbone's name in `backbone` (config.json)
     tiny: str | bool | None = opt(
         False, TINY_HELP + ", or --backbone's", choices=BACKBONES, nargs="?", const=True
@@ -165,7 +157,12 @@ class TrainConfig:
         choices=("gaussian", "kaiming"),
     )
     gradient_checkpointing: bool = opt(False, "trade compute for activation memory")
-    # --- method (SPEC §2-§4)
+
+
+@dataclass
+class MethodOptions:
+    """method: the loss, its targets, betas and noise levels (SPEC §1-§4)"""
+
     method: str = opt("ddspo", "sft | dpo | dspo | dspo_cpp | ddspo")
     sft_branch: str = opt(
         "winner",
@@ -194,6 +191,39 @@ class TrainConfig:
     independent_noise: bool = opt(
         False, "draw separate forward noise for the loser branch (always with --sft-branch pair)"
     )
+    timestep_sampler: str | None = opt(
+        None,
+        "uniform | geometric | logit_normal; unset: uniform (official DDSPO and paper, also on sana), logit_normal on sd3 (SD3's and the official DDSPO SD3 script's) and flux (then the resolution-dependent shift)",
+    )
+    train_shift: float | None = opt(
+        None,
+        "flow backbones: the resolution shift of the TRAINING noise levels (sampling keeps the "
+        "pipeline's); unset: 1 on sana (the official trainer's FlowMatchEulerDiscreteScheduler "
+        "ignores SANA's flow_shift, so sigma is uniform as the paper's t ~ U), the scheduler's "
+        "shift on sd3",
+    )
+    timestep_gamma: float = opt(
+        0.9,
+        "geometric sampler: decay per 1 percent of the schedule, P(t) ∝ gamma^(100 (T-1-t)/T)",
+    )
+    timestep_weight: str = opt("none", "none | lambda (logit weight) | linear (loss weight)")
+    precondition_outputs: bool | None = opt(
+        None,
+        "flow backbones (sana, sd3, flux): compare x0 = x_t - sigma * v predictions with x0 targets instead of velocities (SD3's 'precondition outputs'); unset: on for sd3 (the official DDSPO SD3 trainer's default and script), off elsewhere",
+    )
+
+
+@dataclass
+class DataOptions:
+    """data: the pairs, how many per step, the prompts each row trains on"""
+
+    data: str | None = opt(
+        None,
+        "pair dataset dir (bench/make_pairs.py); unset with --tiny: built into OUT/data",
+    )
+    tiny_pairs: int = opt(16, "--tiny without --data: number of pairs to build")
+    batch_size: int = opt(2, "pairs per rank per micro-step")
+    grad_accum: int = opt(1, "micro-steps per optimizer step (no_sync on all but the last)")
     proportion_empty_prompts: float = opt(
         0.0,
         "share of pairs trained on the empty prompt (Diffusion-DPO/DSPO use 0.2; DDSPO's official code 0)",
@@ -236,39 +266,22 @@ class TrainConfig:
         choices=RAND_COND_SCHEDULES,
     )
     rand_cond_lambda: float = opt(20.0, "steepness of the sigmoid/exponential swap schedule")
-    timestep_sampler: str | None = opt(
-        None,
-        "uniform | geometric | logit_normal; unset: uniform (official DDSPO and paper, also on sana), logit_normal on sd3 (SD3's and the official DDSPO SD3 script's) and flux (then the resolution-dependent shift)",
-    )
-    train_shift: float | None = opt(
-        None,
-        "flow backbones: the resolution shift of the TRAINING noise levels (sampling keeps the "
-        "pipeline's); unset: 1 on sana (the official trainer's FlowMatchEulerDiscreteScheduler "
-        "ignores SANA's flow_shift, so sigma is uniform as the paper's t ~ U), the scheduler's "
-        "shift on sd3",
-    )
-    timestep_gamma: float = opt(
-        0.9,
-        "geometric sampler: decay per 1 percent of the schedule, P(t) ∝ gamma^(100 (T-1-t)/T)",
-    )
-    timestep_weight: str = opt("none", "none | lambda (logit weight) | linear (loss weight)")
-    precondition_outputs: bool | None = opt(
-        None,
-        "flow backbones (sana, sd3, flux): compare x0 = x_t - sigma * v predictions with x0 targets instead of velocities (SD3's 'precondition outputs'); unset: on for sd3 (the official DDSPO SD3 trainer's default and script), off elsewhere",
-    )
+
+
+@dataclass
+class ReferenceOptions:
+    """reference: the frozen model, or Kang et al.'s stable reference update"""
+
     ref_update: str = opt("frozen", "frozen | periodic (Kang et al. stable reference update)")
     ref_tau: int = opt(32, "periodic: copy the policy into the reference every tau optimizer steps")
     ref_delta: float = opt(0.005, "periodic: freeze once the divergence estimate exceeds delta")
     ref_probe: int = opt(4, "periodic: fixed winner samples for the divergence estimate")
-    # --- data
-    data: str | None = opt(
-        None,
-        "pair dataset dir (bench/make_pairs.py); unset with --tiny: built into OUT/data",
-    )
-    tiny_pairs: int = opt(16, "--tiny without --data: number of pairs to build")
-    batch_size: int = opt(2, "pairs per rank per micro-step")
-    grad_accum: int = opt(1, "micro-steps per optimizer step (no_sync on all but the last)")
-    # --- optimisation
+
+
+@dataclass
+class OptimisationOptions:
+    """optimisation: optimizer, learning rate and its warmup, clipping"""
+
     max_steps: int = opt(100, "optimizer steps (skipped non-finite steps count too)")
     optimizer: str = opt("adamw", "adamw | adafactor")
     lr: float | None = opt(
@@ -292,7 +305,20 @@ class TrainConfig:
         "adamw, 0 with adafactor (which clips its updates itself; the official DDSPO and "
         "Diffusion-DPO trainers clip only under AdamW)",
     )
-    # --- precision and device
+
+
+@dataclass
+class RuntimeOptions:
+    """runtime: run directory, seed, devices and precision, sharding, logging, checkpoints, validation images"""
+
+    out: str = opt("runs/t2i", "run directory: config.json, metrics.jsonl, checkpoints/, final/")
+    resume: str | None = opt(
+        None,
+        'checkpoint dir to continue from, or "latest" (newest in OUT/checkpoints)',
+    )
+    seed: int = opt(
+        0, "data order, and each pair's noise keyed by its place in the data (any rank count)"
+    )
     device: str = opt("auto", "auto | cpu | cuda")
     dtype: str = opt(
         "fp32",
@@ -323,7 +349,6 @@ class TrainConfig:
         "gathered block by block for every reference forward). LoRA has no copy. Unset: whole",
         choices=SHARD_REFERENCES,
     )
-    # --- logging, checkpoints, faults
     log_every: int = opt(1, "write a metrics.jsonl line every n steps")
     ckpt_every: int = opt(0, "checkpoint every n steps (0 = only at the end)")
     keep_last: int = opt(2, "keep the newest k checkpoints")
@@ -333,7 +358,6 @@ class TrainConfig:
         False,
         "also write the metrics to OUT/tb/ (needs the tensorboard package)",
     )
-    # --- validation images (rank 0; never changes what is trained)
     validation_prompts: str | None = opt(
         None,
         ".txt/.jsonl prompts file; unset with --tiny: 4 demo prompts",
@@ -354,6 +378,15 @@ class TrainConfig:
         None,
         "test hook: comma-separated steps whose loss is made NaN on rank 0",
     )
+
+
+@dataclass
+class TrainConfig(
+    RuntimeOptions, OptimisationOptions, ReferenceOptions, DataOptions, MethodOptions, ModelOptions
+):
+    """Every option of ``train_t2i.py``: the groups' fields, flat (``cfg.beta``, one
+    ``--flag`` each, one ``config.json`` object); :func:`resolve` runs one validator per
+    group (:data:`VALIDATORS`)."""
 
     @property
     def uses_neg(self) -> bool:
@@ -415,45 +448,49 @@ def _choice(name: str, value: str, allowed) -> None:
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Validate and fill method/backbone-dependent defaults; returns a new config."""
+    """Validate and fill method/backbone-dependent defaults; returns a new config. One
+    validator per option group (:data:`VALIDATORS`, in order: a group may read the groups
+    before it), then every float's range, then the backbone's defaults."""
     cfg = dataclasses.replace(cfg)
     for f in fields(TrainConfig):  # no field takes "": leaving a flag out is the default
         if getattr(cfg, f.name) == "":
             raise UsageError(f"{flag(f.name)} is empty; leave it out for the default")
-    _choice("method", cfg.method, METHODS)
+    for check in VALIDATORS:
+        check(cfg)
+    _check_numbers(cfg)
+    return resolve_for_backbone(cfg, cfg.backbone) if cfg.backbone else cfg
+
+
+def _check_model(cfg: TrainConfig) -> None:
+    """:class:`ModelOptions`: a tiny backbone or a pipeline folder, the backbone, LoRA."""
     if cfg.backbone:
         _choice("backbone", cfg.backbone, BACKBONES)
     if cfg.tiny:
         cfg.backbone = tiny_name(cfg.tiny, cfg.backbone)
     cfg.tiny = bool(cfg.tiny)
-    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    _choice("dtype", cfg.dtype, tuple(DTYPES))
-    _choice("device", cfg.device, DEVICES)
-    _choice("ref update", cfg.ref_update, REF_UPDATES)
-    _choice("timestep weight", cfg.timestep_weight, WEIGHTS)
+    if cfg.tiny == bool(cfg.pretrained):
+        raise UsageError("give exactly one of --tiny or --pretrained DIR")
     _choice("sana prompt style", cfg.sana_prompt_style, SANA_PROMPT_STYLES)
     if cfg.prediction_type:
         _choice("prediction type", cfg.prediction_type, ("epsilon", "v_prediction", "flow"))
-    if cfg.tiny == bool(cfg.pretrained):
-        raise UsageError("give exactly one of --tiny or --pretrained DIR")
-    at_least_one = ("batch_size", "grad_accum", "max_steps", "keep_last", "max_nonfinite")
-    check_at_least(cfg, (*at_least_one, "log_every", "validation_steps", "ref_tau", "ref_probe"), 1)
-    check_at_least(cfg, ("lora", "warmup_steps", "ckpt_every", "validation_every"), 0)
-    if not 0.0 <= cfg.proportion_empty_prompts < 1.0:
-        raise UsageError(
-            f"--proportion-empty-prompts must be in [0, 1), got {cfg.proportion_empty_prompts}"
-        )
-    if cfg.validation_every and not (cfg.validation_prompts or cfg.tiny):
-        raise UsageError("--validation-every needs --validation-prompts FILE (with --pretrained)")
-    _choice("sft branch", cfg.sft_branch, SFT_BRANCHES)
+    check_at_least(cfg, ("lora",), 0)
     _choice("lora init", cfg.lora_init, ("gaussian", "kaiming"))
-    _choice("dropped prompt encoding", cfg.dropped_prompt_encoding, ("encoded", "zeros"))
+    if cfg.lora_targets is not None and not (cfg.lora and cfg.lora_target_list()):
+        raise UsageError("--lora-targets needs --lora R and at least one module name")
+
+
+def _check_method(cfg: TrainConfig) -> None:
+    """:class:`MethodOptions`: the method and what applies to it only."""
+    _choice("method", cfg.method, METHODS)
+    _choice("sft branch", cfg.sft_branch, SFT_BRANCHES)
     if cfg.sft_branch != "winner" and cfg.method != "sft":
         raise UsageError("--sft-branch applies to --method sft only")
     if cfg.sft_branch == "pair":
         if not cfg.lora:
             raise UsageError("--sft-branch pair trains two LoRA adapters: give --lora R")
         cfg.independent_noise = True  # each side its own noise draw (one t per pair)
+    if cfg.beta_logit and cfg.method not in SCORE_MATCHING_METHODS:
+        raise UsageError("--beta-logit applies to dspo and dspo_cpp only")
     if cfg.target_guidance != 1.0 and cfg.method not in CPP_METHODS:
         raise UsageError("--target-guidance applies to ddspo and dspo_cpp only")
     if cfg.policy_pair:
@@ -465,8 +502,19 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise UsageError(
                 "--target-guidance and a --winner/--loser-policy pair exclude each other"
             )
-    if cfg.lora_targets is not None and not (cfg.lora and cfg.lora_target_list()):
-        raise UsageError("--lora-targets needs --lora R and at least one module name")
+    if cfg.timestep_sampler:
+        _choice("timestep sampler", cfg.timestep_sampler, SAMPLERS)
+    _choice("timestep weight", cfg.timestep_weight, WEIGHTS)
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    """:class:`DataOptions`: batch sizes, dropped prompts, random-condition mixing."""
+    check_at_least(cfg, ("tiny_pairs", "batch_size", "grad_accum"), 1)
+    if not 0.0 <= cfg.proportion_empty_prompts < 1.0:
+        raise UsageError(
+            f"--proportion-empty-prompts must be in [0, 1), got {cfg.proportion_empty_prompts}"
+        )
+    _choice("dropped prompt encoding", cfg.dropped_prompt_encoding, ("encoded", "zeros"))
     if cfg.rand_cond_prompts and cfg.method not in CPP_METHODS:
         raise UsageError("--rand-cond-prompts applies to ddspo and dspo_cpp only")
     _choice("rand-cond schedule", cfg.rand_cond_schedule, RAND_COND_SCHEDULES)
@@ -479,29 +527,51 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         _choice("rand-cond kept", cfg.rand_cond_kept, RAND_COND_KEPT)
     if cfg.rand_cond_timing is not None:
         _choice("rand-cond timing", cfg.rand_cond_timing, RAND_COND_TIMINGS)
+
+
+def _check_reference(cfg: TrainConfig) -> None:
+    """:class:`ReferenceOptions`."""
+    _choice("ref update", cfg.ref_update, REF_UPDATES)
+    check_at_least(cfg, ("ref_tau", "ref_probe"), 1)
+
+
+def _check_optimisation(cfg: TrainConfig) -> None:
+    """:class:`OptimisationOptions`; fills the clipping default of the optimizer."""
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    check_at_least(cfg, ("max_steps",), 1)
+    check_at_least(cfg, ("warmup_steps",), 0)
     if cfg.warmup_from not in (0, 1):
         raise UsageError(f"--warmup-from must be 0 or 1, got {cfg.warmup_from}")
     if cfg.max_grad_norm is None:  # the official trainers clip under AdamW only
         cfg.max_grad_norm = 0.0 if cfg.optimizer == "adafactor" else 1.0
-    if cfg.beta_logit and cfg.method not in SCORE_MATCHING_METHODS:
-        raise UsageError("--beta-logit applies to dspo and dspo_cpp only")
+
+
+def _check_runtime(cfg: TrainConfig) -> None:
+    """:class:`RuntimeOptions`: device and precision, sharding, logging, validation."""
+    _choice("dtype", cfg.dtype, tuple(DTYPES))
+    _choice("device", cfg.device, DEVICES)
     if cfg.dtype == "fp16" and cfg.device == "cpu":
         raise UsageError("--dtype fp16 needs CUDA; use bf16 or fp32 on CPU")
-    _check_shard(cfg)
     if cfg.text_dtype is not None:
         _choice("text dtype", cfg.text_dtype, tuple(DTYPES))
         if cfg.text_dtype == "fp16" and cfg.device == "cpu":
             raise UsageError("--text-dtype fp16 needs CUDA; use bf16 or fp32 on CPU")
+    check_at_least(cfg, ("keep_last", "max_nonfinite", "log_every", "validation_steps"), 1)
+    check_at_least(cfg, ("ckpt_every", "validation_every"), 0)
+    if cfg.validation_every and not (cfg.validation_prompts or cfg.tiny):
+        raise UsageError("--validation-every needs --validation-prompts FILE (with --pretrained)")
+    _check_shard(cfg)
     try:
         cfg.nan_steps()
     except ValueError:
         raise UsageError(
             f"--debug-nan-steps must be comma-separated ints, got {cfg.debug_nan_steps!r}"
         ) from None
-    if cfg.timestep_sampler:
-        _choice("timestep sampler", cfg.timestep_sampler, SAMPLERS)
-    _check_numbers(cfg)
-    return resolve_for_backbone(cfg, cfg.backbone) if cfg.backbone else cfg
+
+
+#: one validator per option group, in this order (each may read the groups before it)
+VALIDATORS = (_check_model, _check_method, _check_data, _check_reference, _check_optimisation,
+              _check_runtime)  # fmt: skip
 
 
 def _check_shard(cfg: TrainConfig) -> None:
@@ -540,42 +610,60 @@ def _check_numbers(cfg: TrainConfig) -> None:
 
 
 def resolve_for_backbone(cfg: TrainConfig, backbone: str) -> TrainConfig:
-    """Fill the defaults that depend on the backbone (known after loading with --pretrained)."""
+    """Fill the defaults that depend on the backbone (known after loading with --pretrained),
+    group by group."""
     cfg = dataclasses.replace(cfg, backbone=backbone)
-    if cfg.precondition_outputs and backbone not in FLOW_BACKBONES:
-        raise UsageError(f"--precondition-outputs applies to flow backbones only, not {backbone}")
+    for fill in (_model_for_backbone, _method_for_backbone, _data_for_backbone, _optimisation_lr):
+        fill(cfg, backbone)
+    return cfg
+
+
+def _model_for_backbone(cfg: TrainConfig, backbone: str) -> None:
     if cfg.flux_guidance is not None and backbone != "flux":
         raise UsageError(f"--flux-guidance applies to the flux backbone only, not {backbone}")
     if backbone == "flux" and cfg.flux_guidance is None:
         cfg.flux_guidance = 3.5  # FluxPipeline's default guidance
+
+
+def _method_for_backbone(cfg: TrainConfig, backbone: str) -> None:
+    """Output space, training noise levels and betas as the official trainers of ``backbone``."""
+    if cfg.precondition_outputs and backbone not in FLOW_BACKBONES:
+        raise UsageError(f"--precondition-outputs applies to flow backbones only, not {backbone}")
     if cfg.precondition_outputs is None:
         cfg.precondition_outputs = backbone == "sd3"
     if cfg.train_shift is not None and backbone not in FLOW_BACKBONES:
         raise UsageError(f"--train-shift applies to flow backbones only, not {backbone}")
     if cfg.train_shift is None and backbone == "sana":
         cfg.train_shift = 1.0  # the official SANA trainer: uniform sigma (flow_shift unused)
-    if cfg.rand_cond_prompts and cfg.rand_cond_timing is None:  # as the official trainers
-        cfg.rand_cond_timing = "independent" if backbone in FLOW_BACKBONES else "step"
     if not cfg.timestep_sampler:  # the paper and the official SANA script; SD3 and FLUX: theirs
         cfg.timestep_sampler = "logit_normal" if backbone in ("sd3", "flux") else "uniform"
     _choice("timestep sampler", cfg.timestep_sampler, SAMPLERS)
     score_matching = cfg.method in SCORE_MATCHING_METHODS
     # the logistic methods' default beta; DSPO's logit is D-DPO's, DSPO+CPP's is DDSPO's
     logit_beta = (
-        (2000.0 if cfg.backbone in FLOW_BACKBONES else 16000.0)  # DDSPO paper: SANA, SD3 2000
+        (2000.0 if backbone in FLOW_BACKBONES else 16000.0)  # DDSPO paper: SANA, SD3 2000
         if cfg.method in CPP_METHODS
         else DPO_BETA
     )
-    if cfg.policy_pair and cfg.method in CPP_METHODS and cfg.backbone not in FLOW_BACKBONES:
+    if cfg.policy_pair and cfg.method in CPP_METHODS and backbone not in FLOW_BACKBONES:
         logit_beta = PAIR_BETA  # DD-CPP: the official SD-1.x/SDXL pair runs use 8000, not 16000
     if cfg.beta is None:
         cfg.beta = DSPO_BETA if score_matching else logit_beta
     if score_matching and cfg.beta_logit is None:
         cfg.beta_logit = logit_beta
-    if cfg.lr is None:  # from the logit scale: DSPO's tiny outside beta would give lr ~ 5e-12
-        scale = cfg.beta_logit if score_matching else cfg.beta
+
+
+def _optimisation_lr(cfg: TrainConfig, backbone: str) -> None:
+    """The lr rule (DDSPO App. E), from the logit scale (after the method's beta defaults):
+    DSPO's tiny outside beta would give lr ~ 5e-12."""
+    if cfg.lr is None:
+        scale = cfg.beta_logit if cfg.method in SCORE_MATCHING_METHODS else cfg.beta
         cfg.lr = 1e-5 if cfg.method == "sft" else scale * LR_PER_BETA
-    return cfg
+
+
+def _data_for_backbone(cfg: TrainConfig, backbone: str) -> None:
+    if cfg.rand_cond_prompts and cfg.rand_cond_timing is None:  # as the official trainers
+        cfg.rand_cond_timing = "independent" if backbone in FLOW_BACKBONES else "step"
 
 
 def adopt_saved_defaults(cfg: TrainConfig, saved: dict) -> TrainConfig:

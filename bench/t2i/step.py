@@ -1,16 +1,19 @@
 """One training step's math, shared by the trainer and the step benchmark.
 
-:func:`encode_step` encodes a batch's prompts in one text-encoder call, :func:`compute_loss`
-runs the policy and the reference rows the method needs (``minddspo.methods``) and returns
-the method's loss and diagnostics, :func:`draw_noise` and :func:`drop_prompts` draw the
-step's randomness from one generator per pair (:func:`train_process`: the training
-timesteps' process), and :func:`build_optimizer` builds AdamW or Adafactor with the linear
-warmup.
+:func:`loss_spec` resolves, once before the loop, what a step computes (:class:`LossSpec`:
+the method and its betas, the timestep weight, the process the loss compares in, the
+reference rows, where the contrastive targets come from). :func:`compute_loss` then reads
+as the official trainers' ``training_step``: noise, one reference forward, one policy
+forward, :func:`minddspo.methods.method_loss`. :func:`encode_step` encodes a batch's
+prompts in one text-encoder call; :func:`draw_noise` and :func:`drop_prompts` draw a step's
+randomness from one generator per pair (:func:`train_process`: the training timesteps'
+process); :func:`build_optimizer` builds AdamW or Adafactor with the linear warmup.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +22,7 @@ from bench.t2i.config import TrainConfig
 from bench.t2i.errors import UsageError
 from bench.t2i.reference import Reference
 from minddspo.methods import method_loss, method_spec
+from minddspo.process import DiffusionProcess
 from minddspo.schedules import append_dims, cfg_combine
 
 DIAG_KEYS = ("implicit_acc", "gap_w", "gap_l", "err_w", "err_l")
@@ -60,8 +64,62 @@ def encode_step(
     return pick(prompts), c_neg, c_uncond
 
 
+#: sft: the (side, prompt) each trained network regresses, by --sft-branch; pair: two networks
+SFT_SIDES = {
+    "winner": (("winner", "c"),),
+    "loser": (("loser", "c"),),  # DD-CPP's losing model (official): x0_l with c
+    "loser_neg": (("loser", "c_neg"),),  # variant: x0_l with the loser's prompt c-
+    "pair": (("winner", "c"), ("loser", "c")),  # f_win and f_lose, one adapter each
+}
+#: where a CPP method's contrastive targets come from: its own c- reference row
+#: (``reference``), CFG-combined reference rows (``guided``), a policy pair (``pair``);
+#: ``none`` for the methods without CPP targets
+CONTRASTS = ("none", "reference", "guided", "pair")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What a training step computes, resolved once from the config (:func:`loss_spec`)."""
+
+    method: str
+    beta: float
+    beta_logit: float | None  # the DSPO family's inside beta; None for the other methods
+    weight_kind: str  # --timestep-weight: none | lambda | linear
+    process: DiffusionProcess  # the targets and prediction outputs the loss compares
+    ref_rows: tuple[str, ...]  # rows of the one reference forward (:func:`_reference_forward`)
+    contrast: str = "none"  # one of CONTRASTS
+    guidance: float = 1.0  # contrast "guided": the CFG scale W of the targets
+    kept_forward: bool = False  # --rand-cond-kept forward: unswapped rows on y_w, y_l
+    sft_sides: tuple[tuple[str, str], ...] = ()  # sft: SFT_SIDES[--sft-branch]
+
+
+def loss_spec(cfg: TrainConfig, backbone: Backbone) -> LossSpec:
+    """The step of a resolved ``cfg`` on ``backbone``: which loss, which reference rows,
+    which contrastive targets. The trainer and the step benchmark call it before their loop."""
+    spec = method_spec(cfg.method)
+    contrast = "none"
+    if spec.cpp:
+        contrast = "pair" if cfg.policy_pair else "reference"
+        contrast = "guided" if cfg.target_guidance != 1.0 else contrast
+    rows = spec.ref_rows(policy_pair=contrast == "pair") if spec.preference else ()
+    if contrast == "guided":  # the guided targets also need f_ref(., ∅)
+        rows += ("w_uncond", "l_uncond")
+    return LossSpec(
+        method=cfg.method,
+        beta=cfg.beta,
+        beta_logit=cfg.beta_logit if spec.score_matching else None,
+        weight_kind=cfg.timestep_weight,
+        process=loss_process(cfg, backbone),
+        ref_rows=rows,
+        contrast=contrast,
+        guidance=cfg.target_guidance,
+        kept_forward=cfg.rand_cond_kept == "forward",
+        sft_sides=() if spec.preference else SFT_SIDES[cfg.sft_branch],
+    )
+
+
 def compute_loss(
-    cfg: TrainConfig,
+    spec: LossSpec,
     backbone: Backbone,
     policy: torch.nn.Module,  # sft --sft-branch pair: (winner, loser), both trained
     reference: Reference | None,
@@ -74,64 +132,32 @@ def compute_loss(
     pair: tuple[torch.nn.Module, torch.nn.Module] | None = None,  # (f_win, f_lose)
     swapped: torch.Tensor | None = None,  # (B,) bool: rows swapped by --rand-cond-prompts
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-sample loss ``(B,)`` of ``cfg.method`` and detached diagnostics.
+    """Per-sample loss ``(B,)`` of ``spec.method`` and detached diagnostics.
 
-    One policy forward on ``[x_t^w; x_t^l]`` and one reference forward on the rows the
-    method table asks for (:meth:`minddspo.methods.MethodSpec.ref_rows`): ``[x_t^w|c,
-    x_t^l|c]``, ``+ [x_t^l|c-]`` (ddspo, dspo_cpp), ``+ [x_t^w|∅, x_t^l|∅]`` (target
-    guidance W != 1, SPEC §2). The reference runs first (no grad). Which tensors the loss
-    compares and where the timestep weight goes is :func:`minddspo.methods.method_loss`'s.
-    With ``swapped`` (random-condition mixing, :mod:`bench.t2i.randcond`) and
-    ``--rand-cond-kept forward`` the contrastive targets are used on the swapped rows only,
-    the forward-process targets on the others; with ``contrastive`` (the default) every row
-    uses the contrastive targets and the swapped rows differ only in their prompts.
-    sft with ``--sft-branch pair``: ``policy`` is ``(winner, loser)``, the loss the sum of
-    the winner's on ``x_t^w`` and the loser's on ``x_t^l`` (both with ``c``), each side's in
-    the diagnostics (:data:`PAIR_SFT_KEYS`).
+    Noise both sides, one reference forward (no grad) on the rows ``spec.ref_rows`` names,
+    one policy forward on ``[x_t^w; x_t^l]``, then :func:`minddspo.methods.method_loss`,
+    which decides what the loss compares and where the timestep weight goes. The contrastive
+    targets of a CPP method come from ``spec.contrast``; with ``swapped`` (random-condition
+    mixing, :mod:`bench.t2i.randcond`) and ``spec.kept_forward`` they are used on the
+    swapped rows only, the forward-process targets on the others. sft regresses each of its
+    ``spec.sft_sides`` (``policy`` is ``(winner, loser)`` for two sides; the loss is their
+    sum, each side's in the diagnostics, :data:`PAIR_SFT_KEYS`).
     """
-    if cfg.rand_cond_kept != "forward":  # contrastive (or unset): the mask changes nothing
-        swapped = None
-    c, c_neg, c_uncond = conds
-    spec = method_spec(cfg.method)
+    out = spec.process.output
     x_w, x_l = backbone.noise(x0_w, noise_w, t), backbone.noise(x0_l, noise_l, t)
-    proc = loss_process(cfg, backbone)  # targets, and every prediction through proc.output
-    y_w, y_l = proc.target(x0_w, noise_w, t), proc.target(x0_l, noise_l, t)
-    w = backbone.t_weight(cfg.timestep_weight, t)
-    beta, beta_logit = (cfg.beta, cfg.beta_logit) if spec.score_matching else (cfg.beta, None)
-    if not spec.preference and cfg.sft_branch == "pair":  # both sides, one adapter each
-        winner, loser = policy  # (f_win, f_lose) being trained: each on its side, with c
-        per_side = {}
-        for key, net, x, target in (("winner", winner, x_w, y_w), ("loser", loser, x_l, y_l)):
-            pred = proc.output(backbone.forward(net, x, t, c), x, t)
-            per_side[key] = method_loss(
-                cfg.method, pred_w=pred, target_w=target, weight=w, weight_kind=cfg.timestep_weight
-            ).loss
-        diag = {f"loss_{k}": v.detach() for k, v in per_side.items()}
-        return per_side["winner"] + per_side["loser"], diag
-    if not spec.preference:  # sft: one side only, forward-process targets
-        if cfg.sft_branch == "loser":  # DD-CPP's losing model (official): x0_l with c
-            x, cc, target = x_l, c, y_l
-        elif cfg.sft_branch == "loser_neg":  # variant: x0_l with the loser's prompt c-
-            x, cc, target = x_l, c_neg, y_l
-        else:  # the winners with c (also DD-CPP's winning model)
-            x, cc, target = x_w, c, y_w
-        pred = proc.output(backbone.forward(policy, x, t, cc), x, t)
-        out = method_loss(
-            cfg.method, pred_w=pred, target_w=target, weight=w, weight_kind=cfg.timestep_weight
-        )
-        return out.loss, {}
-
-    ref = _reference_rows(cfg, backbone, reference, spec, (x_w, x_l), conds, t, pair, swapped)
+    y_w, y_l = spec.process.target(x0_w, noise_w, t), spec.process.target(x0_l, noise_l, t)
+    weight = backbone.t_weight(spec.weight_kind, t)
+    if spec.sft_sides:
+        sides = {"winner": (x_w, y_w), "loser": (x_l, y_l)}
+        return _sft_loss(spec, backbone, policy, sides, conds, t, weight)
+    c = conds[0]
+    ref = _reference_forward(spec, backbone, reference, (x_w, x_l), conds, t)
     x_wl, t2 = torch.cat([x_w, x_l]), t.repeat(2)
-    pred_w, pred_l = proc.output(backbone.forward(policy, x_wl, t2, c.cat(c)), x_wl, t2).chunk(2)
-    pair_w, pair_l = _contrastive_targets(cfg, backbone, ref, (x_w, x_l), c, t, pair)
-    if swapped is not None:  # --rand-cond-kept forward: contrastive on the swapped rows only
-        if pair_w is None:
-            pair_w, pair_l = ref["w"], ref["l_neg"]
-        swap = append_dims(swapped, y_w.ndim)
-        pair_w, pair_l = torch.where(swap, pair_w, y_w), torch.where(swap, pair_l, y_l)
-    out = method_loss(
-        cfg.method,
+    pred_w, pred_l = out(backbone.forward(policy, x_wl, t2, c.cat(c)), x_wl, t2).chunk(2)
+    kept = swapped if spec.kept_forward else None
+    pair_w, pair_l = _contrast(spec, backbone, ref, pair, (x_w, x_l), c, t, (y_w, y_l), kept)
+    loss = method_loss(
+        spec.method,
         pred_w=pred_w,
         pred_l=pred_l,
         ref_w=ref["w"],
@@ -141,48 +167,70 @@ def compute_loss(
         target_l=y_l,
         pair_w=pair_w,
         pair_l=pair_l,
-        beta=beta,
-        beta_logit=beta_logit,
-        weight=w,
-        weight_kind=cfg.timestep_weight,
+        beta=spec.beta,
+        beta_logit=spec.beta_logit,
+        weight=weight,
+        weight_kind=spec.weight_kind,
     )
-    return out.loss, _diag(out)
+    return loss.loss, _diag(loss)
 
 
-def _reference_rows(cfg, backbone, reference, spec, xs, conds, t, pair, swapped) -> dict:
-    """One batched reference forward over the rows the loss needs, by name."""
+def _sft_loss(spec, backbone, policy, sides, conds, t, weight):
+    """sft: each network on its side's forward-process target; the sum, and with two sides
+    each one's loss as a diagnostic."""
+    nets = policy if isinstance(policy, tuple) else (policy,)
+    prompts = {"c": conds[0], "c_neg": conds[1]}
+    losses = {}
+    for net, (side, prompt) in zip(nets, spec.sft_sides, strict=True):
+        x, target = sides[side]
+        pred = spec.process.output(backbone.forward(net, x, t, prompts[prompt]), x, t)
+        losses[side] = method_loss(
+            "sft", pred_w=pred, target_w=target, weight=weight, weight_kind=spec.weight_kind
+        ).loss
+    if len(losses) == 1:
+        return losses[spec.sft_sides[0][0]], {}
+    diag = {f"loss_{k}": v.detach() for k, v in losses.items()}
+    return losses["winner"] + losses["loser"], diag
+
+
+def _reference_forward(spec, backbone, reference, xs, conds, t) -> dict:
+    """One batched reference forward over ``spec.ref_rows``, by name::
+
+    w  f_ref(x_t^w, c)   l  f_ref(x_t^l, c)   l_neg  f_ref(x_t^l, c-)
+    w_uncond, l_uncond   f_ref(x_t^w, ∅), f_ref(x_t^l, ∅)   (guided targets, SPEC §2)
+    """
     (x_w, x_l), (c, c_neg, c_uncond) = xs, conds
-    rows = {"w": (x_w, c), "l": (x_l, c), "l_neg": (x_l, c_neg)}
-    names = list(spec.ref_rows(policy_pair=pair is not None))
-    if swapped is not None and pair is None and c_uncond is None and "l_neg" not in names:
-        names.append("l_neg")  # the swapped rows' contrastive loser target
-    if c_uncond is not None:  # guided targets also need f_ref(., ∅)
-        rows |= {"w_uncond": (x_w, c_uncond), "l_uncond": (x_l, c_uncond)}
-        names += ["w_uncond", "l_uncond"]
-    xs_, cs = [rows[n][0] for n in names], [rows[n][1] for n in names]
-    k = len(names)
+    rows = {
+        "w": (x_w, c), "l": (x_l, c), "l_neg": (x_l, c_neg),
+        "w_uncond": (x_w, c_uncond), "l_uncond": (x_l, c_uncond),
+    }  # fmt: skip
+    xs_, cs = zip(*(rows[n] for n in spec.ref_rows), strict=True)
+    k = len(spec.ref_rows)
     x_k, t_k = torch.cat(xs_), t.repeat(k)
-    out = loss_process(cfg, backbone).output(reference(x_k, t_k, cs[0].cat(*cs[1:])), x_k, t_k)
-    return dict(zip(names, out.chunk(k), strict=True))
+    pred = spec.process.output(reference(x_k, t_k, cs[0].cat(*cs[1:])), x_k, t_k)
+    return dict(zip(spec.ref_rows, pred.chunk(k), strict=True))
 
 
-def _contrastive_targets(cfg, backbone, ref, xs, c, t, pair):
-    """A policy pair's predictions, or the guided reference targets; (None, None) when the
-    method's own reference rows are the targets."""
-    x_w, x_l = xs
-    if pair is not None:  # any contrastive policy pair (paper Sec. 3.2)
-        out = loss_process(cfg, backbone).output
+def _contrast(spec, backbone, ref, pair, xs, c, t, ys, swapped):
+    """The contrastive targets ``(pair_w, pair_l)`` of ``spec.contrast``, or ``(None, None)``
+    where the method reads its own reference rows. ``swapped`` (kept forward): the swapped
+    rows take them, the others the forward-process targets ``ys``."""
+    (x_w, x_l), out = xs, spec.process.output
+    if spec.contrast == "pair":  # any contrastive policy pair (paper Sec. 3.2)
         with torch.no_grad():
-            return (
-                out(backbone.forward(pair[0], x_w, t, c), x_w, t),
-                out(backbone.forward(pair[1], x_l, t, c), x_l, t),
-            )
-    if "w_uncond" in ref:  # guided reference targets (SPEC §2), a variant, not DDSPO
-        return (
-            cfg_combine(ref["w_uncond"], ref["w"], cfg.target_guidance),
-            cfg_combine(ref["l_uncond"], ref["l_neg"], cfg.target_guidance),
-        )
-    return None, None
+            pair_w = out(backbone.forward(pair[0], x_w, t, c), x_w, t)
+            pair_l = out(backbone.forward(pair[1], x_l, t, c), x_l, t)
+    elif spec.contrast == "guided":  # guided reference targets (SPEC §2), a variant
+        pair_w = cfg_combine(ref["w_uncond"], ref["w"], spec.guidance)
+        pair_l = cfg_combine(ref["l_uncond"], ref["l_neg"], spec.guidance)
+    elif spec.contrast == "reference" and swapped is not None:
+        pair_w, pair_l = ref["w"], ref["l_neg"]
+    else:
+        return None, None
+    if swapped is not None:
+        swap = append_dims(swapped, ys[0].ndim)
+        pair_w, pair_l = torch.where(swap, pair_w, ys[0]), torch.where(swap, pair_l, ys[1])
+    return pair_w, pair_l
 
 
 def loss_process(cfg: TrainConfig, backbone: Backbone):
