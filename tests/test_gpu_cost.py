@@ -248,6 +248,7 @@ def test_real_denoiser_configs_have_the_published_sizes(key, params, latent):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # counts FLUX.1-dev's 12B parameters on the meta device: minutes
 def test_computed_gpu_table_cli(tmp_path, capsys):
     md = tmp_path / "gpu.md"
     assert bench_step.main(["--computed-gpu-table", "--md", str(md)]) == 0
