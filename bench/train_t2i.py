@@ -287,7 +287,7 @@ def find_checkpoint(
 
 
 def saved_world(state: dict) -> int:
-    return int(state.get("world") or len(state["rng"]))
+    return int(state.get("world") or len(state["rng"]))  # old checkpoints: one RNG per rank
 
 
 def load_policy_pair(cfg: TrainConfig, backbone: Backbone, device, dtype, base=None):
@@ -591,6 +591,12 @@ class Trainer:
         self.scaler.load_state_dict(saved["scaler"])
         for key, value in saved["counters"].items():
             setattr(self.st, key, value)
+        if "rng" in saved and self.env.is_main:  # written before the per-pair noise keys
+            print(
+                f"warning: {ckpt} was written by an older trainer whose noise came from "
+                "per-rank streams; the resumed steps draw per-pair noise instead",
+                file=sys.stderr,
+            )
         self.print0(f"resumed from {ckpt} at step {self.st.step}")
 
     def _start_run_dir(self) -> None:
@@ -796,8 +802,8 @@ class Trainer:
         return [gather_objects(param_digest(full) if self.env.is_main else None)[0]]
 
     def _checkpoint(self) -> None:
-        """Rank 0 writes everything, including every rank's RNG streams (FSDP2: every
-        rank writes its shards into dcp/ first)."""
+        """Rank 0 writes everything (FSDP2: every rank writes its shards into dcp/ first).
+        No RNG state: every draw of a step is keyed by the step's data positions."""
         cfg, st = self.cfg, self.st
         path = self.ckpt_root / checkpoint_name(st.step)
         stage = groups = None

@@ -137,7 +137,7 @@ def test_train_help_lists_each_flag_under_its_option_group():
     every = [n for names in own.values() for n in names]
     assert sorted(every) == sorted(f.name for f in dataclasses.fields(config.TrainConfig))
     text = build_parser(config.TrainConfig, prog="t", description="d").format_help()
-    titles = [g.__doc__.splitlines()[0] for g in reversed(groups)]  # fields' order
+    titles = [g.help_section for g in reversed(groups)]  # fields' order
     at = [text.index(f"\n{t}:\n") for t in titles]
     assert at == sorted(at) and len(titles) == len(config.VALIDATORS) == 6
     for g, title in zip(reversed(groups), titles, strict=True):
@@ -184,7 +184,11 @@ def test_every_help_works_and_explains_every_flag(module, monkeypatch, capsys):
     except SystemExit as e:
         rc = e.code
     assert rc in (0, None)
-    assert "usage:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage:" in out
+    titles = [ln for ln in out.splitlines() if ln.endswith(":") and not ln.startswith(" ")]
+    assert all(t[0].islower() and "(" not in t.split(":")[0] for t in titles), titles  # no
+    # section titled by a class's generated signature ("PromptArgs(prompts: ...)")
     assert parsers, f"{module} built no argparse parser"
     args = [a for a in parsers[0]._actions if a.dest != "help"]
     assert args

@@ -19,6 +19,7 @@ from bench.t2i import step
 from bench.t2i.backbones import BACKBONES, FLOW_BACKBONES, FluxBackbone, load_backbone
 from bench.t2i.checkpoint import latest_checkpoint
 from bench.t2i.config import TrainConfig, UsageError, parse_args, resolve
+from bench.t2i.data import row_generators
 from bench.t2i.reference import Reference
 from bench.t2i.tiny import save_tiny_pipeline, tiny_backbone
 from bench.t2i.weights import (
@@ -314,7 +315,7 @@ def test_one_step_every_method_same_guidance_in_every_row(method):
     handle = policy.register_forward_pre_hook(hook, with_kwargs=True)
     g = torch.Generator().manual_seed(5)
     x0_w, x0_l = torch.randn(2, 16, 16, 16, generator=g), torch.randn(2, 16, 16, 16, generator=g)
-    t, noise, _ = step.draw_noise(cfg, b, [g, g], x0_w)
+    t, noise, _ = step.draw_noise(cfg, b, row_generators(5, range(2)), x0_w)
     conds = step.encode_step(
         b, ["a cat", "a dog"], ["a", "dog"], need_neg=cfg.uses_neg, need_uncond=False
     )

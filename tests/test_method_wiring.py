@@ -265,3 +265,36 @@ def test_a_step_is_one_reference_forward_then_one_policy_forward(t2i, method):
     _, ref_rows, policy_rows = method_rows(method)
     want = [("reference", 2 * ref_rows)] if ref_rows else []
     assert calls == [*want, ("policy", 2 * policy_rows)]  # 2 pairs per batch
+
+
+def test_a_step_draws_nothing_from_the_global_generators(t2i):
+    """Resume restores no RNG state: a step's draws come from its rows' generators only, so
+    the global torch, numpy and python generators must stay untouched by a whole step."""
+    import random
+
+    import numpy as np
+
+    import bench.t2i.step as tr
+    from bench.t2i.config import TrainConfig, resolve
+    from bench.t2i.data import row_generators
+    from bench.t2i.randcond import ExtraPrompt, mix_rows
+
+    bb, policy, ref = t2i
+    cfg = resolve(TrainConfig(tiny=True, method="ddspo", proportion_empty_prompts=0.5,
+                              rand_cond_prompts=["x.txt"]))  # fmt: skip
+    x0_w, x0_l, _, _, _, _ = _t2i_inputs(bb)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    gens = row_generators(0, range(2))
+    t, n_w, n_l = tr.draw_noise(cfg, bb, gens, x0_w)
+    extra = [ExtraPrompt("three small dogs", ())]
+    prompts, negs, swapped = mix_rows(["a red cube", "two cats"], ["red", "cats"], t, 1000,
+                                      gens, extra, "constant")  # fmt: skip
+    prompts, negs = tr.drop_prompts(cfg, gens, prompts, negs)
+    conds = tr.encode_step(bb, prompts, negs, need_neg=True, need_uncond=False)
+    loss, _ = tr.compute_loss(tr.loss_spec(cfg, bb), bb, policy, ref, x0_w, x0_l, conds, t,
+                              n_w, n_l, swapped=swapped)  # fmt: skip
+    loss.mean().backward()
+    policy.zero_grad(set_to_none=True)
+    after = (torch.get_rng_state(), np.random.get_state()[1], random.getstate())
+    assert torch.equal(before[0], after[0])
+    assert np.array_equal(before[1], after[1]) and before[2] == after[2]

@@ -86,6 +86,19 @@ def test_winner_and_loser_share_their_noise():
     assert torch.equal(nw2, nw) and not torch.allclose(nw2, nl2)  # the winner's draw is kept
 
 
+def test_a_rows_timestep_and_noise_do_not_depend_on_its_neighbours():
+    """draw_noise: row i from gens[i] alone (t, then the winner's noise, then the loser's),
+    so positions 5-6 drawn alone equal rows 5-6 of positions 0-6."""
+    bb = _flow_backbone(1.0)
+    for independent in (False, True):
+        cfg = resolve(TrainConfig(tiny=True, backbone="sana", independent_noise=independent))
+        alone = draw_noise(cfg, bb, row_generators(0, [5, 6]), torch.zeros(2, 2, 4, 4))
+        every = draw_noise(cfg, bb, row_generators(0, range(7)), torch.zeros(7, 2, 4, 4))
+        for a, b in zip(alone, every, strict=True):
+            assert torch.equal(a, b[5:])
+        assert torch.equal(every[1], every[2]) != independent
+
+
 def _lrs(cfg: TrainConfig, n: int) -> list[float]:
     p = torch.nn.Parameter(torch.zeros(1))
     opt, sched = build_optimizer(cfg, [p])

@@ -441,7 +441,8 @@ def test_config_flags_json_and_resolution(tmp_path):
     "flag, value, low",
     [("--lora", "-1", 0), ("--warmup-steps", "-3", 0), ("--ckpt-every", "-2", 0),
      ("--validation-every", "-1", 0), ("--log-every", "0", 1), ("--ref-tau", "0", 1),
-     ("--ref-probe", "-1", 1), ("--keep-last", "0", 1), ("--validation-steps", "-2", 1)],
+     ("--ref-probe", "-1", 1), ("--keep-last", "0", 1), ("--validation-steps", "-2", 1),
+     ("--tiny-pairs", "0", 1)],
 )  # fmt: skip
 def test_each_range_error_names_its_flag_and_value(flag, value, low):
     from bench.t2i.config import UsageError, parse_args
@@ -449,6 +450,12 @@ def test_each_range_error_names_its_flag_and_value(flag, value, low):
     with pytest.raises(UsageError) as e:
         parse_args(["--tiny", flag, value])
     assert str(e.value) == f"{flag} must be >= {low}, got {value}"
+
+
+def test_tiny_pairs_is_checked_only_where_pairs_are_built():
+    from bench.t2i.config import parse_args
+
+    assert parse_args(["--tiny", "--data", "DIR", "--tiny-pairs", "0"]).tiny_pairs == 0
 
 
 def test_data_order_shards_epochs_across_ranks():

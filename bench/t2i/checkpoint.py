@@ -10,8 +10,7 @@ only if its name matches ``step-<digits>`` and it contains :data:`STATE_FILE`.
 (:data:`FILES_KEY`): :func:`find_resume` takes the newest checkpoint whose files are all
 there, complete, and readable, and says which damaged ones it passed over.
 
-:data:`STATE_FILE` holds tensors and plain data only (the RNG states too, see
-:func:`rng_state`) and is read with ``torch.load(weights_only=True)``: a file that needs
+:data:`STATE_FILE` holds tensors and plain data only and is read with ``torch.load(weights_only=True)``: a file that needs
 anything else unpickled (a crafted one, or one written before this format) is refused
 like a damaged checkpoint, never unpickled.
 

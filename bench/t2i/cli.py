@@ -233,14 +233,14 @@ def build_parser(
 
 
 def _section(cls: type, name: str) -> str | None:
-    """The ``--help`` section of field ``name``: the first docstring line of the dataclass
-    base of ``cls`` that declares it (an option group), or None where ``cls`` declares it."""
+    """The ``--help`` section of field ``name``: the ``help_section`` of the dataclass base
+    of ``cls`` that declares it (an option group that names one), else None."""
     for base in reversed(cls.__mro__[1:]):
         own = getattr(base, "__dataclass_fields__", {}).keys() - {
             n for b in base.__bases__ for n in getattr(b, "__dataclass_fields__", {})
         }
-        if name in own and base.__doc__:
-            return base.__doc__.strip().splitlines()[0]
+        if name in own:
+            return base.__dict__.get("help_section")
     return None
 
 

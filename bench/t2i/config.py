@@ -116,7 +116,9 @@ _RANGES = {
 
 @dataclass
 class ModelOptions:
-    """model: the backbone, where its weights come from, LoRA"""
+    """Options of the model group (``--help`` section below)."""
+
+    help_section = "model: the backbone, where its weights come from, LoRA"
 
     # after resolve(): True/False, with the tiny backbone's name in `backbone` (config.json)
     tiny: str | bool | None = opt(
@@ -161,7 +163,9 @@ class ModelOptions:
 
 @dataclass
 class MethodOptions:
-    """method: the loss, its targets, betas and noise levels (SPEC §1-§4)"""
+    """Options of the method group (``--help`` section below)."""
+
+    help_section = "method: the loss, its targets, betas and noise levels (SPEC §1-§4)"
 
     method: str = opt("ddspo", "sft | dpo | dspo | dspo_cpp | ddspo")
     sft_branch: str = opt(
@@ -215,7 +219,9 @@ class MethodOptions:
 
 @dataclass
 class DataOptions:
-    """data: the pairs, how many per step, the prompts each row trains on"""
+    """Options of the data group (``--help`` section below)."""
+
+    help_section = "data: the pairs, how many per step, the prompts each row trains on"
 
     data: str | None = opt(
         None,
@@ -270,7 +276,9 @@ class DataOptions:
 
 @dataclass
 class ReferenceOptions:
-    """reference: the frozen model, or Kang et al.'s stable reference update"""
+    """Options of the reference group (``--help`` section below)."""
+
+    help_section = "reference: the frozen model, or Kang et al.'s stable reference update"
 
     ref_update: str = opt("frozen", "frozen | periodic (Kang et al. stable reference update)")
     ref_tau: int = opt(32, "periodic: copy the policy into the reference every tau optimizer steps")
@@ -280,7 +288,9 @@ class ReferenceOptions:
 
 @dataclass
 class OptimisationOptions:
-    """optimisation: optimizer, learning rate and its warmup, clipping"""
+    """Options of the optimisation group (``--help`` section below)."""
+
+    help_section = "optimisation: optimizer, learning rate and its warmup, clipping"
 
     max_steps: int = opt(100, "optimizer steps (skipped non-finite steps count too)")
     optimizer: str = opt("adamw", "adamw | adafactor")
@@ -309,7 +319,9 @@ class OptimisationOptions:
 
 @dataclass
 class RuntimeOptions:
-    """runtime: run directory, seed, devices and precision, sharding, logging, checkpoints, validation images"""
+    """Options of the runtime group (``--help`` section below)."""
+
+    help_section = "runtime: run directory, seed, devices and precision, sharding, logging, checkpoints, validation images"
 
     out: str = opt("runs/t2i", "run directory: config.json, metrics.jsonl, checkpoints/, final/")
     resume: str | None = opt(
@@ -386,7 +398,8 @@ class TrainConfig(
 ):
     """Every option of ``train_t2i.py``: the groups' fields, flat (``cfg.beta``, one
     ``--flag`` each, one ``config.json`` object); :func:`resolve` runs one validator per
-    group (:data:`VALIDATORS`)."""
+    group (:data:`VALIDATORS`). A group's ``help_section`` (a class attribute, not a field)
+    titles its ``--help`` section."""
 
     @property
     def uses_neg(self) -> bool:
@@ -509,7 +522,9 @@ def _check_method(cfg: TrainConfig) -> None:
 
 def _check_data(cfg: TrainConfig) -> None:
     """:class:`DataOptions`: batch sizes, dropped prompts, random-condition mixing."""
-    check_at_least(cfg, ("tiny_pairs", "batch_size", "grad_accum"), 1)
+    check_at_least(cfg, ("batch_size", "grad_accum"), 1)
+    if cfg.tiny and not cfg.data:  # the pairs built into OUT/data
+        check_at_least(cfg, ("tiny_pairs",), 1)
     if not 0.0 <= cfg.proportion_empty_prompts < 1.0:
         raise UsageError(
             f"--proportion-empty-prompts must be in [0, 1), got {cfg.proportion_empty_prompts}"

@@ -140,8 +140,9 @@ def mix_rows(
     if timing not in ("step", "independent"):
         raise ValueError(f"rand-cond timing must be step or independent, got {timing!r}")
     out_p, out_n, swap = list(prompts), list(negs), []
+    t_cpu = t.detach().cpu()
     for i, g in enumerate(gens):
-        ti = t[i : i + 1].detach().cpu()
+        ti = t_cpu[i : i + 1]
         if timing == "independent":
             ti = torch.randint(num_train_timesteps, (1,), generator=g)
         p = rand_cond_probability(schedule, ti.float() / num_train_timesteps, lam)

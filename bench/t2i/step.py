@@ -143,6 +143,9 @@ def compute_loss(
     ``spec.sft_sides`` (``policy`` is ``(winner, loser)`` for two sides; the loss is their
     sum, each side's in the diagnostics, :data:`PAIR_SFT_KEYS`).
     """
+    if (pair is not None) != (spec.contrast == "pair"):
+        raise ValueError(f"a policy pair must be given exactly when the contrast is 'pair' "
+                         f"(it is {spec.contrast!r})")  # fmt: skip
     out = spec.process.output
     x_w, x_l = backbone.noise(x0_w, noise_w, t), backbone.noise(x0_l, noise_l, t)
     y_w, y_l = spec.process.target(x0_w, noise_w, t), spec.process.target(x0_l, noise_l, t)
