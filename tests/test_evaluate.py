@@ -192,6 +192,12 @@ def test_pickscore_matches_clip_logits(capsys, clip_dirs, workspace):
 def test_cli_subprocess(clip_dirs, workspace):
     tmp, prompts, samples = workspace
     env = {**os.environ, "PYTHONPATH": ""}  # the script must find bench/ on its own
+    where = subprocess.run([sys.executable, "-c", "import bench; print(bench.__file__)"],
+                           cwd="/", env=env, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    assert where == str(REPO / "bench" / "__init__.py"), (
+        f"the installed package is not this checkout ({where or 'not installed'}): run "
+        "`pip install -e .` here (the README's install)"
+    )
     cmd = ["timeout", "-s", "KILL", "150", sys.executable, "bench/evaluate.py",
            "--prompts", str(prompts), "--images", str(samples), "--clip", str(clip_dirs["clip"]),
            "--device", "cpu", "--out", str(tmp / "cli")]  # fmt: skip
