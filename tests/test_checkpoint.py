@@ -170,6 +170,34 @@ def test_signal_waits_for_the_critical_section():
         assert done
 
 
+@pytest.mark.parametrize("when", ["rename", "rmtree"])
+def test_a_signal_while_old_checkpoints_go_leaves_no_temporary_folder(tmp_path, monkeypatch, when):
+    """SIGTERM arriving while save_checkpoint removes a checkpoint past --keep-last (at its
+    rename to .tmp-del-*, or during its removal) is held back until that one is gone: the
+    interrupt comes after, the newer checkpoints stay, and no .tmp-* folder is left."""
+    import bench.t2i.checkpoint as ck
+
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, writer(step), keep_last=3)
+    name = "replace" if when == "rename" else "rmtree"
+    target = ck.os if when == "rename" else ck.shutil
+    real, hits = getattr(target, name), []
+
+    def signalled(*args, **kwargs):
+        if "del-" in str(args[-1] if when == "rename" else args[0]):  # a doomed checkpoint
+            hits.append(args)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, signalled)
+    with handle_signals(), pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 3, writer(3), keep_last=1)  # drops steps 1 and 2
+    monkeypatch.undo()
+    assert len(hits) == 1  # interrupted after the first removal, before the second
+    assert [c.name for c in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
 def test_a_cut_safetensors_file_is_named_alike_by_both_checks(tmp_path):
     """checkpoint_problem (resume) and check_denoiser_files (sample, evaluate) read a
     safetensors header with one helper and give the same reason; an intact file passes both."""

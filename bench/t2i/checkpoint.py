@@ -77,17 +77,15 @@ def atomic_write_dir(final: Path, write: Callable[[Path], None], stage: Path | N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    with critical():  # a signal waits for both renames: never a missing `final`
+    with critical():  # a signal waits for both renames and the old copy's removal
         if final.exists():
             old = tmp_path_for(final, "old")
             old.unlink()
             os.replace(final, old)
             os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
         else:
-            old = None
             os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -116,8 +114,9 @@ def save_checkpoint(
     path = atomic_write_dir(root / checkpoint_name(step), write, stage)
     for old in list_checkpoints(root)[:-keep_last]:
         doomed = root / (TMP_PREFIX + "del-" + old.name)  # renamed first: never half-deleted
-        os.replace(old, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        with critical():  # a signal waits until it is gone: no .tmp-del-* left behind
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     return path
 
 
