@@ -695,12 +695,8 @@ class Trainer:
                 step=self.st.step, micro=micro, accum=cfg.grad_accum, rank=env.rank,
                 world=env.world, batch=cfg.batch_size,
             )  # fmt: skip
-            batch = collate_pairs(
-                [
-                    self.dataset[i]
-                    for i in batch_indices(len(self.dataset), seed=cfg.seed, positions=pos)
-                ]
-            )
+            idx = batch_indices(len(self.dataset), seed=cfg.seed, positions=pos)
+            batch = collate_pairs([self.dataset[i] for i in idx])
             x0_w, x0_l = batch["x0_w"].to(device), batch["x0_l"].to(device)  # (B, C, h, w)
             gens = row_generators(cfg.seed, pos)  # every draw of row i: from gens[i]
             t, noise_w, noise_l = draw_noise(cfg, bb, gens, x0_w)

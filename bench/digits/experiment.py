@@ -22,6 +22,7 @@ many fine-tunes at once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import time
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bench.t2i.config import DSPO_BETA, LR_PER_BETA
+from bench.t2i.config import DSPO_BETA, TrainConfig, resolve_for_backbone
 from bench.t2i.errors import UsageError
 from bench.t2i.outdir import LOCK_FILE, holds_lock, run_lock
 from minddspo.methods import METHODS as CORE_METHODS
@@ -40,15 +41,13 @@ from minddspo.methods import METHODS as CORE_METHODS
 from . import model, pairsets, scenes, scorer
 from .util import command, done, mark_done, read_marker, run_command, write_json
 
-METHODS = tuple(m for m in ("sft", "dpo", "dspo", "dspo_cpp", "ddspo") if m in CORE_METHODS)
+METHODS = CORE_METHODS  # sft, dpo, dspo, dspo_cpp, ddspo: the method table's order
 CONTROLS = ("dpo_ranked", "sft_real")  # D-DPO on DigitEval-ranked pairs; SFT on real scenes
 SD_PRETRAIN_LR = 1e-4  # SD-1.x pre-training learning rate, the reference of the lr rule
 PAPER_PAIRS = 2048  # pairs per step of the paper's runs, for which its lr rule is stated
-SFT_LR = 1e-5  # the trainer's SFT default at the paper's batch
-# the paper-default beta of each method (the logit scale for dspo / dspo_cpp) and the
-# second beta of its grid; dspo/dspo_cpp vary the OUTSIDE beta instead (0.001, the official
-# default, makes them numerically SFT at the same lr: see the README)
-PAPER_BETA = {"dpo": 8000.0, "dspo": 8000.0, "dspo_cpp": 16000.0, "ddspo": 16000.0}
+# the paper-default beta of each method and the second beta of its grid; dspo/dspo_cpp vary
+# the OUTSIDE beta instead (0.001, the official default, makes them numerically SFT at the
+# same lr: see the README)
 GRID_BETAS = {
     "dpo": (8000.0, 2000.0),
     "ddspo": (16000.0, 4000.0),
@@ -86,7 +85,7 @@ class RunConfig:
         (SFT: 1e-5), scaled linearly to ``pairs_per_step`` and by base lr / SD-1.x's 1e-4
         (the paper's ratio of fine-tune to pre-training lr, for a base pre-trained at
         another lr)."""
-        paper = SFT_LR if method == "sft" else PAPER_BETA[method] * LR_PER_BETA
+        paper = resolve_for_backbone(TrainConfig(method=method), "sd").lr  # the trainer's
         return paper * self.pairs_per_step / PAPER_PAIRS * self.base.unet_lr / SD_PRETRAIN_LR
 
     def rule_setting(self, method: str) -> dict:
@@ -185,10 +184,14 @@ class Runner:
                 info["seconds"] = round(time.perf_counter() - t0, 1)
                 info["stage"] = desc
                 mark_done(path, info)
+        self._tick(desc)
+        return info
+
+    def _tick(self, desc: str) -> None:
+        """One stage done, on the run's progress bar."""
         if self.bar is not None:
             self.bar.set_postfix_str(desc)
             self.bar.update(1)
-        return info
 
     def parallel(self, thunks: list) -> list:
         """Run the stage thunks ``jobs`` at a time (fine-tunes are separate processes)."""
@@ -252,8 +255,7 @@ class Runner:
         key = self.cfg.base.key()
         shipped = None if self.train_base else model.shipped_base(self.cfg.base)
         if shipped is not None:
-            if self.bar is not None:
-                self.bar.update(1)
+            self._tick("base (shipped)")
             return {"pipeline": str(shipped[0]), "key": key, "shipped": True, **shipped[1]}
 
         def build(path: Path) -> dict:
@@ -295,7 +297,7 @@ class Runner:
 
         return self.stage(self.out / "pairs", make, "pairs")
 
-    @property
+    @functools.cached_property
     def pair_prompts(self) -> list[scenes.Prompt]:
         rng = np.random.default_rng(self.cfg.data_seed)
         return scenes.sample_train_prompts(self.cfg.pair_prompts, rng)

@@ -49,7 +49,7 @@ class BaseConfig:
     cfg_dropout: float = 0.1
     vae_steps: int = 1000  # 300 left the digits unreadable after a VAE round trip
     vae_lr: float = 5e-3
-    unet_steps: int = 4000  # the first snapshot in the target regime (see the README)
+    unet_steps: int = 4000  # the first snapshot in the target regime (bench/RESULTS.md)
     unet_lr: float = 1e-3
     batch_size: int = 64
     ema: float = 0.999
@@ -295,21 +295,6 @@ def training_set(cfg: BaseConfig, digits: scenes.Digits):
     images = scenes.make_scenes(prompts, digits.train_x, digits.train_y, rng)
     texts, wrong = scenes.captions(prompts, cfg.caption_error, rng)
     return to_pixels(images), texts, wrong
-
-
-def load_components(pipe: Path) -> dict:
-    """The components of a saved pipeline directory (offline)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    kw = dict(local_files_only=True)
-    return dict(
-        vae=AutoencoderKL.from_pretrained(pipe / "vae", **kw).eval(),
-        text_encoder=CLIPTextModel.from_pretrained(pipe / "text_encoder", **kw),
-        unet=UNet2DConditionModel.from_pretrained(pipe / "unet", **kw),
-        tokenizer=CLIPTokenizer.from_pretrained(pipe / "tokenizer", **kw),
-        scheduler=DDIMScheduler.from_pretrained(pipe / "scheduler", **kw),
-    )
 
 
 def train_base(

@@ -10,9 +10,10 @@ only if its name matches ``step-<digits>`` and it contains :data:`STATE_FILE`.
 (:data:`FILES_KEY`): :func:`find_resume` takes the newest checkpoint whose files are all
 there, complete, and readable, and says which damaged ones it passed over.
 
-:data:`STATE_FILE` holds tensors and plain data only and is read with ``torch.load(weights_only=True)``: a file that needs
-anything else unpickled (a crafted one, or one written before this format) is refused
-like a damaged checkpoint, never unpickled.
+:data:`STATE_FILE` holds tensors and plain data only and is read with
+``torch.load(weights_only=True)``: a file that needs anything else unpickled (a crafted
+one, or one written before this format) is refused like a damaged checkpoint, never
+unpickled.
 
 A ``--shard fsdp`` checkpoint keeps its tensors (model, optimizer, periodic reference) in
 ``dcp/`` (``torch.distributed.checkpoint``, written by every rank into the staging folder

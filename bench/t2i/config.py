@@ -628,7 +628,12 @@ def resolve_for_backbone(cfg: TrainConfig, backbone: str) -> TrainConfig:
     """Fill the defaults that depend on the backbone (known after loading with --pretrained),
     group by group."""
     cfg = dataclasses.replace(cfg, backbone=backbone)
-    for fill in (_model_for_backbone, _method_for_backbone, _data_for_backbone, _optimisation_lr):
+    for fill in (
+        _model_for_backbone,
+        _method_for_backbone,
+        _data_for_backbone,
+        _optimisation_for_backbone,
+    ):
         fill(cfg, backbone)
     return cfg
 
@@ -668,7 +673,7 @@ def _method_for_backbone(cfg: TrainConfig, backbone: str) -> None:
         cfg.beta_logit = logit_beta
 
 
-def _optimisation_lr(cfg: TrainConfig, backbone: str) -> None:
+def _optimisation_for_backbone(cfg: TrainConfig, backbone: str) -> None:
     """The lr rule (DDSPO App. E), from the logit scale (after the method's beta defaults):
     DSPO's tiny outside beta would give lr ~ 5e-12."""
     if cfg.lr is None:

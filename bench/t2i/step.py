@@ -101,7 +101,7 @@ def loss_spec(cfg: TrainConfig, backbone: Backbone) -> LossSpec:
     if spec.cpp:
         contrast = "pair" if cfg.policy_pair else "reference"
         contrast = "guided" if cfg.target_guidance != 1.0 else contrast
-    rows = spec.ref_rows(policy_pair=contrast == "pair") if spec.preference else ()
+    rows = spec.ref_rows(policy_pair=contrast == "pair")  # sft: none
     if contrast == "guided":  # the guided targets also need f_ref(., ∅)
         rows += ("w_uncond", "l_uncond")
     return LossSpec(
